@@ -1,0 +1,147 @@
+"""The Job-to-operator contract: failure reasons, exit codes and the compact result.
+
+The worker writes one :class:`JobResult` as compact JSON (under 4 KiB, the kubelet's limit
+for a termination message) to ``/dev/termination-log``; the operator reads it back into the
+QuantizationJob status. Exit codes let a Job's ``podFailurePolicy`` fail at once on errors
+that a retry cannot fix.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_RESULT_BYTES = 4096
+
+
+class Reason(str, Enum):
+    """Why a job ended; each belongs to one error class with its own exit code."""
+
+    Validated = "Validated"
+    # InvalidSpec class
+    InvalidSpec = "InvalidSpec"
+    # StorageError class
+    SourceNotFound = "SourceNotFound"
+    AccessDenied = "AccessDenied"
+    OutputExists = "OutputExists"
+    UnsafePath = "UnsafePath"
+    StorageUnavailable = "StorageUnavailable"
+    # PassError class
+    UnsupportedFormat = "UnsupportedFormat"
+    CorruptModel = "CorruptModel"
+    ConversionFailed = "ConversionFailed"
+    # ValidationFailed class
+    ValidationFailed = "ValidationFailed"
+    # anything unexpected
+    InternalError = "InternalError"
+
+
+class ExitCode(int, Enum):
+    """Process exit codes of ``kquant-job run``, one per error class.
+
+    StorageUnavailable is the only retriable failure (an outage may pass); the operator's
+    podFailurePolicy fails the Job at once on every other non-zero code.
+    """
+
+    OK = 0
+    INTERNAL = 1
+    INVALID_SPEC = 10
+    STORAGE = 20
+    STORAGE_UNAVAILABLE = 21
+    PASS = 30
+    VALIDATION = 40
+
+
+REASON_EXIT_CODE: dict[Reason, ExitCode] = {
+    Reason.Validated: ExitCode.OK,
+    Reason.InvalidSpec: ExitCode.INVALID_SPEC,
+    Reason.SourceNotFound: ExitCode.STORAGE,
+    Reason.AccessDenied: ExitCode.STORAGE,
+    Reason.OutputExists: ExitCode.STORAGE,
+    Reason.UnsafePath: ExitCode.STORAGE,
+    Reason.StorageUnavailable: ExitCode.STORAGE_UNAVAILABLE,
+    Reason.UnsupportedFormat: ExitCode.PASS,
+    Reason.CorruptModel: ExitCode.PASS,
+    Reason.ConversionFailed: ExitCode.PASS,
+    Reason.ValidationFailed: ExitCode.VALIDATION,
+    Reason.InternalError: ExitCode.INTERNAL,
+}
+
+NON_RETRIABLE_EXIT_CODES: tuple[int, ...] = tuple(
+    sorted(
+        {
+            int(c)
+            for c in ExitCode
+            if c not in (ExitCode.OK, ExitCode.INTERNAL, ExitCode.STORAGE_UNAVAILABLE)
+        }
+    )
+)
+
+
+class _Compact(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Artifact(_Compact):
+    uri: str = Field(description="Where the artifact was published.")
+    sha256: str = Field(description="Hex SHA-256 of the artifact bytes.")
+    bytes: int = Field(ge=0, description="Size in bytes.")
+
+
+class LatencyMs(_Compact):
+    original: float = Field(description="Median latency of the original model, ms.")
+    quantized: float = Field(description="Median latency of the converted model, ms.")
+
+
+class ValidationSummary(_Compact):
+    passed: bool = Field(description="Whether every tolerance held.")
+    samples: int = Field(description="Number of input samples compared.")
+    device: str = Field(description="Execution provider used, e.g. cuda or cpu.")
+    maxAbsError: float | None = Field(None, description="Largest abs error over all outputs.")
+    meanAbsError: float | None = Field(None, description="Largest per-output mean abs error.")
+    cosineSimilarity: float | None = Field(None, description="Smallest per-output cosine.")
+    latencyMs: LatencyMs | None = Field(None, description="Median latencies, ms.")
+
+
+class JobResult(_Compact):
+    """Compact outcome of one worker run (the termination message)."""
+
+    phase: str = Field(description="Succeeded or Failed.")
+    reason: Reason = Field(description="Why the job ended.")
+    message: str = Field("", description="Human-readable detail; never contains secrets.")
+    precision: str | None = Field(None, description="Target precision.")
+    originalBytes: int | None = Field(None, description="Size of the source model, bytes.")
+    quantizedBytes: int | None = Field(None, description="Size of the converted model, bytes.")
+    validation: ValidationSummary | None = Field(None, description="Validation summary.")
+    artifacts: list[Artifact] = Field(default_factory=list, description="Published artifacts.")
+    artifactsTruncated: int = Field(0, description="Artifacts left out to stay under 4 KiB.")
+    reportUri: str | None = Field(None, description="Where report.json was written.")
+    manifestUri: str | None = Field(None, description="Where manifest.json was written.")
+    promotedUri: str | None = Field(None, description="Promotion prefix, when promoted.")
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit code for this result's reason."""
+        return int(REASON_EXIT_CODE[self.reason])
+
+    def to_json(self) -> str:
+        """Compact JSON, at most MAX_RESULT_BYTES bytes (artifacts, then message, trimmed)."""
+        data: dict[str, Any] = self.model_dump(mode="json", exclude_none=True)
+        text = _dumps(data)
+        while len(text) > MAX_RESULT_BYTES and data.get("artifacts"):
+            data["artifacts"].pop()
+            data["artifactsTruncated"] = data.get("artifactsTruncated", 0) + 1
+            text = _dumps(data)
+        if len(text) > MAX_RESULT_BYTES:
+            excess = len(text) - MAX_RESULT_BYTES
+            data["message"] = data["message"][: max(0, len(data["message"]) - excess - 3)] + "..."
+            text = _dumps(data)
+        return text
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    # ASCII escapes make the byte length equal the character length.
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=True)

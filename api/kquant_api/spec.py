@@ -1,0 +1,452 @@
+"""The QuantizationJob spec (kquant.io/v1alpha1), typed once for the worker and the operator.
+
+Field names follow Kubernetes (camelCase on the wire, ``spec``/``status``) and onnxruntime's
+quantization vocabulary (``quantFormat``, ``weightType``, ``perChannel``...). Every model
+rejects unknown fields, so a typo such as ``keepIOTypes`` fails loudly instead of being
+ignored. Cross-field rules (int8 knobs only with int8, static-only knobs only with static
+mode) are checked here and named in the error message.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "kquant.io/v1alpha1"
+KIND = "QuantizationJob"
+URI_SCHEMES = ("s3://", "file://")
+
+
+class _Model(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected, population by either name."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in YAML/JSON: camelCase keys, unset optionals omitted."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _check_uri(value: str, field: str, *, allow_plain_path: bool = True) -> str:
+    if not value:
+        raise ValueError(f"{field}: must not be empty")
+    if "://" in value:
+        if not value.startswith(URI_SCHEMES):
+            scheme = value.split("://", 1)[0]
+            raise ValueError(
+                f"{field}: unsupported scheme {scheme!r} (expected one of {', '.join(URI_SCHEMES)})"
+            )
+        if value.startswith("s3://"):
+            bucket = value[len("s3://") :].split("/", 1)[0]
+            if not bucket:
+                raise ValueError(f"{field}: {value!r} names no bucket")
+    elif not allow_plain_path:
+        raise ValueError(f"{field}: {value!r} has no scheme (s3:// or file://)")
+    return value
+
+
+class ModelFormat(str, Enum):
+    """Serialized model format. ``auto`` detects it from the file content."""
+
+    auto = "auto"
+    onnx = "onnx"
+    torchscript = "torchscript"
+    pytorch = "pytorch"
+    safetensors = "safetensors"
+
+
+class Precision(str, Enum):
+    """Target numeric precision of the converted weights (and, for int8, activations)."""
+
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Int8Mode(str, Enum):
+    """INT8 quantization mode: ``dynamic`` (activations scaled at run time) or ``static``
+    (activation ranges fixed from calibration data)."""
+
+    dynamic = "dynamic"
+    static = "static"
+
+
+class QuantType(str, Enum):
+    """onnxruntime's ``QuantType`` for weights and activations."""
+
+    QInt8 = "QInt8"
+    QUInt8 = "QUInt8"
+
+
+class QuantFormat(str, Enum):
+    """onnxruntime's ``QuantFormat``: QDQ (QuantizeLinear/DequantizeLinear pairs around
+    float ops) or QOperator (integer operators such as QLinearConv)."""
+
+    QDQ = "QDQ"
+    QOperator = "QOperator"
+
+
+class CalibrateMethod(str, Enum):
+    """onnxruntime's ``CalibrationMethod`` used to pick activation ranges."""
+
+    MinMax = "MinMax"
+    Entropy = "Entropy"
+    Percentile = "Percentile"
+
+
+class ModelSource(_Model):
+    uri: str = Field(
+        description="Model location: s3://bucket/key for one object, s3://bucket/prefix/ "
+        "(trailing slash) for a model directory, or file:// / a plain path for local runs."
+    )
+    format: ModelFormat = Field(
+        ModelFormat.auto, description="Model format; auto detects it from the file content."
+    )
+
+    @model_validator(mode="after")
+    def _uri(self) -> ModelSource:
+        _check_uri(self.uri, "spec.model.uri")
+        return self
+
+
+class OutputTarget(_Model):
+    uri: str = Field(
+        description="Output prefix (directory) that receives the converted artifacts, "
+        "report.json and, last, manifest.json."
+    )
+    overwrite: bool = Field(
+        False,
+        description="Replace an existing output set. When false an existing manifest.json "
+        "(or any object) under the output prefix ends the job with reason OutputExists.",
+    )
+
+    @model_validator(mode="after")
+    def _uri(self) -> OutputTarget:
+        _check_uri(self.uri, "spec.output.uri")
+        return self
+
+
+class SecretRef(_Model):
+    name: str = Field(
+        description="Secret in the job's namespace holding AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN)."
+    )
+
+
+class AddressingStyle(str, Enum):
+    """botocore's S3 addressing style."""
+
+    auto = "auto"
+    path = "path"
+    virtual = "virtual"
+
+
+class StorageConfig(_Model):
+    endpoint: str | None = Field(
+        None,
+        description="S3-compatible endpoint URL (MinIO, Ceph...); empty for AWS S3.",
+    )
+    region: str | None = Field(None, description="S3 region, e.g. us-east-1.")
+    addressingStyle: AddressingStyle | None = Field(
+        None,
+        description="Bucket addressing: path (bucket in the path, what most S3-compatible "
+        "stores need) or virtual (bucket in the host name). Default: path when an endpoint "
+        "is set, else auto.",
+    )
+    verifyTls: bool = Field(True, description="Verify the endpoint's TLS certificate.")
+    secretRef: SecretRef | None = Field(
+        None,
+        description="Credentials Secret. Without it the standard AWS credential chain is used "
+        "(environment, profile, IRSA/workload identity, instance metadata).",
+    )
+
+
+class Calibration(_Model):
+    uri: str = Field(
+        description="Prefix (or file) of .npz calibration samples: one feed per file, array "
+        "names equal to the model's input names."
+    )
+    calibrateMethod: CalibrateMethod = Field(
+        CalibrateMethod.MinMax, description="How activation ranges are chosen."
+    )
+    samples: int = Field(
+        100, ge=1, le=100_000, description="At most this many .npz files are used, in name order."
+    )
+
+    @model_validator(mode="after")
+    def _uri(self) -> Calibration:
+        _check_uri(self.uri, "spec.quantization.calibration.uri")
+        return self
+
+
+_INT8_FIELDS = (
+    "mode",
+    "weightType",
+    "activationType",
+    "quantFormat",
+    "perChannel",
+    "reduceRange",
+    "opTypesToQuantize",
+    "nodesToExclude",
+    "calibration",
+)
+_STATIC_FIELDS = ("activationType", "quantFormat", "calibration")
+_FP16_FIELDS = ("keepIoTypes", "opBlockList", "nodeBlockList", "repair")
+
+
+class QuantizationConfig(_Model):
+    precision: Precision = Field(description="Target precision: fp16 or int8.")
+    # fp16 (ONNX)
+    keepIoTypes: bool | None = Field(
+        None,
+        description="fp16: keep model inputs and outputs in FP32 (Cast nodes inserted at the "
+        "edges), so callers need no change. Default true.",
+    )
+    opBlockList: list[str] | None = Field(
+        None,
+        description="fp16: operator types kept in FP32. Default: onnxruntime's "
+        "DEFAULT_OP_BLOCK_LIST plus the ops that must stay FP32 (see kquant docs).",
+    )
+    nodeBlockList: list[str] | None = Field(
+        None, description="fp16: node names kept in FP32, in addition to opBlockList."
+    )
+    repair: bool | None = Field(
+        None,
+        description="fp16: when the converted model fails to load or exceeds the validation "
+        "tolerance, block the offending op types or nodes and retry. Default true.",
+    )
+    # int8 (ONNX)
+    mode: Int8Mode | None = Field(None, description="int8: dynamic (default) or static.")
+    weightType: QuantType | None = Field(
+        None, description="int8: weight type. Default QInt8 (QUInt8 is slower on x86)."
+    )
+    activationType: QuantType | None = Field(
+        None, description="int8 static: activation type. Default QInt8."
+    )
+    quantFormat: QuantFormat | None = Field(
+        None, description="int8 static: QDQ (default) or QOperator."
+    )
+    perChannel: bool | None = Field(
+        None, description="int8: per-channel weight scales. Default false."
+    )
+    reduceRange: bool | None = Field(
+        None,
+        description="int8: 7-bit weights, for older x86 CPUs without VNNI. Default false.",
+    )
+    opTypesToQuantize: list[str] | None = Field(
+        None, description="int8: only these op types are quantized (empty: all supported)."
+    )
+    nodesToExclude: list[str] | None = Field(
+        None, description="int8: node names left in float."
+    )
+    calibration: Calibration | None = Field(
+        None, description="int8 static: calibration data (required in static mode)."
+    )
+    # model directories
+    include: list[str] | None = Field(
+        None,
+        description="Glob patterns (relative to a model directory) of the files to convert. "
+        "Default: every file detected as a model. Other files are copied unchanged.",
+    )
+    exclude: list[str] | None = Field(
+        None, description="Glob patterns of model files to copy unchanged instead of converting."
+    )
+
+    @model_validator(mode="after")
+    def _combinations(self) -> QuantizationConfig:
+        given = {name for name in self.model_fields_set if getattr(self, name) is not None}
+        if self.precision is Precision.fp16:
+            wrong = [f for f in _INT8_FIELDS if f in given]
+            if wrong:
+                raise ValueError(
+                    f"spec.quantization.{wrong[0]}: int8 setting given with precision fp16 "
+                    f"(int8-only fields: {', '.join(wrong)})"
+                )
+        else:
+            wrong = [f for f in _FP16_FIELDS if f in given]
+            if wrong:
+                raise ValueError(
+                    f"spec.quantization.{wrong[0]}: fp16 setting given with precision int8"
+                )
+            if self.int8_mode is Int8Mode.dynamic:
+                wrong = [f for f in _STATIC_FIELDS if f in given]
+                if wrong:
+                    raise ValueError(
+                        f"spec.quantization.{wrong[0]}: static-only setting given with mode "
+                        "dynamic (set mode: static, or remove it)"
+                    )
+            elif self.calibration is None:
+                raise ValueError(
+                    "spec.quantization.calibration: required with mode static "
+                    "(a prefix of .npz samples)"
+                )
+        return self
+
+    @property
+    def int8_mode(self) -> Int8Mode:
+        """The effective int8 mode (dynamic when unset)."""
+        return self.mode or Int8Mode.dynamic
+
+
+class Tolerance(_Model):
+    maxAbsError: float | None = Field(
+        None, ge=0, description="Largest allowed |original - quantized| over every output value."
+    )
+    maxMeanAbsError: float | None = Field(
+        None, ge=0, description="Largest allowed mean |original - quantized| per output."
+    )
+    minCosineSimilarity: float | None = Field(
+        None, ge=-1, le=1, description="Smallest allowed cosine similarity per output."
+    )
+
+
+# Defaults by precision when spec.validation.tolerance is not given. FP16 keeps ~3 decimal
+# digits (10-bit mantissa); INT8 error depends on the activation ranges, hence the looser bound.
+DEFAULT_TOLERANCE: dict[Precision, Tolerance] = {
+    Precision.fp16: Tolerance(maxAbsError=1e-2, minCosineSimilarity=0.999),
+    Precision.int8: Tolerance(maxAbsError=1e-1, minCosineSimilarity=0.98),
+}
+
+
+class InputOverride(_Model):
+    shape: list[int] | None = Field(
+        None, description="Concrete shape for generated values of this input."
+    )
+    value: float | None = Field(
+        None, description="Constant value for this input (e.g. a sample rate of 16000)."
+    )
+    low: float | None = Field(None, description="Lower bound of generated values.")
+    high: float | None = Field(None, description="Upper bound (exclusive) of generated values.")
+
+
+class ValidationConfig(_Model):
+    enabled: bool = Field(True, description="Compare the converted model with the original.")
+    samples: int = Field(
+        16, ge=1, le=10_000, description="Number of input samples (files or generated feeds)."
+    )
+    dataUri: str | None = Field(
+        None,
+        description="Prefix of .npz files (one feed per file, names = input names), used in "
+        "name order. Without it, inputs are generated from the model's signature (seeded).",
+    )
+    dimensions: dict[str, int] = Field(
+        default_factory=dict,
+        description="Values for symbolic (dynamic) dimensions by name, e.g. {batch: 1}. "
+        "Unnamed or unlisted dynamic dimensions default to 1.",
+    )
+    inputs: dict[str, InputOverride] = Field(
+        default_factory=dict, description="Per-input shape or value overrides for generation."
+    )
+    feedback: dict[str, str] = Field(
+        default_factory=dict,
+        description="Streaming models: output name -> input name fed back into the next "
+        "sample (e.g. {stateN: state}); samples then run in order as one stream, each "
+        "model threading its own state.",
+    )
+    seed: int = Field(0, description="Seed for generated inputs, so two runs agree.")
+    tolerance: Tolerance | None = Field(
+        None,
+        description="Pass/fail bounds. Default by precision: fp16 maxAbsError 1e-2 and "
+        "minCosineSimilarity 0.999; int8 1e-1 and 0.98.",
+    )
+    latencyRuns: int = Field(
+        20, ge=1, le=10_000, description="Timed runs per model (median reported, in ms)."
+    )
+    warmupRuns: int = Field(3, ge=0, le=1000, description="Untimed runs before timing.")
+
+    @model_validator(mode="after")
+    def _uri(self) -> ValidationConfig:
+        if self.dataUri is not None:
+            _check_uri(self.dataUri, "spec.validation.dataUri")
+        return self
+
+
+class PromotionConfig(_Model):
+    uri: str = Field(
+        description="Prefix that receives a copy of the validated set (manifest.json last); "
+        "untouched unless validation passed."
+    )
+
+    @model_validator(mode="after")
+    def _uri(self) -> PromotionConfig:
+        _check_uri(self.uri, "spec.promotion.uri")
+        return self
+
+
+class QuantizationJobSpec(_Model):
+    model: ModelSource = Field(description="The source model.")
+    output: OutputTarget = Field(description="Where the converted set is published.")
+    storage: StorageConfig | None = Field(None, description="S3 connection settings.")
+    quantization: QuantizationConfig = Field(description="What conversion to run.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="How the result is checked."
+    )
+    promotion: PromotionConfig | None = Field(
+        None, description="Copy the validated set to this prefix."
+    )
+    # Job placement: read by the operator, ignored by the worker.
+    resources: dict[str, Any] | None = Field(
+        None, description="Container resources (Kubernetes ResourceRequirements)."
+    )
+    queueName: str | None = Field(None, description="Kueue LocalQueue name.")
+    image: str | None = Field(None, description="Worker image; default from the operator.")
+    serviceAccountName: str | None = Field(
+        None, description="Service account of the worker pod (IRSA / workload identity)."
+    )
+    nodeSelector: dict[str, str] | None = Field(None, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] | None = Field(None, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
+    priorityClassName: str | None = Field(None, description="Pod priorityClassName.")
+    activeDeadlineSeconds: int | None = Field(
+        None, ge=1, description="Job deadline in seconds (default 7200)."
+    )
+    backoffLimit: int | None = Field(
+        None, ge=0, description="Retries of the worker pod on retriable failures (default 1)."
+    )
+
+    @model_validator(mode="after")
+    def _paths(self) -> QuantizationJobSpec:
+        if self.promotion and _norm_prefix(self.promotion.uri) == _norm_prefix(self.output.uri):
+            raise ValueError("spec.promotion.uri: must differ from spec.output.uri")
+        if _norm_prefix(self.output.uri) == _norm_prefix(self.model.uri):
+            raise ValueError("spec.output.uri: must differ from spec.model.uri")
+        return self
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """The effective tolerance: the spec's, else the precision's default."""
+        return self.validation.tolerance or DEFAULT_TOLERANCE[self.quantization.precision]
+
+
+def _norm_prefix(uri: str) -> str:
+    return uri.rstrip("/")
+
+
+class ObjectMeta(BaseModel):
+    """Kubernetes ObjectMeta: the fields kquant reads; the rest are kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field("quantizationjob", description="Object name.")
+    namespace: str | None = Field(None, description="Object namespace.")
+    generation: int | None = Field(None, description="Spec generation set by the API server.")
+    uid: str | None = Field(None, description="Object UID set by the API server.")
+    labels: dict[str, str] | None = Field(None, description="Labels.")
+    annotations: dict[str, str] | None = Field(None, description="Annotations.")
+
+
+class QuantizationJob(_Model):
+    apiVersion: Literal["kquant.io/v1alpha1"] = Field(description="kquant.io/v1alpha1.")
+    kind: Literal["QuantizationJob"] = Field(description="QuantizationJob.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Object metadata.")
+    spec: QuantizationJobSpec = Field(description="Desired conversion.")
+    status: dict[str, Any] | None = Field(
+        None, description="Written by the operator only; ignored on input."
+    )

@@ -1,0 +1,54 @@
+"""Error classes of the worker. Each carries a :class:`~kquant_api.Reason`, which fixes the
+process exit code and the status reason the operator reports.
+
+Messages name the URI or file involved and never a credential.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kquant_api import REASON_EXIT_CODE, Reason
+
+
+class KquantError(Exception):
+    """Base class: a failure with a status reason and optional structured detail."""
+
+    reason: Reason = Reason.InternalError
+
+    def __init__(self, message: str, *, reason: Reason | None = None, **detail: Any) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        self.detail = detail
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit code for this error's reason."""
+        return int(REASON_EXIT_CODE[self.reason])
+
+
+class InvalidSpec(KquantError):
+    """The manifest or spec is malformed. Never retried."""
+
+    reason = Reason.InvalidSpec
+
+
+class StorageError(KquantError):
+    """Reading or writing a URI failed. Reasons: SourceNotFound, AccessDenied,
+    OutputExists, UnsafePath, StorageUnavailable (only this one is retriable)."""
+
+    reason = Reason.StorageUnavailable
+
+
+class PassError(KquantError):
+    """The model could not be read or converted. Reasons: UnsupportedFormat,
+    CorruptModel, ConversionFailed."""
+
+    reason = Reason.ConversionFailed
+
+
+class ValidationFailed(KquantError):
+    """The converted model exceeded the validation tolerance."""
+
+    reason = Reason.ValidationFailed
