@@ -415,6 +415,11 @@ class QuantizationJobSpec(_Model):
     def _paths(self) -> QuantizationJobSpec:
         if self.promotion and _norm_prefix(self.promotion.uri) == _norm_prefix(self.output.uri):
             raise ValueError("spec.promotion.uri: must differ from spec.output.uri")
+        if self.promotion and not self.validation.enabled:
+            raise ValueError(
+                "spec.promotion: promotion copies only a validated set; it needs "
+                "spec.validation.enabled: true"
+            )
         if _norm_prefix(self.output.uri) == _norm_prefix(self.model.uri):
             raise ValueError("spec.output.uri: must differ from spec.model.uri")
         return self

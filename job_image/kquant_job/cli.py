@@ -1,0 +1,158 @@
+"""``kquant-job``: the worker's command line.
+
+``kquant-job run SOURCE`` runs every QuantizationJob in SOURCE (a manifest path, or ``-`` for
+JSON/YAML on stdin), writes the compact result to ``--result-file`` (default
+``/dev/termination-log`` when writable) and exits with the error class's code (see
+:class:`kquant_api.ExitCode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from kquant_api import JobResult, QuantizationJob, Reason
+from kquant_job import __version__, logs
+from kquant_job.errors import KquantError, ValidationFailed
+from kquant_job.manifest import load_jobs
+
+TERMINATION_LOG = Path("/dev/termination-log")
+LOG = logging.getLogger("kquant")
+
+
+def _default_result_file() -> Path | None:
+    if TERMINATION_LOG.exists() and os.access(TERMINATION_LOG, os.W_OK):
+        return TERMINATION_LOG
+    return None
+
+
+def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
+    """The compact result of a failed run; a ValidationFailed keeps its metrics and report."""
+    detail = exc.detail if isinstance(exc, ValidationFailed) else {}
+    return JobResult(
+        phase="Failed",
+        reason=exc.reason,
+        message=str(exc),
+        precision=job.spec.quantization.precision.value if job else None,
+        originalBytes=detail.get("originalBytes"),
+        quantizedBytes=detail.get("quantizedBytes"),
+        validation=detail.get("summary"),
+        reportUri=detail.get("report_uri"),
+    )
+
+
+def _run_one(job: QuantizationJob, work_root: Path | None, keep: bool) -> JobResult:
+    from kquant_job.pipeline import run_job
+
+    work = Path(tempfile.mkdtemp(prefix="kquant-", dir=work_root))
+    try:
+        return run_job(job, work)
+    except KquantError as exc:
+        LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
+        return failure_result(job, exc)
+    except Exception as exc:  # the result must still be written for the operator
+        LOG.exception("unexpected error", extra={"fields": {"reason": "InternalError"}})
+        return JobResult(phase="Failed", reason=Reason.InternalError,
+                         message=f"{type(exc).__name__}: {exc}")
+    finally:
+        if keep:
+            LOG.info("work directory kept", extra={"fields": {"path": str(work)}})
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _table(result: JobResult, name: str) -> str:
+    """A short human summary: sizes, reduction, max abs error, latency."""
+    rows = [("job", name), ("phase", f"{result.phase} ({result.reason.value})")]
+    if result.originalBytes and result.quantizedBytes:
+        o, q = result.originalBytes, result.quantizedBytes
+        rows += [("original", f"{o:,} bytes"), ("quantized", f"{q:,} bytes"),
+                 ("reduction", f"{100 * (1 - q / o):.1f} %")]
+    v = result.validation
+    if v:
+        rows.append(("validation", f"{'passed' if v.passed else 'FAILED'} on {v.samples} "
+                                   f"samples ({v.device})"))
+        if v.maxAbsError is not None:
+            rows.append(("max abs error", f"{v.maxAbsError:.3g}"))
+        if v.cosineSimilarity is not None:
+            rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f}"))
+        if v.latencyMs:
+            rows.append(("latency (median)", f"{v.latencyMs.original:.3f} ms -> "
+                                             f"{v.latencyMs.quantized:.3f} ms"))
+    if result.manifestUri:
+        rows.append(("manifest", result.manifestUri))
+    if result.reportUri:
+        rows.append(("report", result.reportUri))
+    if result.promotedUri:
+        rows.append(("promoted", result.promotedUri))
+    if result.phase != "Succeeded":
+        rows.append(("message", result.message))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the jobs of a manifest; returns the exit code (first failure's, else 0)."""
+    result_file = Path(args.result_file) if args.result_file else _default_result_file()
+    results: list[JobResult] = []
+    names: list[str] = []
+    try:
+        jobs = load_jobs(args.source, spec_env=args.spec_env)
+    except KquantError as exc:
+        LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
+        results, names = [failure_result(None, exc)], ["manifest"]
+    else:
+        work_root = Path(args.work_dir) if args.work_dir else None
+        if work_root:
+            work_root.mkdir(parents=True, exist_ok=True)
+        for job in jobs:
+            results.append(_run_one(job, work_root, args.keep_work))
+            names.append(job.metadata.name)
+    if result_file:
+        # One compact JSON object per job, one per line (a single job: a single object).
+        result_file.write_text("\n".join(r.to_json() for r in results) + "\n")
+    for result, name in zip(results, names):
+        print(_table(result, name), flush=True)
+    codes = [r.exit_code for r in results if r.exit_code]
+    return codes[0] if codes else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``kquant-job``."""
+    parser = argparse.ArgumentParser(prog="kquant-job", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kquant {__version__}")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="text (default) or json: one JSON object per log line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the QuantizationJob(s) of a manifest")
+    run.add_argument("source", nargs="?", default="-",
+                     help="manifest path (YAML, several documents allowed) or - for stdin")
+    run.add_argument("--spec-env", metavar="VAR",
+                     help="read the manifest (JSON) from this environment variable")
+    run.add_argument("--result-file", metavar="PATH",
+                     help="where the compact JSON result goes (default /dev/termination-log "
+                          "when it exists and is writable)")
+    run.add_argument("--work-dir", metavar="DIR",
+                     default=os.environ.get("KQUANT_WORK_DIR"),
+                     help="parent of the per-job work directory (default: $KQUANT_WORK_DIR "
+                          "or the system temp dir)")
+    run.add_argument("--keep-work", action="store_true", help="keep the work directory")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kquant-job`` console script."""
+    args = build_parser().parse_args(argv)
+    logs.setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

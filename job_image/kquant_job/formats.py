@@ -1,0 +1,239 @@
+"""Model format detection from content, and the plan for a model directory.
+
+Detection reads a few bytes (and, for ONNX, walks the top-level protobuf fields with seeks),
+so it costs the same for a 1 MB and a 5 GB file. The file extension is only a hint: a
+``.onnx`` file whose bytes are not ONNX is reported as corrupt, not as another format.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from kquant_api import ModelFormat, Reason
+from kquant_job.errors import PassError
+
+# ModelProto top-level fields (onnx/onnx.proto3): number -> protobuf wire type.
+_ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2}
+_ONNX_IR_VERSION, _ONNX_GRAPH = 1, 7
+_EXTENSIONS = {
+    ".onnx": ModelFormat.onnx,
+    ".pt": ModelFormat.pytorch,
+    ".pth": ModelFormat.pytorch,
+    ".bin": ModelFormat.pytorch,
+    ".ckpt": ModelFormat.pytorch,
+    ".jit": ModelFormat.torchscript,
+    ".safetensors": ModelFormat.safetensors,
+}
+
+
+def _read_varint(fh: object, limit: int = 10) -> int | None:
+    value = shift = 0
+    for _ in range(limit):
+        byte = fh.read(1)  # type: ignore[attr-defined]
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    return None
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    """True when the file's top-level protobuf fields are those of an ONNX ModelProto and
+    include both ir_version and graph."""
+    size = path.stat().st_size
+    seen: set[int] = set()
+    with path.open("rb") as fh:
+        while fh.tell() < size:
+            tag = _read_varint(fh)
+            if tag is None:
+                return False
+            number, wire = tag >> 3, tag & 7
+            if _ONNX_FIELDS.get(number) != wire:
+                return False
+            if wire == 0:
+                if _read_varint(fh) is None:
+                    return False
+            else:
+                length = _read_varint(fh)
+                if length is None or fh.tell() + length > size:
+                    return False
+                fh.seek(length, 1)
+            seen.add(number)
+    return {_ONNX_IR_VERSION, _ONNX_GRAPH} <= seen
+
+
+def _looks_like_safetensors(path: Path, head: bytes) -> bool:
+    if len(head) < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 2 <= header_len <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
+def _zip_format(path: Path) -> ModelFormat | None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return ModelFormat.torchscript
+    if any(n.endswith("/data.pkl") for n in names):
+        return ModelFormat.pytorch
+    return None
+
+
+def detect_format(path: Path) -> ModelFormat | None:
+    """The format of one file from its content, or None when it is no model we know.
+
+    ONNX: protobuf ModelProto with ir_version and graph; TorchScript: zip archive with
+    ``constants.pkl`` or ``code/``; PyTorch: zip with ``data.pkl`` or a legacy pickle
+    (protocol 2-5 header); safetensors: little-endian u64 header length then a JSON object.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_format(path)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return ModelFormat.pytorch
+    if _looks_like_safetensors(path, head):
+        return ModelFormat.safetensors
+    if _looks_like_onnx(path):
+        return ModelFormat.onnx
+    return None
+
+
+def check_model_file(path: Path, declared: ModelFormat, display: str) -> ModelFormat:
+    """The format of a file given as a model, checked against the declared format.
+
+    Raises PassError(CorruptModel) when the bytes do not match the declared format or the
+    extension's format, PassError(UnsupportedFormat) when the file is no model at all.
+    """
+    found = detect_format(path)
+    hinted = _EXTENSIONS.get(path.suffix.lower())
+    expected = declared if declared is not ModelFormat.auto else hinted
+    if found is None:
+        if expected is not None:
+            raise PassError(
+                f"{display}: not a valid {expected.value} model (content does not parse)",
+                reason=Reason.CorruptModel,
+            )
+        raise PassError(
+            f"{display}: not a model file (no ONNX, TorchScript, PyTorch or safetensors "
+            "content found)",
+            reason=Reason.UnsupportedFormat,
+        )
+    if declared is not ModelFormat.auto and found is not declared:
+        raise PassError(
+            f"{display}: declared format {declared.value} but the content is {found.value}",
+            reason=Reason.CorruptModel,
+        )
+    return found
+
+
+@dataclass
+class ModelFile:
+    """A file of the source to convert: path relative to the source root, and its format."""
+
+    rel: str
+    format: ModelFormat
+
+
+@dataclass
+class Plan:
+    """What to do with each source file: convert (``models``), copy unchanged (``copies``),
+    or leave out because a converted model rewrites it (``external_data``)."""
+
+    root: Path
+    models: list[ModelFile] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
+    external_data: list[str] = field(default_factory=list)
+
+
+def _matches(rel: str, patterns: list[str]) -> bool:
+    name = PurePosixPath(rel).name
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _graph_tensors(graph: object) -> list[object]:
+    """Initializers and attribute tensors of a graph and all its subgraphs."""
+    tensors = list(graph.initializer)  # type: ignore[attr-defined]
+    for node in graph.node:  # type: ignore[attr-defined]
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+            tensors.extend(attr.tensors)
+            for sub in [attr.g] if attr.HasField("g") else []:
+                tensors.extend(_graph_tensors(sub))
+            for sub in attr.graphs:
+                tensors.extend(_graph_tensors(sub))
+    return tensors
+
+
+def _onnx_external_files(model: Path) -> set[Path]:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    proto = onnx.load(str(model), load_external_data=False)
+    files = set()
+    for tensor in _graph_tensors(proto.graph):
+        if uses_external_data(tensor):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            files.add((model.parent / location).resolve())
+    return files
+
+
+def plan_model(
+    local: Path,
+    declared: ModelFormat = ModelFormat.auto,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> Plan:
+    """Plan the conversion of a fetched model: one file, or a directory walked recursively.
+
+    In a directory, files matching ``include`` (default: every file detected as a model) and
+    not ``exclude`` are converted; external data files of ONNX models are rewritten by the
+    conversion; everything else is copied unchanged. Raises PassError(UnsupportedFormat)
+    when nothing to convert is found, PassError(CorruptModel) for an unreadable model.
+    """
+    if local.is_file():
+        fmt = check_model_file(local, declared, local.name)
+        return Plan(root=local.parent, models=[ModelFile(local.name, fmt)])
+    plan = Plan(root=local)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for path in files:
+        rel = path.relative_to(local).as_posix()
+        if exclude and _matches(rel, exclude):
+            plan.copies.append(rel)
+            continue
+        if include is not None:
+            if not _matches(rel, include):
+                plan.copies.append(rel)
+                continue
+            fmt = check_model_file(path, declared, rel)
+        else:
+            fmt = detect_format(path)
+            if fmt is None or (declared is not ModelFormat.auto and fmt is not declared):
+                plan.copies.append(rel)
+                continue
+        plan.models.append(ModelFile(rel, fmt))
+    external: set[Path] = set()
+    for m in plan.models:
+        if m.format is ModelFormat.onnx:
+            external |= _onnx_external_files(local / m.rel)
+    plan.external_data = sorted(
+        c for c in plan.copies if (local / c).resolve() in external
+    )
+    plan.copies = [c for c in plan.copies if c not in plan.external_data]
+    if not plan.models:
+        raise PassError(
+            f"no model file found in the source directory ({len(files)} files; "
+            "include/exclude patterns may leave nothing to convert)",
+            reason=Reason.UnsupportedFormat,
+        )
+    return plan

@@ -1,0 +1,73 @@
+"""Line-oriented logs with stage timings, as text for people or JSON lines for machines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+LOG = logging.getLogger("kquant")
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, tz=timezone.utc).strftime("%H:%M:%S")
+        fields = getattr(record, "fields", None) or {}
+        extra = "".join(f" {k}={_text(v)}" for k, v in fields.items())
+        line = f"{ts} {record.levelname:<7} {record.getMessage()}{extra}"
+        if record.exc_info and record.levelno >= logging.ERROR:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        data.update(getattr(record, "fields", None) or {})
+        return json.dumps(data, default=str, separators=(",", ":"))
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
+    """Send kquant's logs to stderr, one record per line, as ``text`` or ``json``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger("kquant")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def info(message: str, **fields: Any) -> None:
+    """Log ``message`` with structured ``fields`` (key=value in text, keys in JSON)."""
+    LOG.info(message, extra={"fields": fields})
+
+
+@contextmanager
+def stage(name: str, timings: dict[str, float], **fields: Any) -> Iterator[None]:
+    """Time a pipeline stage (fetch, convert, validate, publish): logs its start and its end
+    with ``duration_ms``, and adds the duration (ms) to ``timings[name]``."""
+    info(f"{name}: start", stage=name, **fields)
+    start = time.perf_counter()
+    outcome = "failed"
+    try:
+        yield
+        outcome = "done"
+    finally:
+        ms = (time.perf_counter() - start) * 1000.0
+        timings[name] = round(timings.get(name, 0.0) + ms, 1)
+        info(f"{name}: {outcome}", stage=name, duration_ms=round(ms, 1))
