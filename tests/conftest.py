@@ -3,6 +3,7 @@ fixture, and a moto S3 server process on loopback (real HTTP)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -117,11 +118,89 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 @pytest.fixture
 def bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     """A fresh, empty bucket per test."""
-    name = "kq-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50]
-    name = name.strip("-")
+    name = "kq-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40]
+    # Truncated names of parametrized tests collide: a hash of the node id keeps them apart.
+    name = name.strip("-") + "-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
     client = s3_server.client()
     try:
         client.create_bucket(Bucket=name)
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
     return name
+
+
+@dataclass
+class S3AuthServer(S3Server):
+    """A moto server that checks signatures and IAM policies. ``access_key``/``secret_key``
+    belong to an allow-all user; ``denied_*`` authenticate but are allowed nothing."""
+
+    denied_access_key: str = ""
+    denied_secret_key: str = ""
+
+
+def _start_moto(extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = shutil.which("moto_server") or ""
+    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
+    proc = subprocess.Popen(
+        [*cmd, "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **extra_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server() -> Iterator[S3AuthServer]:
+    """A second moto server process that enforces authentication.
+
+    moto checks credentials only after its first INITIAL_NO_AUTH_ACTION_COUNT requests; with
+    3, those three (unauthenticated) IAM calls create an allow-all user and its access key.
+    Every later request must be signed with a key moto's IAM knows (else 403
+    InvalidAccessKeyId / SignatureDoesNotMatch) and be allowed by the user's policy (else 403
+    AccessDenied); the admin then creates a second user with no policy for the latter.
+    """
+    import json
+
+    import boto3
+
+    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        anon = {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", **anon)
+        allow_all = {"Effect": "Allow", "Action": "*", "Resource": "*"}
+        iam.create_user(UserName="kquant-admin")
+        iam.put_user_policy(
+            UserName="kquant-admin",
+            PolicyName="allow-all",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [allow_all]}),
+        )
+        admin = iam.create_access_key(UserName="kquant-admin")["AccessKey"]
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=admin["AccessKeyId"],
+            aws_secret_access_key=admin["SecretAccessKey"],
+        )
+        iam.create_user(UserName="kquant-nobody")
+        nobody = iam.create_access_key(UserName="kquant-nobody")["AccessKey"]
+        yield S3AuthServer(
+            endpoint=endpoint,
+            access_key=admin["AccessKeyId"],
+            secret_key=admin["SecretAccessKey"],
+            denied_access_key=nobody["AccessKeyId"],
+            denied_secret_key=nobody["SecretAccessKey"],
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,136 @@
+"""Local-path safety shared by the back ends: key checks and atomic file placement.
+
+Object stores allow keys that a file system cannot mirror safely: ``../evil`` escapes the
+destination, ``/abs`` is absolute, ``a//b`` and ``a/./b`` alias ``a/b``, and ``x`` beside
+``x/y`` needs ``x`` to be both a file and a directory. A prefix download checks every key
+with :func:`check_keys` before it writes anything, so a hostile listing leaves no trace.
+:func:`atomic_target` gives every written file a temporary name in its destination directory
+until it is complete and synced, so a killed transfer never leaves a file that looks whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import unicodedata
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kquant_api import Reason
+from kquant_job.errors import StorageError
+
+# ext4, xfs and most others cap one path segment at 255 bytes.
+MAX_SEGMENT_BYTES = 255
+
+
+def _unsafe(where: str, key: str, why: str) -> StorageError:
+    return StorageError(f"unsafe key {key!r} under {where}: {why}", reason=Reason.UnsafePath)
+
+
+def check_key(key: str, where: str) -> None:
+    """Raise StorageError(UnsafePath) unless ``key`` is a plain relative '/'-separated path:
+    no leading '/', no backslash or NUL, no empty, '.' or '..' segment, every segment at most
+    255 bytes (UTF-8). ``where`` (the prefix URI) goes into the message."""
+    if not key:
+        raise _unsafe(where, key, "empty key")
+    if key.startswith("/"):
+        raise _unsafe(where, key, "absolute key")
+    if "\\" in key or "\x00" in key:
+        raise _unsafe(where, key, "backslash or NUL in key")
+    for seg in key.split("/"):
+        if seg == "":
+            raise _unsafe(where, key, "empty path segment")
+        if seg in (".", ".."):
+            raise _unsafe(where, key, f"'{seg}' path segment")
+        if len(seg.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise _unsafe(where, key, f"path segment longer than {MAX_SEGMENT_BYTES} bytes")
+
+
+def check_keys(keys: Iterable[str], where: str) -> list[str]:
+    """Validate every relative key of a prefix listing and return the ones to fetch.
+
+    Keys ending in '/' are directory markers (what consoles create for "folders") and are
+    dropped. The rest must pass :func:`check_key`, must not collide once Unicode-normalized
+    (NFC: 'é' precomposed and decomposed are one name on some file systems), and no key may
+    also be a directory of another ('x' and 'x/y'). Raises StorageError(UnsafePath) naming the
+    first offending key; returns the kept keys in their given order.
+    """
+    kept: list[str] = []
+    seen: dict[str, str] = {}
+    for key in keys:
+        if key.endswith("/"):
+            continue
+        check_key(key, where)
+        norm = unicodedata.normalize("NFC", key)
+        if norm in seen:
+            raise _unsafe(where, key, f"collides with key {seen[norm]!r}")
+        seen[norm] = key
+        kept.append(key)
+    dirs: dict[str, str] = {}  # every parent directory -> a key below it
+    for norm, key in seen.items():
+        parts = norm.split("/")
+        for i in range(1, len(parts)):
+            dirs.setdefault("/".join(parts[:i]), key)
+    for norm, key in seen.items():
+        if norm in dirs:
+            raise _unsafe(where, key, f"is a file and also the directory of key {dirs[norm]!r}")
+    return kept
+
+
+def local_target(dest_dir: Path, key: str, where: str) -> Path:
+    """``dest_dir / key`` for a checked key, refusing a path that resolves outside
+    ``dest_dir`` (e.g. through a symlink already present in it)."""
+    root = dest_dir.resolve()
+    target = root.joinpath(*key.split("/"))
+    if not target.parent.resolve().is_relative_to(root):
+        raise _unsafe(where, key, "resolves outside the destination directory")
+    return target
+
+
+@contextmanager
+def atomic_target(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` (parents created) to write into. On a clean
+    exit the file is fsynced and renamed onto ``target`` (``os.replace``: atomic on POSIX) and
+    the directory entry synced; on any error the temporary file is removed. OSError passes
+    through for the caller to classify."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Short, hidden and clearly partial: survives a 255-byte name and never looks complete.
+    tmp = target.parent / f".{target.name[:80]}.{secrets.token_hex(4)}.kquant-part"
+    try:
+        yield tmp
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some file systems do not open directories; the data itself is synced
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def os_error(exc: OSError, uri: str, action: str) -> StorageError:
+    """Classify a local OSError: missing path -> SourceNotFound, permission or read-only file
+    system -> AccessDenied, anything else (disk full, I/O error) -> StorageUnavailable. The
+    message names ``uri`` and the local path involved."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        reason = Reason.SourceNotFound
+    elif isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+        reason = Reason.AccessDenied
+    else:
+        reason = Reason.StorageUnavailable
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != uri else ""
+    return StorageError(f"cannot {action} {uri}: {exc.strerror or exc}{where}", reason=reason)

@@ -1,0 +1,237 @@
+"""Compare a converted ONNX model with its original on the same feeds.
+
+:class:`Reference` runs the original once; its :meth:`~Reference.probe` checks candidates on
+the first few samples (self-repairing passes call it per attempt). :func:`validate_onnx` is
+the full comparison recorded in report.json: every sample, per-output metrics
+(:mod:`kquant_job.validate.metrics`), the tolerance verdict, median latency of both models
+and their sizes. Outputs are compared by name, in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kquant_api import LatencyMs, Tolerance, ValidationConfig, ValidationSummary
+from kquant_job.errors import InvalidSpec
+from kquant_job.passes.base import ProbeResult
+from kquant_job.validate.inputs import Feed
+from kquant_job.validate.metrics import OutputMetrics, check_tolerance, compare_output
+from kquant_job.validate.runtime import (
+    device_of,
+    make_session,
+    median_latency_ms,
+    model_bytes,
+    run_stream,
+    select_providers,
+    short,
+)
+
+__all__ = ["Reference", "ValidationOutcome", "run_stream", "select_providers", "validate_onnx"]
+
+Outputs = list[dict[str, np.ndarray]]
+
+
+def compare_outputs(original: Outputs, converted: Outputs) -> list[OutputMetrics]:
+    """Metrics per original output (in the original's order) over the samples both lists
+    hold; an output the converted model lacks is reported ``missing``."""
+    if not original:
+        return []
+    n = min(len(original), len(converted))
+    metrics = []
+    for name in original[0]:
+        if not converted or name not in converted[0]:
+            metrics.append(OutputMetrics(name=name, exact=False, missing=True))
+            continue
+        metrics.append(
+            compare_output(name, [o[name] for o in original[:n]], [c[name] for c in converted[:n]])
+        )
+    return metrics
+
+
+class Reference:
+    """The original model's outputs on ``feeds``, computed once at construction.
+
+    ``providers`` defaults to :func:`select_providers` ("auto"). Raises PassError(CorruptModel)
+    when the original does not load, InvalidSpec when there are no feeds, when it cannot run
+    on them (wrong shapes or values: fix spec.validation.inputs/dimensions or the data) or
+    when the feedback names are not the model's.
+    """
+
+    def __init__(
+        self,
+        original: Path,
+        feeds: Sequence[Feed],
+        cfg: ValidationConfig,
+        tolerance: Tolerance,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.original = Path(original)
+        self.feeds = list(feeds)
+        self.cfg = cfg
+        self.tolerance = tolerance
+        if not self.feeds:
+            raise InvalidSpec(f"no validation samples for {self.original.name}")
+        self.providers = list(providers) if providers else select_providers()[0]
+        self.session = make_session(self.original, self.providers)
+        self.device = device_of(self.session)
+        try:
+            self.outputs: Outputs = run_stream(self.session, self.feeds, cfg.feedback)
+        except RuntimeError as exc:
+            raise InvalidSpec(
+                f"the original model {self.original.name} fails on the validation inputs "
+                f"({exc}); set spec.validation.inputs / dimensions or check dataUri"
+            ) from exc
+
+    def probe(self, candidate: Path, max_samples: int = 8) -> ProbeResult:
+        """Check ``candidate`` on the first ``max_samples`` samples (a stream prefix when
+        feedback is set). Never raises: a load or run failure gives ``ok=False`` with the
+        runtime's message in ``error``; a broken tolerance gives ``ok=False`` with
+        ``violations``."""
+        n = min(max_samples, len(self.feeds))
+        try:
+            session = make_session(candidate, self.providers)
+        except Exception as exc:
+            return ProbeResult(ok=False, error=f"load failed: {short(exc)}")
+        try:
+            outputs = run_stream(session, self.feeds[:n], self.cfg.feedback)
+        except Exception as exc:
+            return ProbeResult(ok=False, error=f"run failed: {short(exc)}")
+        metrics = compare_outputs(self.outputs[:n], outputs)
+        violations = check_tolerance(metrics, self.tolerance)
+        return ProbeResult(
+            ok=not violations,
+            violations=violations,
+            metrics={m.name: m.to_dict() for m in metrics},
+        )
+
+
+@dataclass
+class ValidationOutcome:
+    """The full comparison of one converted model with its original.
+
+    ``latency_ms``: ``{"original": ms, "quantized": ms}`` medians (None when the converted
+    model did not run); sizes in bytes include external data files; ``error`` holds the
+    runtime's message when the converted model failed to load or run (then ``passed`` is
+    False and ``violations`` says so).
+    """
+
+    passed: bool
+    samples: int
+    device: str
+    provider: str
+    metrics: dict[str, OutputMetrics]
+    violations: list[str]
+    tolerance: Tolerance
+    original_bytes: int
+    quantized_bytes: int
+    latency_ms: dict[str, float] | None = None
+    feedback: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    def _float_metrics(self, key: str) -> list[float]:
+        return [
+            getattr(m, key)
+            for m in self.metrics.values()
+            if not m.exact and getattr(m, key) is not None
+        ]
+
+    def summary(self) -> ValidationSummary:
+        """The compact summary for the termination message: worst values over float outputs
+        (largest max/mean abs error, smallest cosine)."""
+        max_abs = self._float_metrics("maxAbsError")
+        mean_abs = self._float_metrics("meanAbsError")
+        cos = self._float_metrics("cosineSimilarity")
+        return ValidationSummary(
+            passed=self.passed,
+            samples=self.samples,
+            device=self.device,
+            maxAbsError=max(max_abs) if max_abs else None,
+            meanAbsError=max(mean_abs) if mean_abs else None,
+            cosineSimilarity=min(cos) if cos else None,
+            latencyMs=LatencyMs(**self.latency_ms) if self.latency_ms else None,
+        )
+
+    def to_report(self) -> dict[str, Any]:
+        """Everything for report.json (camelCase keys, plain JSON types)."""
+        report: dict[str, Any] = {
+            "passed": self.passed,
+            "samples": self.samples,
+            "device": self.device,
+            "provider": self.provider,
+            "tolerance": self.tolerance.wire(),
+            "outputs": {name: m.to_dict() for name, m in self.metrics.items()},
+            "violations": list(self.violations),
+            "latencyMs": dict(self.latency_ms) if self.latency_ms else None,
+            "originalBytes": self.original_bytes,
+            "quantizedBytes": self.quantized_bytes,
+        }
+        if self.feedback:
+            report["feedback"] = dict(self.feedback)
+        if self.error:
+            report["error"] = self.error
+        return report
+
+
+def validate_onnx(
+    original: Path,
+    converted: Path,
+    feeds: Sequence[Feed],
+    cfg: ValidationConfig,
+    tolerance: Tolerance,
+    providers: Sequence[str] | None = None,
+    *,
+    reference: Reference | None = None,
+) -> ValidationOutcome:
+    """Compare ``converted`` with ``original`` on every feed.
+
+    ``reference`` (optional) reuses a :class:`Reference` already built for ``original``, so
+    the original is not run twice; its feeds and providers are then used and ``feeds`` and
+    ``providers`` are ignored. Latency: median of ``cfg.latencyRuns``
+    runs after ``cfg.warmupRuns`` on the first feed, per model.
+
+    Raises what :class:`Reference` raises for the original. Problems of the converted model
+    (load or run failure, tolerance) never raise: they give ``passed=False``.
+    """
+    ref = reference or Reference(original, feeds, cfg, tolerance, providers)
+    common: dict[str, Any] = dict(
+        samples=len(ref.feeds),
+        device=ref.device,
+        tolerance=tolerance,
+        original_bytes=model_bytes(Path(original)),
+        quantized_bytes=model_bytes(Path(converted)),
+        feedback=dict(cfg.feedback),
+    )
+    stage = "load"
+    try:
+        session = make_session(Path(converted), ref.providers)
+        stage = "run"
+        outputs = run_stream(session, ref.feeds, cfg.feedback)
+    except Exception as exc:
+        error = f"converted model failed to {stage}: {short(exc)}"
+        return ValidationOutcome(
+            passed=False,
+            provider=ref.providers[0],
+            metrics={},
+            violations=[error],
+            error=error,
+            **common,
+        )
+    metrics = compare_outputs(ref.outputs, outputs)
+    violations = check_tolerance(metrics, tolerance)
+    latency = {
+        "original": median_latency_ms(ref.session, ref.feeds[0], cfg.latencyRuns, cfg.warmupRuns),
+        "quantized": median_latency_ms(session, ref.feeds[0], cfg.latencyRuns, cfg.warmupRuns),
+    }
+    return ValidationOutcome(
+        passed=not violations,
+        provider=session.get_providers()[0],
+        metrics={m.name: m for m in metrics},
+        violations=violations,
+        latency_ms=latency,
+        **common,
+    )

@@ -1,0 +1,187 @@
+"""onnxruntime plumbing for validation: providers, quiet sessions, streaming runs, timing, sizes.
+
+Streaming models (Silero VAD, RNN-T encoders, any model with recurrent state) take their own
+previous output as the next input. With ``feedback = {output: input}`` the samples are one
+stream: step i+1's ``input`` is step i's ``output`` of the *same* session, so the original and
+the converted model each thread their own state and any drift accumulates as it would in
+production. The first step uses the state given in the feed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kquant_api import Reason
+from kquant_job.errors import InvalidSpec, PassError
+from kquant_job.validate.inputs import Feed, numpy_dtype
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def select_providers(prefer: str = "auto") -> tuple[list[str], str]:
+    """onnxruntime execution providers and the device name they run on.
+
+    ``prefer``: ``auto`` (CUDA when this onnxruntime build offers it, else CPU), ``cuda``
+    or ``cpu``. Returns e.g. ``(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda")``;
+    CPU stays listed as the fallback for ops without a CUDA kernel.
+
+    Raises InvalidSpec for an unknown ``prefer`` or ``cuda`` without the CUDA provider.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if prefer not in ("auto", "cuda", "cpu"):
+        raise InvalidSpec(f"unknown device preference {prefer!r} (auto, cuda or cpu)")
+    if prefer == "cuda" and CUDA not in available:
+        raise InvalidSpec(
+            f"CUDA requested but this onnxruntime has no {CUDA} (has: {', '.join(available)})"
+        )
+    if prefer != "cpu" and CUDA in available:
+        return [CUDA, CPU], "cuda"
+    return [CPU], "cpu"
+
+
+def device_of(session: Any) -> str:
+    """``cuda`` when the session's first provider is CUDA, else ``cpu`` (what really ran:
+    onnxruntime falls back to CPU silently when CUDA fails to initialise)."""
+    return "cuda" if session.get_providers()[0] == CUDA else "cpu"
+
+
+def make_session(path: Path, providers: Sequence[str]) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``path`` with log severity 3 (errors only).
+
+    Raises PassError(CorruptModel) with onnxruntime's message when the model does not load.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # keep initializer-cleanup warnings out of the job log
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as exc:
+        raise PassError(
+            f"{Path(path).name}: onnxruntime cannot load the model: {short(exc)}",
+            reason=Reason.CorruptModel,
+        ) from exc
+
+
+def check_feedback(session: Any, feedback: dict[str, str]) -> None:
+    """Raise InvalidSpec unless every feedback key is an output and every value an input."""
+    outputs = [o.name for o in session.get_outputs()]
+    inputs = [i.name for i in session.get_inputs()]
+    for out, inp in feedback.items():
+        if out not in outputs:
+            raise InvalidSpec(
+                f"spec.validation.feedback: the model has no output {out!r} "
+                f"(outputs: {', '.join(outputs)})"
+            )
+        if inp not in inputs:
+            raise InvalidSpec(
+                f"spec.validation.feedback.{out}: the model has no input {inp!r} "
+                f"(inputs: {', '.join(inputs)})"
+            )
+
+
+def adapt_feed(session: Any, feed: Feed) -> Feed:
+    """The session's inputs from ``feed``, each cast to the dtype the session expects (FP16
+    models converted without keepIoTypes take float16). Other arrays are dropped."""
+    out: Feed = {}
+    for arg in session.get_inputs():
+        if arg.name in feed:
+            out[arg.name] = np.asarray(feed[arg.name], dtype=numpy_dtype(arg.type))
+    return out
+
+
+def run_stream(
+    session: Any, feeds: Sequence[Feed], feedback: dict[str, str]
+) -> list[dict[str, np.ndarray]]:
+    """Run ``session`` on each feed in order; returns one ``{output name: array}`` per feed.
+
+    With ``feedback`` non-empty the feeds form one stream: output ``X`` of step i replaces
+    input ``feedback[X]`` of step i+1 (the first step keeps the feed's value).
+
+    Raises InvalidSpec for feedback names the model lacks, RuntimeError("sample i: ...")
+    when onnxruntime fails on a sample.
+    """
+    check_feedback(session, feedback)
+    names = [o.name for o in session.get_outputs()]
+    results: list[dict[str, np.ndarray]] = []
+    for i, feed in enumerate(feeds):
+        feed = dict(feed)
+        if feedback and results:
+            for out, inp in feedback.items():
+                feed[inp] = results[-1][out]
+        try:
+            values = session.run(None, adapt_feed(session, feed))
+        except Exception as exc:
+            raise RuntimeError(f"sample {i}: {short(exc)}") from exc
+        results.append(dict(zip(names, values, strict=True)))
+    return results
+
+
+def median_latency_ms(session: Any, feed: Feed, runs: int, warmup: int) -> float:
+    """Median wall time of ``session.run`` on ``feed`` in milliseconds over ``runs`` timed
+    runs after ``warmup`` untimed ones (``time.perf_counter``; the median resists outliers
+    such as a first CUDA kernel compile or a scheduler hiccup)."""
+    inputs = adapt_feed(session, feed)
+    for _ in range(warmup):
+        session.run(None, inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, inputs)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times))
+
+
+def model_bytes(path: Path) -> int:
+    """Size in bytes of an ONNX model file plus the external data files it references (in
+    any graph, subgraphs included), each counted once. A file that does not parse as ONNX
+    counts as its own size."""
+    import onnx
+
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = set()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            if "location" in info:
+                locations.add(info["location"])
+    for loc in sorted(locations):
+        data = path.parent / loc
+        if data.is_file():
+            total += data.stat().st_size
+    return total
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def short(exc: BaseException, limit: int = 600) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,204 @@
+"""FileStorage on the real local file system: URIs, atomic writes, prefix copies, symlinks."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from kquant_api import Reason
+from kquant_job.errors import StorageError
+from kquant_job.storage import open_storage
+from kquant_job.storage.file import FileStorage, to_path
+from kquant_job.storage.paths import atomic_target, os_error
+
+fs = FileStorage()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _reason(call) -> StorageError:
+    with pytest.raises(StorageError) as info:
+        call()
+    return info.value
+
+
+def test_uri_forms_map_to_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert to_path("file:///abs/m.onnx") == Path("/abs/m.onnx")
+    assert to_path("file://rel/m.onnx") == Path("rel/m.onnx")
+    assert to_path("rel/m.onnx") == Path("rel/m.onnx")
+    assert isinstance(open_storage("file:///x"), FileStorage)
+    assert isinstance(open_storage("plain/path"), FileStorage)
+    src = _write(tmp_path / "src.bin", b"abc")
+    for uri in ("file://out1/a.bin", "out2/a.bin", f"file://{tmp_path}/out3/a.bin"):
+        fs.upload(src, uri)
+    assert (tmp_path / "out1/a.bin").read_bytes() == b"abc"
+    assert (tmp_path / "out2/a.bin").read_bytes() == b"abc"
+    assert (tmp_path / "out3/a.bin").read_bytes() == b"abc"
+
+
+def test_upload_hashes_creates_parents_and_leaves_no_temp(tmp_path):
+    data = os.urandom(100_000)
+    src = _write(tmp_path / "m.onnx", data)
+    uri = f"file://{tmp_path}/out/deep/m.onnx"
+    art = fs.upload(src, uri)
+    assert (art.uri, art.sha256, art.bytes) == (uri, hashlib.sha256(data).hexdigest(), len(data))
+    assert _files(tmp_path / "out") == ["deep/m.onnx"]
+    # A prefix URI receives the file under its own name.
+    assert fs.upload(src, f"{tmp_path}/pre/").uri == f"{tmp_path}/pre/m.onnx"
+    assert (tmp_path / "pre/m.onnx").read_bytes() == data
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_failed_upload_keeps_old_file_and_leaves_no_temp(tmp_path):
+    target = _write(tmp_path / "out/m.onnx", b"previous complete set")
+    # Reading /proc/self/mem at offset 0 fails with EIO after the temporary file exists.
+    err = _reason(lambda: fs.upload(Path("/proc/self/mem"), f"{tmp_path}/out/m.onnx"))
+    assert err.reason is Reason.StorageUnavailable
+    assert target.read_bytes() == b"previous complete set"
+    assert _files(tmp_path / "out") == ["m.onnx"]
+
+
+def test_atomic_target_publishes_only_on_success(tmp_path):
+    target = tmp_path / "d" / "f.bin"
+    with pytest.raises(RuntimeError), atomic_target(target) as tmp:
+        tmp.write_bytes(b"half")
+        assert not target.exists()  # invisible under its final name while being written
+        raise RuntimeError("killed")
+    assert _files(tmp_path) == []
+    with atomic_target(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert _files(tmp_path) == ["d/f.bin"] and target.read_bytes() == b"whole"
+
+
+def test_download_object_and_missing_sources(tmp_path):
+    src = _write(tmp_path / "src/m.onnx", b"model")
+    got = fs.download(f"file://{src}", tmp_path / "dest")
+    assert got == tmp_path / "dest/m.onnx" and got.read_bytes() == b"model"
+    missing = f"file://{tmp_path}/src/nope.onnx"
+    err = _reason(lambda: fs.download(missing, tmp_path / "d2"))
+    assert err.reason is Reason.SourceNotFound and missing in str(err)
+    err = _reason(lambda: fs.download(f"{tmp_path}/src", tmp_path / "d3"))
+    assert err.reason is Reason.SourceNotFound and "end the URI with '/'" in str(err)
+    for prefix in (f"{tmp_path}/nothing/", f"{tmp_path}/src/m.onnx/"):
+        assert _reason(lambda p=prefix: fs.download(p, tmp_path / "d4")).reason is (
+            Reason.SourceNotFound
+        )
+    (tmp_path / "empty").mkdir()
+    err = _reason(lambda: fs.download(f"{tmp_path}/empty/", tmp_path / "d5"))
+    assert err.reason is Reason.SourceNotFound
+    assert not any((tmp_path / d).exists() for d in ("d2", "d3", "d4", "d5"))
+
+
+def test_prefix_download_mirrors_tree_and_follows_inner_symlinks(tmp_path):
+    src = tmp_path / "model"
+    _write(src / "model.onnx", b"graph")
+    _write(src / "weights/part1.bin", b"w1")
+    os.symlink("weights/part1.bin", src / "alias.bin")  # inside the tree: copied as a file
+    dest = tmp_path / "dest"
+    assert fs.download(f"file://{src}/", dest) == dest
+    assert _files(dest) == ["alias.bin", "model.onnx", "weights/part1.bin"]
+    assert not (dest / "alias.bin").is_symlink()
+    assert (dest / "alias.bin").read_bytes() == b"w1"
+    assert [(o.key, o.size) for o in fs.list(f"{src}/")] == [
+        ("alias.bin", 2),
+        ("model.onnx", 5),
+        ("weights/part1.bin", 2),
+    ]
+
+
+def _outside_file(src: Path, outside: Path) -> None:
+    os.symlink(outside / "secret.txt", src / "evil.bin")
+
+
+def _outside_dir(src: Path, outside: Path) -> None:
+    os.symlink(outside, src / "evil_dir")
+
+
+def _dotdot(src: Path, outside: Path) -> None:
+    os.symlink("../outside/secret.txt", src / "sub/evil.bin")
+
+
+def _dangling(src: Path, outside: Path) -> None:
+    os.symlink("missing.bin", src / "dangling.bin")
+
+
+def _loop(src: Path, outside: Path) -> None:
+    os.symlink("..", src / "sub/up")
+
+
+def _fifo(src: Path, outside: Path) -> None:
+    os.mkfifo(src / "pipe")
+
+
+@pytest.mark.parametrize("make", [_outside_file, _outside_dir, _dotdot, _dangling, _loop, _fifo])
+def test_prefix_download_refuses_unsafe_entries_before_writing(tmp_path, make):
+    outside = tmp_path / "outside"
+    _write(outside / "secret.txt", b"not yours")
+    src = tmp_path / "model"
+    _write(src / "a.onnx", b"a")
+    _write(src / "sub/z.onnx", b"z")
+    make(src, outside)
+    dest = tmp_path / "dest"
+    err = _reason(lambda: fs.download(f"{src}/", dest))
+    assert err.reason is Reason.UnsafePath
+    assert not dest.exists()
+
+
+def test_stat_list_delete(tmp_path):
+    _write(tmp_path / "p/a.bin", b"12345")
+    assert fs.stat(f"{tmp_path}/p/a.bin").size == 5
+    assert fs.stat(f"{tmp_path}/p/none.bin") is None
+    assert fs.stat(f"{tmp_path}/p") is None  # a directory is not an object
+    assert fs.list(f"{tmp_path}/missing/") == []
+    fs.delete(f"{tmp_path}/p/a.bin")
+    fs.delete(f"{tmp_path}/p/a.bin")  # absent: not an error
+    fs.delete(f"{tmp_path}/p")  # directories are left alone
+    assert (tmp_path / "p").is_dir() and fs.list(f"{tmp_path}/p/") == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sysfs refuses new files, even to root")
+def test_permission_denied_is_access_denied(tmp_path):
+    src = _write(tmp_path / "m.onnx", b"1")
+    err = _reason(lambda: fs.upload(src, "file:///sys/kquant-denied.onnx"))
+    assert err.reason is Reason.AccessDenied
+    assert "file:///sys/kquant-denied.onnx" in str(err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file modes")
+def test_unreadable_directory_is_access_denied(tmp_path):
+    _write(tmp_path / "locked/m.onnx", b"1")
+    (tmp_path / "locked").chmod(0)
+    try:
+        err = _reason(lambda: fs.download(f"{tmp_path}/locked/", tmp_path / "dest"))
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert err.reason is Reason.AccessDenied
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/x"), Reason.SourceNotFound),
+        (PermissionError(errno.EACCES, "Permission denied", "/x"), Reason.AccessDenied),
+        (OSError(errno.EROFS, "Read-only file system", "/x"), Reason.AccessDenied),
+        (OSError(errno.ENOSPC, "No space left on device", "/x"), Reason.StorageUnavailable),
+    ],
+)
+def test_os_errors_are_classified(exc, reason):
+    err = os_error(exc, "file:///x", "write")
+    assert err.reason is reason
+    assert "file:///x" in str(err) and exc.strerror in str(err)
