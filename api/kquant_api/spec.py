@@ -307,11 +307,14 @@ class Tolerance(_Model):
     )
 
 
-# Defaults by precision when spec.validation.tolerance is not given. FP16 keeps ~3 decimal
-# digits (10-bit mantissa); INT8 error depends on the activation ranges, hence the looser bound.
+# Defaults by precision when spec.validation.tolerance is not given: relative and mean bounds,
+# since an absolute max error scales with each output's magnitude (measured on Silero VAD FP16
+# over a real speech stream: the LSTM state reaches |c| = 38, where one FP16 step is 0.03, so
+# its max abs error is 0.17 while cosine stays above 0.99997 and mean abs error ~4e-3).
+# INT8 error depends on the activation ranges, hence the looser bounds.
 DEFAULT_TOLERANCE: dict[Precision, Tolerance] = {
-    Precision.fp16: Tolerance(maxAbsError=1e-2, minCosineSimilarity=0.999),
-    Precision.int8: Tolerance(maxAbsError=1e-1, minCosineSimilarity=0.98),
+    Precision.fp16: Tolerance(maxMeanAbsError=1e-2, minCosineSimilarity=0.999),
+    Precision.int8: Tolerance(maxMeanAbsError=5e-2, minCosineSimilarity=0.98),
 }
 
 
@@ -353,8 +356,8 @@ class ValidationConfig(_Model):
     seed: int = Field(0, description="Seed for generated inputs, so two runs agree.")
     tolerance: Tolerance | None = Field(
         None,
-        description="Pass/fail bounds. Default by precision: fp16 maxAbsError 1e-2 and "
-        "minCosineSimilarity 0.999; int8 1e-1 and 0.98.",
+        description="Pass/fail bounds. Default by precision: fp16 maxMeanAbsError 1e-2 and "
+        "minCosineSimilarity 0.999; int8 5e-2 and 0.98.",
     )
     latencyRuns: int = Field(
         20, ge=1, le=10_000, description="Timed runs per model (median reported, in ms)."

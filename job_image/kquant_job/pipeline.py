@@ -204,6 +204,7 @@ def _validate_all(run: _Run, plan: Plan, converted: list[ConvertedModel]) -> Non
             reference.feeds,
             spec.validation,
             spec.tolerance,
+            reference=reference,
         )
         model.validation = outcome
         logs.info(
@@ -287,7 +288,7 @@ def _publish(
     outcome = {"phase": "Succeeded" if passed else "Failed", "reason": reason.value,
                "message": message}
     source = {"uri": spec.model.uri, "files": len(plan.models) + len(plan.copies)}
-    providers = converted[0].validation.providers if converted and converted[0].validation else []
+    providers = next((m.reference.providers for m in converted if m.reference), [])
 
     # Built once, before publishing: the output and the promotion get the same bytes.
     report = build_report(job, started=started, source=source, files=files, models=models,

@@ -1,0 +1,141 @@
+"""The QuantizationJob spec: defaults, unknown fields and impossible combinations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from kquant_api import DEFAULT_TOLERANCE, Int8Mode, Precision, QuantizationJob
+from kquant_job.errors import InvalidSpec
+from kquant_job.manifest import load_jobs, parse_job
+
+BASE = {
+    "apiVersion": "kquant.io/v1alpha1",
+    "kind": "QuantizationJob",
+    "metadata": {"name": "vad"},
+    "spec": {
+        "model": {"uri": "s3://models/vad/silero_vad.onnx"},
+        "output": {"uri": "s3://models/vad-fp16/"},
+        "quantization": {"precision": "fp16"},
+    },
+}
+
+
+def job(**quantization) -> dict:
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["quantization"].update(quantization)
+    return doc
+
+
+def test_minimal_fp16_job_gets_documented_defaults():
+    parsed = QuantizationJob.model_validate(job())
+    q = parsed.spec.quantization
+    assert q.precision is Precision.fp16
+    assert parsed.spec.validation.enabled
+    assert parsed.spec.tolerance == DEFAULT_TOLERANCE[Precision.fp16]
+    assert q.int8_mode is Int8Mode.dynamic
+    assert parsed.spec.output.overwrite is False
+
+
+@pytest.mark.parametrize(
+    ("quantization", "field"),
+    [
+        ({"activationType": "QInt8"}, "spec.quantization.activationType"),
+        ({"perChannel": True}, "spec.quantization.perChannel"),
+        ({"precision": "int8", "keepIoTypes": True}, "spec.quantization.keepIoTypes"),
+        ({"precision": "int8", "activationType": "QInt8"}, "spec.quantization.activationType"),
+        (
+            {"precision": "int8", "mode": "dynamic", "quantFormat": "QDQ"},
+            "spec.quantization.quantFormat",
+        ),
+        ({"precision": "int8", "mode": "static"}, "spec.quantization.calibration"),
+        ({"keepIOTypes": True}, "spec.quantization.keepIOTypes"),
+        ({"precision": "fp8"}, "spec.quantization.precision"),
+        ({"precision": "int8", "weightType": "QInt4"}, "spec.quantization.weightType"),
+    ],
+)
+def test_impossible_or_unknown_settings_are_rejected_naming_the_field(quantization, field):
+    with pytest.raises(InvalidSpec) as err:
+        parse_job(job(**quantization))
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "needle"),
+    [
+        (("model", "uri"), "gs://bucket/model.onnx", "unsupported scheme 'gs'"),
+        (("output", "uri"), "s3:///no-bucket/", "names no bucket"),
+        (("output", "uri"), "s3://models/vad/silero_vad.onnx", "must differ"),
+        (("validation",), {"tolerance": {"maxAbsError": -1}}, "maxAbsError"),
+        (("validation",), {"samples": 0}, "samples"),
+        (("promotion",), {"uri": "s3://models/vad-fp16/"}, "must differ"),
+    ],
+)
+def test_bad_values_are_rejected(path, value, needle):
+    doc = copy.deepcopy(BASE)
+    target = doc["spec"]
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(InvalidSpec) as err:
+        parse_job(doc)
+    assert needle in str(err.value)
+
+
+def test_promotion_needs_validation():
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["validation"] = {"enabled": False}
+    doc["spec"]["promotion"] = {"uri": "s3://models/prod/"}
+    with pytest.raises(InvalidSpec, match="validated set"):
+        parse_job(doc)
+
+
+def test_static_int8_job_accepts_its_knobs():
+    parsed = parse_job(
+        job(
+            precision="int8",
+            mode="static",
+            quantFormat="QOperator",
+            activationType="QUInt8",
+            calibration={"uri": "s3://d/calib/", "calibrateMethod": "Entropy", "samples": 8},
+        )
+    )
+    q = parsed.spec.quantization
+    assert q.quantFormat.value == "QOperator"
+    assert q.calibration.calibrateMethod.value == "Entropy"
+    assert parsed.spec.tolerance == DEFAULT_TOLERANCE[Precision.int8]
+
+
+def test_multi_document_manifest_runs_jobs_in_order_and_skips_other_kinds(tmp_path):
+    import yaml
+
+    second = job()
+    second["metadata"]["name"] = "vad-2"
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}}
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump_all([job(), secret, second]))
+    assert [j.metadata.name for j in load_jobs(str(path))] == ["vad", "vad-2"]
+
+
+def test_manifest_errors_are_invalid_spec(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed")
+    with pytest.raises(InvalidSpec, match="not valid YAML"):
+        load_jobs(str(bad))
+    with pytest.raises(InvalidSpec, match="cannot read manifest"):
+        load_jobs(str(tmp_path / "missing.yaml"))
+    other = tmp_path / "other.yaml"
+    other.write_text("apiVersion: v1\nkind: ConfigMap\n")
+    with pytest.raises(InvalidSpec, match="no QuantizationJob"):
+        load_jobs(str(other))
+
+
+def test_spec_from_environment(monkeypatch):
+    import json
+
+    monkeypatch.setenv("KQUANT_JOB", json.dumps(job()))
+    assert load_jobs("-", spec_env="KQUANT_JOB")[0].metadata.name == "vad"
+    monkeypatch.setenv("KQUANT_JOB", "")
+    with pytest.raises(InvalidSpec, match="empty or unset"):
+        load_jobs("-", spec_env="KQUANT_JOB")
