@@ -1,0 +1,177 @@
+"""The attempt loop of the ONNX INT8 passes: quantize with a list of settings until a
+candidate loads in onnxruntime and passes the accuracy probe, count what got quantized, and
+move the chosen candidate to the output path without exposing a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from onnx import ModelProto, TensorProto
+
+from kquant_api import Reason
+from kquant_job.errors import KquantError, PassError
+from kquant_job.passes.base import PassContext, PassResult
+from kquant_job.passes.int8_common import Int8Settings, describe_error
+from kquant_job.passes.onnx_common import (
+    data_file_for,
+    inner_nodes,
+    iter_graphs,
+    iter_nodes,
+    load_model,
+    working_directory,
+)
+
+# Ops that onnxruntime's quantizers emit (QLinear* are matched by prefix).
+QUANTIZED_OP_TYPES = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLSTM",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+        "QAttention",
+        "QEmbedLayerNormalization",
+    }
+)
+_INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
+
+
+def count_quantized(model: ModelProto) -> dict[str, Any]:
+    """Quantized nodes in every graph (QuantizeLinear/DequantizeLinear,
+    DynamicQuantizeLinear, MatMulInteger, ConvInteger, QLinear*, contrib quantized ops),
+    how many of them sit inside subgraphs, per op type, and the number of 8-bit integer
+    initializers (quantized weights, zero points)."""
+
+    def quantized(op_type: str) -> bool:
+        return op_type in QUANTIZED_OP_TYPES or op_type.startswith("QLinear")
+
+    ops = Counter(n.op_type for _, n in iter_nodes(model.graph) if quantized(n.op_type))
+    inside = sum(
+        quantized(inner.op_type) for node in model.graph.node for inner in inner_nodes(node)
+    )
+    int8 = sum(t.data_type in _INT8_TYPES for g in iter_graphs(model.graph) for t in g.initializer)
+    return {
+        "quantizedNodes": sum(ops.values()),
+        "quantizedNodesInSubgraphs": inside,
+        "quantizedOps": dict(sorted(ops.items())),
+        "int8Initializers": int(int8),
+    }
+
+
+def load_error(path: Path) -> str | None:
+    """None when onnxruntime (CPU) loads ``path``, else its message."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        return describe_error(exc)
+    return None
+
+
+Quantize = Callable[[Int8Settings, Path], None]
+
+
+def run_attempts(
+    pass_name: str,
+    model_in: Path,
+    steps: list[tuple[str, Int8Settings]],
+    quantize: Quantize,
+    out_path: Path,
+    ctx: PassContext,
+    details: dict[str, Any],
+) -> PassResult:
+    """Quantize with each step's settings until a candidate loads and passes ``ctx.probe``
+    (only the first step is tried without a probe), then move it to ``out_path``.
+
+    Every attempt is recorded in ``details["attempts"]``. When a probe is given and no
+    candidate passes, the last one that loaded and quantized something is returned with
+    ``probePassed=False``
+    (validation then fails it with ValidationFailed). Raises PassError(ConversionFailed)
+    naming the file and onnxruntime's message when no candidate was produced and loaded, or
+    when the chosen candidate has no quantized node (it would be the float model renamed).
+    """
+    attempts: list[dict[str, Any]] = []
+    chosen: tuple[Path, dict[str, Any]] | None = None
+    passed = False
+    for i, (label, settings) in enumerate(steps if ctx.probe else steps[:1], start=1):
+        candidate = ctx.work_dir / f"{pass_name}-{i}" / out_path.name
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"attempt": label, **settings.describe()}
+        attempts.append(record)
+        try:
+            with working_directory(candidate.parent):
+                quantize(settings, candidate)
+        except KquantError:
+            raise
+        except Exception as exc:
+            record["error"] = (
+                f"onnxruntime could not quantize {model_in.name}: {describe_error(exc)}"
+            )
+            ctx.log.warning("%s attempt %s: %s", pass_name, label, record["error"])
+            continue
+        failure = load_error(candidate)
+        if failure:
+            record["error"] = f"onnxruntime cannot load the quantized {model_in.name}: {failure}"
+            continue
+        counts = count_quantized(load_model(candidate, load_external_data=False))
+        record.update(counts)
+        if counts["quantizedNodes"] == 0:
+            # The float model under an INT8 name is never a candidate.
+            record["error"] = "no node was quantized"
+            continue
+        chosen = (candidate, counts)
+        if ctx.probe is None:
+            break
+        result = ctx.probe(candidate)
+        record["probe"] = {"ok": result.ok, "violations": result.violations}
+        if result.error:
+            record["probe"]["error"] = result.error
+        if result.ok:
+            passed = True
+            break
+    details["attempts"] = attempts
+    if chosen is None:
+        if all(a.get("error") == "no node was quantized" for a in attempts):
+            why = "; ".join(details.get("warnings", [])) or (
+                "no op that onnxruntime quantizes in this mode is reachable with these settings"
+            )
+            message = f"{pass_name}: no node of {model_in.name} was quantized ({why})"
+        else:
+            errors = "; ".join(f"{a['attempt']}: {a['error']}" for a in attempts)
+            message = f"{pass_name}: no usable INT8 model from {model_in.name} ({errors})"
+        raise PassError(message, reason=Reason.ConversionFailed, attempts=attempts)
+    candidate, counts = chosen
+    details.update(counts)
+    if ctx.probe is not None:
+        details["probePassed"] = passed
+    for warning in details.get("warnings", []):
+        ctx.log.warning("%s: %s", pass_name, warning)
+    _publish(candidate, out_path)
+    return PassResult(output=out_path, details=details)
+
+
+def _publish(candidate: Path, out_path: Path) -> None:
+    """Move the candidate (its data file first, the model last) to ``out_path``, each file
+    under a temporary name then renamed, so no half-written file appears there. A stale
+    data file at the destination is removed when the candidate has none."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((data_file_for(candidate), data_file_for(out_path)), (candidate, out_path)):
+        if not src.exists():
+            dst.unlink(missing_ok=True)
+            continue
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.move(str(src), str(tmp))
+        os.replace(tmp, dst)

@@ -1,0 +1,84 @@
+"""ONNX INT8 dynamic quantization with onnxruntime's ``quantize_dynamic``.
+
+Weights are stored as 8-bit integers; activations are quantized at run time per batch
+(``DynamicQuantizeLinear``, always uint8 in onnxruntime), so no calibration data is needed.
+Conv becomes ConvInteger, MatMul (and Gemm) MatMulInteger, LSTM DynamicQuantizeLSTM.
+Subgraphs (If/Loop/Scan bodies) are quantized too (``EnableSubgraph``), which is where
+Silero VAD keeps all of its weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kquant_api import ModelFormat, QuantizationConfig
+from kquant_job.passes.base import PassContext, PassResult
+from kquant_job.passes.int8_attempts import run_attempts
+from kquant_job.passes.int8_common import (
+    Int8Settings,
+    fallback_ladder,
+    has_subgraphs,
+    op_types_in,
+    prepare,
+    save_localized,
+    unknown_names,
+)
+
+
+class OnnxInt8DynamicPass:
+    """INT8 weights, activations quantized at run time (onnxruntime ``quantize_dynamic``).
+
+    Config: ``weightType`` (default QInt8), ``perChannel``, ``reduceRange``,
+    ``opTypesToQuantize``, ``nodesToExclude``. With ``ctx.probe`` a candidate that misses
+    the tolerance is retried with per-channel weights, then with only MatMul/Gemm/LSTM/GRU/
+    Attention quantized (see :func:`~kquant_job.passes.int8_common.fallback_ladder`).
+    """
+
+    name: ClassVar[str] = "onnx-int8-dynamic"
+    formats: ClassVar[frozenset[ModelFormat]] = frozenset({ModelFormat.onnx})
+
+    def run(
+        self, model_in: Path, config: QuantizationConfig, out_path: Path, ctx: PassContext
+    ) -> PassResult:
+        """Quantize ``model_in`` into ``out_path`` (external data, if any, beside it as
+        ``<name>.data``).
+
+        Details: pre-processing status, ``attempts``, ``quantizedNodes`` (+ per op type,
+        inside subgraphs, int8 initializers), ``probePassed`` when a probe was given,
+        ``warnings``. Raises PassError(CorruptModel) for an unreadable model,
+        PassError(ConversionFailed) naming the file and onnxruntime's message when no
+        candidate could be produced and loaded.
+        """
+        from onnxruntime.quantization import quantize_dynamic
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+        # onnxruntime rewrites Gemm as MatMul before dynamic quantization.
+        supported = frozenset(IntegerOpsRegistry) | {"Gemm"}
+        prepared = prepare(model_in, ctx.work_dir)
+        details: dict[str, Any] = {"mode": "dynamic", **prepared.details}
+        extra_options: dict[str, Any] = {}
+        if has_subgraphs(prepared.model):
+            extra_options["EnableSubgraph"] = True
+            details["subgraphs"] = True
+            moved = save_localized(prepared, ctx.work_dir)
+            if moved:
+                details["initializersMovedIntoSubgraphs"] = moved
+        settings = Int8Settings.from_config(config)
+        details["warnings"] = unknown_names(prepared.model, settings, supported)
+        steps = fallback_ladder(settings, supported, op_types_in(prepared.model))
+
+        def quantize(s: Int8Settings, out: Path) -> None:
+            kwargs = s.ort_kwargs()
+            types = kwargs["op_types_to_quantize"]
+            if types and "Gemm" in types and "MatMul" not in types:
+                types.append("MatMul")  # what Gemm has become by the time ops are matched
+            quantize_dynamic(
+                prepared.path,
+                out,
+                use_external_data_format=prepared.external,
+                extra_options=dict(extra_options),
+                **kwargs,
+            )
+
+        return run_attempts(self.name, model_in, steps, quantize, out_path, ctx, details)
