@@ -3,6 +3,7 @@ fixture, and a moto S3 server process on loopback (real HTTP)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -66,7 +67,7 @@ class S3Server:
         )
         return env
 
-    def client(self):  # noqa: ANN201 - boto3 client type is generated
+    def client(self):
         import boto3
 
         return boto3.client(
@@ -116,16 +117,23 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 @pytest.fixture
+def worker_env(s3_server: S3Server) -> dict[str, str]:
+    """Environment for a ``kquant-job`` subprocess using the moto server (2 S3 attempts,
+    so outage tests end quickly)."""
+    env = s3_server.env()
+    env["KQUANT_S3_MAX_ATTEMPTS"] = "2"
+    return env
+
+
+@pytest.fixture
 def bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     """A fresh, empty bucket per test."""
     name = "kq-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40]
     # Truncated names of parametrized tests collide: a hash of the node id keeps them apart.
     name = name.strip("-") + "-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
     client = s3_server.client()
-    try:
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=name)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
     return name
 
 

@@ -57,8 +57,9 @@ def _run_one(job: QuantizationJob, work_root: Path | None, keep: bool) -> JobRes
         return failure_result(job, exc)
     except Exception as exc:  # the result must still be written for the operator
         LOG.exception("unexpected error", extra={"fields": {"reason": "InternalError"}})
-        return JobResult(phase="Failed", reason=Reason.InternalError,
-                         message=f"{type(exc).__name__}: {exc}")
+        return JobResult(
+            phase="Failed", reason=Reason.InternalError, message=f"{type(exc).__name__}: {exc}"
+        )
     finally:
         if keep:
             LOG.info("work directory kept", extra={"fields": {"path": str(work)}})
@@ -71,19 +72,30 @@ def _table(result: JobResult, name: str) -> str:
     rows = [("job", name), ("phase", f"{result.phase} ({result.reason.value})")]
     if result.originalBytes and result.quantizedBytes:
         o, q = result.originalBytes, result.quantizedBytes
-        rows += [("original", f"{o:,} bytes"), ("quantized", f"{q:,} bytes"),
-                 ("reduction", f"{100 * (1 - q / o):.1f} %")]
+        rows += [
+            ("original", f"{o:,} bytes"),
+            ("quantized", f"{q:,} bytes"),
+            ("reduction", f"{100 * (1 - q / o):.1f} %"),
+        ]
     v = result.validation
     if v:
-        rows.append(("validation", f"{'passed' if v.passed else 'FAILED'} on {v.samples} "
-                                   f"samples ({v.device})"))
+        rows.append(
+            (
+                "validation",
+                f"{'passed' if v.passed else 'FAILED'} on {v.samples} samples ({v.device})",
+            )
+        )
         if v.maxAbsError is not None:
             rows.append(("max abs error", f"{v.maxAbsError:.3g}"))
         if v.cosineSimilarity is not None:
             rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f}"))
         if v.latencyMs:
-            rows.append(("latency (median)", f"{v.latencyMs.original:.3f} ms -> "
-                                             f"{v.latencyMs.quantized:.3f} ms"))
+            rows.append(
+                (
+                    "latency (median)",
+                    f"{v.latencyMs.original:.3f} ms -> {v.latencyMs.quantized:.3f} ms",
+                )
+            )
     if result.manifestUri:
         rows.append(("manifest", result.manifestUri))
     if result.reportUri:
@@ -116,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result_file:
         # One compact JSON object per job, one per line (a single job: a single object).
         result_file.write_text("\n".join(r.to_json() for r in results) + "\n")
-    for result, name in zip(results, names):
+    for result, name in zip(results, names, strict=True):
         print(_table(result, name), flush=True)
     codes = [r.exit_code for r in results if r.exit_code]
     return codes[0] if codes else 0
@@ -138,14 +150,15 @@ def cmd_frames(args: argparse.Namespace) -> int:
     try:
         samples, rate = read_wav(Path(args.wav))
         if rate != args.sample_rate:
-            raise KquantError(f"{args.wav}: sample rate {rate} Hz, expected {args.sample_rate} "
-                              "Hz (resample with: sox in.wav -r 16000 -c 1 -b 16 out.wav)",
-                              reason=Reason.InvalidSpec)
+            raise KquantError(
+                f"{args.wav}: sample rate {rate} Hz, expected {args.sample_rate} "
+                "Hz (resample with: sox in.wav -r 16000 -c 1 -b 16 out.wav)",
+                reason=Reason.InvalidSpec,
+            )
         extra = {name: np.array(int(v), dtype=np.int64) for name, v in args.scalar}
         for name, shape in args.zeros:
             extra[name] = np.zeros([int(d) for d in shape.split(",")], dtype=np.float32)
-        feeds = frame_feeds(samples, args.frame_size, args.input, extra=extra,
-                            context=args.context)
+        feeds = frame_feeds(samples, args.frame_size, args.input, extra=extra, context=args.context)
         feeds = feeds[: args.max_frames] if args.max_frames else feeds
         if args.model:
             feeds = thread_state(Path(args.model), feeds, dict(args.feedback))
@@ -161,42 +174,83 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kquant-job``."""
     parser = argparse.ArgumentParser(prog="kquant-job", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kquant {__version__}")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text",
-                        help="text (default) or json: one JSON object per log line")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text (default) or json: one JSON object per log line",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the QuantizationJob(s) of a manifest")
-    run.add_argument("source", nargs="?", default="-",
-                     help="manifest path (YAML, several documents allowed) or - for stdin")
-    run.add_argument("--spec-env", metavar="VAR",
-                     help="read the manifest (JSON) from this environment variable")
-    run.add_argument("--result-file", metavar="PATH",
-                     help="where the compact JSON result goes (default /dev/termination-log "
-                          "when it exists and is writable)")
-    run.add_argument("--work-dir", metavar="DIR",
-                     default=os.environ.get("KQUANT_WORK_DIR"),
-                     help="parent of the per-job work directory (default: $KQUANT_WORK_DIR "
-                          "or the system temp dir)")
+    run.add_argument(
+        "source",
+        nargs="?",
+        default="-",
+        help="manifest path (YAML, several documents allowed) or - for stdin",
+    )
+    run.add_argument(
+        "--spec-env", metavar="VAR", help="read the manifest (JSON) from this environment variable"
+    )
+    run.add_argument(
+        "--result-file",
+        metavar="PATH",
+        help="where the compact JSON result goes (default /dev/termination-log "
+        "when it exists and is writable)",
+    )
+    run.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        default=os.environ.get("KQUANT_WORK_DIR"),
+        help="parent of the per-job work directory (default: $KQUANT_WORK_DIR "
+        "or the system temp dir)",
+    )
     run.add_argument("--keep-work", action="store_true", help="keep the work directory")
     run.set_defaults(func=cmd_run)
     frames = sub.add_parser(
-        "frames", help="cut a 16-bit PCM WAV into .npz feeds for a streaming speech model")
+        "frames", help="cut a 16-bit PCM WAV into .npz feeds for a streaming speech model"
+    )
     frames.add_argument("wav", help="input WAV (mono or stereo PCM)")
     frames.add_argument("out_dir", help="directory for sample_00000.npz, ...")
     frames.add_argument("--frame-size", type=int, default=512, help="samples per frame")
-    frames.add_argument("--context", type=int, default=0,
-                        help="previous samples prepended to each frame (Silero VAD: 64)")
+    frames.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="previous samples prepended to each frame (Silero VAD: 64)",
+    )
     frames.add_argument("--sample-rate", type=int, default=16000, help="expected rate, Hz")
     frames.add_argument("--input", default="input", help="model input receiving the frame")
-    frames.add_argument("--scalar", type=_name_value, action="append", default=[],
-                        metavar="NAME=INT", help="int64 scalar input, e.g. sr=16000")
-    frames.add_argument("--zeros", type=_name_value, action="append", default=[],
-                        metavar="NAME=D1,D2,..", help="float32 zeros input, e.g. state=2,1,128")
+    frames.add_argument(
+        "--scalar",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="int64 scalar input, e.g. sr=16000",
+    )
+    frames.add_argument(
+        "--zeros",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,..",
+        help="float32 zeros input, e.g. state=2,1,128",
+    )
     frames.add_argument("--max-frames", type=int, default=0, help="keep the first N frames")
-    frames.add_argument("--model", help="thread the state through this FP32 ONNX model, so "
-                                        "each feed carries the state it sees in use")
-    frames.add_argument("--feedback", type=_name_value, action="append", default=[],
-                        metavar="OUTPUT=INPUT", help="with --model: e.g. stateN=state")
+    frames.add_argument(
+        "--model",
+        help="thread the state through this FP32 ONNX model, so "
+        "each feed carries the state it sees in use",
+    )
+    frames.add_argument(
+        "--feedback",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="OUTPUT=INPUT",
+        help="with --model: e.g. stateN=state",
+    )
     frames.set_defaults(func=cmd_frames)
     return parser
 

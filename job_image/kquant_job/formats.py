@@ -160,7 +160,7 @@ def _matches(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _graph_tensors(graph: object) -> list[object]:
+def graph_tensors(graph: object) -> list[object]:
     """Initializers and attribute tensors of a graph and all its subgraphs."""
     tensors = list(graph.initializer)  # type: ignore[attr-defined]
     for node in graph.node:  # type: ignore[attr-defined]
@@ -169,9 +169,9 @@ def _graph_tensors(graph: object) -> list[object]:
                 tensors.append(attr.t)
             tensors.extend(attr.tensors)
             for sub in [attr.g] if attr.HasField("g") else []:
-                tensors.extend(_graph_tensors(sub))
+                tensors.extend(graph_tensors(sub))
             for sub in attr.graphs:
-                tensors.extend(_graph_tensors(sub))
+                tensors.extend(graph_tensors(sub))
     return tensors
 
 
@@ -181,7 +181,7 @@ def _onnx_external_files(model: Path) -> set[Path]:
 
     proto = onnx.load(str(model), load_external_data=False)
     files = set()
-    for tensor in _graph_tensors(proto.graph):
+    for tensor in graph_tensors(proto.graph):
         if uses_external_data(tensor):
             location = next(e.value for e in tensor.external_data if e.key == "location")
             files.add((model.parent / location).resolve())
@@ -226,9 +226,7 @@ def plan_model(
     for m in plan.models:
         if m.format is ModelFormat.onnx:
             external |= _onnx_external_files(local / m.rel)
-    plan.external_data = sorted(
-        c for c in plan.copies if (local / c).resolve() in external
-    )
+    plan.external_data = sorted(c for c in plan.copies if (local / c).resolve() in external)
     plan.copies = [c for c in plan.copies if c not in plan.external_data]
     if not plan.models:
         raise PassError(

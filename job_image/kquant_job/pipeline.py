@@ -102,9 +102,7 @@ def _files_for(model: ModelFile, files: list[Path], base: Path, many: bool) -> l
 
 def _external_files(src_root: Path, model: ModelFile, plan: Plan) -> list[str]:
     parent = PurePosixPath(model.rel).parent
-    return [
-        e for e in plan.external_data if PurePosixPath(e).parent == parent or parent == "."
-    ]
+    return [e for e in plan.external_data if PurePosixPath(e).parent == parent or parent == "."]
 
 
 def run_job(job: QuantizationJob, work: Path) -> JobResult:
@@ -117,8 +115,13 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
     work.mkdir(parents=True, exist_ok=True)
     out_prefix = as_prefix(spec.output.uri)
     out_store = run.store(out_prefix)
-    logs.info("job", name=job.metadata.name, source=spec.model.uri, output=out_prefix,
-              precision=spec.quantization.precision.value)
+    logs.info(
+        "job",
+        name=job.metadata.name,
+        source=spec.model.uri,
+        output=out_prefix,
+        precision=spec.quantization.precision.value,
+    )
     check_output_free(out_store, out_prefix, spec.output.overwrite)
 
     with logs.stage("fetch", run.timings, uri=spec.model.uri):
@@ -126,8 +129,9 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
         data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data")
         calib = spec.quantization.calibration
         calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration")
-    plan = plan_model(local, spec.model.format, spec.quantization.include,
-                      spec.quantization.exclude)
+    plan = plan_model(
+        local, spec.model.format, spec.quantization.include, spec.quantization.exclude
+    )
     staged = work / "staged"
     staged.mkdir(exist_ok=True)
     converted = _convert_all(run, plan, local.is_file(), staged, data_files, calib_files)
@@ -160,7 +164,9 @@ def _convert_all(
             reference = None
             if spec.validation.enabled and model.format is ModelFormat.onnx:
                 feeds = prepare_feeds(
-                    src, spec.validation, _files_for(model, data, run.work / "validation-data", many)
+                    src,
+                    spec.validation,
+                    _files_for(model, data, run.work / "validation-data", many),
                 )
                 reference = Reference(src, feeds, spec.validation, spec.tolerance)
             ctx = PassContext(
@@ -170,8 +176,12 @@ def _convert_all(
             )
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
             before = _files_under(staged)
-            logs.info(f"convert {model.rel}", model=model.rel, **{"pass": pass_.name},
-                      bytes=src.stat().st_size)
+            logs.info(
+                f"convert {model.rel}",
+                model=model.rel,
+                **{"pass": pass_.name},
+                bytes=src.stat().st_size,
+            )
             result = pass_.run(src, cfg, out_path, ctx)
             out_files = sorted(_files_under(staged) - before)
             src_files = [model.rel, *_external_files(plan.root, model, plan)]
@@ -211,8 +221,11 @@ def _validate_all(run: _Run, plan: Plan, converted: list[ConvertedModel]) -> Non
             f"validated {model.source.rel}",
             passed=outcome.passed,
             device=outcome.device,
-            **{k: v for k, v in outcome.summary().model_dump(exclude_none=True).items()
-               if k in ("maxAbsError", "cosineSimilarity")},
+            **{
+                k: v
+                for k, v in outcome.summary().model_dump(exclude_none=True).items()
+                if k in ("maxAbsError", "cosineSimilarity")
+            },
         )
 
 
@@ -271,43 +284,74 @@ def _publish(
         else "tolerance exceeded: " + "; ".join(violations)
     )
     files = [
-        {"path": f, "action": "converted", "bytes": (staged / f).stat().st_size,
-         "source": m.source.rel}
-        for m in converted for f in m.out_files
-    ] + [{"path": c, "action": "copied", "bytes": (staged / c).stat().st_size}
-         for c in plan.copies]
+        {
+            "path": f,
+            "action": "converted",
+            "bytes": (staged / f).stat().st_size,
+            "source": m.source.rel,
+        }
+        for m in converted
+        for f in m.out_files
+    ] + [{"path": c, "action": "copied", "bytes": (staged / c).stat().st_size} for c in plan.copies]
     models = [
-        {"path": m.source.rel, "output": m.out_rel, "format": m.source.format.value,
-         "pass": m.pass_name, "originalBytes": m.original_bytes,
-         "quantizedBytes": m.quantized_bytes, "details": m.details,
-         "validation": m.validation.to_report() if m.validation else {"skipped": True}}
+        {
+            "path": m.source.rel,
+            "output": m.out_rel,
+            "format": m.source.format.value,
+            "pass": m.pass_name,
+            "originalBytes": m.original_bytes,
+            "quantizedBytes": m.quantized_bytes,
+            "details": m.details,
+            "validation": m.validation.to_report() if m.validation else {"skipped": True},
+        }
         for m in converted
     ]
-    sizes = {"originalBytes": original, "quantizedBytes": quantized,
-             "reductionPercent": round(100.0 * (1 - quantized / original), 2) if original else 0}
-    outcome = {"phase": "Succeeded" if passed else "Failed", "reason": reason.value,
-               "message": message}
+    sizes = {
+        "originalBytes": original,
+        "quantizedBytes": quantized,
+        "reductionPercent": round(100.0 * (1 - quantized / original), 2) if original else 0,
+    }
+    outcome = {
+        "phase": "Succeeded" if passed else "Failed",
+        "reason": reason.value,
+        "message": message,
+    }
     source = {"uri": spec.model.uri, "files": len(plan.models) + len(plan.copies)}
     providers = next((m.reference.providers for m in converted if m.reference), [])
 
     # Built once, before publishing: the output and the promotion get the same bytes.
-    report = build_report(job, started=started, source=source, files=files, models=models,
-                          sizes=sizes, timings=dict(run.timings), outcome=outcome,
-                          providers=providers)
+    report = build_report(
+        job,
+        started=started,
+        source=source,
+        files=files,
+        models=models,
+        sizes=sizes,
+        timings=dict(run.timings),
+        outcome=outcome,
+        providers=providers,
+    )
 
     if not passed:
         with logs.stage("publish", run.timings, uri=out_prefix, only="report.json"):
             report_uri = publish_report_only(out_store, out_prefix, report)
-        raise ValidationFailed(message, report_uri=report_uri, summary=summary,
-                               originalBytes=original, quantizedBytes=quantized)
+        raise ValidationFailed(
+            message,
+            report_uri=report_uri,
+            summary=summary,
+            originalBytes=original,
+            quantizedBytes=quantized,
+        )
 
-    validation = summary.model_dump(mode="json", exclude_none=True) if summary else {
-        "skipped": True}
+    validation = (
+        summary.model_dump(mode="json", exclude_none=True) if summary else {"skipped": True}
+    )
     manifest = build_manifest(job, validation=validation)
     rels = sorted(_files_under(staged))
     with logs.stage("publish", run.timings, uri=out_prefix, files=len(rels)):
-        published = publish(out_store, out_prefix, staged, rels, report, manifest,
-                            overwrite=spec.output.overwrite)
+        published = publish(
+            out_store, out_prefix, staged, rels, report, manifest, overwrite=spec.output.overwrite
+        )
     promoted = None
     if spec.promotion:
         promo_prefix = as_prefix(spec.promotion.uri)

@@ -1,0 +1,152 @@
+"""The manifests under examples/ run as they are: the local demo manifest on file:// storage
+(as README command 1 runs it), and the S3 examples against moto's server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SPEECH_WAV, silero_dir
+from worker_helpers import (
+    VARIANTS,
+    get_bytes,
+    list_keys,
+    run_worker,
+    sha256,
+    speech_feeds,
+    upload_dir,
+)
+
+from kquant_job.audio import write_feeds
+from kquant_job.manifest import load_jobs
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def kquant_job(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kquant_job.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
+
+
+def test_every_example_is_a_valid_job():
+    paths = sorted(EXAMPLES.rglob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        assert load_jobs(str(path))
+
+
+@pytest.fixture
+def demo_dir(tmp_path: Path) -> Path:
+    """What scripts/demo.sh prepares: the model, and speech frames cut by `kquant-job frames`."""
+    models = tmp_path / ".kquant-demo/models/silero-vad"
+    models.mkdir(parents=True)
+    (models / "silero_vad.onnx").write_bytes((silero_dir() / "silero_vad.onnx").read_bytes())
+    frames = kquant_job(
+        "frames",
+        str(SPEECH_WAV),
+        ".kquant-demo/data/speech-frames",
+        "--frame-size",
+        "512",
+        "--context",
+        "64",
+        "--scalar",
+        "sr=16000",
+        "--zeros",
+        "state=2,1,128",
+        cwd=tmp_path,
+    )
+    assert frames.returncode == 0, frames.stderr
+    return tmp_path
+
+
+def test_local_demo_manifest_converts_validates_publishes_and_promotes(demo_dir: Path):
+    run = kquant_job(
+        "run",
+        str(EXAMPLES / "local/silero-vad-fp16.yaml"),
+        "--result-file",
+        "result.json",
+        cwd=demo_dir,
+    )
+    assert run.returncode == 0, run.stderr
+    for stage in ("fetch", "convert", "validate", "publish", "promote"):
+        assert f"{stage}: done" in run.stderr and "duration_ms=" in run.stderr
+    for label in ("reduction", "max abs error", "latency (median)", "validation"):
+        assert label in run.stdout
+    result = json.loads((demo_dir / "result.json").read_text())
+    assert result["validation"]["samples"] == 180  # 5.74 s of speech in 512-sample windows
+    out = demo_dir / ".kquant-demo/out/silero-vad-fp16"
+    prod = demo_dir / ".kquant-demo/production/silero-vad"
+    names = ["manifest.json", "report.json", "silero_vad_fp16.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert sorted(p.name for p in prod.iterdir()) == names
+    manifest = json.loads((prod / "manifest.json").read_text())
+    model = (prod / "silero_vad_fp16.onnx").read_bytes()
+    assert manifest["artifacts"] == [
+        {"path": "silero_vad_fp16.onnx", "sha256": sha256(model), "bytes": len(model)}
+    ]
+    assert (out / "silero_vad_fp16.onnx").read_bytes() == model
+
+    # overwrite: true -> a second run replaces the set, byte-identical model
+    again = kquant_job("run", str(EXAMPLES / "local/silero-vad-fp16.yaml"), cwd=demo_dir)
+    assert again.returncode == 0, again.stderr
+    assert (out / "silero_vad_fp16.onnx").read_bytes() == model
+
+
+def test_several_documents_run_in_order_and_the_first_failure_sets_the_exit_code(demo_dir):
+    job = yaml.safe_load((EXAMPLES / "local/silero-vad-fp16.yaml").read_text())
+    broken = json.loads(json.dumps(job))
+    broken["metadata"]["name"] = "missing-model"
+    broken["spec"]["model"]["uri"] = "file://.kquant-demo/models/absent.onnx"
+    broken["spec"]["output"]["uri"] = "file://.kquant-demo/out/absent/"
+    broken.pop("promotion", None)
+    broken["spec"].pop("promotion")
+    (demo_dir / "jobs.yaml").write_text(yaml.safe_dump_all([job, broken]))
+    run = kquant_job("run", "jobs.yaml", "--result-file", "result.json", cwd=demo_dir)
+    assert run.returncode == 20, run.stderr
+    lines = (demo_dir / "result.json").read_text().splitlines()
+    assert [json.loads(line)["reason"] for line in lines] == ["Validated", "SourceNotFound"]
+    assert not (demo_dir / ".kquant-demo/out/absent").exists()
+
+
+@pytest.mark.parametrize("example", ["silero-vad-fp16.yaml", "silero-vad-int8-dynamic.yaml"])
+def test_s3_example_runs_against_an_s3_server(example, s3_server, worker_env, tmp_path):
+    job = yaml.safe_load((EXAMPLES / example).read_text())
+    spec = job["spec"]
+    spec["storage"]["endpoint"] = s3_server.endpoint  # the example's MinIO -> moto
+    client = s3_server.client()
+    for name in ("models", "datasets"):
+        if name not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+            client.create_bucket(Bucket=name)
+    client.upload_file(
+        str(silero_dir() / "silero_vad.onnx"),
+        "models",
+        spec["model"]["uri"].removeprefix("s3://models/"),
+    )
+    variant = next(v for v in VARIANTS if v.file == "silero_vad.onnx")
+    eval_dir = write_feeds(speech_feeds(variant, spec["validation"]["samples"]), tmp_path / "eval")[
+        0
+    ].parent
+    upload_dir(client, "datasets", "vad-eval/", eval_dir)
+    out_prefix = spec["output"]["uri"].removeprefix("s3://models/")
+    run = run_worker(job, tmp_path, worker_env)
+    assert run.code == 0, run.log
+    assert run.result["reason"] == "Validated"
+    keys = list_keys(client, "models", out_prefix)
+    assert "manifest.json" in keys and "report.json" in keys and len(keys) == 3
+    if "promotion" in spec:
+        prod = spec["promotion"]["uri"].removeprefix("s3://models/")
+        assert list_keys(client, "models", prod) == keys
+        assert get_bytes(client, "models", prod + "manifest.json") == get_bytes(
+            client, "models", out_prefix + "manifest.json"
+        )

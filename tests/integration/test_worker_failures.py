@@ -1,0 +1,178 @@
+"""Failure paths of the worker process: each ends with its reason and exit code, and nothing
+appears at the output (for ValidationFailed: only report.json; the promotion prefix is left
+as it was)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import free_port, silero_dir
+from worker_helpers import (
+    VARIANTS,
+    get_bytes,
+    list_keys,
+    manifest,
+    run_worker,
+    speech_feeds,
+    upload_dir,
+)
+
+from kquant_job.audio import write_feeds
+
+FP16 = {"precision": "fp16"}
+SILERO = "silero_vad_16k_op15.onnx"
+GENERATED = {  # validation inputs for op15 without data files
+    "inputs": {
+        "input": {"shape": [1, 576]},
+        "state": {"shape": [2, 1, 128], "value": 0},
+        "sr": {"value": 16000},
+    },
+    "samples": 4,
+}
+
+
+def job_for(bucket: str, endpoint: str, model_key: str = f"m/{SILERO}", **kw) -> dict:
+    return manifest(
+        f"s3://{bucket}/{model_key}",
+        f"s3://{bucket}/out/",
+        kw.pop("quantization", FP16),
+        endpoint=endpoint,
+        validation=kw.pop("validation", GENERATED),
+        **kw,
+    )
+
+
+def assert_failed(run, reason: str, code: int) -> None:
+    assert run.code == code, run.log
+    assert run.result["phase"] == "Failed"
+    assert run.result["reason"] == reason, run.result
+    assert reason in run.log
+
+
+@pytest.fixture
+def client(s3_server):
+    return s3_server.client()
+
+
+def test_missing_object(client, bucket, s3_server, worker_env, tmp_path):
+    run = run_worker(job_for(bucket, s3_server.endpoint, "m/absent.onnx"), tmp_path, worker_env)
+    assert_failed(run, "SourceNotFound", 20)
+    assert f"s3://{bucket}/m/absent.onnx" in run.result["message"]
+    assert list_keys(client, bucket, "") == []
+
+
+def test_wrong_credentials(s3_auth_server, tmp_path):
+    admin = s3_auth_server.client()
+    admin.create_bucket(Bucket="kq-auth")
+    admin.upload_file(str(silero_dir() / SILERO), "kq-auth", f"m/{SILERO}")
+    env = s3_auth_server.env()
+    env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    run = run_worker(job_for("kq-auth", s3_auth_server.endpoint), tmp_path, env)
+    assert_failed(run, "AccessDenied", 20)
+    assert "not-the-secret" not in run.log + json.dumps(run.result)
+    # (moto's signature check rejects prefixed listings; list the bucket whole instead)
+    keys = [o["Key"] for o in admin.list_objects_v2(Bucket="kq-auth").get("Contents", [])]
+    assert keys == [f"m/{SILERO}"]
+
+
+def test_endpoint_down(worker_env, tmp_path):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    run = run_worker(job_for("kq-down", endpoint), tmp_path, worker_env)
+    assert_failed(run, "StorageUnavailable", 21)
+
+
+@pytest.mark.parametrize(
+    ("payload", "key", "reason"),
+    [
+        ("truncated", f"m/{SILERO}", "CorruptModel"),
+        ("text", "m/README.txt", "UnsupportedFormat"),
+    ],
+)
+def test_bad_model_bytes(payload, key, reason, client, bucket, s3_server, worker_env, tmp_path):
+    data = (silero_dir() / SILERO).read_bytes()
+    body = data[: len(data) // 3] if payload == "truncated" else b"# not a model\n" * 10
+    client.put_object(Bucket=bucket, Key=key, Body=body)
+    run = run_worker(job_for(bucket, s3_server.endpoint, key), tmp_path, worker_env)
+    assert_failed(run, reason, 30)
+    assert list_keys(client, bucket, "out/") == []
+
+
+def test_output_exists_is_left_untouched(client, bucket, s3_server, worker_env, tmp_path):
+    client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
+    client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b'{"previous": true}')
+    run = run_worker(job_for(bucket, s3_server.endpoint), tmp_path, worker_env)
+    assert_failed(run, "OutputExists", 20)
+    assert list_keys(client, bucket, "out/") == ["manifest.json"]
+    assert get_bytes(client, bucket, "out/manifest.json") == b'{"previous": true}'
+
+
+def test_tolerance_exceeded_publishes_report_only_and_keeps_promotion(
+    client, bucket, s3_server, worker_env, tmp_path
+):
+    client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
+    client.put_object(Bucket=bucket, Key="prod/model.onnx", Body=b"validated v1")
+    client.put_object(Bucket=bucket, Key="prod/manifest.json", Body=b'{"v": 1}')
+    validation = {**GENERATED, "tolerance": {"maxAbsError": 1e-9}}
+    job = job_for(
+        bucket, s3_server.endpoint, validation=validation, promotion=f"s3://{bucket}/prod/"
+    )
+    run = run_worker(job, tmp_path, worker_env)
+    assert_failed(run, "ValidationFailed", 40)
+    assert list_keys(client, bucket, "out/") == ["report.json"]
+    report = json.loads(get_bytes(client, bucket, "out/report.json"))
+    assert report["outcome"]["reason"] == "ValidationFailed"
+    assert report["models"][0]["validation"]["passed"] is False
+    assert run.result["reportUri"] == f"s3://{bucket}/out/report.json"
+    assert run.result["validation"]["passed"] is False
+    assert "maxAbsError" in run.result["message"]
+    assert list_keys(client, bucket, "prod/") == ["manifest.json", "model.onnx"]
+    assert get_bytes(client, bucket, "prod/model.onnx") == b"validated v1"
+
+
+def test_static_int8_default_tolerance_fails_cleanly(
+    client, bucket, s3_server, worker_env, tmp_path
+):
+    variant = next(v for v in VARIANTS if v.file == SILERO)
+    client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
+    upload_dir(client, bucket, "calib/", _feeds(tmp_path / "calib", variant, True))
+    upload_dir(client, bucket, "eval/", _feeds(tmp_path / "eval", variant, False))
+    quantization = {
+        "precision": "int8",
+        "mode": "static",
+        "calibration": {"uri": f"s3://{bucket}/calib/", "samples": 16},
+    }
+    validation = {"dataUri": f"s3://{bucket}/eval/", "feedback": variant.feedback, "samples": 32}
+    run = run_worker(
+        job_for(bucket, s3_server.endpoint, quantization=quantization, validation=validation),
+        tmp_path,
+        worker_env,
+    )
+    assert_failed(run, "ValidationFailed", 40)
+    assert list_keys(client, bucket, "out/") == ["report.json"]
+    details = json.loads(get_bytes(client, bucket, "out/report.json"))["models"][0]["details"]
+    assert details["probePassed"] is False
+    assert details["attempts"][0]["attempt"] == "requested"
+
+
+def _feeds(path, variant, threaded):
+    write_feeds(speech_feeds(variant, 32, threaded=threaded), path)
+    return path
+
+
+def test_hostile_keys_in_model_prefix(client, bucket, s3_server, worker_env, tmp_path):
+    client.upload_file(str(silero_dir() / SILERO), bucket, f"dir/{SILERO}")
+    client.put_object(Bucket=bucket, Key="dir/../../escape.txt", Body=b"x")
+    run = run_worker(job_for(bucket, s3_server.endpoint, "dir/"), tmp_path, worker_env)
+    assert_failed(run, "UnsafePath", 20)
+    assert not (tmp_path / "escape.txt").exists()
+    assert not list((tmp_path / "work").rglob("*.onnx"))
+    assert list_keys(client, bucket, "out/") == []
+
+
+def test_invalid_spec_writes_nothing(client, bucket, s3_server, worker_env, tmp_path):
+    job = job_for(bucket, s3_server.endpoint, quantization={"precision": "fp16", "mode": "static"})
+    run = run_worker(job, tmp_path, worker_env)
+    assert_failed(run, "InvalidSpec", 10)
+    assert "spec.quantization.mode" in run.result["message"]
+    assert list_keys(client, bucket, "") == []
