@@ -243,9 +243,7 @@ class QuantizationConfig(_Model):
     opTypesToQuantize: list[str] | None = Field(
         None, description="int8: only these op types are quantized (empty: all supported)."
     )
-    nodesToExclude: list[str] | None = Field(
-        None, description="int8: node names left in float."
-    )
+    nodesToExclude: list[str] | None = Field(None, description="int8: node names left in float.")
     calibration: Calibration | None = Field(
         None, description="int8 static: calibration data (required in static mode)."
     )

@@ -3,7 +3,6 @@ run one after another) or JSON (stdin, or an environment variable set by the ope
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
