@@ -86,9 +86,9 @@ def _table(result: JobResult, name: str) -> str:
             )
         )
         if v.maxAbsError is not None:
-            rows.append(("max abs error", f"{v.maxAbsError:.3g}"))
+            rows.append(("max abs error", f"{v.maxAbsError:.3g} (worst output)"))
         if v.cosineSimilarity is not None:
-            rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f}"))
+            rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f} (worst output)"))
         if v.latencyMs:
             rows.append(
                 (

@@ -217,6 +217,14 @@ def _validate_all(run: _Run, plan: Plan, converted: list[ConvertedModel]) -> Non
             reference=reference,
         )
         model.validation = outcome
+        for name, m in outcome.metrics.items():
+            logs.info(
+                f"  output {name}",
+                maxAbsError=_g(m.maxAbsError),
+                meanAbsError=_g(m.meanAbsError),
+                cosineSimilarity=_g(m.cosineSimilarity),
+                newNonFinite=m.newNonFinite,
+            )
         logs.info(
             f"validated {model.source.rel}",
             passed=outcome.passed,
@@ -227,6 +235,10 @@ def _validate_all(run: _Run, plan: Plan, converted: list[ConvertedModel]) -> Non
                 if k in ("maxAbsError", "cosineSimilarity")
             },
         )
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _summary(converted: list[ConvertedModel]) -> ValidationSummary | None:

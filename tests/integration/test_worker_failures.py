@@ -64,15 +64,15 @@ def test_missing_object(client, bucket, s3_server, worker_env, tmp_path):
 
 def test_wrong_credentials(s3_auth_server, tmp_path):
     admin = s3_auth_server.client()
-    admin.create_bucket(Bucket="kq-auth")
-    admin.upload_file(str(silero_dir() / SILERO), "kq-auth", f"m/{SILERO}")
+    admin.create_bucket(Bucket="kq-worker-auth")
+    admin.upload_file(str(silero_dir() / SILERO), "kq-worker-auth", f"m/{SILERO}")
     env = s3_auth_server.env()
     env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
-    run = run_worker(job_for("kq-auth", s3_auth_server.endpoint), tmp_path, env)
+    run = run_worker(job_for("kq-worker-auth", s3_auth_server.endpoint), tmp_path, env)
     assert_failed(run, "AccessDenied", 20)
     assert "not-the-secret" not in run.log + json.dumps(run.result)
     # (moto's signature check rejects prefixed listings; list the bucket whole instead)
-    keys = [o["Key"] for o in admin.list_objects_v2(Bucket="kq-auth").get("Contents", [])]
+    keys = [o["Key"] for o in admin.list_objects_v2(Bucket="kq-worker-auth").get("Contents", [])]
     assert keys == [f"m/{SILERO}"]
 
 
@@ -113,9 +113,14 @@ def test_tolerance_exceeded_publishes_report_only_and_keeps_promotion(
     client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
     client.put_object(Bucket=bucket, Key="prod/model.onnx", Body=b"validated v1")
     client.put_object(Bucket=bucket, Key="prod/manifest.json", Body=b'{"v": 1}')
+    # repair: false -> no probe-driven repair; the full validation decides.
     validation = {**GENERATED, "tolerance": {"maxAbsError": 1e-9}}
     job = job_for(
-        bucket, s3_server.endpoint, validation=validation, promotion=f"s3://{bucket}/prod/"
+        bucket,
+        s3_server.endpoint,
+        validation=validation,
+        quantization={"precision": "fp16", "repair": False},
+        promotion=f"s3://{bucket}/prod/",
     )
     run = run_worker(job, tmp_path, worker_env)
     assert_failed(run, "ValidationFailed", 40)
@@ -176,3 +181,17 @@ def test_invalid_spec_writes_nothing(client, bucket, s3_server, worker_env, tmp_
     assert_failed(run, "InvalidSpec", 10)
     assert "spec.quantization.mode" in run.result["message"]
     assert list_keys(client, bucket, "") == []
+
+
+def test_unattainable_tolerance_ends_in_conversion_failed_with_what_was_tried(
+    client, bucket, s3_server, worker_env, tmp_path
+):
+    client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
+    validation = {**GENERATED, "tolerance": {"maxAbsError": 1e-9}}
+    run = run_worker(
+        job_for(bucket, s3_server.endpoint, validation=validation), tmp_path, worker_env
+    )
+    assert_failed(run, "ConversionFailed", 30)
+    message = run.result["message"]
+    assert "attempts" in message and "every node FP32" in message
+    assert list_keys(client, bucket, "out/") == []

@@ -1,0 +1,247 @@
+"""ONNX FP16 pass: onnxruntime's converter plus a repair ladder, so that what comes out
+loads in onnxruntime and, when a probe is given, stays within the validation tolerance.
+
+Steps (each one converts the original again with larger block lists and checks the
+candidate: onnxruntime loads it on CPU, then ``ctx.probe`` if given):
+
+0. FP32 tensors that FP16 cannot hold (``|x| > 65504``, inf, nan) are found before the
+   first conversion and their consumers kept FP32; both common converters would clamp
+   them to 65504 without a word.
+1. load errors: the node named in onnxruntime's message is kept FP32;
+2. tolerance violations (or NaN/Inf): groups of numerically fragile op types, one group
+   at a time;
+3. bisection over the nodes still converted, the way automatic mixed precision searches:
+   halves are kept FP32 until the smallest set that must stay FP32 is known.
+
+Attempts and time are bounded; what was tried goes into ``details`` and, on failure, into
+the ``PassError(ConversionFailed)`` message. If the bisection runs out of budget, the last
+configuration that passed is kept (more nodes FP32 than needed, never a broken model).
+
+The CPU load check finds load errors only: onnxruntime's CPU provider runs most FP16 ops
+in FP32 between Casts it inserts (and drops the Cast pairs between them), so an FP16
+overflow that CUDA kernels produce does not show there. Numeric checks come from
+``ctx.probe``, which runs on the job's GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from onnx import ModelProto, TensorProto, numpy_helper
+from onnxruntime.transformers import float16 as ort_float16
+
+from kquant_api import ModelFormat, QuantizationConfig, Reason
+from kquant_job.errors import PassError
+from kquant_job.passes.base import PassContext, PassResult
+from kquant_job.passes.onnx_common import (
+    iter_graphs,
+    iter_nodes,
+    iter_tensors,
+    load_model,
+    name_unnamed_nodes,
+    save_model,
+)
+from kquant_job.passes.onnx_fp16_ladder import Ladder, LadderFailed
+
+LOG = logging.getLogger("kquant.pass")
+
+# onnxruntime's list plus the ops kquant keeps FP32: traditional-ML ops without FP16
+# kernels, ops whose FP16 results differ (Resize coordinates, Range/CumSum accumulation),
+# and random generators.
+DEFAULT_OP_BLOCK_LIST: tuple[str, ...] = tuple(
+    sorted(
+        set(ort_float16.DEFAULT_OP_BLOCK_LIST)
+        | {
+            "ArrayFeatureExtractor", "Binarizer", "CastMap", "CategoryMapper", "CumSum",
+            "DictVectorizer", "FeatureVectorizer", "Imputer", "LabelEncoder",
+            "LinearClassifier", "LinearRegressor", "Max", "Min", "NonMaxSuppression",
+            "Normalizer", "OneHotEncoder", "RandomNormalLike", "RandomUniformLike", "Range",
+            "Resize", "RoiAlign", "SVMClassifier", "SVMRegressor", "Scaler", "TopK",
+            "TreeEnsembleClassifier", "TreeEnsembleRegressor", "Upsample", "ZipMap",
+        }
+    )
+)  # fmt: skip
+CONVERTER = "onnxruntime.transformers.float16"
+MAX_ATTEMPTS = 24
+MAX_SECONDS = 3600.0
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+SPILL_BYTES = 64 * 2**20  # embedded weights beyond this go to a scratch data file
+
+
+class OnnxFp16Pass:
+    """FP16 weights and activations for ONNX models (onnxruntime's converter, repaired)."""
+
+    name: ClassVar[str] = "onnx-fp16"
+    formats: ClassVar[frozenset[ModelFormat]] = frozenset({ModelFormat.onnx})
+
+    def __init__(self, max_attempts: int = MAX_ATTEMPTS, max_seconds: float = MAX_SECONDS):
+        self.max_attempts = max_attempts
+        self.max_seconds = max_seconds
+
+    def run(
+        self, model_in: Path, config: QuantizationConfig, out_path: Path, ctx: PassContext
+    ) -> PassResult:
+        """Convert ``model_in`` to FP16 into ``out_path`` (plus ``<name>.data`` beside it when
+        the result reaches 2 GiB).
+
+        Raises PassError(CorruptModel) when ``model_in`` is not an ONNX model, and
+        PassError(ConversionFailed) when no candidate loads (or, with a probe, passes)
+        within the attempt and time bounds; the message lists what was tried.
+        """
+        keep_io = config.keepIoTypes is not False
+        repair = config.repair is not False
+        ops = set(DEFAULT_OP_BLOCK_LIST if config.opBlockList is None else config.opBlockList)
+        nodes = set(config.nodeBlockList or [])
+
+        scratch = ctx.work_dir / "onnx-fp16"
+        base, base_dir, named, out_of_range, range_nodes = _prepare(model_in, scratch)
+        nodes |= range_nodes
+        unknown = sorted(
+            set(config.nodeBlockList or []) - {n.name for _, n in iter_nodes(base.graph)}
+        )
+        if unknown:
+            LOG.warning("fp16: nodeBlockList names no node", extra={"fields": {"nodes": unknown}})
+        ladder = Ladder(
+            base=base,
+            base_dir=base_dir,
+            keep_io_types=keep_io,
+            probe=ctx.probe if repair else None,
+            scratch=scratch,
+            file_name=out_path.name,
+            max_attempts=self.max_attempts if repair else 1,
+            max_seconds=self.max_seconds,
+            original=model_in,
+        )
+        try:
+            found = ladder.run(ops, nodes, repair=repair)
+        except LadderFailed as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise PassError(
+                f"{model_in.name}: FP16 conversion failed: {exc.message}",
+                reason=Reason.ConversionFailed,
+                attempts=ladder.attempts,
+            ) from None
+        files = _publish(found.files, out_path)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+        details: dict[str, Any] = {
+            "converter": CONVERTER,
+            "keepIoTypes": keep_io,
+            "opBlockList": sorted(found.ops),
+            "nodeBlockList": sorted(found.nodes),
+            "fp32Initializers": dict(sorted(out_of_range.items())),
+            "repaired": len(ladder.attempts) > 1,
+            "attempts": ladder.attempts,
+            "namedNodes": named,
+            "files": [f.name for f in files],
+        }
+        if unknown:
+            details["unknownNodeBlockList"] = unknown
+        return PassResult(output=out_path, details=details)
+
+
+def _prepare(
+    model_in: Path, scratch: Path
+) -> tuple[ModelProto, Path, int, dict[str, float | str], set[str]]:
+    """Load the model without its external data, name its nodes, find out-of-range tensors,
+    park large embedded weights in a scratch data file (each attempt copies the base: this
+    way memory holds one copy of the weights, not two) and run shape inference (the
+    converter needs tensor types to cast around blocked nodes).
+
+    Returns (base, folder of its external data, nodes named, out-of-range tensors, nodes
+    to keep FP32 for them).
+    """
+    LOG.info("fp16: loading", extra={"fields": {"model": model_in.name}})
+    base = load_model(model_in, load_external_data=False)
+    named = name_unnamed_nodes(base)
+    LOG.info("fp16: scanning initializers for values beyond FP16")
+    out_of_range, range_nodes = scan_out_of_range(base, model_in.parent)
+    if out_of_range:
+        LOG.info(
+            "fp16: keeping out-of-range tensors FP32",
+            extra={"fields": {"tensors": sorted(out_of_range), "nodes": sorted(range_nodes)}},
+        )
+    base_dir = model_in.parent
+    if base.ByteSize() > SPILL_BYTES and not any(_external(base)):
+        LOG.info("fp16: moving embedded weights to a scratch data file")
+        save_model(base, scratch / "base" / "model.onnx", size_limit=0)
+        base_dir = scratch / "base"
+    try:
+        base = onnx.shape_inference.infer_shapes(base)
+    except Exception as exc:  # inference is a help, not a requirement
+        LOG.warning("fp16: shape inference failed", extra={"fields": {"error": str(exc)}})
+    return base, base_dir, named, out_of_range, range_nodes
+
+
+def scan_out_of_range(model: ModelProto, base_dir: Path) -> tuple[dict[str, float | str], set[str]]:
+    """Find FP32 tensors that FP16 cannot hold: finite ``|x| > 65504``, inf or nan.
+
+    Looks at float initializers of every graph (external data read from ``base_dir`` one
+    tensor at a time) and at tensor attributes of nodes (Constant ``value`` and the like).
+    Returns ``({tensor name: max |x|, or "inf"/"nan"}, node names to keep FP32)``: every
+    consumer of such an initializer, and the node holding such an attribute with the
+    consumers of its output. With all its consumers blocked, onnxruntime's converter leaves
+    an initializer FP32 (float16.py converts an initializer only when its InitializerTracker
+    has fp16_nodes); between blocked nodes the tensor stays FP32 (onnx_fp16_convert).
+    """
+    consumers: dict[str, list[str]] = {}
+    for _, node in iter_nodes(model.graph):
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    found: dict[str, float | str] = {}
+    block: set[str] = set()
+    for graph in iter_graphs(model.graph):
+        for init in graph.initializer:
+            if init.data_type == TensorProto.FLOAT:
+                worst = _out_of_range(numpy_helper.to_array(init, str(base_dir)))
+                if worst is not None:
+                    found[init.name] = worst
+                    block.update(consumers.get(init.name, []))
+        for node in graph.node:
+            for attr in node.attribute:
+                if (
+                    attr.type == onnx.AttributeProto.TENSOR
+                    and attr.t.data_type == TensorProto.FLOAT
+                ):
+                    worst = _out_of_range(numpy_helper.to_array(attr.t))
+                    if worst is not None:
+                        found[node.output[0] if node.output else node.name] = worst
+                        block.add(node.name)
+                        for out in node.output:
+                            block.update(consumers.get(out, []))
+    return found, block
+
+
+def _out_of_range(values: np.ndarray) -> float | str | None:
+    if values.size == 0:
+        return None
+    if not np.isfinite(values).all():
+        return "nan" if np.isnan(values).any() else "inf"
+    worst = float(np.abs(values).max())
+    return worst if worst > FP16_MAX else None
+
+
+def _external(model: ModelProto) -> Iterator[bool]:
+    from onnx.external_data_helper import uses_external_data
+
+    return (uses_external_data(t) for t in iter_tensors(model))
+
+
+def _publish(files: list[Path], out_path: Path) -> list[Path]:
+    """Move a candidate's files next to ``out_path``: data file first, model file last, each
+    through a temporary name and an atomic rename."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    placed = []
+    for src in sorted(files, key=lambda f: f.name == out_path.name):
+        dst = out_path.with_name(src.name)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.move(src, tmp)
+        tmp.replace(dst)
+        placed.append(dst)
+    return sorted(placed, key=lambda f: f.name != out_path.name)
