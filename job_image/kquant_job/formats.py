@@ -138,10 +138,12 @@ def check_model_file(path: Path, declared: ModelFormat, display: str) -> ModelFo
 
 @dataclass
 class ModelFile:
-    """A file of the source to convert: path relative to the source root, and its format."""
+    """A file of the source to convert: path relative to the source root, its format, and
+    the external data files it references (relative to the source root)."""
 
     rel: str
     format: ModelFormat
+    external: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -188,6 +190,11 @@ def _onnx_external_files(model: Path) -> set[Path]:
     return files
 
 
+def _relative(root: Path, files: set[Path]) -> list[str]:
+    base = root.resolve()
+    return sorted(f.relative_to(base).as_posix() for f in files if base in f.parents)
+
+
 def plan_model(
     local: Path,
     declared: ModelFormat = ModelFormat.auto,
@@ -203,7 +210,10 @@ def plan_model(
     """
     if local.is_file():
         fmt = check_model_file(local, declared, local.name)
-        return Plan(root=local.parent, models=[ModelFile(local.name, fmt)])
+        model = ModelFile(local.name, fmt)
+        if fmt is ModelFormat.onnx:
+            model.external = _relative(local.parent, _onnx_external_files(local))
+        return Plan(root=local.parent, models=[model])
     plan = Plan(root=local)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     for path in files:
@@ -222,12 +232,12 @@ def plan_model(
                 plan.copies.append(rel)
                 continue
         plan.models.append(ModelFile(rel, fmt))
-    external: set[Path] = set()
     for m in plan.models:
         if m.format is ModelFormat.onnx:
-            external |= _onnx_external_files(local / m.rel)
-    plan.external_data = sorted(c for c in plan.copies if (local / c).resolve() in external)
-    plan.copies = [c for c in plan.copies if c not in plan.external_data]
+            m.external = _relative(local, _onnx_external_files(local / m.rel))
+    referenced = {e for m in plan.models for e in m.external}
+    plan.external_data = sorted(c for c in plan.copies if c in referenced)
+    plan.copies = [c for c in plan.copies if c not in referenced]
     if not plan.models:
         raise PassError(
             f"no model file found in the source directory ({len(files)} files; "

@@ -100,11 +100,6 @@ def _files_for(model: ModelFile, files: list[Path], base: Path, many: bool) -> l
     return [f for f in files if sub in f.parents]
 
 
-def _external_files(src_root: Path, model: ModelFile, plan: Plan) -> list[str]:
-    parent = PurePosixPath(model.rel).parent
-    return [e for e in plan.external_data if PurePosixPath(e).parent == parent or parent == "."]
-
-
 def run_job(job: QuantizationJob, work: Path) -> JobResult:
     """Run one job in the work directory ``work`` (created if needed) and return its result.
 
@@ -184,7 +179,7 @@ def _convert_all(
             )
             result = pass_.run(src, cfg, out_path, ctx)
             out_files = sorted(_files_under(staged) - before)
-            src_files = [model.rel, *_external_files(plan.root, model, plan)]
+            src_files = [model.rel, *model.external]
             results.append(
                 ConvertedModel(
                     source=model,

@@ -84,6 +84,7 @@ def test_directory_plan_converts_models_copies_the_rest_and_skips_external_data(
     plan = plan_model(root)
     assert [m.rel for m in plan.models] == ["model.onnx", "sub/head.onnx"]
     assert plan.external_data == ["model.onnx.data"]
+    assert plan.models[0].external == ["model.onnx.data"] and plan.models[1].external == []
     assert plan.copies == ["config.json", "tokenizer.json", "vocab.txt"]
     plan = plan_model(root, exclude=["head.onnx"])
     assert [m.rel for m in plan.models] == ["model.onnx"]
