@@ -1,0 +1,46 @@
+"""The worker CLI: exit codes, the result file, and machine-readable logs."""
+
+from __future__ import annotations
+
+import json
+
+from kquant_job import cli
+
+
+def test_invalid_manifest_gives_exit_code_result_and_json_logs(tmp_path, capsys):
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(
+        "apiVersion: kquant.io/v1alpha1\nkind: QuantizationJob\nmetadata: {name: x}\n"
+        "spec:\n  model: {uri: s3://b/m.onnx}\n  output: {uri: s3://b/out/}\n"
+        "  quantization: {precision: fp16, perChannel: true}\n"
+    )
+    result = tmp_path / "result.json"
+    code = cli.main(["--log-format", "json", "run", str(manifest), "--result-file", str(result)])
+    assert code == 10
+    data = json.loads(result.read_text())
+    assert (data["phase"], data["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.quantization.perChannel" in data["message"]
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    assert records and all({"time", "level", "message"} <= set(r) for r in records)
+    assert any(r.get("reason") == "InvalidSpec" and r["level"] == "error" for r in records)
+
+
+def test_result_file_defaults_to_the_termination_log_only_when_writable(tmp_path, monkeypatch):
+    log = tmp_path / "termination-log"
+    monkeypatch.setattr(cli, "TERMINATION_LOG", log)
+    assert cli._default_result_file() is None
+    log.write_text("")
+    assert cli._default_result_file() == log
+
+
+def test_frames_refuses_a_wav_at_the_wrong_rate(tmp_path):
+    import wave
+
+    wav = tmp_path / "8k.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x00" * 800)
+    assert cli.main(["frames", str(wav), str(tmp_path / "out")]) == 10
+    assert not (tmp_path / "out").exists()
