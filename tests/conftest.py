@@ -82,26 +82,9 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's S3 server as a separate process on a free loopback port."""
-    port = free_port()
-    exe = shutil.which("moto_server") or ""
-    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen(
-        [*cmd, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
+    proc, endpoint = _start_moto({})
     try:
-        yield S3Server(endpoint=f"http://127.0.0.1:{port}")
+        yield S3Server(endpoint=endpoint)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -43,7 +43,7 @@ def job_for(bucket: str, endpoint: str, model_key: str = f"m/{SILERO}", **kw) ->
     )
 
 
-def assert_failed(run, reason: str, code: int) -> None:
+def expect_failure(run, reason: str, code: int) -> None:
     assert run.code == code, run.log
     assert run.result["phase"] == "Failed"
     assert run.result["reason"] == reason, run.result
@@ -57,7 +57,7 @@ def client(s3_server):
 
 def test_missing_object(client, bucket, s3_server, worker_env, tmp_path):
     run = run_worker(job_for(bucket, s3_server.endpoint, "m/absent.onnx"), tmp_path, worker_env)
-    assert_failed(run, "SourceNotFound", 20)
+    expect_failure(run, "SourceNotFound", 20)
     assert f"s3://{bucket}/m/absent.onnx" in run.result["message"]
     assert list_keys(client, bucket, "") == []
 
@@ -69,7 +69,7 @@ def test_wrong_credentials(s3_auth_server, tmp_path):
     env = s3_auth_server.env()
     env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
     run = run_worker(job_for("kq-worker-auth", s3_auth_server.endpoint), tmp_path, env)
-    assert_failed(run, "AccessDenied", 20)
+    expect_failure(run, "AccessDenied", 20)
     assert "not-the-secret" not in run.log + json.dumps(run.result)
     # (moto's signature check rejects prefixed listings; list the bucket whole instead)
     keys = [o["Key"] for o in admin.list_objects_v2(Bucket="kq-worker-auth").get("Contents", [])]
@@ -79,7 +79,7 @@ def test_wrong_credentials(s3_auth_server, tmp_path):
 def test_endpoint_down(worker_env, tmp_path):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     run = run_worker(job_for("kq-down", endpoint), tmp_path, worker_env)
-    assert_failed(run, "StorageUnavailable", 21)
+    expect_failure(run, "StorageUnavailable", 21)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_bad_model_bytes(payload, key, reason, client, bucket, s3_server, worker
     body = data[: len(data) // 3] if payload == "truncated" else b"# not a model\n" * 10
     client.put_object(Bucket=bucket, Key=key, Body=body)
     run = run_worker(job_for(bucket, s3_server.endpoint, key), tmp_path, worker_env)
-    assert_failed(run, reason, 30)
+    expect_failure(run, reason, 30)
     assert list_keys(client, bucket, "out/") == []
 
 
@@ -102,7 +102,7 @@ def test_output_exists_is_left_untouched(client, bucket, s3_server, worker_env, 
     client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
     client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b'{"previous": true}')
     run = run_worker(job_for(bucket, s3_server.endpoint), tmp_path, worker_env)
-    assert_failed(run, "OutputExists", 20)
+    expect_failure(run, "OutputExists", 20)
     assert list_keys(client, bucket, "out/") == ["manifest.json"]
     assert get_bytes(client, bucket, "out/manifest.json") == b'{"previous": true}'
 
@@ -123,7 +123,7 @@ def test_tolerance_exceeded_publishes_report_only_and_keeps_promotion(
         promotion=f"s3://{bucket}/prod/",
     )
     run = run_worker(job, tmp_path, worker_env)
-    assert_failed(run, "ValidationFailed", 40)
+    expect_failure(run, "ValidationFailed", 40)
     assert list_keys(client, bucket, "out/") == ["report.json"]
     report = json.loads(get_bytes(client, bucket, "out/report.json"))
     assert report["outcome"]["reason"] == "ValidationFailed"
@@ -153,7 +153,7 @@ def test_static_int8_default_tolerance_fails_cleanly(
         tmp_path,
         worker_env,
     )
-    assert_failed(run, "ValidationFailed", 40)
+    expect_failure(run, "ValidationFailed", 40)
     assert list_keys(client, bucket, "out/") == ["report.json"]
     details = json.loads(get_bytes(client, bucket, "out/report.json"))["models"][0]["details"]
     assert details["probePassed"] is False
@@ -169,7 +169,7 @@ def test_hostile_keys_in_model_prefix(client, bucket, s3_server, worker_env, tmp
     client.upload_file(str(silero_dir() / SILERO), bucket, f"dir/{SILERO}")
     client.put_object(Bucket=bucket, Key="dir/../../escape.txt", Body=b"x")
     run = run_worker(job_for(bucket, s3_server.endpoint, "dir/"), tmp_path, worker_env)
-    assert_failed(run, "UnsafePath", 20)
+    expect_failure(run, "UnsafePath", 20)
     assert not (tmp_path / "escape.txt").exists()
     assert not list((tmp_path / "work").rglob("*.onnx"))
     assert list_keys(client, bucket, "out/") == []
@@ -178,7 +178,7 @@ def test_hostile_keys_in_model_prefix(client, bucket, s3_server, worker_env, tmp
 def test_invalid_spec_writes_nothing(client, bucket, s3_server, worker_env, tmp_path):
     job = job_for(bucket, s3_server.endpoint, quantization={"precision": "fp16", "mode": "static"})
     run = run_worker(job, tmp_path, worker_env)
-    assert_failed(run, "InvalidSpec", 10)
+    expect_failure(run, "InvalidSpec", 10)
     assert "spec.quantization.mode" in run.result["message"]
     assert list_keys(client, bucket, "") == []
 
@@ -191,7 +191,7 @@ def test_unattainable_tolerance_ends_in_conversion_failed_with_what_was_tried(
     run = run_worker(
         job_for(bucket, s3_server.endpoint, validation=validation), tmp_path, worker_env
     )
-    assert_failed(run, "ConversionFailed", 30)
+    expect_failure(run, "ConversionFailed", 30)
     message = run.result["message"]
     assert "attempts" in message and "every node FP32" in message
     assert list_keys(client, bucket, "out/") == []

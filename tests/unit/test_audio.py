@@ -65,6 +65,7 @@ def test_read_wav_pcm32_stereo_averages_channels(tmp_path):
     right = np.array([0, -(2**31), 2**29])
     write_pcm(path, np.stack([left, right], axis=1), 4)
     samples, _ = read_wav(path)
+    assert samples.shape == (3,)
     np.testing.assert_allclose(samples, [0.25, -1.0, 0.125])
 
 
@@ -78,6 +79,7 @@ def test_read_wav_pcm24(tmp_path):
         w.setframerate(SR)
         w.writeframes(raw)
     samples, _ = read_wav(path)
+    assert samples.dtype == np.float32
     np.testing.assert_allclose(samples, [0.5, -1.0, -1 / (1 << 23)])
 
 

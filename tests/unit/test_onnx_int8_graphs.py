@@ -197,7 +197,7 @@ def test_static_calibration_errors_are_invalid_spec(tmp_path: Path) -> None:
     messages = {
         "b_noinput.npz": "no array for model input 'x'",
         "c_int.npz": "input 'x' is int64",
-        "d_shape.npz": "input 'x' has shape [64]",
+        "d_shape.npz": "input 'x' has rank 1 (shape (64,)), the model takes rank 2",
     }
     for path in bad:
         with pytest.raises(InvalidSpec, match=re.escape(messages[path.name])) as err:

@@ -40,6 +40,7 @@ from kquant_job.passes.int8_common import (
     unknown_names,
     weighted_nodes_in_subgraphs,
 )
+from kquant_job.validate.inputs import load_feed
 
 Signature = list[tuple[str, list[Any], np.dtype]]
 
@@ -63,50 +64,10 @@ def model_signature(model: ModelProto) -> Signature:
     return signature
 
 
-def _kind(dtype: np.dtype) -> str:
-    return {"f": "float", "i": "int", "u": "int", "b": "bool"}.get(dtype.kind, dtype.kind)
-
-
 def load_calibration_feed(path: Path, signature: Signature) -> dict[str, np.ndarray]:
-    """One calibration feed from an ``.npz`` file (pickles refused).
-
-    Each model input needs an array of the same kind (float/int/bool; cast to the input's
-    dtype, so float64 data feeds a float32 input), the same rank and the same fixed dims.
-    Other arrays are ignored, as in validation data. Raises InvalidSpec naming the file and
-    the input otherwise.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except Exception as exc:  # not a zip, truncated, pickled objects
-        raise InvalidSpec(
-            f"calibration data {path.name}: not a readable .npz file ({exc})"
-        ) from exc
-    feed = {}
-    for name, dims, dtype in signature:
-        if name not in arrays:
-            raise InvalidSpec(
-                f"calibration data {path.name}: no array for model input {name!r} "
-                f"(has: {', '.join(sorted(arrays)) or 'none'})"
-            )
-        arr = arrays[name]
-        if _kind(arr.dtype) != _kind(dtype):
-            raise InvalidSpec(
-                f"calibration data {path.name}: input {name!r} is {arr.dtype}, the model "
-                f"takes {dtype}"
-            )
-        if not dims and arr.size == 1:
-            arr = arr.reshape(())  # a scalar saved as shape (1,)
-        if arr.ndim != len(dims) or any(
-            isinstance(want, int) and want > 0 and want != got
-            for want, got in zip(dims, arr.shape, strict=True)
-        ):
-            raise InvalidSpec(
-                f"calibration data {path.name}: input {name!r} has shape {list(arr.shape)}, "
-                f"the model takes {dims}"
-            )
-        feed[name] = np.ascontiguousarray(arr, dtype=dtype)
-    return feed
+    """One calibration feed from an ``.npz`` file, checked like validation data (see
+    :func:`kquant_job.validate.inputs.load_feed`). Raises InvalidSpec naming the file."""
+    return load_feed(path, signature, "calibration data")
 
 
 class NpzCalibrationReader:

@@ -92,40 +92,51 @@ def prepare_feeds(model_path: Path, cfg: ValidationConfig, data_files: list[Path
     signature = [(i.name, i.shape, numpy_dtype(i.type)) for i in session.get_inputs()]
     if data_files:
         files = sorted(data_files, key=lambda p: p.name)[: cfg.samples]
-        return [_load_feed(path, signature) for path in files]
+        return [load_feed(path, signature) for path in files]
     return generate_feeds(signature, cfg)
 
 
-def _load_feed(path: Path, signature: Sequence[tuple[str, list[Any], np.dtype]]) -> Feed:
+def load_feed(
+    path: Path,
+    signature: Sequence[tuple[str, list[Any], np.dtype]],
+    what: str = "validation data",
+) -> Feed:
+    """One feed from an ``.npz`` file (pickles refused), for validation or calibration.
+
+    ``signature``: the model's inputs as ``(name, dims, numpy dtype)``, a dim being an int
+    when fixed. Each input needs an array of the same kind (float/int/bool; cast to the
+    input's dtype), rank and fixed dims; a scalar may be stored as shape (1,); other arrays
+    are ignored. Raises InvalidSpec naming ``what``, the file and the input otherwise.
+    """
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except Exception as exc:  # zipfile, pickle refusal, truncated data: all the file's fault
-        raise InvalidSpec(f"validation data {path.name}: not a readable .npz file ({exc})") from exc
+        raise InvalidSpec(f"{what} {path.name}: not a readable .npz file ({exc})") from exc
     feed: Feed = {}
     for name, dims, dtype in signature:
         if name not in arrays:
             raise InvalidSpec(
-                f"validation data {path.name}: no array for model input {name!r} "
+                f"{what} {path.name}: no array for model input {name!r} "
                 f"(has: {', '.join(sorted(arrays)) or 'none'})"
             )
         arr = arrays[name]
         if _kind(arr.dtype) != _kind(dtype):
             raise InvalidSpec(
-                f"validation data {path.name}: input {name!r} is {arr.dtype}, "
+                f"{what} {path.name}: input {name!r} is {arr.dtype}, "
                 f"the model takes {dtype} (a {_kind(dtype)} type)"
             )
         if not dims and arr.size == 1:
             arr = arr.reshape(())  # a scalar input saved as shape (1,) is still one value
         if arr.ndim != len(dims):
             raise InvalidSpec(
-                f"validation data {path.name}: input {name!r} has rank {arr.ndim} "
+                f"{what} {path.name}: input {name!r} has rank {arr.ndim} "
                 f"(shape {arr.shape}), the model takes rank {len(dims)} ({_shape_text(dims)})"
             )
         for axis, (want, got) in enumerate(zip(dims, arr.shape, strict=True)):
             if isinstance(want, int) and want > 0 and want != got:
                 raise InvalidSpec(
-                    f"validation data {path.name}: input {name!r} has shape {arr.shape}, "
+                    f"{what} {path.name}: input {name!r} has shape {arr.shape}, "
                     f"the model fixes axis {axis} to {want} ({_shape_text(dims)})"
                 )
         feed[name] = np.array(arr, dtype=dtype, order="C")  # ascontiguousarray makes 0-d 1-d
