@@ -5,7 +5,7 @@
 # report and a manifest, all on local storage under .kquant-demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh job,test
+bash scripts/setup.sh job,operator,test
 demo=.kquant-demo
 model_src=$(.venv/bin/python -c "import silero_vad, pathlib; print(pathlib.Path(silero_vad.__file__).parent / 'data' / 'silero_vad.onnx')")
 rm -rf "$demo/data"

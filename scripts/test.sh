@@ -3,7 +3,7 @@
 # import boundaries, run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh job,test
+bash scripts/setup.sh job,operator,test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/lint-imports
