@@ -44,3 +44,24 @@ def test_frames_refuses_a_wav_at_the_wrong_rate(tmp_path):
         w.writeframes(b"\x00\x00" * 800)
     assert cli.main(["frames", str(wav), str(tmp_path / "out")]) == 10
     assert not (tmp_path / "out").exists()
+
+
+def test_manifest_from_stdin_as_json(tmp_path, monkeypatch):
+    import io
+
+    doc = {
+        "apiVersion": "kquant.io/v1alpha1",
+        "kind": "QuantizationJob",
+        "metadata": {"name": "stdin-job"},
+        "spec": {
+            "model": {"uri": f"file://{tmp_path}/absent.onnx"},
+            "output": {"uri": f"file://{tmp_path}/out/"},
+            "quantization": {"precision": "fp16"},
+        },
+    }
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(doc)))
+    result = tmp_path / "result.json"
+    assert cli.main(["run", "-", "--result-file", str(result)]) == 20
+    data = json.loads(result.read_text())
+    assert data["reason"] == "SourceNotFound" and "absent.onnx" in data["message"]
+    assert not (tmp_path / "out").exists()
