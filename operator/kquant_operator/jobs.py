@@ -1,0 +1,282 @@
+"""QuantizationJob -> batch/v1 Job: a pure function, no cluster access.
+
+The Job runs ``kquant-job run --spec-env KQUANT_JOB`` with the validated QuantizationJob as
+JSON in ``KQUANT_JOB`` (see DESIGN.md, "Operator to Job"). Credentials reach the pod only
+through ``secretKeyRef``; the pod meets the Kubernetes "restricted" Pod Security Standard
+(https://kubernetes.io/docs/concepts/security/pod-security-standards/).
+
+The manifest carries its own ownerReference, labels and namespace: the handler creates it as
+is (``kopf.adopt`` would also copy the CR's labels, e.g. an Argo CD tracking label).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from kquant_api import API_VERSION, KIND, NON_RETRIABLE_EXIT_CODES, QuantizationJob
+from kquant_api.spec import ObjectMeta
+from kquant_operator.settings import OperatorSettings, normalize_resources, quantity
+
+WORKER_CONTAINER = "worker"
+SPEC_ENV = "KQUANT_JOB"
+WORK_DIR = "/work"
+TERMINATION_LOG = "/dev/termination-log"
+RUN_AS = 10001  # the uid/gid of the worker image's user
+
+LABEL_NAME = "kquant.io/name"
+LABEL_GENERATION = "kquant.io/generation"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+COMMON_LABELS = {
+    "app.kubernetes.io/name": "kquant",
+    "app.kubernetes.io/component": "worker",
+    "app.kubernetes.io/managed-by": "kquant-operator",
+}
+_MAX_LABEL = 63
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class InvalidQuantizationJob(ValueError):
+    """The QuantizationJob cannot become a Job; the message names the field at fault.
+
+    A retry cannot fix it: the handler reports it as ``kopf.PermanentError`` and writes
+    :func:`kquant_operator.status.invalid_spec_status`.
+    """
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def job_name(name: str, generation: int) -> str:
+    """The Job name for one generation of a QuantizationJob: ``<name>-<generation>``.
+
+    A DNS-1123 label of at most 63 characters, because the Job controller copies it into
+    the pods' ``batch.kubernetes.io/job-name`` label. A longer name, or one that is not a
+    label (CR names may contain dots), is cut and made unique with 8 hex digits of the
+    SHA-256 of the full name: ``<cut name>-<hash>-<generation>``.
+    Raises ValueError for an empty name or a generation below 1.
+    """
+    if not name:
+        raise ValueError("metadata.name: must not be empty")
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
+        raise ValueError(f"metadata.generation: expected an integer >= 1, got {generation!r}")
+    plain = f"{name}-{generation}"
+    if len(plain) <= _MAX_LABEL and _DNS_LABEL.match(plain):
+        return plain
+    suffix = f"-{_short_hash(name)}-{generation}"
+    cut = re.sub(r"[^a-z0-9-]", "-", name.lower())[: _MAX_LABEL - len(suffix)].strip("-")
+    return f"{cut}{suffix}" if cut else suffix[1:]
+
+
+def label_value(value: str) -> str:
+    """``value`` as a valid label value (at most 63 characters): long values are cut and end
+    in 8 hex digits of their SHA-256, so two long names never share a label."""
+    if len(value) <= _MAX_LABEL:
+        return value
+    return f"{value[: _MAX_LABEL - 9].rstrip('-._')}-{_short_hash(value)}"
+
+
+def job_labels(name: str, generation: int) -> dict[str, str]:
+    """Labels of the Job and its pods for one generation of the QuantizationJob ``name``."""
+    value = label_value(name)
+    return {
+        **COMMON_LABELS,
+        "app.kubernetes.io/instance": value,
+        LABEL_NAME: value,
+        LABEL_GENERATION: str(generation),
+    }
+
+
+def to_plain(obj: Any) -> Any:
+    """A deep copy made of plain dicts and lists (kopf hands over Mapping views)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(msg if msg.startswith("spec.") else f"{path}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_qjob(qjob: Mapping[str, Any]) -> QuantizationJob:
+    """Validate a QuantizationJob object as the API server returns it.
+
+    Raises InvalidQuantizationJob naming the field (e.g. ``spec.quantization.keepIOTypes:
+    Extra inputs are not permitted``).
+    """
+    try:
+        return QuantizationJob.model_validate(to_plain(qjob))
+    except ValidationError as exc:
+        raise InvalidQuantizationJob(_format_errors(exc)) from None
+
+
+def _or(value: Any, default: Any) -> Any:
+    # Empty strings count as unset (``image: ""`` in a manifest means "the default").
+    return default if value is None or value == "" else value
+
+
+def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    """The batch/v1 Job manifest (a plain dict) that runs one generation of ``qjob``.
+
+    ``qjob`` is the QuantizationJob as read from the API server: ``metadata.name``,
+    ``metadata.uid`` and ``metadata.generation`` are required. The same input always gives
+    an equal dict. Raises InvalidQuantizationJob for a spec the worker would reject or a
+    malformed ``spec.resources``; ValueError when the metadata lacks name, uid or generation.
+    """
+    raw_meta = qjob.get("metadata") or {}
+    name, uid, generation = raw_meta.get("name"), raw_meta.get("uid"), raw_meta.get("generation")
+    if not uid:
+        raise ValueError("metadata.uid: required for the Job's ownerReference")
+    jname = job_name(name or "", generation)
+    model = parse_qjob(qjob)
+    spec = model.spec
+    namespace = raw_meta.get("namespace")
+
+    try:
+        resources = normalize_resources(
+            _or(spec.resources, settings.default_resources), "spec.resources"
+        )
+        work_size = quantity(
+            resources.get("limits", {}).get("ephemeral-storage", settings.work_volume_size),
+            "spec.resources.limits.ephemeral-storage",
+        )
+    except ValueError as exc:
+        raise InvalidQuantizationJob(str(exc)) from None
+    queue = _or(spec.queueName, settings.default_queue_name)
+    labels = job_labels(name, generation)
+
+    # The worker gets the validated spec as the user wrote it (unset fields stay unset, so a
+    # newer operator's defaults never reach an older worker) plus the identifying metadata.
+    payload = QuantizationJob(
+        apiVersion=API_VERSION,
+        kind=KIND,
+        metadata=ObjectMeta(name=name, namespace=namespace, generation=generation, uid=uid),
+        spec=spec,
+    ).model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+    env: list[dict[str, Any]] = [
+        {"name": SPEC_ENV, "value": json.dumps(payload, sort_keys=True, separators=(",", ":"))},
+        {"name": "KQUANT_WORK_DIR", "value": WORK_DIR},
+    ]
+    if spec.storage and spec.storage.secretRef:
+        secret = spec.storage.secretRef.name
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
+            ref: dict[str, Any] = {"name": secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+
+    container = {
+        "name": WORKER_CONTAINER,
+        "image": _or(spec.image, settings.worker_image),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["kquant-job"],
+        "args": ["run", "--spec-env", SPEC_ENV],
+        "env": env,
+        "resources": resources,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "work", "mountPath": WORK_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "work", "emptyDir": {"sizeLimit": work_size}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_volume_size}},
+        ],
+    }
+    if spec.serviceAccountName:
+        pod_spec["serviceAccountName"] = spec.serviceAccountName
+    else:
+        pod_spec["automountServiceAccountToken"] = False
+    node_selector = _or(spec.nodeSelector, settings.default_node_selector)
+    tolerations = _or(spec.tolerations, settings.default_tolerations)
+    priority = _or(spec.priorityClassName, settings.default_priority_class_name)
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = spec.affinity
+    if priority:
+        pod_spec["priorityClassName"] = priority
+
+    job_meta: dict[str, Any] = {
+        "name": jname,
+        "labels": {**labels, LABEL_QUEUE: queue} if queue else dict(labels),
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": name,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if namespace:
+        job_meta["namespace"] = namespace
+    job_spec: dict[str, Any] = {
+        "backoffLimit": _or(spec.backoffLimit, settings.backoff_limit),
+        "activeDeadlineSeconds": _or(spec.activeDeadlineSeconds, settings.active_deadline_seconds),
+        "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "podFailurePolicy": {
+            "rules": [
+                # First: an evicted or preempted pod is never the worker's fault, whatever
+                # exit code the interrupted worker reported; it does not count as a retry.
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": WORKER_CONTAINER,
+                        "operator": "In",
+                        "values": list(NON_RETRIABLE_EXIT_CODES),
+                    },
+                },
+            ]
+        },
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+    }
+    if queue:
+        # Kueue admits the Job by un-suspending it; created suspended so no pod starts first.
+        job_spec["suspend"] = True
+    manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
+    return copy.deepcopy(manifest)  # nothing shared with the settings or the input

@@ -1,0 +1,192 @@
+"""Operator settings, read once from the environment (the Helm chart sets them).
+
+Every variable is optional; a malformed value raises ``ValueError`` naming the variable, so a
+bad Deployment fails at start-up instead of producing broken Jobs later.
+
+==================================  =======================================================
+Variable                            Meaning (default)
+==================================  =======================================================
+KQUANT_WORKER_IMAGE                 worker image (``ghcr.io/kquant/kquant-job:0.1.0``)
+KQUANT_IMAGE_PULL_POLICY            Always | IfNotPresent | Never (``IfNotPresent``)
+KQUANT_WATCH_NAMESPACES             comma list of namespaces; empty: cluster-wide
+KQUANT_DEFAULT_RESOURCES            JSON ResourceRequirements (``{"limits":
+                                    {"nvidia.com/gpu": "1"}}``)
+KQUANT_DEFAULT_NODE_SELECTOR        JSON object of strings (none)
+KQUANT_DEFAULT_TOLERATIONS          JSON list of tolerations (none)
+KQUANT_DEFAULT_QUEUE_NAME           Kueue LocalQueue (none)
+KQUANT_DEFAULT_PRIORITY_CLASS_NAME  pod priorityClassName (none)
+KQUANT_JOB_TTL_SECONDS              Job ttlSecondsAfterFinished (86400)
+KQUANT_ACTIVE_DEADLINE_SECONDS      Job activeDeadlineSeconds when the spec has none (7200)
+KQUANT_BACKOFF_LIMIT                Job backoffLimit when the spec has none (1)
+KQUANT_WORK_VOLUME_SIZE             /work emptyDir sizeLimit, a quantity (``50Gi``)
+KQUANT_TMP_VOLUME_SIZE              /tmp emptyDir sizeLimit, a quantity (``1Gi``)
+KQUANT_LIVENESS_PORT                port of the operator's liveness endpoint (8080)
+==================================  =======================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_WORKER_IMAGE = "ghcr.io/kquant/kquant-job:0.1.0"
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+# Kubernetes resource.Quantity, from k8s.io/apimachinery/pkg/api/resource/quantity.go.
+_QUANTITY = re.compile(
+    r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    r"(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?$"
+)
+# RFC 1123 label (namespaces are labels), at most 63 characters.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_RESOURCE_KEYS = ("limits", "requests", "claims")
+
+
+def normalize_resources(value: Any, where: str) -> dict[str, Any]:
+    """Check a Kubernetes ResourceRequirements object and return it with every quantity as a
+    string (how the API server returns them), e.g. ``{"limits": {"nvidia.com/gpu": "1"}}``.
+
+    ``where`` names the source in errors (a field path or an environment variable).
+    Raises ValueError on unknown keys, non-mapping sections or malformed quantities.
+    """
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected an object with limits/requests")
+    out: dict[str, Any] = {}
+    for key in sorted(value):
+        if key not in _RESOURCE_KEYS:
+            raise ValueError(f"{where}.{key}: unknown field (expected limits, requests, claims)")
+        section = value[key]
+        if key == "claims":
+            if not isinstance(section, list):
+                raise ValueError(f"{where}.claims: expected a list")
+            out[key] = [dict(c) for c in section]
+            continue
+        if not isinstance(section, Mapping):
+            raise ValueError(f"{where}.{key}: expected an object of quantities")
+        out[key] = {name: quantity(section[name], f"{where}.{key}.{name}") for name in section}
+    return out
+
+
+def quantity(value: Any, where: str) -> str:
+    """A Kubernetes quantity as a string ("16Gi", "1", "500m"); ints and floats accepted.
+
+    Raises ValueError naming ``where`` when the value is not a quantity (e.g. "16GB").
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: expected a quantity such as 16Gi or 1, got {value!r}")
+    text = str(value)
+    if not _QUANTITY.match(text):
+        raise ValueError(f"{where}: {text!r} is not a Kubernetes quantity (e.g. 16Gi, 500m, 1)")
+    return text
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Defaults the operator applies to every Job (a QuantizationJob's own fields win).
+
+    A spec field that is given replaces the default as a whole (so ``resources`` without a
+    GPU makes a CPU-only Job, and ``nodeSelector: {}`` drops the default selector).
+    """
+
+    worker_image: str = DEFAULT_WORKER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    watch_namespaces: tuple[str, ...] = ()
+    default_resources: dict[str, Any] = field(
+        default_factory=lambda: {"limits": {"nvidia.com/gpu": "1"}}
+    )
+    default_node_selector: dict[str, str] = field(default_factory=dict)
+    default_tolerations: list[dict[str, Any]] = field(default_factory=list)
+    default_queue_name: str | None = None
+    default_priority_class_name: str | None = None
+    ttl_seconds_after_finished: int = 86400
+    active_deadline_seconds: int = 7200
+    backoff_limit: int = 1
+    work_volume_size: str = "50Gi"
+    tmp_volume_size: str = "1Gi"
+    liveness_port: int = 8080
+
+    @property
+    def cluster_wide(self) -> bool:
+        """True when no namespaces are listed: the operator watches every namespace."""
+        return not self.watch_namespaces
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> OperatorSettings:
+        """Settings from ``KQUANT_*`` variables (table in the module docstring).
+
+        Raises ValueError naming the variable for a malformed value.
+        """
+        d = cls()
+        env = {k: v.strip() for k, v in environ.items() if k.startswith("KQUANT_")}
+
+        def text(name: str, default: str | None) -> str | None:
+            return env.get(name) or default
+
+        pull = text("KQUANT_IMAGE_PULL_POLICY", d.image_pull_policy)
+        if pull not in PULL_POLICIES:
+            raise ValueError(
+                f"KQUANT_IMAGE_PULL_POLICY: {pull!r} is not one of {', '.join(PULL_POLICIES)}"
+            )
+        namespaces = tuple(
+            n.strip() for n in env.get("KQUANT_WATCH_NAMESPACES", "").split(",") if n.strip()
+        )
+        for ns in namespaces:
+            if not _DNS_LABEL.match(ns):
+                raise ValueError(f"KQUANT_WATCH_NAMESPACES: {ns!r} is not a namespace name")
+        resources = _json(env, "KQUANT_DEFAULT_RESOURCES", d.default_resources)
+        node_selector = _json(env, "KQUANT_DEFAULT_NODE_SELECTOR", {})
+        if not isinstance(node_selector, dict) or not all(
+            isinstance(v, str) for v in node_selector.values()
+        ):
+            raise ValueError("KQUANT_DEFAULT_NODE_SELECTOR: expected a JSON object of strings")
+        tolerations = _json(env, "KQUANT_DEFAULT_TOLERATIONS", [])
+        if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
+            raise ValueError("KQUANT_DEFAULT_TOLERATIONS: expected a JSON list of objects")
+        return cls(
+            worker_image=text("KQUANT_WORKER_IMAGE", d.worker_image) or d.worker_image,
+            image_pull_policy=pull or d.image_pull_policy,
+            watch_namespaces=namespaces,
+            default_resources=normalize_resources(resources, "KQUANT_DEFAULT_RESOURCES"),
+            default_node_selector=node_selector,
+            default_tolerations=tolerations,
+            default_queue_name=text("KQUANT_DEFAULT_QUEUE_NAME", None),
+            default_priority_class_name=text("KQUANT_DEFAULT_PRIORITY_CLASS_NAME", None),
+            ttl_seconds_after_finished=_int(env, "KQUANT_JOB_TTL_SECONDS", 86400, 0),
+            active_deadline_seconds=_int(env, "KQUANT_ACTIVE_DEADLINE_SECONDS", 7200, 1),
+            backoff_limit=_int(env, "KQUANT_BACKOFF_LIMIT", 1, 0),
+            work_volume_size=quantity(
+                text("KQUANT_WORK_VOLUME_SIZE", d.work_volume_size), "KQUANT_WORK_VOLUME_SIZE"
+            ),
+            tmp_volume_size=quantity(
+                text("KQUANT_TMP_VOLUME_SIZE", d.tmp_volume_size), "KQUANT_TMP_VOLUME_SIZE"
+            ),
+            liveness_port=_int(env, "KQUANT_LIVENESS_PORT", 8080, 1, 65535),
+        )
+
+
+def _json(env: Mapping[str, str], name: str, default: Any) -> Any:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}: not valid JSON ({exc.msg} at position {exc.pos})") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: {value} is out of range (expected {bound})")
+    return value
