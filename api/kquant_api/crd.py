@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from kquant_api.spec import (
+    _FLOAT_FIELDS,
     _FP16_FIELDS,
     _INT8_FIELDS,
     _STATIC_FIELDS,
@@ -119,15 +120,22 @@ def _quantization_rules() -> list[dict[str, str]]:
     """CEL twins of QuantizationConfig._combinations; ``self`` is spec.quantization."""
     at = "spec.quantization"
     static = "has(self.mode) && self.mode == 'static'"
+    # One rule per (field, wrong precision): a CEL message is fixed text, and it names the
+    # precision as the worker's message does.
     rules = [
-        _rule(f"self.precision == 'int8' || !has(self.{f})",
-              f"{at}.{f}: int8 setting given with precision fp16")
-        for f in _INT8_FIELDS
+        _rule(f"self.precision != '{p}' || !has(self.{f})",
+              f"{at}.{f}: int8 setting given with precision {p}")
+        for f in _INT8_FIELDS for p in ("fp16", "bf16")
     ]  # fmt: skip
     rules += [
-        _rule(f"self.precision == 'fp16' || !has(self.{f})",
-              f"{at}.{f}: fp16 setting given with precision int8")
-        for f in _FP16_FIELDS
+        _rule(f"self.precision != '{p}' || !has(self.{f})",
+              f"{at}.{f}: fp16 setting given with precision {p}")
+        for f in _FP16_FIELDS for p in ("int8", "bf16")
+    ]  # fmt: skip
+    rules += [
+        _rule(f"self.precision != 'int8' || !has(self.{f})",
+              f"{at}.{f}: fp16/bf16 setting given with precision int8")
+        for f in _FLOAT_FIELDS
     ]  # fmt: skip
     rules += [
         _rule(f"self.precision != 'int8' || ({static}) || !has(self.{f})",

@@ -32,6 +32,7 @@ class Reason(str, Enum):
     # PassError class
     UnsupportedFormat = "UnsupportedFormat"
     CorruptModel = "CorruptModel"
+    UnsafeModel = "UnsafeModel"  # a pickle that needs code execution to load (refused)
     ConversionFailed = "ConversionFailed"
     # ValidationFailed class
     ValidationFailed = "ValidationFailed"
@@ -65,6 +66,7 @@ REASON_EXIT_CODE: dict[Reason, ExitCode] = {
     Reason.StorageUnavailable: ExitCode.STORAGE_UNAVAILABLE,
     Reason.UnsupportedFormat: ExitCode.PASS,
     Reason.CorruptModel: ExitCode.PASS,
+    Reason.UnsafeModel: ExitCode.PASS,
     Reason.ConversionFailed: ExitCode.PASS,
     Reason.ValidationFailed: ExitCode.VALIDATION,
     Reason.InternalError: ExitCode.INTERNAL,
@@ -98,7 +100,15 @@ class LatencyMs(_Compact):
 
 class ValidationSummary(_Compact):
     passed: bool = Field(description="Whether every tolerance held.")
-    samples: int = Field(description="Number of input samples compared.")
+    samples: int = Field(
+        description="Number of input samples compared (tensors compared, for kind tensors)."
+    )
+    kind: str | None = Field(
+        None,
+        description="What was compared: outputs of the models run on the samples (when "
+        "absent); tensors (weights cast-checked one by one, for files that cannot run "
+        "without their code: state dicts, safetensors); mixed (a directory with both).",
+    )
     device: str = Field(description="Execution provider used, e.g. cuda or cpu.")
     maxAbsError: float | None = Field(None, description="Largest abs error over all outputs.")
     meanAbsError: float | None = Field(None, description="Largest per-output mean abs error.")

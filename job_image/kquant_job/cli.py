@@ -82,13 +82,15 @@ def _table(result: JobResult, name: str) -> str:
         rows.append(
             (
                 "validation",
-                f"{'passed' if v.passed else 'FAILED'} on {v.samples} samples ({v.device})",
+                f"{'passed' if v.passed else 'FAILED'} on {v.samples} "
+                f"{'tensors' if v.kind == 'tensors' else 'samples'} ({v.device})",
             )
         )
+        what = "tensor" if v.kind == "tensors" else "output"
         if v.maxAbsError is not None:
-            rows.append(("max abs error", f"{v.maxAbsError:.3g} (worst output)"))
+            rows.append(("max abs error", f"{v.maxAbsError:.3g} (worst {what})"))
         if v.cosineSimilarity is not None:
-            rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f} (worst output)"))
+            rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f} (worst {what})"))
         if v.latencyMs:
             rows.append(
                 (

@@ -43,7 +43,8 @@ class StorageError(KquantError):
 
 class PassError(KquantError):
     """The model could not be read or converted. Reasons: UnsupportedFormat,
-    CorruptModel, ConversionFailed."""
+    CorruptModel, UnsafeModel (a pickle refused by ``torch.load(weights_only=True)``),
+    ConversionFailed."""
 
     reason = Reason.ConversionFailed
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from kquant_api import ModelFormat, Reason
+from kquant_api.spec import DEFAULT_EXCLUDE
 from kquant_job.errors import PassError
 
 # ModelProto top-level fields (onnx/onnx.proto3): number -> protobuf wire type.
@@ -149,17 +150,34 @@ class ModelFile:
 @dataclass
 class Plan:
     """What to do with each source file: convert (``models``), copy unchanged (``copies``),
-    or leave out because a converted model rewrites it (``external_data``)."""
+    or leave out because a converted model rewrites it (``external_data``). ``kept`` names
+    the copies that are model files left unconverted by ``exclude``/``include`` (reported
+    as kept, e.g. CosyVoice's ``hift.pt`` in FP32)."""
 
     root: Path
     models: list[ModelFile] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)
     external_data: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
 
 
 def _matches(rel: str, patterns: list[str]) -> bool:
     name = PurePosixPath(rel).name
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _named(rel: str, patterns: list[str]) -> bool:
+    """True when a pattern without glob characters names ``rel`` (its path or file name)."""
+    literal = [p for p in patterns if not any(c in p for c in "*?[")]
+    return _matches(rel, literal)
+
+
+def _excluded(rel: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """``exclude`` given: its patterns decide. Unset: DEFAULT_EXCLUDE, except for a file an
+    include pattern names literally (``include: [hift.pt]`` converts the vocoder)."""
+    if exclude is not None:
+        return _matches(rel, exclude)
+    return _matches(rel, list(DEFAULT_EXCLUDE)) and not _named(rel, include or [])
 
 
 def graph_tensors(graph: object) -> list[object]:
@@ -204,9 +222,12 @@ def plan_model(
     """Plan the conversion of a fetched model: one file, or a directory walked recursively.
 
     In a directory, files matching ``include`` (default: every file detected as a model) and
-    not ``exclude`` are converted; external data files of ONNX models are rewritten by the
-    conversion; everything else is copied unchanged. Raises PassError(UnsupportedFormat)
-    when nothing to convert is found, PassError(CorruptModel) for an unreadable model.
+    not ``exclude`` (default: :data:`~kquant_api.spec.DEFAULT_EXCLUDE`, see
+    :func:`_excluded`) are converted; external data files of ONNX models are rewritten by
+    the conversion; everything else is copied unchanged, model files among them listed in
+    ``kept``. A single file is converted whatever the patterns say. Raises
+    PassError(UnsupportedFormat) when nothing to convert is found, PassError(CorruptModel)
+    for an unreadable model.
     """
     if local.is_file():
         fmt = check_model_file(local, declared, local.name)
@@ -218,12 +239,16 @@ def plan_model(
     files = sorted(p for p in local.rglob("*") if p.is_file())
     for path in files:
         rel = path.relative_to(local).as_posix()
-        if exclude and _matches(rel, exclude):
+        if _excluded(rel, include, exclude):
             plan.copies.append(rel)
+            if detect_format(path) is not None:
+                plan.kept.append(rel)
             continue
         if include is not None:
             if not _matches(rel, include):
                 plan.copies.append(rel)
+                if detect_format(path) is not None:
+                    plan.kept.append(rel)
                 continue
             fmt = check_model_file(path, declared, rel)
         else:

@@ -15,7 +15,6 @@ from typing import Any
 from kquant_api import (
     Artifact,
     JobResult,
-    ModelFormat,
     QuantizationJob,
     Reason,
     ValidationSummary,
@@ -28,7 +27,7 @@ from kquant_job.publish import check_output_free, promote, publish, publish_repo
 from kquant_job.report import build_manifest, build_report, now
 from kquant_job.storage import Storage, join, open_storage
 
-PRECISION_SUFFIX = {"fp16": "_fp16", "int8": "_int8"}
+PRECISION_SUFFIX = {"fp16": "_fp16", "bf16": "_bf16", "int8": "_int8"}
 
 
 @dataclass
@@ -42,8 +41,8 @@ class ConvertedModel:
     quantized_bytes: int
     pass_name: str
     details: dict[str, Any]
-    reference: Any = None  # kquant_job.validate.Reference, when validation is enabled
-    validation: Any = None  # kquant_job.validate.ValidationOutcome, once validated
+    validator: Any = None  # kquant_job.validate.validators.Validator, when validation is on
+    validation: Any = None  # the validator's outcome, once validated
 
 
 @dataclass
@@ -144,7 +143,7 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
 def _convert_all(
     run: _Run, plan: Plan, single: bool, staged: Path, data: list[Path], calib: list[Path]
 ) -> list[ConvertedModel]:
-    from kquant_job.validate import Reference, prepare_feeds
+    from kquant_job.validate.validators import make_validator
 
     spec = run.job.spec
     cfg, many = spec.quantization, len(plan.models) > 1
@@ -156,17 +155,13 @@ def _convert_all(
             out_rel = output_name(model.rel, cfg.precision.value, single)
             out_path = staged / out_rel
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            reference = None
-            if spec.validation.enabled and model.format is ModelFormat.onnx:
-                feeds = prepare_feeds(
-                    src,
-                    spec.validation,
-                    _files_for(model, data, run.work / "validation-data", many),
-                )
-                reference = Reference(src, feeds, spec.validation, spec.tolerance)
+            validator = None
+            if spec.validation.enabled:
+                samples = _files_for(model, data, run.work / "validation-data", many)
+                validator = make_validator(model.format, src, spec, samples)
             ctx = PassContext(
                 work_dir=run.work / "scratch" / str(i),
-                probe=reference.probe if reference else None,
+                probe=validator.probe if validator else None,
                 calibration_files=_files_for(model, calib, run.work / "calibration", many),
             )
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
@@ -191,38 +186,24 @@ def _convert_all(
                     details=result.details,
                 )
             )
-            results[-1].reference = reference
+            results[-1].validator = validator
     return results
 
 
 def _validate_all(run: _Run, plan: Plan, converted: list[ConvertedModel]) -> None:
-    from kquant_job.validate import validate_onnx
+    from kquant_job.validate.validators import log_rows
 
-    spec = run.job.spec
     for model in converted:
-        reference = model.reference
-        if reference is None:
+        if model.validator is None:
             continue
-        outcome = validate_onnx(
-            plan.root / model.source.rel,
-            run.work / "staged" / model.out_rel,
-            reference.feeds,
-            spec.validation,
-            spec.tolerance,
-            reference=reference,
-        )
+        outcome = model.validator.validate(run.work / "staged" / model.out_rel)
         model.validation = outcome
-        for name, m in outcome.metrics.items():
-            logs.info(
-                f"  output {name}",
-                maxAbsError=_g(m.maxAbsError),
-                meanAbsError=_g(m.meanAbsError),
-                cosineSimilarity=_g(m.cosineSimilarity),
-                newNonFinite=m.newNonFinite,
-            )
+        for label, fields in log_rows(outcome):
+            logs.info(label, **fields)
         logs.info(
             f"validated {model.source.rel}",
             passed=outcome.passed,
+            kind=model.validator.kind,
             device=outcome.device,
             **{
                 k: v
@@ -230,10 +211,6 @@ def _validate_all(run: _Run, plan: Plan, converted: list[ConvertedModel]) -> Non
                 if k in ("maxAbsError", "cosineSimilarity")
             },
         )
-
-
-def _g(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _summary(converted: list[ConvertedModel]) -> ValidationSummary | None:
@@ -255,9 +232,11 @@ def _summary(converted: list[ConvertedModel]) -> ValidationSummary | None:
             "original": sum(s.latencyMs.original for s in summaries),  # type: ignore[union-attr]
             "quantized": sum(s.latencyMs.quantized for s in summaries),  # type: ignore[union-attr]
         }
+    kinds = {s.kind for s in summaries}
     return ValidationSummary(
         passed=all(s.passed for s in summaries),
         samples=min(s.samples for s in summaries),
+        kind=kinds.pop() if len(kinds) == 1 else "mixed",
         device=summaries[0].device,
         maxAbsError=worst("maxAbsError", max),
         meanAbsError=worst("meanAbsError", max),
@@ -299,7 +278,14 @@ def _publish(
         }
         for m in converted
         for f in m.out_files
-    ] + [{"path": c, "action": "copied", "bytes": (staged / c).stat().st_size} for c in plan.copies]
+    ] + [
+        {
+            "path": c,
+            "action": "kept" if c in plan.kept else "copied",
+            "bytes": (staged / c).stat().st_size,
+        }
+        for c in plan.copies
+    ]
     models = [
         {
             "path": m.source.rel,
@@ -309,7 +295,11 @@ def _publish(
             "originalBytes": m.original_bytes,
             "quantizedBytes": m.quantized_bytes,
             "details": m.details,
-            "validation": m.validation.to_report() if m.validation else {"skipped": True},
+            "validation": (
+                {"kind": m.validator.kind, **m.validation.to_report()}
+                if m.validation
+                else {"skipped": True}
+            ),
         }
         for m in converted
     ]
@@ -324,7 +314,7 @@ def _publish(
         "message": message,
     }
     source = {"uri": spec.model.uri, "files": len(plan.models) + len(plan.copies)}
-    providers = next((m.reference.providers for m in converted if m.reference), [])
+    providers = next((m.validator.providers for m in converted if m.validator), [])
 
     # Built once, before publishing: the output and the promotion get the same bytes.
     report = build_report(

@@ -16,7 +16,7 @@ import yaml
 from crd_apiserver import ROOT, admit, load_schema, rules
 
 from kquant_api.crd import URI_FIELDS
-from kquant_api.spec import _FP16_FIELDS, _INT8_FIELDS, _STATIC_FIELDS
+from kquant_api.spec import _FLOAT_FIELDS, _FP16_FIELDS, _INT8_FIELDS, _STATIC_FIELDS
 from kquant_job.errors import InvalidSpec
 from kquant_job.manifest import parse_job
 
@@ -52,6 +52,7 @@ KNOBS: dict[str, Any] = {
     "opBlockList": ["Resize"],
     "nodeBlockList": ["n0"],
     "repair": False,
+    "keepFp32": ["*.norm.*"],
 }
 
 
@@ -94,12 +95,16 @@ def rejection_cases() -> list[Any]:
     """One invalid job per CEL rule of the CRD, with the words both sides must say."""
     at = "spec.quantization"
     cases = [
-        (job({"precision": "fp16", f: KNOBS[f]}), f"{at}.{f}: int8 setting given with "
-         "precision fp16") for f in _INT8_FIELDS
+        (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: int8 setting given with "
+         f"precision {p}") for f in _INT8_FIELDS for p in ("fp16", "bf16")
     ]  # fmt: skip
     cases += [
-        (job({"precision": "int8", f: KNOBS[f]}), f"{at}.{f}: fp16 setting given with "
-         "precision int8") for f in _FP16_FIELDS
+        (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: fp16 setting given with "
+         f"precision {p}") for f in _FP16_FIELDS for p in ("int8", "bf16")
+    ]  # fmt: skip
+    cases += [
+        (job({"precision": "int8", f: KNOBS[f]}), f"{at}.{f}: fp16/bf16 setting given with "
+         "precision int8") for f in _FLOAT_FIELDS
     ]  # fmt: skip
     for f in _STATIC_FIELDS:
         for mode in ({}, {"mode": "dynamic"}):
@@ -161,7 +166,8 @@ def test_every_cel_rule_is_exercised():
 @pytest.mark.parametrize(
     "doc",
     [
-        job({"precision": "fp16", **{f: KNOBS[f] for f in _FP16_FIELDS}}),
+        job({"precision": "fp16", **{f: KNOBS[f] for f in (*_FP16_FIELDS, *_FLOAT_FIELDS)}}),
+        job({"precision": "bf16", "keepFp32": [], "include": ["*.pt"], "exclude": []}),
         job({"precision": "int8", "mode": "dynamic", "weightType": "QUInt8", "perChannel": True}),
         job({"precision": "int8", **{f: KNOBS[f] for f in _INT8_FIELDS}}),
         job({"precision": "fp16", "mode": None, "calibration": None}),  # nulls mean unset
@@ -169,7 +175,16 @@ def test_every_cel_rule_is_exercised():
         job(model={"uri": "file:///models/vad.onnx"}, output={"uri": "file:///out/"}),
         job(output={"uri": "s3://bucket-only"}, resources={"limits": {"nvidia.com/gpu": 1}}),
     ],
-    ids=["fp16-knobs", "int8-dynamic", "int8-static", "nulls", "promotion", "file", "bucket"],
+    ids=[
+        "fp16-knobs",
+        "bf16-knobs",
+        "int8-dynamic",
+        "int8-static",
+        "nulls",
+        "promotion",
+        "file",
+        "bucket",
+    ],
 )
 def test_valid_specs_pass_both(doc):
     assert admit(doc, SCHEMA) == []

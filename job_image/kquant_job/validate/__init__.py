@@ -8,6 +8,9 @@ Public API (used by the pipeline and by self-repairing passes):
   checks a candidate on a few samples (a :data:`~kquant_job.passes.Probe`).
 - :func:`validate_onnx` -> full comparison: per-output metrics, NaN/Inf scan, latency,
   sizes, tolerance verdict (:class:`ValidationOutcome`).
+- :func:`kquant_job.validate.validators.make_validator` -> the validator for any format:
+  outputs compared for ONNX and TorchScript, tensors compared for state dicts and
+  safetensors (:mod:`~kquant_job.validate.tensors`); the pipeline uses this one.
 """
 
 from kquant_job.validate.compare import (

@@ -1,0 +1,267 @@
+"""Validation of a runnable PyTorch model (TorchScript): run the original and the converted
+module on the same inputs and compare their outputs as ONNX models are compared
+(:mod:`kquant_job.validate.metrics`: max/mean abs error, cosine, NaN/Inf, exact integers).
+
+Inputs are the arguments of ``forward`` (its TorchScript schema gives names and types, not
+shapes):
+
+- from ``.npz`` files: one file per sample, arrays named after the arguments (tensors keep
+  the file's dtype; a scalar argument such as ``sr`` may be a 0-d or 1-element array);
+- generated (seeded) as for ONNX (:func:`kquant_job.validate.inputs.generate_feeds`): a
+  tensor argument needs ``spec.validation.inputs.<name>.shape`` (FP32 values), an
+  ``int``/``float``/``bool`` argument needs ``...<name>.value``; arguments with a default
+  value are left to it unless given.
+
+Outputs are named ``output`` (one tensor), ``output_0``, ``output_1``... (a tuple or list,
+nested ones as ``output_0_1``) or by key (a dict), so ``spec.validation.feedback`` can map
+``{output_1: state}`` as for ONNX. A stateful module (one with a ``reset_states`` method,
+like Silero VAD's) is reset before the stream and threads its own state through the
+samples, in order, as in production.
+
+Device: CUDA when torch sees a GPU, except for INT8 (PyTorch's quantized kernels are
+CPU-only); else CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kquant_api import Tolerance, ValidationConfig
+from kquant_job.errors import InvalidSpec
+from kquant_job.validate.compare import ValidationOutcome, compare_outputs
+from kquant_job.validate.inputs import generate_feeds
+from kquant_job.validate.metrics import check_tolerance
+
+Args = dict[str, Any]
+_SCALARS = {"int": np.int64, "float": np.float64, "bool": np.bool_}
+
+
+def script_arguments(module: Any) -> list[tuple[str, str, bool]]:
+    """``forward``'s arguments after ``self`` as ``(name, type, has_default)``; type as
+    TorchScript writes it (``Tensor``, ``int``, ``Optional[Tensor]``...)."""
+    args = module.forward.schema.arguments[1:]
+    return [(a.name, str(a.type), a.has_default_value()) for a in args]
+
+
+def prepare_args(module: Any, cfg: ValidationConfig, data_files: list[Path]) -> list[Args]:
+    """One keyword-argument dict per sample for ``module.forward`` (see the module docstring).
+
+    Raises InvalidSpec for a missing shape/value override, an override naming no argument,
+    an unreadable ``.npz`` file or one lacking a required argument.
+    """
+    import torch
+
+    arguments = script_arguments(module)
+    if data_files:
+        files = sorted(data_files, key=lambda p: p.name)[: cfg.samples]
+        return [_load_args(path, arguments) for path in files]
+    signature: list[tuple[str, list[Any], np.dtype]] = []
+    for name, type_, has_default in arguments:
+        override = cfg.inputs.get(name)
+        tensor = type_ in ("Tensor", "Optional[Tensor]")
+        if override is None and has_default:
+            continue
+        if tensor and (override is None or override.shape is None):
+            raise InvalidSpec(
+                f"spec.validation.inputs.{name}.shape: required to generate the TorchScript "
+                f"input {name!r} (the file records no shapes), or give dataUri"
+            )
+        if not tensor and (override is None or override.value is None):
+            if type_ not in _SCALARS:
+                raise InvalidSpec(f"TorchScript input {name!r} of type {type_}: give dataUri")
+            raise InvalidSpec(
+                f"spec.validation.inputs.{name}.value: required for the {type_} argument "
+                f"{name!r} of forward"
+            )
+        dtype = np.dtype(np.float32 if tensor else _SCALARS[type_])
+        signature.append((name, list(override.shape) if tensor else [], dtype))  # type: ignore[union-attr]
+    feeds = generate_feeds(signature, cfg)
+    kinds = {name: type_ for name, type_, _ in arguments}
+    return [{k: _to_arg(v, kinds[k], torch) for k, v in feed.items()} for feed in feeds]
+
+
+def _to_arg(value: np.ndarray, type_: str, torch: Any) -> Any:
+    if type_ in _SCALARS:
+        return value.item()
+    return torch.from_numpy(np.ascontiguousarray(value))
+
+
+def _load_args(path: Path, arguments: list[tuple[str, str, bool]]) -> Args:
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except Exception as exc:
+        raise InvalidSpec(f"validation data {path.name}: not a readable .npz file ({exc})") from exc
+    args: Args = {}
+    for name, type_, has_default in arguments:
+        if name not in arrays:
+            if has_default:
+                continue
+            raise InvalidSpec(
+                f"validation data {path.name}: no array for forward argument {name!r} "
+                f"(has: {', '.join(sorted(arrays)) or 'none'})"
+            )
+        args[name] = _to_arg(arrays[name], type_, torch)
+    return args
+
+
+def _named(value: Any, name: str, out: dict[str, Any]) -> None:
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _named(item, f"{name}_{i}", out)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _named(item, str(key), out)
+    elif value is not None:
+        out[name] = value
+
+
+def _numpy(value: Any, torch: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; exact in FP32
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def run_script(
+    module: Any, samples: Sequence[Args], feedback: dict[str, str], device: str
+) -> list[dict[str, np.ndarray]]:
+    """Run ``module`` on each sample in order (after ``reset_states()`` when it has one);
+    one ``{output name: array}`` per sample. With ``feedback``, output ``X`` of step i
+    replaces argument ``feedback[X]`` of step i+1.
+
+    Raises InvalidSpec for feedback names the module lacks, RuntimeError("sample i: ...")
+    when the module fails on a sample.
+    """
+    import torch
+
+    if module._c._has_method("reset_states"):
+        module.reset_states()
+    names = {n for n, _, _ in script_arguments(module)}
+    results: list[dict[str, np.ndarray]] = []
+    previous: dict[str, Any] = {}
+    with torch.inference_mode():
+        for i, sample in enumerate(samples):
+            args = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()
+            }
+            for out, inp in feedback.items() if previous else ():
+                args[inp] = previous[out]
+            try:
+                raw: dict[str, Any] = {}
+                _named(module(**args), "output", raw)
+            except Exception as exc:
+                raise RuntimeError(f"sample {i}: {' '.join(str(exc).split())[-600:]}") from exc
+            for out, inp in feedback.items():
+                if out not in raw or inp not in names:
+                    raise InvalidSpec(
+                        f"spec.validation.feedback.{out}: the module has no output {out!r} or "
+                        f"no argument {inp!r} (outputs: {', '.join(raw)}; arguments: "
+                        f"{', '.join(sorted(names))})"
+                    )
+            previous = raw
+            results.append({k: _numpy(v, torch) for k, v in raw.items()})
+    return results
+
+
+def latency_ms(module: Any, sample: Args, runs: int, warmup: int, device: str) -> float:
+    """Median wall time of one ``module(**sample)`` call in ms (CUDA synchronized)."""
+    import torch
+
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            module(**args)
+            sync()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times))
+
+
+class TorchScriptValidator:
+    """Runs the original TorchScript module once at construction (so a bad validation spec
+    fails before converting); :meth:`validate` compares a converted file with it."""
+
+    kind = "outputs"
+    probe = None
+
+    def __init__(
+        self,
+        original: Path,
+        cfg: ValidationConfig,
+        tolerance: Tolerance,
+        data_files: list[Path],
+        *,
+        cpu_only: bool = False,
+    ) -> None:
+        import torch
+
+        from kquant_job.passes.torch_script import load_script
+
+        self.original, self.cfg, self.tolerance = Path(original), cfg, tolerance
+        self.device = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
+        self.providers = [f"torch-{self.device}"]
+        self.module = load_script(self.original, self.original.name, self.device)
+        self.samples = prepare_args(self.module, cfg, data_files)
+        if not self.samples:
+            raise InvalidSpec(f"no validation samples for {self.original.name}")
+        try:
+            self.outputs = run_script(self.module, self.samples, cfg.feedback, self.device)
+        except RuntimeError as exc:
+            raise InvalidSpec(
+                f"the original module {self.original.name} fails on the validation inputs "
+                f"({exc}); set spec.validation.inputs or check dataUri"
+            ) from exc
+
+    def validate(self, converted: Path) -> ValidationOutcome:
+        """Compare ``converted`` with the original on every sample; never raises for the
+        converted module's faults (load/run failure gives ``passed=False``)."""
+        from kquant_job.passes.torch_script import load_script
+
+        cfg = self.cfg
+        common: dict[str, Any] = dict(
+            samples=len(self.samples),
+            device=self.device,
+            provider=self.providers[0],
+            tolerance=self.tolerance,
+            original_bytes=self.original.stat().st_size,
+            quantized_bytes=Path(converted).stat().st_size,
+            feedback=dict(cfg.feedback),
+        )
+        try:
+            module = load_script(Path(converted), Path(converted).name, self.device)
+            outputs = run_script(module, self.samples, cfg.feedback, self.device)
+        except Exception as exc:
+            error = f"converted module failed: {' '.join(str(exc).split())[:600]}"
+            return ValidationOutcome(
+                passed=False, metrics={}, violations=[error], error=error, **common
+            )
+        metrics = compare_outputs(self.outputs, outputs)
+        violations = check_tolerance(metrics, self.tolerance)
+        first = self.samples[0]
+        latency = {
+            "original": latency_ms(
+                self.module, first, cfg.latencyRuns, cfg.warmupRuns, self.device
+            ),
+            "quantized": latency_ms(module, first, cfg.latencyRuns, cfg.warmupRuns, self.device),
+        }
+        return ValidationOutcome(
+            passed=not violations,
+            metrics={m.name: m for m in metrics},
+            violations=violations,
+            latency_ms=latency,
+            **common,
+        )

@@ -1,0 +1,113 @@
+"""One validator per model format, behind one small interface the pipeline uses.
+
+- ONNX and TorchScript can run: their outputs are compared on the same inputs
+  (``kind = "outputs"``; :class:`OnnxValidator`, :class:`~kquant_job.validate.torch_outputs.
+  TorchScriptValidator`).
+- A bare state dict or a safetensors file cannot run without its code: its tensors are
+  compared instead (``kind = "tensors"``; :class:`~kquant_job.validate.tensors.
+  TensorValidator`).
+
+A validator is built *before* the conversion (so a validation spec the original cannot run
+on fails fast, and self-repairing passes get its ``probe``) and checks the converted file
+after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from kquant_api import ModelFormat, Precision, QuantizationJobSpec
+from kquant_job.passes.base import Probe
+from kquant_job.validate.compare import Reference, ValidationOutcome, validate_onnx
+from kquant_job.validate.inputs import prepare_feeds
+
+
+class Validator(Protocol):
+    """Checks converted files against one original model."""
+
+    kind: str  # "outputs" (the model ran) or "tensors" (weights compared)
+    providers: list[str]  # onnxruntime execution providers (or torch-<device>) used
+    probe: Probe | None  # quick check for self-repairing passes, when the model can run
+
+    def validate(self, converted: Path) -> Any:
+        """The outcome: ``passed``, ``violations``, ``summary()``, ``to_report()``."""
+        ...
+
+
+class OnnxValidator:
+    """Runs the original ONNX model once on the validation feeds (:class:`Reference`)."""
+
+    kind = "outputs"
+
+    def __init__(self, original: Path, spec: QuantizationJobSpec, data_files: list[Path]) -> None:
+        feeds = prepare_feeds(original, spec.validation, data_files)
+        self.reference = Reference(original, feeds, spec.validation, spec.tolerance)
+        self.spec = spec
+        self.probe: Probe | None = self.reference.probe
+        self.providers = self.reference.providers
+
+    def validate(self, converted: Path) -> ValidationOutcome:
+        """:func:`validate_onnx` against the reference."""
+        ref = self.reference
+        return validate_onnx(
+            ref.original,
+            converted,
+            ref.feeds,
+            self.spec.validation,
+            self.spec.tolerance,
+            reference=ref,
+        )
+
+
+def make_validator(
+    fmt: ModelFormat, original: Path, spec: QuantizationJobSpec, data_files: list[Path]
+) -> Validator:
+    """The validator for a model of format ``fmt`` at ``original``.
+
+    Raises what the validators raise for the original (InvalidSpec for inputs it cannot run
+    on; PassError CorruptModel/UnsafeModel when it does not load).
+    """
+    if fmt is ModelFormat.onnx:
+        return OnnxValidator(original, spec, data_files)
+    if fmt is ModelFormat.torchscript:
+        from kquant_job.validate.torch_outputs import TorchScriptValidator
+
+        cpu_only = spec.quantization.precision is Precision.int8
+        return TorchScriptValidator(
+            original, spec.validation, spec.tolerance, data_files, cpu_only=cpu_only
+        )
+    from kquant_job.validate.tensors import TensorValidator
+
+    return TensorValidator(original, fmt)
+
+
+def log_rows(outcome: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Lines for the job log: per output (outputs), or the worst tensors (tensors)."""
+    if isinstance(outcome, ValidationOutcome):
+        return [
+            (
+                f"  output {name}",
+                {
+                    "maxAbsError": _g(m.maxAbsError),
+                    "meanAbsError": _g(m.meanAbsError),
+                    "cosineSimilarity": _g(m.cosineSimilarity),
+                    "newNonFinite": m.newNonFinite,
+                },
+            )
+            for name, m in outcome.metrics.items()
+        ]
+    report = outcome.to_report()
+    totals = {
+        k: report[k] for k in ("tensors", "tensorsCast", "overflowValues", "flushToZeroValues")
+    }
+    rows = [("  tensors", totals)]
+    for m in report["worst"][:3]:
+        rows.append(
+            (f"  tensor {m['name']}", {k: _g(m[k]) for k in ("maxAbsError", "maxRelError")})
+        )
+    return rows
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
