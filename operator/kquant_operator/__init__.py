@@ -8,3 +8,7 @@ Thin kopf handlers (:mod:`kquant_operator.handlers`, registered on import, so
 
 Imports the shared API only: never torch, onnx or the worker.
 """
+
+from kquant_operator import handlers  # registers the handlers with kopf on import
+
+__all__ = ["handlers"]

@@ -1,0 +1,271 @@
+"""Thin kopf handlers: QuantizationJob -> batch/v1 Job -> QuantizationJob status.
+
+The decisions live in pure functions (:func:`~kquant_operator.jobs.build_job`,
+:func:`~kquant_operator.status.derive_status`, :func:`~kquant_operator.status.events_for`);
+these handlers only read and write the API:
+
+- create/resume: build the Job of the CR's generation and create it under its
+  deterministic name; an existing Job of that name (409 AlreadyExists, e.g. after an operator
+  restart) is adopted, never duplicated. A generation that already has a final verdict gets
+  no Job (its Job may be gone after ``ttlSecondsAfterFinished``).
+- spec change (new generation): delete the previous generations' Jobs (propagation
+  Background), then create the new one.
+- Job events: read the owner CR and the Job's pods, write ``derive_status`` to the CR's
+  status subresource (merge patch, guarded by ``resourceVersion``) and post its Events.
+- an invalid spec: status Failed/InvalidSpec, a Warning Event (Failed), ``kopf.PermanentError``;
+  no Job.
+
+Deletion needs no handler and no finalizer: the Job's ownerReference (controller, uid) lets
+Kubernetes' garbage collector remove the Job and its pods with the CR.
+
+Start: ``kopf run -m kquant_operator --standalone --all-namespaces`` (or ``--namespace NS``
+per namespace) ``--liveness=http://0.0.0.0:8080/healthz``; settings from ``KQUANT_*``
+variables (:mod:`kquant_operator.settings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, NoReturn
+
+import kopf
+
+from kquant_api import API_VERSION, KIND
+from kquant_operator.jobs import (
+    LABEL_GENERATION,
+    LABEL_NAME,
+    InvalidQuantizationJob,
+    build_job,
+    label_value,
+    to_plain,
+)
+from kquant_operator.kube import ApiError, Kube, path
+from kquant_operator.settings import OperatorSettings
+from kquant_operator.status import (
+    derive_status,
+    events_for,
+    invalid_spec_status,
+    is_finished,
+    status_patch,
+)
+
+GROUP, VERSION = API_VERSION.split("/")
+PLURAL = "quantizationjobs"
+RETRY_DELAY = 10.0  # seconds before kopf retries a handler after a transient API error
+STATUS_ATTEMPTS = 8  # event handlers are not retried by kopf: retry status writes inline
+
+
+def _qjob_path(namespace: str, name: str, sub: str = "") -> str:
+    return path(GROUP, VERSION, PLURAL, namespace, name, sub)
+
+
+def _jobs_path(namespace: str, name: str = "") -> str:
+    return path("batch", "v1", "jobs", namespace, name)
+
+
+def _raise_for(exc: ApiError, what: str) -> NoReturn:
+    """Turn an API error into kopf's retry decision."""
+    if exc.status == 409:  # a concurrent write: retry soon with a fresh object
+        raise kopf.TemporaryError(f"{what}: {exc}", delay=1.0) from None
+    if exc.transient:
+        raise kopf.TemporaryError(f"{what}: {exc}", delay=RETRY_DELAY) from None
+    raise kopf.PermanentError(f"{what}: {exc}") from None
+
+
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Start-up: kopf's settings set explicitly, and our settings and API client in memo.
+
+    Progress and the diff base live in annotations (``kquant.io/...``), so ``status`` is
+    ours alone. Events: only the explicit ones (JobCreated, Succeeded, ValidationFailed,
+    Failed), not kopf's log lines. Peering is off unless ``--peering`` asks.
+    """
+    ours = OperatorSettings.from_env()  # a malformed variable stops the operator here
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kquant.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kquant.io", key="last-handled-configuration"
+    )
+    settings.posting.enabled = True
+    settings.posting.loggers = False
+    settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "kquant-operator"
+    if not settings.peering.mandatory:  # ``kopf run --peering NAME`` makes it mandatory
+        settings.peering.standalone = True
+    settings.watching.server_timeout = 300  # renew watches every 5 minutes
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    settings.watching.label_selectors["batch", "v1", "jobs"] = LABEL_NAME  # only our Jobs
+    if ours.watch_namespaces:
+        # Namespaced mode runs with namespaced RBAC: no cluster-wide listing of namespaces and
+        # CRDs (kopf would retry the 403s for ~1 minute before serving the given namespaces).
+        settings.scanning.disabled = True
+    memo.settings = ours
+    memo.kube = Kube.from_environment()
+
+
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    """Clean-up: release the API client's connections."""
+    kube = memo.get("kube")
+    if kube is not None:
+        kube.close()
+
+
+def in_scope(namespace: str | None, memo: kopf.Memo, **_: Any) -> bool:
+    """Handle only the namespaces of ``KQUANT_WATCH_NAMESPACES`` (all when it is empty)."""
+    ours: OperatorSettings | None = memo.get("settings")
+    return ours is None or ours.cluster_wide or namespace in ours.watch_namespaces
+
+
+async def _write_status(kube: Kube, qjob: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Merge-patch ``new`` into the CR's status unless it is already there; guarded by the
+    CR's resourceVersion (409 Conflict when someone wrote in between). True if written."""
+    old = qjob.get("status") or {}
+    patch = status_patch(old, new)
+    if all(old.get(k) == v for k, v in patch.items()):
+        return False
+    meta = qjob["metadata"]
+    body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
+    await kube.merge_patch(_qjob_path(meta["namespace"], meta["name"], "status"), body)
+    for etype, reason, message in events_for(old, new):
+        kopf.event(qjob, type=etype, reason=reason, message=message)
+    return True
+
+
+async def _create_or_adopt(kube: Kube, manifest: dict[str, Any], owner_uid: str) -> bool:
+    """Create the Job; on 409 adopt the existing one if this CR owns it. True if created."""
+    meta = manifest["metadata"]
+    try:
+        await kube.create(_jobs_path(meta["namespace"]), manifest)
+        return True
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+    try:
+        existing = await kube.get(_jobs_path(meta["namespace"], meta["name"]))
+    except ApiError as exc:
+        if exc.status == 404:  # deleted since the 409: create it on the next try
+            raise kopf.TemporaryError(f"Job {meta['name']} vanished", delay=1.0) from None
+        raise
+    owners = existing.get("metadata", {}).get("ownerReferences") or []
+    if any(ref.get("uid") == owner_uid for ref in owners):
+        return False
+    if any(ref.get("kind") == KIND for ref in owners):
+        # A same-named CR was deleted and re-created: wait for the collector to remove its Job.
+        raise kopf.TemporaryError(f"Job {meta['name']} of a previous object is being deleted")
+    raise kopf.PermanentError(f"Job {meta['name']} exists and is not owned by this object")
+
+
+async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """Create (or adopt) the Job of the CR's current generation."""
+    kube: Kube = memo.kube
+    qjob = to_plain(body)
+    meta = qjob["metadata"]
+    if is_finished(qjob):
+        logger.info("generation %s already finished: no Job", meta.get("generation"))
+        return
+    try:
+        manifest = build_job(qjob, memo.settings)
+    except InvalidQuantizationJob as exc:
+        await _reject(kube, qjob, str(exc))
+    manifest["metadata"]["namespace"] = meta["namespace"]
+    jname = manifest["metadata"]["name"]
+    try:
+        created = await _create_or_adopt(kube, manifest, meta["uid"])
+    except ApiError as exc:
+        if exc.status in (400, 422):  # the API server rejected what the spec produced
+            await _reject(kube, qjob, f"the API server rejected Job {jname}: {exc.message}")
+        _raise_for(exc, f"creating Job {jname}")
+    if created:
+        kopf.info(body, reason="JobCreated", message=f"created Job {jname}")
+        logger.info("created Job %s", jname)
+    else:
+        logger.info("adopted existing Job %s", jname)
+
+
+async def _reject(kube: Kube, qjob: dict[str, Any], message: str) -> NoReturn:
+    """Record an invalid spec (status; its Warning Event "Failed: InvalidSpec: ...") and
+    stop retrying."""
+    try:
+        await _write_status(kube, qjob, invalid_spec_status(qjob, message))
+    except ApiError as exc:
+        _raise_for(exc, "writing the status")
+    raise kopf.PermanentError(f"invalid spec: {message}")
+
+
+async def replace_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A new generation: delete the Jobs of older generations, then create its own."""
+    kube: Kube = memo.kube
+    meta = body["metadata"]
+    namespace, name, generation = meta["namespace"], meta["name"], str(meta["generation"])
+    try:
+        jobs = await kube.list(_jobs_path(namespace), f"{LABEL_NAME}={label_value(name)}")
+        for job in jobs:
+            jmeta = job["metadata"]
+            owned = any(r.get("uid") == meta["uid"] for r in jmeta.get("ownerReferences") or [])
+            if owned and (jmeta.get("labels") or {}).get(LABEL_GENERATION) != generation:
+                try:
+                    await kube.delete(_jobs_path(namespace, jmeta["name"]))
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                logger.info("deleted Job %s of an older generation", jmeta["name"])
+    except ApiError as exc:
+        _raise_for(exc, "deleting the previous generation's Job")
+    await ensure_job(body=body, memo=memo, logger=logger)
+
+
+def _owner(job: kopf.Body) -> dict[str, Any] | None:
+    for ref in job.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION and ref.get("uid"):
+            return dict(ref)
+    return None
+
+
+async def job_event(
+    event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """A change of one of our Jobs: recompute and write the owner's status."""
+    owner = _owner(body)
+    if event.get("type") == "DELETED" or owner is None:
+        return
+    kube: Kube = memo.kube
+    namespace = body["metadata"]["namespace"]
+    for attempt in range(STATUS_ATTEMPTS):
+        try:
+            qjob = await kube.get(_qjob_path(namespace, owner["name"]))
+            qmeta = qjob.get("metadata") or {}
+            labels = body["metadata"].get("labels") or {}
+            if qmeta.get("uid") != owner["uid"]:
+                return  # the owner is gone (or was re-created): the collector takes the Job
+            if labels.get(LABEL_GENERATION) != str(qmeta.get("generation")):
+                return  # an older generation's Job, being replaced
+            selector = ",".join(f"{k}={labels[k]}" for k in (LABEL_NAME, LABEL_GENERATION))
+            pods = await kube.list(path("", "v1", "pods", namespace), selector)
+            await _write_status(kube, qjob, derive_status(qjob, to_plain(body), pods))
+            return
+        except ApiError as exc:
+            if exc.status == 404:
+                return  # the CR was deleted
+            if exc.status != 409 and not exc.transient:
+                logger.error("cannot write the status of %s: %s", owner["name"], exc)
+                return
+            if exc.status != 409:  # a conflict retries at once, with a fresh read
+                await asyncio.sleep(min(0.2 * 2**attempt, RETRY_DELAY))
+    logger.error("status of %s not written after %d attempts", owner["name"], STATUS_ATTEMPTS)
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Register every handler into ``registry`` (tests pass a fresh one per operator run)."""
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(close)
+    for cause in (kopf.on.create, kopf.on.resume):
+        cause(GROUP, VERSION, PLURAL, when=in_scope, registry=registry)(ensure_job)
+    kopf.on.update(GROUP, VERSION, PLURAL, field="spec", when=in_scope, registry=registry)(
+        replace_job
+    )
+    kopf.on.event(
+        "batch", "v1", "jobs", labels={LABEL_NAME: kopf.PRESENT}, when=in_scope, registry=registry
+    )(job_event)
+
+
+register(kopf.get_default_registry())  # ``kopf run -m kquant_operator`` finds them on import
