@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "kquant.io/v1alpha1"
@@ -498,3 +498,17 @@ class QuantizationJob(_Model):
     status: dict[str, Any] | None = Field(
         None, description="Written by the operator only; ignored on input."
     )
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """A pydantic error as one line per problem, ``field.path: message``, joined by '; '.
+
+    Shared by the worker (InvalidSpec) and the operator (status reason InvalidSpec), so both
+    name a bad field the same way. Our own validators already start with the field path.
+    """
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(msg if msg.startswith("spec.") else f"{path}: {msg}")
+    return "; ".join(lines)

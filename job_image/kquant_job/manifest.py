@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from kquant_api import API_VERSION, KIND, QuantizationJob
+from kquant_api.spec import format_validation_error
 from kquant_job.errors import InvalidSpec
 
 
@@ -57,14 +58,3 @@ def parse_job(doc: Any, origin: str = "manifest") -> QuantizationJob:
         return QuantizationJob.model_validate(doc)
     except ValidationError as exc:
         raise InvalidSpec(f"{origin}: {format_validation_error(exc)}") from None
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per error: ``field.path: message``."""
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        # Our own validators already name the field; avoid "spec.x: spec.x.y: ..."
-        lines.append(msg if msg.startswith("spec.") else f"{path}: {msg}")
-    return "; ".join(lines)

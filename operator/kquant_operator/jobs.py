@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kquant_api import API_VERSION, KIND, NON_RETRIABLE_EXIT_CODES, QuantizationJob
-from kquant_api.spec import ObjectMeta
+from kquant_api.spec import ObjectMeta, format_validation_error
 from kquant_operator.settings import OperatorSettings, normalize_resources, quantity
 
 WORKER_CONTAINER = "worker"
@@ -103,15 +103,6 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(msg if msg.startswith("spec.") else f"{path}: {msg}")
-    return "; ".join(lines)
-
-
 def parse_qjob(qjob: Mapping[str, Any]) -> QuantizationJob:
     """Validate a QuantizationJob object as the API server returns it.
 
@@ -121,7 +112,7 @@ def parse_qjob(qjob: Mapping[str, Any]) -> QuantizationJob:
     try:
         return QuantizationJob.model_validate(to_plain(qjob))
     except ValidationError as exc:
-        raise InvalidQuantizationJob(_format_errors(exc)) from None
+        raise InvalidQuantizationJob(format_validation_error(exc)) from None
 
 
 def _or(value: Any, default: Any) -> Any:
