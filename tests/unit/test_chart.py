@@ -1,0 +1,366 @@
+"""The Helm chart (charts/kquant), rendered by Helm's own engine (helm-python-sdk embeds the
+Helm v4 Go SDK): every manifest validates against the Kubernetes schemas, every value that
+changes a template is exercised, bad values are refused by values.schema.json, and the RBAC
+rules are exactly the API calls the operator makes."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kquant_operator.settings import OperatorSettings
+
+helm = pytest.importorskip("helm_python")
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "kquant"
+K8S_VERSION = "1.31.0"  # the oldest Kubernetes the chart and the operator are tested against
+NAMESPACE = "kquant-system"
+
+
+def render(values: dict[str, Any] | None = None, name: str = "kquant") -> list[dict[str, Any]]:
+    """The chart's manifests (NOTES.txt left out) for ``values``, parsed."""
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values, name=name, namespace=NAMESPACE, is_install=True)
+    docs = []
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def notes(values: dict[str, Any] | None = None) -> str:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values, name="kquant", namespace=NAMESPACE, is_install=True)
+    return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+
+
+def kinds(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (dep,) = kinds(docs, "Deployment")
+    return dep
+
+
+def env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (container,) = deployment(docs)["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def validate_all(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if doc["apiVersion"].startswith("kopf.dev/"):
+            continue  # kopf's own custom resources: not in the Kubernetes schemas
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_chart_metadata_follows_the_package():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version and chart["appVersion"] == version.group(1)
+
+
+def test_chart_crd_is_the_generated_crd():
+    assert (CHART / "crds" / "quantizationjob.yaml").read_bytes() == (
+        ROOT / "crds" / "quantizationjob.yaml"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["speech"], "replicas": 2}])
+def test_helm_lint_strict_finds_no_warning(values):
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{K8S_VERSION}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []  # 2 warning, 3 error
+
+
+def test_every_value_has_a_comment():
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*[A-Za-z][\w./-]*:", line):
+            above = lines[i - 1].strip() if i else ""
+            assert above.startswith("#"), f"values.yaml line {i + 1} has no comment: {line}"
+
+
+def test_default_install_is_cluster_wide_and_valid():
+    docs = render()
+    validate_all(docs)
+    assert {d["kind"] for d in docs} == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+    }
+    dep = deployment(docs)
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert container["image"] == "ghcr.io/kquant/kquant-operator:0.1.0"
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["ports"][0]["containerPort"] == 8080
+    assert container["resources"]["limits"]["memory"]
+    # The operator's own parser accepts what the chart passes, and gets the chart's defaults.
+    settings = OperatorSettings.from_env(env(docs))
+    assert settings.cluster_wide and settings.worker_image == "ghcr.io/kquant/kquant-job:0.1.0"
+    assert settings == OperatorSettings()
+    assert "KQUANT_PEERING" not in env(docs)
+    (binding,) = kinds(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kquant", "namespace": NAMESPACE}
+    ]
+    assert "every namespace" in notes()
+
+
+def test_namespaced_install_has_roles_per_namespace_only():
+    docs = render({"watchNamespaces": ["speech", "vision"]})
+    validate_all(docs)
+    assert not kinds(docs, "ClusterRole") and not kinds(docs, "ClusterRoleBinding")
+    roles, bindings = kinds(docs, "Role"), kinds(docs, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["speech", "vision"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["speech", "vision"]
+    assert OperatorSettings.from_env(env(docs)).watch_namespaces == ("speech", "vision")
+    assert "speech, vision" in notes({"watchNamespaces": ["speech", "vision"]})
+
+
+def test_worker_defaults_reach_the_operator():
+    worker = {
+        "image": {"repository": "registry.local/kq/job", "tag": "dev", "pullPolicy": "Always"},
+        "resources": {"limits": {"nvidia.com/gpu": 2, "memory": "32Gi"}},
+        "nodeSelector": {"gpu": "a100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "queueName": "gpu-queue",
+        "priorityClassName": "batch-low",
+        "ttlSecondsAfterFinished": 0,
+        "activeDeadlineSeconds": 10_000_000,
+        "backoffLimit": 0,
+        "workVolumeSize": "200Gi",
+        "tmpVolumeSize": "2Gi",
+    }
+    docs = render({"worker": worker})
+    validate_all(docs)
+    s = OperatorSettings.from_env(env(docs))
+    assert s.worker_image == "registry.local/kq/job:dev" and s.image_pull_policy == "Always"
+    assert s.default_resources == {"limits": {"memory": "32Gi", "nvidia.com/gpu": "2"}}
+    assert s.default_node_selector == {"gpu": "a100"}
+    assert s.default_tolerations == worker["tolerations"]
+    assert s.default_queue_name == "gpu-queue" and s.default_priority_class_name == "batch-low"
+    assert (s.ttl_seconds_after_finished, s.active_deadline_seconds, s.backoff_limit) == (
+        0,
+        10_000_000,
+        0,
+    )
+    assert (s.work_volume_size, s.tmp_volume_size) == ("200Gi", "2Gi")
+
+
+def test_operator_pod_values_change_the_deployment():
+    values = {
+        "image": {"repository": "registry.local/kq/op", "tag": "dev", "pullPolicy": "Never"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "livenessPort": 9090,
+        "extraArgs": ["--verbose"],
+        "resources": {"requests": {"cpu": "100m"}},
+        "nodeSelector": {"role": "control"},
+        "tolerations": [{"key": "control", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"a": "b"},
+        "podLabels": {"team": "ml"},
+        "serviceAccount": {"create": True, "name": "kq", "annotations": {"x": "y"}},
+    }
+    docs = render(values)
+    validate_all(docs)
+    pod = deployment(docs)["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert container["image"] == "registry.local/kq/op:dev"
+    assert container["imagePullPolicy"] == "Never" and container["args"] == ["--verbose"]
+    assert container["ports"][0]["containerPort"] == 9090
+    assert OperatorSettings.from_env(env(docs)).liveness_port == 9090
+    assert container["resources"]["requests"]["cpu"] == "100m"  # merged with the defaults
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["nodeSelector"] == {"role": "control"} and spec["affinity"]
+    assert spec["tolerations"] == values["tolerations"]
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    assert pod["metadata"]["annotations"] == {"a": "b"}
+    assert pod["metadata"]["labels"]["team"] == "ml"
+    assert spec["serviceAccountName"] == "kq"
+    (sa,) = kinds(docs, "ServiceAccount")
+    assert sa["metadata"]["name"] == "kq" and sa["metadata"]["annotations"] == {"x": "y"}
+
+
+def test_no_rbac_and_existing_service_account():
+    docs = render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}})
+    validate_all(docs)
+    assert {d["kind"] for d in docs} == {"Deployment"}
+    assert deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+
+
+@pytest.mark.parametrize("namespaces", [[], ["speech"]])
+def test_replicas_turn_on_kopf_peering(namespaces):
+    docs = render({"replicas": 2, "watchNamespaces": namespaces})
+    validate_all(docs)
+    dep = deployment(docs)
+    assert dep["spec"]["replicas"] == 2 and env(docs)["KQUANT_PEERING"] == "kquant"
+    kind = "KopfPeering" if namespaces else "ClusterKopfPeering"
+    (peering,) = kinds(docs, kind)
+    assert peering["metadata"]["name"] == "kquant"
+    role = kinds(docs, "Role" if namespaces else "ClusterRole")[0]
+    plural = "kopfpeerings" if namespaces else "clusterkopfpeerings"
+    assert {"apiGroups": ["kopf.dev"], "resources": [plural],
+            "verbs": ["get", "list", "watch", "patch"]} in role["rules"]  # fmt: skip
+    crds = (CHART / "crds" / "kopf-peering.yaml").read_text()
+    assert f"plural: {plural}" in crds
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicas": 0},
+        {"watchNamespaces": ["Not_A_Namespace"]},
+        {"image": {"repository": "x", "tag": "1", "pullPolicy": "Sometimes"}},
+        {"worker": {"resources": {"limits": {"memory": "16GB"}}}},
+        {"worker": {"workVolumeSize": "lots"}},
+        {"worker": {"backoffLimit": -1}},
+        {"livenessPort": 70000},
+        {"unknownKey": True},
+        {"worker": {"nodeSelector": {"gpu": 1}}},
+    ],
+)
+def test_bad_values_are_refused(values):
+    with pytest.raises(helm.HelmValuesError):
+        render(values)
+
+
+# --- RBAC against the code ---------------------------------------------------------------
+
+_VERBS = {"get": "get", "list": "list", "create": "create", "merge_patch": "patch"}
+_VERBS["delete"] = "delete"
+_NOT_API = {"close"}  # Kube methods that make no API call
+
+
+def _resource_of(call: ast.expr) -> tuple[str, str]:
+    """(apiGroup, resource) of a path expression in handlers.py."""
+    assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name), ast.dump(call)
+    if call.func.id == "_qjob_path":
+        sub = "/status" if len(call.args) > 2 else ""
+        return "kquant.io", "quantizationjobs" + sub
+    if call.func.id == "_jobs_path":
+        return "batch", "jobs"
+    if call.func.id == "path":
+        group, _, plural = (ast.literal_eval(a) for a in call.args[:3])
+        return group, plural
+    raise AssertionError(f"unknown path helper {call.func.id}")
+
+
+def code_calls() -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every ``kube.<verb>(<path>)`` call in the operator's
+    modules (kube.py itself is the client)."""
+    calls = set()
+    for module in (ROOT / "operator" / "kquant_operator").glob("*.py"):
+        if module.name != "kube.py":
+            calls |= _calls_in(ast.parse(module.read_text()))
+    return calls
+
+
+def _calls_in(tree: ast.AST) -> set[tuple[str, str, str]]:
+    calls = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "kube"
+            and node.func.attr not in _NOT_API
+        ):
+            assert node.func.attr in _VERBS, f"unmapped client call kube.{node.func.attr}"
+            calls.add((*_resource_of(node.args[0]), _VERBS[node.func.attr]))
+    return calls
+
+
+# kopf's own calls, for the handlers registered in handlers.register(): list+watch of the
+# watched resources (quantizationjobs, jobs), patch of the CR's annotations (progress and
+# diff-base storage), core/v1 Events (kopf.event / kopf.info). Cluster-wide kopf also follows
+# CRDs (settings.scanning, off in namespaced mode).
+KOPF_CALLS = {
+    ("kquant.io", "quantizationjobs", "list"),
+    ("kquant.io", "quantizationjobs", "watch"),
+    ("kquant.io", "quantizationjobs", "patch"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "watch"),
+    ("", "events", "create"),
+}
+KOPF_CLUSTER_CALLS = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+
+
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def test_the_code_makes_the_calls_this_test_knows():
+    calls = code_calls()
+    # Guards the scan itself: these calls are in handlers.py today.
+    assert ("kquant.io", "quantizationjobs/status", "patch") in calls
+    assert ("", "pods", "list") in calls and ("batch", "jobs", "create") in calls
+
+
+@pytest.mark.parametrize("namespaces", [[], ["speech", "vision"]])
+def test_rbac_grants_exactly_the_calls_of_the_operator(namespaces):
+    docs = render({"watchNamespaces": namespaces})
+    roles = kinds(docs, "Role" if namespaces else "ClusterRole")
+    expected = code_calls() | KOPF_CALLS | (set() if namespaces else KOPF_CLUSTER_CALLS)
+    for role in roles:
+        assert granted(role) == expected
+        assert not any("secrets" in rule["resources"] for rule in role["rules"])
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_entrypoint_turns_the_chart_env_into_kopf_arguments(tmp_path, replicas):
+    """operator/entrypoint.sh with the Deployment's env: a stand-in `kopf` prints its args."""
+    kopf = tmp_path / "kopf"
+    kopf.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    kopf.chmod(0o755)
+    docs = render({"replicas": replicas, "watchNamespaces": ["speech", "vision"]})
+    run = subprocess.run(
+        ["sh", str(ROOT / "operator" / "entrypoint.sh"), "--verbose"],
+        env={**env(docs), "PATH": f"{tmp_path}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    args = run.stdout.split()
+    assert args[:2] == ["run", "-m"] and "--namespace=speech" in args and args[-1] == "--verbose"
+    assert "--namespace=vision" in args and "--liveness=http://0.0.0.0:8080/healthz" in args
+    if replicas > 1:
+        assert "--peering=kquant" in args and "--standalone" not in args
+    else:
+        assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
+
+
+def test_a_null_value_drops_a_default_key():
+    """Helm merges maps; the documented way to a CPU-only default is a null GPU limit."""
+    docs = render({"worker": {"resources": {"limits": {"nvidia.com/gpu": None, "cpu": "4"}}}})
+    assert OperatorSettings.from_env(env(docs)).default_resources == {"limits": {"cpu": "4"}}
