@@ -107,13 +107,22 @@ class Int8Settings:
 
 
 def fallback_ladder(
-    base: Int8Settings, supported: frozenset[str], present: set[str]
+    base: Int8Settings,
+    supported: frozenset[str],
+    present: set[str],
+    output_layers: tuple[str, ...] = (),
 ) -> list[tuple[str, Int8Settings]]:
     """The settings to try in order when a probe is given: as requested; then per-channel
     weight scales (if not asked already); then only the dense op types (MatMul, Gemm, LSTM,
     GRU, Attention) kept quantized and the rest (typically Conv) left float, if that changes
-    anything. ``supported``: op types the quantizer handles; ``present``: op types in the
-    model. Each step keeps the previous step's changes."""
+    anything; then ``output_layers`` (the weighted nodes that produce the model's outputs,
+    see :func:`output_layers`) left float too, if any is not excluded already. Keeping the
+    output layer (logits, a classifier) float is the usual mixed-precision remedy: its
+    rounding error reaches the outputs with nothing after it to average it out (measured on
+    the corpus' Whisper-style decoder, tied-embedding logits: static QDQ mean abs error
+    0.076 with every MatMul INT8, 0.02 with the logits MatMul float). ``supported``: op
+    types the quantizer handles; ``present``: op types in the model. Each step keeps the
+    previous step's changes."""
     steps = [("requested", base)]
     if not base.per_channel:
         steps.append(("perChannel", replace(steps[-1][1], per_channel=True)))
@@ -121,7 +130,37 @@ def fallback_ladder(
     dense = tuple(t for t in DENSE_OP_TYPES if t in effective)
     if dense and set(dense) != effective:
         steps.append(("denseOpsOnly", replace(steps[-1][1], op_types=dense)))
+    excluded = steps[-1][1].nodes_to_exclude
+    extra = tuple(n for n in output_layers if n not in excluded)
+    if extra:
+        steps.append(
+            ("outputLayersFloat", replace(steps[-1][1], nodes_to_exclude=excluded + extra))
+        )
     return steps
+
+
+def output_layers(model: ModelProto, op_types: set[str], depth: int = 4) -> tuple[str, ...]:
+    """Main-graph nodes of ``op_types`` (weighted ops) that produce a graph output, directly
+    or through at most ``depth`` weight-free nodes (bias Add, Reshape, Transpose, Softmax...).
+    Empty when they would be every node of ``op_types`` (nothing would stay quantized)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    found: list[str] = []
+    frontier = [o.name for o in model.graph.output]
+    for _ in range(depth + 1):
+        upstream = []
+        for tensor in frontier:
+            node = producer.get(tensor)
+            if node is None:
+                continue
+            if node.op_type in op_types:
+                found.append(node.name)
+            else:
+                upstream += [i for i in node.input if i and i not in initializers]
+        frontier = upstream
+    found = list(dict.fromkeys(found))
+    weighted = [n.name for n in model.graph.node if n.op_type in op_types]
+    return () if set(found) >= set(weighted) else tuple(found)
 
 
 def unknown_names(

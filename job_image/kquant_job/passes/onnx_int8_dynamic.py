@@ -16,10 +16,12 @@ from kquant_api import ModelFormat, QuantizationConfig
 from kquant_job.passes.base import PassContext, PassResult
 from kquant_job.passes.int8_attempts import run_attempts
 from kquant_job.passes.int8_common import (
+    WEIGHTED_OP_TYPES,
     Int8Settings,
     fallback_ladder,
     has_subgraphs,
     op_types_in,
+    output_layers,
     prepare,
     save_localized,
     unknown_names,
@@ -32,7 +34,8 @@ class OnnxInt8DynamicPass:
     Config: ``weightType`` (default QInt8), ``perChannel``, ``reduceRange``,
     ``opTypesToQuantize``, ``nodesToExclude``. With ``ctx.probe`` a candidate that misses
     the tolerance is retried with per-channel weights, then with only MatMul/Gemm/LSTM/GRU/
-    Attention quantized (see :func:`~kquant_job.passes.int8_common.fallback_ladder`).
+    Attention quantized, then with the layers that produce the outputs left float too (see
+    :func:`~kquant_job.passes.int8_common.fallback_ladder`).
     """
 
     name: ClassVar[str] = "onnx-int8-dynamic"
@@ -66,7 +69,9 @@ class OnnxInt8DynamicPass:
                 details["initializersMovedIntoSubgraphs"] = moved
         settings = Int8Settings.from_config(config)
         details["warnings"] = unknown_names(prepared.model, settings, supported)
-        steps = fallback_ladder(settings, supported, op_types_in(prepared.model))
+        present = op_types_in(prepared.model)
+        last = output_layers(prepared.model, set(WEIGHTED_OP_TYPES))
+        steps = fallback_ladder(settings, supported, present, last)
 
         def quantize(s: Int8Settings, out: Path) -> None:
             kwargs = s.ort_kwargs()

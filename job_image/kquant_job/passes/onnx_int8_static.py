@@ -32,10 +32,12 @@ from kquant_job.errors import InvalidSpec, PassError
 from kquant_job.passes.base import PassContext, PassResult
 from kquant_job.passes.int8_attempts import run_attempts
 from kquant_job.passes.int8_common import (
+    WEIGHTED_OP_TYPES,
     Int8Settings,
     fallback_ladder,
     op_types_in,
     ort_quant_type,
+    output_layers,
     prepare,
     unknown_names,
     weighted_nodes_in_subgraphs,
@@ -163,9 +165,9 @@ class OnnxInt8StaticPass:
                 "does not reach; use mode: dynamic",
                 reason=Reason.ConversionFailed,
             )
-        steps = fallback_ladder(
-            settings, supported, op_types_in(prepared.model, include_subgraphs=False)
-        )
+        present = op_types_in(prepared.model, include_subgraphs=False)
+        last = output_layers(prepared.model, set(WEIGHTED_OP_TYPES))
+        steps = fallback_ladder(settings, supported, present, last)
         # Ranges depend on the data only: calibrate once, reuse them for later attempts.
         cache: dict[str, Any] = {}
         if "calibration_cache_path" in inspect.signature(quantize_static).parameters:

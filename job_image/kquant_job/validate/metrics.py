@@ -66,6 +66,8 @@ def compare_output(
 ) -> OutputMetrics:
     """Metrics of output ``name``: ``original[i]`` and ``converted[i]`` are sample i's values
     (any shape; cast to float64). Both sequences have one entry per sample."""
+    original = [as_array(a) for a in original]
+    converted = [as_array(b) for b in converted]
     exact = all(_exact(a) and _exact(b) for a, b in zip(original, converted, strict=True))
     m = OutputMetrics(name=name, exact=exact)
     pairs, owners = [], []
@@ -107,6 +109,17 @@ def compare_output(
     if m.worstSample is None:
         m.worstSample = int(sample_of[both][np.argmax(err)])
     return m
+
+
+def as_array(value: object) -> np.ndarray:
+    """An output as an array. onnxruntime returns a sequence of maps (ZipMap: one
+    ``{class: probability}`` per row, scikit-learn classifiers converted with skl2onnx) as a
+    list of dicts: it becomes a (rows, keys) float array, keys in sorted order."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = sorted(value[0])
+        if all(sorted(v) == keys for v in value):
+            return np.array([[v[k] for k in keys] for v in value], np.float64)
+    return np.asarray(value)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

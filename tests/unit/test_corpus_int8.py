@@ -1,0 +1,135 @@
+"""INT8 dynamic and static on the conversion corpus (tests/corpus): each model ends in a
+candidate that passes the default INT8 tolerance (which fallback step got there is part of
+the expectation), a candidate reported with ``probePassed: False`` (validation then fails
+it), or a classified ConversionFailed. Table-driven: a changed outcome is a regression."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from corpus import CORPUS_NAMES, build_corpus
+from corpus.runs import reference, run_pass
+from onnx import TensorProto, helper, numpy_helper
+
+from kquant_api import Reason
+from kquant_job.errors import PassError
+from kquant_job.passes.int8_common import WEIGHTED_OP_TYPES, output_layers
+
+# name -> outcome: the attempt that passed, "probeFailed" (every step missed the
+# tolerance), or "ConversionFailed: <words of the message>"; onnxruntime 1.31 CPU.
+DYNAMIC: dict[str, str] = {
+    "speech_encoder": "requested",
+    "whisper_tiny": "perChannel",
+    "bert_tiny": "requested",
+    "cnn_upsample": "requested",
+    "lstm_gru": "requested",
+    "control_flow": "requested",  # weights inside Loop/If bodies (EnableSubgraph)
+    "loud_layernorm": "requested",
+    "silero_vad": "denseOpsOnly",  # its Convs break the tolerance; LSTM/MatMul stay INT8
+    "silero_vad_op18_ifless": "denseOpsOnly",
+    "ort_sigmoid": "ConversionFailed: no node of",  # nothing to quantize dynamically
+    "ort_logreg_iris": "ConversionFailed: no node of",
+}
+STATIC: dict[str, str] = {
+    "speech_encoder": "requested",
+    "whisper_tiny": "outputLayersFloat",  # tied-embedding logits MatMul left float
+    "bert_tiny": "requested",
+    "cnn_upsample": "requested",
+    "lstm_gru": "requested",
+    "control_flow": "ConversionFailed: inside If/Loop/Scan subgraphs",
+    "loud_layernorm": "requested",
+    "silero_vad": "ConversionFailed: inside If/Loop/Scan subgraphs",
+    "silero_vad_op18_ifless": "ConversionFailed: inside If/Loop/Scan subgraphs",
+    "ort_sigmoid": "requested",  # QDQ around the activation
+    # onnxruntime's calibrator cannot load its own augmented copy of this ai.onnx.ml model
+    "ort_logreg_iris": "ConversionFailed: no usable INT8 model",
+}
+CASES = [("int8-dynamic", n, DYNAMIC[n]) for n in CORPUS_NAMES] + [
+    ("int8-static", n, STATIC[n]) for n in CORPUS_NAMES
+]
+
+
+def test_tables_cover_the_corpus() -> None:
+    assert set(DYNAMIC) == set(STATIC) == set(CORPUS_NAMES)
+
+
+@pytest.mark.parametrize(("method", "name", "expected"), CASES)
+def test_int8_outcome(method: str, name: str, expected: str, tmp_path: Path) -> None:
+    model = build_corpus()[name]
+    ref = reference(model, method)
+    if expected.startswith("ConversionFailed"):
+        with pytest.raises(PassError) as info:
+            run_pass(model, method, tmp_path, ref.probe)
+        assert info.value.reason is Reason.ConversionFailed
+        assert expected.split(": ", 1)[1] in str(info.value)
+        assert not (tmp_path / "out" / f"{name}.onnx").exists()
+        return
+    result = run_pass(model, method, tmp_path, ref.probe)
+    details = result.details
+    assert details["quantizedNodes"] > 0
+    final = ref.probe(result.output)
+    if expected == "probeFailed":
+        # the whole ladder was tried; the last candidate is reported as failing
+        assert details["probePassed"] is False
+        assert len(details["attempts"]) > 1 and not final.ok
+        assert all(not a["probe"]["ok"] for a in details["attempts"])
+        return
+    assert details["probePassed"] is True
+    assert details["attempts"][-1]["attempt"] == expected
+    assert all(not a.get("probe", {}).get("ok") for a in details["attempts"][:-1])
+    assert final.ok, final.violations
+
+
+@pytest.mark.parametrize(
+    ("method", "name"),
+    [("int8-dynamic", "speech_encoder"), ("int8-dynamic", "silero_vad"),
+     ("int8-static", "whisper_tiny")],
+)  # fmt: skip
+def test_int8_is_deterministic(method: str, name: str, tmp_path: Path) -> None:
+    model = build_corpus()[name]
+    probe = reference(model, method).probe
+    first = run_pass(model, method, tmp_path / "a", probe)
+    second = run_pass(model, method, tmp_path / "b", probe)
+    assert first.output.read_bytes() == second.output.read_bytes()
+
+
+def test_output_layer_left_float_by_the_last_step(tmp_path: Path) -> None:
+    model = build_corpus()["whisper_tiny"]
+    result = run_pass(model, "int8-static", tmp_path, reference(model, "int8-static").probe)
+    last = result.details["attempts"][-1]
+    assert last["attempt"] == "outputLayersFloat"
+    assert last["nodesToExclude"] == ["/MatMul"]  # logits = hidden @ embedding.T
+    assert last["opTypesToQuantize"] == ["MatMul", "Gemm"] and last["perChannel"] is True
+    graph = onnx.load(str(result.output)).graph
+    logits = next(n for n in graph.node if n.name == "/MatMul")
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert all(producers.get(i) != "DequantizeLinear" for i in logits.input)
+
+
+def _chain(*ops: str) -> onnx.ModelProto:
+    """x -> ops[0] -> ops[1] ... -> y, each MatMul with its own 4x4 weight."""
+    nodes, inits, prev = [], [], "x"
+    for i, op in enumerate(ops):
+        inputs = [prev, f"w{i}"] if op == "MatMul" else [prev]
+        if op == "MatMul":
+            inits.append(numpy_helper.from_array(np.eye(4, dtype=np.float32), f"w{i}"))
+        out = "y" if i == len(ops) - 1 else f"t{i}"
+        nodes.append(helper.make_node(op, inputs, [out], name=f"n{i}"))
+        prev = out
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "g", [value("x", TensorProto.FLOAT, [1, 4])],
+        [value("y", TensorProto.FLOAT, [1, 4])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph)
+
+
+def test_output_layers_walks_back_through_weight_free_nodes() -> None:
+    weighted = set(WEIGHTED_OP_TYPES)
+    assert output_layers(_chain("MatMul", "Relu", "MatMul", "Softmax"), weighted) == ("n2",)
+    assert output_layers(_chain("MatMul", "MatMul", "Relu", "Relu"), weighted, depth=1) == ()
+    # the only weighted node: leaving it float would quantize nothing
+    assert output_layers(_chain("Relu", "MatMul", "Tanh"), weighted) == ()
