@@ -21,6 +21,8 @@ from fp16_helpers import (
 from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 
+from kquant_api import Reason
+from kquant_job.errors import PassError
 from kquant_job.passes.onnx_fp16 import DEFAULT_OP_BLOCK_LIST
 from kquant_job.validate.runtime import make_session
 
@@ -36,15 +38,25 @@ EXPECTED: dict[str, tuple[bool, dict[str, float]]] = {
     "silero_vad": (False, {}),
     "silero_vad_op18_ifless": (False, {}),
     "ort_sigmoid": (False, {}),
-    "ort_logreg_iris": (False, {}),  # LinearClassifier/ZipMap: blocked, nothing to convert
 }
+# Every op blocked (LinearClassifier/ZipMap must stay FP32): nothing would be FP16.
+NOTHING_TO_CONVERT = {"ort_logreg_iris"}
 
 
 def test_table_covers_the_corpus() -> None:
-    assert set(EXPECTED) == set(CORPUS_NAMES)
+    assert set(EXPECTED) | NOTHING_TO_CONVERT == set(CORPUS_NAMES)
 
 
-@pytest.mark.parametrize("name", CORPUS_NAMES)
+@pytest.mark.parametrize("name", sorted(NOTHING_TO_CONVERT))
+def test_fp16_refuses_a_model_with_nothing_to_convert(name: str, tmp_path: Path) -> None:
+    model = build_corpus()[name]
+    with pytest.raises(PassError) as err:
+        run_pass(model, "fp16", tmp_path, reference(model, "fp16").probe)
+    assert err.value.reason is Reason.ConversionFailed
+    assert "nothing was converted to FP16" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_fp16_converts_and_passes_default_tolerance(name: str, tmp_path: Path) -> None:
     model = build_corpus()[name]
     ref = reference(model, "fp16")

@@ -127,6 +127,15 @@ class OnnxFp16Pass:
                 reason=Reason.ConversionFailed,
                 attempts=ladder.attempts,
             ) from None
+        if not _computes_in_fp16(found.files[0]):
+            shutil.rmtree(scratch, ignore_errors=True)
+            # The FP32 model under an FP16 name would be a lie (as for INT8): fail, say why.
+            raise PassError(
+                f"{model_in.name}: nothing was converted to FP16: every op is kept FP32 by "
+                f"opBlockList/nodeBlockList (op types: {', '.join(_op_types(base)) or 'none'})",
+                reason=Reason.ConversionFailed,
+                attempts=ladder.attempts,
+            )
         files = _publish(found.files, out_path)
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -231,6 +240,29 @@ def _external(model: ModelProto) -> Iterator[bool]:
     from onnx.external_data_helper import uses_external_data
 
     return (uses_external_data(t) for t in iter_tensors(model))
+
+
+def _computes_in_fp16(model_file: Path) -> bool:
+    """True when the converted model holds an FP16 tensor or casts a value to FP16 (in any
+    graph), i.e. when some op now computes in FP16."""
+    model = load_model(model_file, load_external_data=False)
+    for graph in iter_graphs(model.graph):
+        if any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer):
+            return True
+    for _, node in iter_nodes(model.graph):
+        if node.op_type == "Cast" and any(
+            a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute
+        ):
+            return True
+        if node.op_type == "Constant" and any(
+            a.HasField("t") and a.t.data_type == TensorProto.FLOAT16 for a in node.attribute
+        ):
+            return True
+    return False
+
+
+def _op_types(model: ModelProto) -> list[str]:
+    return sorted({node.op_type for _, node in iter_nodes(model.graph)})
 
 
 def _publish(files: list[Path], out_path: Path) -> list[Path]:
