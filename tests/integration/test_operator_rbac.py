@@ -6,21 +6,17 @@ the ClusterRole that charts/kquant renders, and every rule but one is used.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import attrs
 import kmock
 import pytest
-import yaml
+from chart_helpers import granted, render
 from kube_emulator import QJOBS, KubeEmulator
 from operator_helpers import final_status, wait_for
 from test_operator_loop import NS, canned, example_in, loop_for
 
-helm = pytest.importorskip("helm_python")
-
 pytestmark = [pytest.mark.asyncio]
-CHART = Path(__file__).resolve().parents[2] / "charts" / "kquant"
 VERBS = {
     kmock.action.LIST: "list",
     kmock.action.WATCH: "watch",
@@ -51,18 +47,8 @@ class RecordingEmulator(KubeEmulator):
 
 
 def cluster_role_grants() -> set[tuple[str, str, str]]:
-    with helm.Chart.load(CHART) as chart:
-        out = chart.render(None, name="kquant", namespace="kquant-system", is_install=True)
-    texts = [text for path, text in out.items() if not path.endswith("NOTES.txt")]
-    docs = [d for text in texts for d in yaml.safe_load_all(text) if isinstance(d, dict)]
-    (role,) = [d for d in docs if d.get("kind") == "ClusterRole"]
-    return {
-        (g, r, v)
-        for rule in role["rules"]
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-        for v in rule["verbs"]
-    }
+    (role,) = [d for d in render() if d.get("kind") == "ClusterRole"]
+    return granted(role)
 
 
 @pytest.mark.kmock(cls=RecordingEmulator)

@@ -14,27 +14,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from chart_helpers import CHART, NAMESPACE, granted, helm, render
 
 from kquant_operator.settings import OperatorSettings
 
-helm = pytest.importorskip("helm_python")
-
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "kquant"
 K8S_VERSION = "1.31.0"  # the oldest Kubernetes the chart and the operator are tested against
-NAMESPACE = "kquant-system"
-
-
-def render(values: dict[str, Any] | None = None, name: str = "kquant") -> list[dict[str, Any]]:
-    """The chart's manifests (NOTES.txt left out) for ``values``, parsed."""
-    with helm.Chart.load(CHART) as chart:
-        out = chart.render(values, name=name, namespace=NAMESPACE, is_install=True)
-    docs = []
-    for path, text in out.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        docs += [d for d in yaml.safe_load_all(text) if d]
-    return docs
 
 
 def notes(values: dict[str, Any] | None = None) -> str:
@@ -307,16 +292,6 @@ KOPF_CLUSTER_CALLS = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
 }
-
-
-def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
-    return {
-        (g, r, v)
-        for rule in role["rules"]
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-        for v in rule["verbs"]
-    }
 
 
 def test_the_code_makes_the_calls_this_test_knows():
