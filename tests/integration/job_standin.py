@@ -18,6 +18,10 @@ new, unsuspended Job:
   process is killed);
 - kills a Job's process when the Job is deleted (garbage collection of its Pod).
 
+``pause_at[job_name] = text`` stops the Job's worker (SIGSTOP) when it logs a line containing
+``text``: a pod still busy when its deadline, a kill or an operator restart arrives, whatever
+the machine's speed (``resume`` lets it go on).
+
 A missing Secret key leaves the Pod waiting with CreateContainerConfigError, as the kubelet
 does. With ``canned`` the worker does not run: the Pod ends with the given JobResult.
 """
@@ -29,6 +33,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +91,7 @@ class JobStandIn:
         self.emulator, self.api, self.root, self.canned = emulator, Api(emulator), tmp_path, canned
         self.logs: dict[str, list[str]] = {}
         self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.pause_at: dict[str, str] = {}  # Job name -> log text at which its worker stops
         self.runs: dict[str, asyncio.Task] = {}  # by Job uid
         self._watch_task: asyncio.Task | None = None
         # The worker's credentials come from the Job's env only: none inherited.
@@ -113,6 +119,11 @@ class JobStandIn:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def resume(self, job_name: str) -> None:
+        """SIGCONT a worker stopped by ``pause_at``."""
+        self.pause_at.pop(job_name, None)
+        self.processes[job_name].send_signal(signal.SIGCONT)
 
     def kill(self, job_name: str) -> None:
         """SIGKILL the Job's running worker (as an OOM kill or a node loss would)."""
@@ -294,6 +305,9 @@ class JobStandIn:
             assert proc.stdout is not None
             async for raw in proc.stdout:
                 lines.append(raw.decode(errors="replace"))
+                if self.pause_at.get(jname, "\0") in lines[-1]:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGSTOP)
 
         reader = asyncio.create_task(read())
         late = False

@@ -162,8 +162,8 @@ async def test_example_becomes_a_job_a_validated_model_and_status(loop, s3_serve
 
 FAILURES = {
     # name: (change to the example, expected reason). 8 validation samples keep the runs
-    # short; the deadline case keeps the example's 100 (with 20 timed runs), so that its
-    # worker (about 4 s) is cut at 1 s, mid-run, and never gets to publish.
+    # short. The deadline case's worker is stopped once it has fetched the model (pause_at),
+    # so that the 1 s deadline cuts it mid-run on any machine, before it could publish.
     "missing-source": ({"model": {"uri": "s3://{bucket}/models/absent.onnx"}}, "SourceNotFound"),
     "tolerance": (
         {
@@ -172,10 +172,7 @@ FAILURES = {
         },
         "ValidationFailed",
     ),
-    "deadline": (
-        {"activeDeadlineSeconds": 1, "validation": {"samples": 100, "latencyRuns": 20}},
-        "DeadlineExceeded",
-    ),
+    "deadline": ({"activeDeadlineSeconds": 1}, "DeadlineExceeded"),
 }
 
 
@@ -192,6 +189,8 @@ async def test_failures_end_in_their_reason_with_nothing_published(case, loop, s
         else:
             qjob["spec"][key] = value
     await loop.secret("s3-credentials", s3_server.access_key, s3_server.secret_key)
+    if case == "deadline":
+        loop.kubelet.pause_at[f"{case}-1"] = "fetch: done"
     await loop.apply(qjob)
     status = await loop.final(case)
     assert (status["phase"], status["reason"]) == ("Failed", reason), status
@@ -225,11 +224,11 @@ async def test_worker_killed_mid_run_publishes_nothing(loop, s3_server, bucket):
     client = s3_server.client()
     qjob = example_in(bucket, s3_server.endpoint)
     qjob["spec"]["backoffLimit"] = 0  # a killed pod (exit 137) is retriable: no retry here
-    qjob["spec"]["validation"]["latencyRuns"] = 20  # time enough to kill it before publishing
     upload_silero_example(client, qjob, loop.tmp)
     await loop.secret("s3-credentials", s3_server.access_key, s3_server.secret_key)
-    await loop.apply(qjob)
     jname = "silero-vad-fp16-1"
+    loop.kubelet.pause_at[jname] = "convert: done"  # killed after converting, before publishing
+    await loop.apply(qjob)
     await wait_for(
         lambda: any("convert: done" in line for line in loop.kubelet.logs.get(jname, [])),
         what="the worker to convert",
@@ -263,13 +262,16 @@ async def test_operator_restart_while_a_job_runs_adopts_it(
     async with JobStandIn(kmock, tmp_path / "kubelet") as kubelet:
         loop = Loop(kmock, Api(kmock), kubelet, tmp_path)
         await loop.secret("s3-credentials", s3_server.access_key, s3_server.secret_key)
+        jname = "silero-vad-fp16-1"
+        kubelet.pause_at[jname] = "fetch: done"  # still running while the operator restarts
         async with operator_running(kmock, tmp_path):
             await loop.apply(qjob)
-            await wait_for(lambda: kubelet.logs.get("silero-vad-fp16-1"), what="the worker")
+            await wait_for(lambda: kubelet.logs.get(jname), what="the worker")
             created = ("Normal", "JobCreated")
             await wait_for(lambda: created in loop.events("silero-vad-fp16"), what="the event")
         assert final_status(kmock, NS, "silero-vad-fp16") is None  # stopped mid-run
         assert "adopted existing Job" not in caplog.text
+        kubelet.resume(jname)
         async with operator_running(kmock, tmp_path):
             status = await loop.final("silero-vad-fp16")
     assert "adopted existing Job silero-vad-fp16-1" in caplog.text  # resumed: 409, adopted
