@@ -162,6 +162,7 @@ def _convert_all(
             ctx = PassContext(
                 work_dir=run.work / "scratch" / str(i),
                 probe=validator.probe if validator else None,
+                activation_ranges=getattr(validator, "activation_ranges", None),
                 calibration_files=_files_for(model, calib, run.work / "calibration", many),
             )
             ctx.work_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ another seed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,19 @@ def calibration_files(model: CorpusModel, folder: Path) -> list[Path]:
     return files
 
 
-def run_pass(model: CorpusModel, method: str, work: Path, probe: Probe | None) -> PassResult:
-    """Convert ``model`` with kquant's pass for ``method`` into ``work/out/<name>.onnx``.
+def run_pass(
+    model: CorpusModel,
+    method: str,
+    work: Path,
+    probe: Probe | None,
+    ranges: Callable[[], dict[str, float]] | None = None,
+) -> PassResult:
+    """Convert ``model`` with kquant's pass for ``method`` into ``work/out/<name>.onnx``
+    (``ranges``: the activation ranges FP16 uses, as the worker passes them).
     Raises what the pass raises (PassError ConversionFailed...)."""
     out = work / "out" / f"{model.name}.onnx"
     if method == "fp16":
-        ctx = PassContext(work_dir=work / "scratch", probe=probe)
+        ctx = PassContext(work_dir=work / "scratch", probe=probe, activation_ranges=ranges)
         return OnnxFp16Pass().run(model.path, QuantizationConfig(precision="fp16"), out, ctx)
     if method == "int8-dynamic":
         ctx = PassContext(work_dir=work / "scratch", probe=probe)

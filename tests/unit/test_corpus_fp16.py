@@ -26,18 +26,21 @@ from kquant_job.errors import PassError
 from kquant_job.passes.onnx_fp16 import DEFAULT_OP_BLOCK_LIST
 from kquant_job.validate.runtime import make_session
 
-# name -> (repaired, FP32 initializers kept for range); measured with onnxruntime 1.31 CPU.
-EXPECTED: dict[str, tuple[bool, dict[str, float]]] = {
-    "speech_encoder": (False, {}),
-    "whisper_tiny": (False, {}),
-    "bert_tiny": (False, {}),
-    "cnn_upsample": (False, {"in_norm.running_var": 1e7}),
-    "lstm_gru": (False, {}),
-    "control_flow": (False, {}),
-    "loud_layernorm": (False, {}),  # CPU hides its FP16 overflow: see the test below
-    "silero_vad": (False, {}),
-    "silero_vad_op18_ifless": (False, {}),
-    "ort_sigmoid": (False, {}),
+# The decomposed LayerNorm of loud_layernorm: Pow of ~1e3 activations gives ~6e5.
+LOUD = {"/norm/Pow_output_0", "/norm/ReduceMean_1_output_0", "/norm/Add_output_0"}
+# name -> (repaired, FP32 initializers kept for range, activations kept FP32 for range);
+# measured with onnxruntime 1.31 CPU.
+EXPECTED: dict[str, tuple[bool, dict[str, float], set[str]]] = {
+    "speech_encoder": (False, {}, set()),
+    "whisper_tiny": (False, {}, set()),
+    "bert_tiny": (False, {}, set()),
+    "cnn_upsample": (False, {"in_norm.running_var": 1e7}, set()),
+    "lstm_gru": (False, {}, set()),
+    "control_flow": (False, {}, set()),
+    "loud_layernorm": (False, {}, LOUD),  # found by its ranges; CPU would hide the overflow
+    "silero_vad": (False, {}, set()),
+    "silero_vad_op18_ifless": (False, {}, set()),
+    "ort_sigmoid": (False, {}, set()),
 }
 # Every op blocked (LinearClassifier/ZipMap must stay FP32): nothing would be FP16.
 NOTHING_TO_CONVERT = {"ort_logreg_iris"}
@@ -60,11 +63,13 @@ def test_fp16_refuses_a_model_with_nothing_to_convert(name: str, tmp_path: Path)
 def test_fp16_converts_and_passes_default_tolerance(name: str, tmp_path: Path) -> None:
     model = build_corpus()[name]
     ref = reference(model, "fp16")
-    result = run_pass(model, "fp16", tmp_path, ref.probe)
-    repaired, fp32 = EXPECTED[name]
+    result = run_pass(model, "fp16", tmp_path, ref.probe, ref.activation_ranges)
+    repaired, fp32, activations = EXPECTED[name]
     details = result.details
     assert details["repaired"] is repaired
     assert details["fp32Initializers"] == fp32
+    assert set(details["fp32Activations"]) == activations
+    assert all(v > 65504 / 2 for v in details["fp32Activations"].values())
     # the final block lists are reported: the defaults plus what the ladder added
     assert set(DEFAULT_OP_BLOCK_LIST) <= set(details["opBlockList"])
     assert isinstance(details["nodeBlockList"], list)
@@ -87,11 +92,40 @@ def test_batchnorm_variance_1e7_stays_fp32_and_is_reported(tmp_path: Path) -> No
     assert var.dtype == np.float32 and var.max() == np.float32(1e7)  # not clipped to 65504
 
 
+def test_layernorm_overflow_found_by_activation_ranges_before_converting(
+    tmp_path: Path,
+) -> None:
+    """The original's measured ranges (onnxruntime CPU, FP32) show Pow at ~6e5: the
+    decomposed LayerNorm's Pow, ReduceMean and Add, and the nodes reading their outputs,
+    stay FP32 from the first conversion on, without a repair attempt. onnx's reference
+    evaluator, which computes each op in its declared type as CUDA kernels do, confirms the
+    result is finite and close."""
+    model = build_corpus()["loud_layernorm"]
+    ref = reference(model, "fp16")
+    result = run_pass(model, "fp16", tmp_path, ref.probe, ref.activation_ranges)
+    details = result.details
+    assert details["activationRanges"] == "measured"
+    assert [a["step"] for a in details["attempts"]] == ["convert"]
+    assert {"/norm/Pow", "/norm/ReduceMean_1", "/norm/Add", "/norm/Sqrt"} <= set(
+        details["nodeBlockList"]
+    )
+    feeds = feeds_for(model, 1)[0]
+    ref_out = run(model.path, feeds)[0]
+    got = ReferenceEvaluator(str(result.output)).run(None, feeds)[0]
+    assert np.isfinite(got).all() and rel_error(ref_out, got) < 1e-2
+    # without the ranges the same conversion overflows (inf variance: the output collapses),
+    # which the CPU probe cannot see
+    plain = run_pass(model, "fp16", tmp_path / "plain", None)
+    assert plain.details["activationRanges"] == "not measured"
+    assert rel_error(ref_out, ReferenceEvaluator(str(plain.output)).run(None, feeds)[0]) > 0.1
+
+
 def test_layernorm_overflow_detected_and_repaired(tmp_path: Path) -> None:
-    """Activations of ~1e3 into a decomposed LayerNorm: Pow gives ~1e6, inf in FP16. The
-    probe runs the candidate in onnx's reference evaluator, which computes each op in its
-    declared type as CUDA kernels do (onnxruntime's CPU provider computes these ops in FP32
-    and hides the overflow, hence the table above)."""
+    """Without measured ranges (values inside subgraphs, say) the ladder repairs the same
+    overflow: activations of ~1e3 into a decomposed LayerNorm, Pow gives ~1e6, inf in FP16.
+    The probe runs the candidate in onnx's reference evaluator, which computes each op in
+    its declared type as CUDA kernels do (onnxruntime's CPU provider computes these ops in
+    FP32 and hides the overflow)."""
     model = build_corpus()["loud_layernorm"]
     feeds = feeds_for(model, 1)[0]
     probe = make_probe(model.path, feeds, fp16=True)

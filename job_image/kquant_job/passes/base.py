@@ -38,11 +38,14 @@ Probe = Callable[[Path], ProbeResult]
 @dataclass
 class PassContext:
     """What a pass may use besides its input: a scratch directory, an optional probe (None
-    when validation is disabled), local calibration samples (``.npz`` files) for static
+    when validation is disabled), the original's activation ranges on the validation
+    samples (``{value name: max |x|}``, measured on call; None when validation is disabled
+    or the model cannot run), local calibration samples (``.npz`` files) for static
     quantization, and a logger."""
 
     work_dir: Path
     probe: Probe | None = None
+    activation_ranges: Callable[[], dict[str, float]] | None = None
     calibration_files: list[Path] = field(default_factory=list)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kquant"))
 

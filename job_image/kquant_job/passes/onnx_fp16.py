@@ -4,9 +4,11 @@ loads in onnxruntime and, when a probe is given, stays within the validation tol
 Steps (each one converts the original again with larger block lists and checks the
 candidate: onnxruntime loads it on CPU, then ``ctx.probe`` if given):
 
-0. FP32 tensors that FP16 cannot hold (``|x| > 65504``, inf, nan) are found before the
-   first conversion and their consumers kept FP32; both common converters would clamp
-   them to 65504 without a word.
+0. values FP16 cannot hold are found before the first conversion (onnx_fp16_ranges):
+   FP32 weights with ``|x| > 65504``, inf or nan, which both common converters would clamp
+   to 65504 without a word, and, when ``ctx.activation_ranges`` is given, activations
+   measured beyond half the FP16 range on the validation samples; the nodes producing and
+   reading them are kept FP32;
 1. load errors: the node named in onnxruntime's message is kept FP32;
 2. tolerance violations (or NaN/Inf): groups of numerically fragile op types, one group
    at a time;
@@ -20,7 +22,8 @@ configuration that passed is kept (more nodes FP32 than needed, never a broken m
 The CPU load check finds load errors only: onnxruntime's CPU provider runs most FP16 ops
 in FP32 between Casts it inserts (and drops the Cast pairs between them), so an FP16
 overflow that CUDA kernels produce does not show there. Numeric checks come from
-``ctx.probe``, which runs on the job's GPU when there is one.
+``ctx.probe``, which runs on the job's GPU when there is one, and overflow of measured
+activations from step 0, which holds on any provider.
 """
 
 from __future__ import annotations
@@ -31,9 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import onnx
-from onnx import ModelProto, TensorProto, numpy_helper
+from onnx import ModelProto, TensorProto
 from onnxruntime.transformers import float16 as ort_float16
 
 from kquant_api import ModelFormat, QuantizationConfig, Reason
@@ -48,6 +50,7 @@ from kquant_job.passes.onnx_common import (
     save_model,
 )
 from kquant_job.passes.onnx_fp16_ladder import Ladder, LadderFailed
+from kquant_job.passes.onnx_fp16_ranges import scan_activations, scan_out_of_range
 
 LOG = logging.getLogger("kquant.pass")
 
@@ -70,7 +73,6 @@ DEFAULT_OP_BLOCK_LIST: tuple[str, ...] = tuple(
 CONVERTER = "onnxruntime.transformers.float16"
 MAX_ATTEMPTS = 24
 MAX_SECONDS = 3600.0
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 SPILL_BYTES = 64 * 2**20  # embedded weights beyond this go to a scratch data file
 
 
@@ -102,6 +104,8 @@ class OnnxFp16Pass:
         scratch = ctx.work_dir / "onnx-fp16"
         base, base_dir, named, out_of_range, range_nodes = _prepare(model_in, scratch)
         nodes |= range_nodes
+        fp32_activations, activation_nodes = _activation_block(base, ctx)
+        nodes |= activation_nodes
         unknown = sorted(
             set(config.nodeBlockList or []) - {n.name for _, n in iter_nodes(base.graph)}
         )
@@ -145,6 +149,8 @@ class OnnxFp16Pass:
             "opBlockList": sorted(found.ops),
             "nodeBlockList": sorted(found.nodes),
             "fp32Initializers": dict(sorted(out_of_range.items())),
+            "fp32Activations": fp32_activations,
+            "activationRanges": "measured" if ctx.activation_ranges else "not measured",
             "repaired": len(ladder.attempts) > 1,
             "attempts": ladder.attempts,
             "namedNodes": named,
@@ -188,52 +194,25 @@ def _prepare(
     return base, base_dir, named, out_of_range, range_nodes
 
 
-def scan_out_of_range(model: ModelProto, base_dir: Path) -> tuple[dict[str, float | str], set[str]]:
-    """Find FP32 tensors that FP16 cannot hold: finite ``|x| > 65504``, inf or nan.
-
-    Looks at float initializers of every graph (external data read from ``base_dir`` one
-    tensor at a time) and at tensor attributes of nodes (Constant ``value`` and the like).
-    Returns ``({tensor name: max |x|, or "inf"/"nan"}, node names to keep FP32)``: every
-    consumer of such an initializer, and the node holding such an attribute with the
-    consumers of its output. With all its consumers blocked, onnxruntime's converter leaves
-    an initializer FP32 (float16.py converts an initializer only when its InitializerTracker
-    has fp16_nodes); between blocked nodes the tensor stays FP32 (onnx_fp16_convert).
-    """
-    consumers: dict[str, list[str]] = {}
-    for _, node in iter_nodes(model.graph):
-        for name in node.input:
-            consumers.setdefault(name, []).append(node.name)
-    found: dict[str, float | str] = {}
-    block: set[str] = set()
-    for graph in iter_graphs(model.graph):
-        for init in graph.initializer:
-            if init.data_type == TensorProto.FLOAT:
-                worst = _out_of_range(numpy_helper.to_array(init, str(base_dir)))
-                if worst is not None:
-                    found[init.name] = worst
-                    block.update(consumers.get(init.name, []))
-        for node in graph.node:
-            for attr in node.attribute:
-                if (
-                    attr.type == onnx.AttributeProto.TENSOR
-                    and attr.t.data_type == TensorProto.FLOAT
-                ):
-                    worst = _out_of_range(numpy_helper.to_array(attr.t))
-                    if worst is not None:
-                        found[node.output[0] if node.output else node.name] = worst
-                        block.add(node.name)
-                        for out in node.output:
-                            block.update(consumers.get(out, []))
+def _activation_block(base: ModelProto, ctx: PassContext) -> tuple[dict[str, float], set[str]]:
+    """Activations beyond the FP16 headroom and the nodes to keep FP32 for them (step 0);
+    nothing when ``ctx`` measures no ranges or the measurement fails (then the ladder's
+    probe is the only check)."""
+    if ctx.activation_ranges is None:
+        return {}, set()
+    LOG.info("fp16: measuring activation ranges on the validation samples")
+    try:
+        ranges = ctx.activation_ranges()
+    except Exception as exc:
+        LOG.warning("fp16: activation ranges not measured", extra={"fields": {"error": str(exc)}})
+        return {}, set()
+    found, block = scan_activations(base, ranges)
+    if found:
+        LOG.info(
+            "fp16: keeping activations beyond the FP16 range FP32",
+            extra={"fields": {"values": sorted(found), "nodes": sorted(block)}},
+        )
     return found, block
-
-
-def _out_of_range(values: np.ndarray) -> float | str | None:
-    if values.size == 0:
-        return None
-    if not np.isfinite(values).all():
-        return "nan" if np.isnan(values).any() else "inf"
-    worst = float(np.abs(values).max())
-    return worst if worst > FP16_MAX else None
 
 
 def _external(model: ModelProto) -> Iterator[bool]:

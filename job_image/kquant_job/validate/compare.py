@@ -87,6 +87,14 @@ class Reference:
                 f"({exc}); set spec.validation.inputs / dimensions or check dataUri"
             ) from exc
 
+    def activation_ranges(self, max_samples: int = 8) -> dict[str, float]:
+        """``{value name: max |x|}`` of the original's FP32 values on the first
+        ``max_samples`` samples (:func:`kquant_job.validate.ranges.activation_ranges`)."""
+        from kquant_job.validate.ranges import activation_ranges
+
+        n = min(max_samples, len(self.feeds))
+        return activation_ranges(self.original, self.feeds[:n], self.cfg.feedback, self.providers)
+
     def probe(self, candidate: Path, max_samples: int = 8) -> ProbeResult:
         """Check ``candidate`` on the first ``max_samples`` samples (a stream prefix when
         feedback is set). Never raises: a load or run failure gives ``ok=False`` with the

@@ -45,6 +45,7 @@ class OnnxValidator:
         self.reference = Reference(original, feeds, spec.validation, spec.tolerance)
         self.spec = spec
         self.probe: Probe | None = self.reference.probe
+        self.activation_ranges = self.reference.activation_ranges
         self.providers = self.reference.providers
 
     def validate(self, converted: Path) -> ValidationOutcome:
