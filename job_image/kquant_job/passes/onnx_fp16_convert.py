@@ -22,14 +22,15 @@ stays topologically sorted.
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto
-from onnx.external_data_helper import load_external_data_for_model
 from onnxruntime.transformers import float16 as ort_float16
 
 from kquant_job.passes.onnx_common import CONTROL_FLOW_OPS, inner_nodes, iter_graphs, iter_nodes
+from kquant_job.passes.onnx_external import park_external, restore_external
 
 
 def converter_block_lists(
@@ -62,7 +63,6 @@ def converter_block_lists(
 
 def convert(
     base: ModelProto,
-    base_dir: Path,
     *,
     keep_io_types: bool,
     ops: set[str],
@@ -71,13 +71,15 @@ def convert(
     """A converted copy of ``base`` (whose node names are unique and whose value_info comes
     from shape inference); ``base`` itself is left untouched.
 
-    ``base`` may reference external data in ``base_dir``; the copy loads it before
-    converting. ``ops`` are op types and ``nodes`` node names kept FP32; ``keep_io_types``
-    keeps FP32 model inputs and outputs (Casts at the edges).
+    ``base`` may reference external data: the copy keeps referring to it
+    (tensors typed FLOAT16 there still point at FP32 bytes) and is written with
+    :func:`~kquant_job.passes.onnx_external.save_streaming`, which casts them one at a time.
+    ``ops`` are op types and ``nodes`` node names kept FP32; ``keep_io_types`` keeps FP32
+    model inputs and outputs (Casts at the edges).
     """
     model = ModelProto()
     model.CopyFrom(base)
-    load_external_data_for_model(model, str(base_dir))
+    parked = park_external(model)
     original = {node.name for _, node in iter_nodes(model.graph)}
     conv_ops, conv_nodes = converter_block_lists(model, ops, nodes)
     model = ort_float16.convert_float_to_float16(
@@ -87,6 +89,7 @@ def convert(
         op_block_list=sorted(conv_ops),
         node_block_list=sorted(conv_nodes),
     )
+    restore_external(model, parked)
     _place_inserted_casts(model, original)
     _skip_fp16_round_trips(model, original)
     _retype_fp32_initializers(model)
@@ -231,15 +234,31 @@ def _dedupe_value_info(graph: onnx.GraphProto, drop: set[str]) -> None:
         graph.value_info.extend(kept)
 
 
+# Beyond this many bytes (model file plus data files) the load check runs without graph
+# optimizations: on CPU they constant-fold an FP32 copy of every FP16 weight (a 1.1 GB FP16
+# model peaks at 4.3 GB instead of 1.2 GB).
+UNOPTIMIZED_CHECK_BYTES = 2**30
+
+
 def ort_load_error(path: Path) -> str | None:
-    """None when onnxruntime (CPU, default graph optimizations) can create a session for the
-    model at ``path``, else its error message."""
+    """None when onnxruntime (CPU) can create a session for the model at ``path``, else its
+    error message. Default graph optimizations, except for models over 1 GiB (see
+    UNOPTIMIZED_CHECK_BYTES): graph resolution, type checks and kernel lookup run either
+    way; an error only an optimizer would raise shows in the probe, which runs the model."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the message comes back as an exception
+    if _files_bytes(path) > UNOPTIMIZED_CHECK_BYTES:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         return str(exc)
     return None
+
+
+def _files_bytes(path: Path) -> int:
+    """Bytes of the model file and the files beside it that share its name as a prefix
+    (``<name>.data``: what save_model and save_streaming write)."""
+    return sum(f.stat().st_size for f in path.parent.glob(f"{glob.escape(path.name)}*"))

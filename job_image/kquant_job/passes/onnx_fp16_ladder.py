@@ -13,7 +13,8 @@ from typing import Any
 from onnx import ModelProto
 
 from kquant_job.passes.base import Probe
-from kquant_job.passes.onnx_common import CONTROL_FLOW_OPS, iter_nodes, save_model
+from kquant_job.passes.onnx_common import CONTROL_FLOW_OPS, iter_nodes
+from kquant_job.passes.onnx_external import save_streaming
 from kquant_job.passes.onnx_fp16_convert import convert, converter_block_lists, ort_load_error
 
 LOG = logging.getLogger("kquant.pass")
@@ -187,10 +188,8 @@ class Ladder:
         shutil.rmtree(folder, ignore_errors=True)
         LOG.info("fp16: converting", extra={"fields": {"attempt": index, "step": step}})
         try:
-            model = convert(
-                self.base, self.base_dir, keep_io_types=self.keep_io_types, ops=ops, nodes=nodes
-            )
-            files = save_model(model, folder / self.file_name)
+            model = convert(self.base, keep_io_types=self.keep_io_types, ops=ops, nodes=nodes)
+            files = save_streaming(model, folder / self.file_name, self.base_dir)
             del model
         except Exception as exc:  # a converter bug: more blocking will not help
             shutil.rmtree(folder, ignore_errors=True)
