@@ -112,6 +112,7 @@ def test_streaming_save_writes_an_aligned_data_file_cast_tensor_by_tensor(tmp_pa
     in_memory = onnx.shape_inference.infer_shapes(load_model(source))
     in_memory = convert_graph(in_memory, keep_io_types=True, ops=set(), nodes={"mm2"})
     assert converted.graph.value_info == in_memory.graph.value_info
+
     def wiring(model: onnx.ModelProto) -> list[tuple]:
         return [(n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
 
@@ -122,9 +123,7 @@ def test_streaming_save_writes_an_aligned_data_file_cast_tensor_by_tensor(tmp_pa
     files = save_streaming(converted, tmp_path / "out" / "m.onnx", source.parent, inline_limit=0)
     assert [f.name for f in files] == ["m.onnx", "m.onnx.data"]
     model = onnx.load(str(files[0]), load_external_data=False)
-    offsets = {
-        t.name: {e.key: e.value for e in t.external_data} for t in iter_tensors(model)
-    }
+    offsets = {t.name: {e.key: e.value for e in t.external_data} for t in iter_tensors(model)}
     assert all(int(info["offset"]) % ALIGNMENT == 0 for info in offsets.values())
     assert {info["location"] for info in offsets.values()} == {"m.onnx.data"}
     got = _tensors(files[0])
