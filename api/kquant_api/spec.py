@@ -203,7 +203,7 @@ _INT8_FIELDS = (
 )
 _STATIC_FIELDS = ("activationType", "quantFormat", "calibration")
 _FP16_FIELDS = ("keepIoTypes", "opBlockList", "nodeBlockList", "repair")
-_FLOAT_FIELDS = ("keepFp32",)  # fp16 and bf16 (PyTorch formats)
+_FLOAT_FIELDS = ("keepFp32",)  # fp16 and bf16
 # Normalization statistics: BatchNorm's running variance routinely exceeds FP16's range
 # (65504) or loses its small values, and they are a tiny share of a model's bytes.
 DEFAULT_KEEP_FP32 = ("*.running_mean", "*.running_var")
@@ -263,12 +263,14 @@ class QuantizationConfig(_Model):
     # fp16 / bf16 (PyTorch formats)
     keepFp32: list[str] | None = Field(
         None,
-        description="fp16/bf16, PyTorch formats (state dicts, TorchScript, safetensors): glob "
-        "patterns of parameter/buffer names kept FP32, matched on the dotted name (e.g. "
-        "encoder.0.norm.running_var) or any dotted suffix of it. Default: normalization "
+        description="fp16/bf16: glob patterns of parameter/buffer names kept FP32, matched "
+        "on the dotted name (e.g. encoder.0.norm.running_var) or any dotted suffix of it. "
+        "PyTorch formats (state dicts, TorchScript, safetensors) default to normalization "
         "statistics, *.running_mean and *.running_var; [] casts every floating tensor. In "
         "TorchScript the other tensors of a module holding a kept tensor stay FP32 too, so "
-        "its operators see one dtype.",
+        "its operators see one dtype. ONNX: only when set, initializers whose names match "
+        "stay FP32 together with every node reading them (values beyond FP16's range are "
+        "kept FP32 whatever this says).",
     )
     # model directories
     include: list[str] | None = Field(

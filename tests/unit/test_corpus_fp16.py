@@ -166,3 +166,39 @@ def test_sequence_of_maps_outputs_are_compared() -> None:
     m = compare_output("probabilities", a, b)
     assert not m.exact and m.elements == 4
     assert m.maxAbsError == pytest.approx(0.1) and m.meanAbsError == pytest.approx(0.05)
+
+
+def test_keep_fp32_names_onnx_initializers_only_when_set(tmp_path: Path) -> None:
+    """keepFp32 on a torch-exported ONNX model: matching initializers (dotted names or a
+    dotted suffix) stay FP32 with every node reading them; unset, its PyTorch default does
+    not apply to ONNX."""
+    from kquant_api import QuantizationConfig
+    from kquant_job.passes import PassContext
+    from kquant_job.passes.onnx_fp16 import OnnxFp16Pass
+
+    model = build_corpus()["speech_encoder"]
+    ref = reference(model, "fp16")
+
+    def convert(work: Path, **config: object) -> tuple[dict, dict[str, int]]:
+        cfg = QuantizationConfig.model_validate({"precision": "fp16", **config})
+        ctx = PassContext(work_dir=work / "scratch", probe=ref.probe)
+        result = OnnxFp16Pass().run(model.path, cfg, work / "out.onnx", ctx)
+        assert ref.probe(result.output).ok
+        inits = onnx.load(str(result.output)).graph.initializer
+        return result.details, {i.name: i.data_type for i in inits}
+
+    details, types = convert(tmp_path / "kept", keepFp32=["fe_norm.*", "0.weight"])
+    assert details["keepFp32"] == {
+        "fe.0.weight": "0.weight",
+        "fe_norm.bias": "fe_norm.*",
+        "fe_norm.weight": "fe_norm.*",
+    }
+    for name in details["keepFp32"]:
+        assert types[name] == TensorProto.FLOAT
+    assert types["fe.3.weight"] == TensorProto.FLOAT16
+    graph = onnx.load(str(model.path)).graph
+    readers = {n.name for n in graph.node if set(n.input) & set(details["keepFp32"])}
+    assert readers and readers <= set(details["nodeBlockList"])
+
+    default, default_types = convert(tmp_path / "default")
+    assert default["keepFp32"] == {} and default_types["fe_norm.weight"] == TensorProto.FLOAT16

@@ -50,7 +50,7 @@ from kquant_job.passes.onnx_common import (
     save_model,
 )
 from kquant_job.passes.onnx_fp16_ladder import Ladder, LadderFailed
-from kquant_job.passes.onnx_fp16_ranges import scan_activations, scan_out_of_range
+from kquant_job.passes.onnx_fp16_ranges import scan_activations, scan_kept, scan_out_of_range
 
 LOG = logging.getLogger("kquant.pass")
 
@@ -106,6 +106,10 @@ class OnnxFp16Pass:
         nodes |= range_nodes
         fp32_activations, activation_nodes = _activation_block(base, ctx)
         nodes |= activation_nodes
+        # ONNX honours keepFp32 only when set: its default names PyTorch statistics, and an
+        # FP32 BatchNormalization between FP16 convolutions would stop Conv+BN fusion.
+        kept, kept_nodes = scan_kept(base, config.keepFp32) if config.keepFp32 else ({}, set())
+        nodes |= kept_nodes
         unknown = sorted(
             set(config.nodeBlockList or []) - {n.name for _, n in iter_nodes(base.graph)}
         )
@@ -150,6 +154,7 @@ class OnnxFp16Pass:
             "nodeBlockList": sorted(found.nodes),
             "fp32Initializers": dict(sorted(out_of_range.items())),
             "fp32Activations": fp32_activations,
+            "keepFp32": kept,
             "activationRanges": "measured" if ctx.activation_ranges else "not measured",
             "repaired": len(ladder.attempts) > 1,
             "attempts": ladder.attempts,

@@ -7,6 +7,8 @@
   ``65504 / ACTIVATION_HEADROOM``: in FP16 they would become inf on a GPU, while
   onnxruntime's CPU provider (which computes these ops in FP32) would not show it.
 
+- Initializers named by an explicit ``keepFp32`` (the user's choice).
+
 Either way the nodes producing and reading such a value are kept FP32; with all its
 consumers blocked, onnxruntime's converter leaves an initializer FP32 (float16.py converts
 an initializer only when its InitializerTracker has fp16_nodes), and between blocked nodes
@@ -22,6 +24,7 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from kquant_job.passes.onnx_common import iter_graphs, iter_nodes
+from kquant_job.passes.torch_common import keep_pattern
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 # Production inputs can be louder than the validation samples: a value measured above half
@@ -96,3 +99,21 @@ def scan_activations(
             block.add(producer[name])
         block.update(consumers.get(name, []))
     return found, block
+
+
+def scan_kept(model: ModelProto, patterns: list[str]) -> tuple[dict[str, str], set[str]]:
+    """Float initializers (any graph) named by a keepFp32 glob pattern (matched as for the
+    PyTorch passes: the dotted name or any dotted suffix, :func:`keep_pattern`). Returns
+    ``({initializer name: pattern}, node names to keep FP32)``: every node reading one."""
+    consumers = _consumers(model)
+    kept: dict[str, str] = {}
+    block: set[str] = set()
+    for graph in iter_graphs(model.graph):
+        for init in graph.initializer:
+            if init.data_type != TensorProto.FLOAT:
+                continue
+            pattern = keep_pattern(init.name, patterns)
+            if pattern is not None:
+                kept[init.name] = pattern
+                block.update(consumers.get(init.name, []))
+    return dict(sorted(kept.items())), block
