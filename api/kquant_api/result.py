@@ -28,6 +28,7 @@ class Reason(str, Enum):
     AccessDenied = "AccessDenied"
     OutputExists = "OutputExists"
     UnsafePath = "UnsafePath"
+    SourceTooLarge = "SourceTooLarge"  # beyond what the work volume holds (nothing fetched)
     StorageUnavailable = "StorageUnavailable"
     # PassError class
     UnsupportedFormat = "UnsupportedFormat"
@@ -63,6 +64,7 @@ REASON_EXIT_CODE: dict[Reason, ExitCode] = {
     Reason.AccessDenied: ExitCode.STORAGE,
     Reason.OutputExists: ExitCode.STORAGE,
     Reason.UnsafePath: ExitCode.STORAGE,
+    Reason.SourceTooLarge: ExitCode.STORAGE,
     Reason.StorageUnavailable: ExitCode.STORAGE_UNAVAILABLE,
     Reason.UnsupportedFormat: ExitCode.PASS,
     Reason.CorruptModel: ExitCode.PASS,

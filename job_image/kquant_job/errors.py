@@ -36,7 +36,8 @@ class InvalidSpec(KquantError):
 
 class StorageError(KquantError):
     """Reading or writing a URI failed. Reasons: SourceNotFound, AccessDenied,
-    OutputExists, UnsafePath, StorageUnavailable (only this one is retriable)."""
+    OutputExists, UnsafePath, SourceTooLarge, StorageUnavailable (only this one is
+    retriable)."""
 
     reason = Reason.StorageUnavailable
 

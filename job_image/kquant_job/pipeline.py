@@ -20,6 +20,7 @@ from kquant_api import (
     ValidationSummary,
 )
 from kquant_job import logs
+from kquant_job.budget import source_budget
 from kquant_job.errors import ValidationFailed
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
@@ -82,10 +83,10 @@ def _bytes(root: Path, rels: list[str]) -> int:
     return sum((root / r).stat().st_size for r in rels)
 
 
-def _fetch_npz(run: _Run, uri: str | None, name: str) -> list[Path]:
+def _fetch_npz(run: _Run, uri: str | None, name: str, max_bytes: int) -> list[Path]:
     if not uri:
         return []
-    local = run.store(uri).download(uri, run.work / name)
+    local = run.store(uri).download(uri, run.work / name, max_bytes=max_bytes)
     files = [local] if local.is_file() else sorted(local.rglob("*.npz"))
     return [f for f in files if f.suffix == ".npz"]
 
@@ -119,10 +120,11 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
     check_output_free(out_store, out_prefix, spec.output.overwrite)
 
     with logs.stage("fetch", run.timings, uri=spec.model.uri):
-        local = run.store(spec.model.uri).download(spec.model.uri, work / "source")
-        data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data")
+        budget = source_budget(work)
+        local = run.store(spec.model.uri).download(spec.model.uri, work / "source", budget)
+        data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data", budget)
         calib = spec.quantization.calibration
-        calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration")
+        calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration", budget)
     plan = plan_model(
         local, spec.model.format, spec.quantization.include, spec.quantization.exclude
     )

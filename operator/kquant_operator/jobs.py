@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
 from kquant_api import API_VERSION, KIND, NON_RETRIABLE_EXIT_CODES, QuantizationJob
@@ -161,6 +162,9 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
     env: list[dict[str, Any]] = [
         {"name": SPEC_ENV, "value": json.dumps(payload, sort_keys=True, separators=(",", ":"))},
         {"name": "KQUANT_WORK_DIR", "value": WORK_DIR},
+        # the emptyDir's sizeLimit, which statvfs does not show: the worker bounds its
+        # downloads by it (kquant_job.budget)
+        {"name": "KQUANT_WORK_BYTES", "value": str(int(parse_quantity(work_size)))},
     ]
     if spec.storage and spec.storage.secretRef:
         secret = spec.storage.secretRef.name

@@ -271,3 +271,19 @@ def test_check_output_free_on_missing_bucket_is_source_not_found(s3_env):
     with pytest.raises(StorageError) as info:
         pub.check_output_free(_storage(s3_env.endpoint), "s3://kq-missing-out/x/", False)
     assert info.value.reason is Reason.SourceNotFound
+
+
+def test_sources_beyond_max_bytes_are_refused_before_any_transfer(s3_env, bucket, tmp_path):
+    storage = _storage(s3_env.endpoint)
+    client = s3_env.client()
+    client.put_object(Bucket=bucket, Key="big/a.bin", Body=b"a" * 600)
+    client.put_object(Bucket=bucket, Key="big/sub/b.bin", Body=b"b" * 500)
+    dest = tmp_path / "dest"
+    for uri, total in ((f"s3://{bucket}/big/a.bin", 600), (f"s3://{bucket}/big/", 1100)):
+        with pytest.raises(StorageError) as err:
+            storage.download(uri, dest, max_bytes=total - 1)
+        assert err.value.reason is Reason.SourceTooLarge and err.value.exit_code == 20
+        assert uri in str(err.value) and f"{total} bytes" in str(err.value)
+        assert not dest.exists()
+        storage.download(uri, tmp_path / "fits", max_bytes=total)  # the bound is inclusive
+    assert _files(tmp_path / "fits") == ["a.bin", "sub/b.bin"]

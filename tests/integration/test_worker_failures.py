@@ -195,3 +195,18 @@ def test_unattainable_tolerance_ends_in_conversion_failed_with_what_was_tried(
     message = run.result["message"]
     assert "attempts" in message and "every node FP32" in message
     assert list_keys(client, bucket, "out/") == []
+
+
+def test_source_beyond_the_work_volume_is_refused_before_fetching(
+    client, bucket, s3_server, worker_env, tmp_path
+):
+    """KQUANT_WORK_BYTES (the operator's emptyDir sizeLimit) of 1 MB: the 2.3 MB model would
+    need 2.5x its size; nothing is fetched, nothing published."""
+    client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
+    env = {**worker_env, "KQUANT_WORK_BYTES": str(10**6)}
+    run = run_worker(job_for(bucket, s3_server.endpoint), tmp_path, env)
+    expect_failure(run, "SourceTooLarge", 20)
+    assert f"s3://{bucket}/m/{SILERO}" in run.result["message"]
+    assert "400000 bytes" in run.result["message"]
+    assert list_keys(client, bucket, "out/") == []
+    assert not list((tmp_path / "work").rglob(SILERO))

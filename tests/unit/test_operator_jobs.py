@@ -234,6 +234,11 @@ def test_resources_default_to_one_gpu_and_the_spec_replaces_them():
     }
     work = next(v for v in pod["volumes"] if v["name"] == "work")
     assert work["emptyDir"]["sizeLimit"] == "20Gi"
+    # the worker learns the limit (statvfs does not show it) and bounds its downloads by it
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["KQUANT_WORK_BYTES"] == {"name": "KQUANT_WORK_BYTES", "value": str(20 * 2**30)}
+    default = {e["name"]: e for e in _pod(build_job(qjob(), SETTINGS))["containers"][0]["env"]}
+    assert default["KQUANT_WORK_BYTES"]["value"] == str(50 * 2**30)
 
 
 @pytest.mark.parametrize(

@@ -202,3 +202,16 @@ def test_os_errors_are_classified(exc, reason):
     err = os_error(exc, "file:///x", "write")
     assert err.reason is reason
     assert "file:///x" in str(err) and exc.strerror in str(err)
+
+
+def test_sources_beyond_max_bytes_are_refused_before_any_copy(tmp_path):
+    src = tmp_path / "src"
+    _write(src / "model.pt", b"m" * 300)
+    _write(src / "sub" / "config.json", b"{}" * 100)
+    dest = tmp_path / "dest"
+    for uri, total in ((src.as_uri() + "/model.pt", 300), (src.as_uri() + "/", 500)):
+        err = _reason(lambda uri=uri, total=total: fs.download(uri, dest, max_bytes=total - 1))
+        assert err.reason is Reason.SourceTooLarge and f"{total} bytes" in str(err)
+        assert not dest.exists()
+        fs.download(uri, tmp_path / "fits", max_bytes=total)
+    assert _files(tmp_path / "fits") == ["model.pt", "sub/config.json"]

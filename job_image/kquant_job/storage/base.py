@@ -44,6 +44,20 @@ def join(prefix_uri: str, rel: str) -> str:
     return prefix_uri.rstrip("/") + "/" + rel.lstrip("/")
 
 
+def check_size(uri: str, total: int, max_bytes: int | None) -> None:
+    """Raise StorageError(SourceTooLarge) when ``total`` bytes at ``uri`` exceed
+    ``max_bytes`` (no bound when None)."""
+    from kquant_api import Reason
+    from kquant_job.errors import StorageError
+
+    if max_bytes is not None and total > max_bytes:
+        raise StorageError(
+            f"{uri} holds {total} bytes, more than this job can fetch ({max_bytes} bytes: "
+            "see the work volume, spec.resources.limits.ephemeral-storage)",
+            reason=Reason.SourceTooLarge,
+        )
+
+
 class Storage(ABC):
     """Read and write objects under one scheme. Every method raises
     :class:`~kquant_job.errors.StorageError` with a classified reason (SourceNotFound,
@@ -58,13 +72,15 @@ class Storage(ABC):
         """Every object below ``prefix_uri`` (recursive), keys relative to it, sorted."""
 
     @abstractmethod
-    def download(self, uri: str, dest_dir: Path) -> Path:
+    def download(self, uri: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
         """Fetch an object (into ``dest_dir/<basename>``) or a prefix (into ``dest_dir``,
         mirroring the keys) and return the local file or directory.
 
         Raises StorageError(SourceNotFound) when nothing is there, StorageError(UnsafePath)
         when a key would land outside ``dest_dir`` (``..``, absolute keys) or two keys
-        collide. Nothing is written outside ``dest_dir``.
+        collide, StorageError(SourceTooLarge) when the object or the prefix's objects add up
+        to more than ``max_bytes``. Nothing is written outside ``dest_dir``, and nothing at
+        all before these checks pass.
         """
 
     @abstractmethod

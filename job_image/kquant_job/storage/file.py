@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kquant_api import Artifact, Reason
 from kquant_job.errors import StorageError
-from kquant_job.storage.base import CHUNK, ObjectInfo, Storage, is_prefix, join
+from kquant_job.storage.base import CHUNK, ObjectInfo, Storage, check_size, is_prefix, join
 from kquant_job.storage.paths import atomic_target, check_keys, local_target, os_error
 
 SCHEME = "file://"
@@ -55,14 +55,15 @@ class FileStorage(Storage):
         except OSError as exc:
             raise os_error(exc, prefix_uri, "list") from None
 
-    def download(self, uri: str, dest_dir: Path) -> Path:
+    def download(self, uri: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
         """Copy a file to ``dest_dir/<name>``, or a directory (``uri`` ending in '/') into
         ``dest_dir`` mirroring its tree; returns the file or ``dest_dir``.
 
         Every entry is checked before anything is written: a symlink pointing outside the
         source tree, a dangling symlink, a symlink loop or a special file (FIFO, device)
         raises StorageError(UnsafePath) and is never followed. A missing or empty source
-        raises StorageError(SourceNotFound).
+        raises StorageError(SourceNotFound); more than ``max_bytes`` in all,
+        StorageError(SourceTooLarge) before anything is copied.
         """
         src = to_path(uri)
         if not is_prefix(uri):
@@ -71,6 +72,7 @@ class FileStorage(Storage):
                     f"{uri} is a directory; end the URI with '/' to fetch it as a prefix",
                     reason=Reason.SourceNotFound,
                 )
+            check_size(uri, _size(src, uri), max_bytes)
             target = dest_dir / src.name
             _copy(src, target, uri, "download")
             return target
@@ -83,6 +85,7 @@ class FileStorage(Storage):
         if not pairs:
             raise StorageError(f"no files under {uri}", reason=Reason.SourceNotFound)
         check_keys([key for key, _ in pairs], uri)
+        check_size(uri, sum(_size(path, uri) for _, path in pairs), max_bytes)
         plan = [(path, local_target(dest_dir, key, uri)) for key, path in pairs]
         for path, target in plan:
             _copy(path, target, uri, "download")
@@ -105,6 +108,13 @@ class FileStorage(Storage):
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise os_error(exc, uri, "delete") from None
+
+
+def _size(path: Path, uri: str) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise os_error(exc, uri, "stat") from None
 
 
 def _copy(

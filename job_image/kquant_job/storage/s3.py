@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kquant_api import Artifact, Reason
 from kquant_api.spec import StorageConfig
 from kquant_job.errors import InvalidSpec, StorageError
-from kquant_job.storage.base import ObjectInfo, Storage, is_prefix, join, sha256_file
+from kquant_job.storage.base import ObjectInfo, Storage, check_size, is_prefix, join, sha256_file
 from kquant_job.storage.paths import atomic_target, check_keys, local_target, os_error
 from kquant_job.storage.s3_errors import classify, unwrap
 from kquant_job.storage.s3_transfer import TransferSettings, progress
@@ -108,20 +108,22 @@ class S3Storage(Storage):
             raise classify(exc, prefix_uri) from None
         return sorted(found, key=lambda o: o.key)
 
-    def download(self, uri: str, dest_dir: Path) -> Path:
+    def download(self, uri: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
         """Fetch an object to ``dest_dir/<basename>``, or a prefix into ``dest_dir`` mirroring
         its keys; returns the file or ``dest_dir``.
 
         A prefix's keys are all checked before anything is written (``..``, absolute, empty
         segments, backslashes, collisions, file-and-directory clashes raise
         StorageError(UnsafePath)). Each file lands under a temporary name and is renamed when
-        complete. Raises StorageError(SourceNotFound) when nothing is there.
+        complete. Raises StorageError(SourceNotFound) when nothing is there,
+        StorageError(SourceTooLarge) beyond ``max_bytes`` (before any transfer).
         """
         if not is_prefix(uri):
             info = self.stat(uri)
             if info is None:
                 hint = "; objects exist below it: end the URI with '/'" if self._any(uri) else ""
                 raise StorageError(f"no object at {uri}{hint}", reason=Reason.SourceNotFound)
+            check_size(uri, info.size, max_bytes)
             target = local_target(dest_dir, info.key, uri)
             self._get(uri, target, info.size)
             return target
@@ -129,6 +131,7 @@ class S3Storage(Storage):
         if not objects:
             raise StorageError(f"no objects under {uri}", reason=Reason.SourceNotFound)
         check_keys([o.key for o in objects], uri)
+        check_size(uri, sum(o.size for o in objects), max_bytes)
         plan = [(o, local_target(dest_dir, o.key, uri)) for o in objects]
         for obj, target in plan:
             self._get(join(uri, obj.key), target, obj.size)

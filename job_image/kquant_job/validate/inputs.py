@@ -96,6 +96,35 @@ def prepare_feeds(model_path: Path, cfg: ValidationConfig, data_files: list[Path
     return generate_feeds(signature, cfg)
 
 
+# One sample's arrays, uncompressed: far above any speech window or batch, far below what
+# would exhaust the worker's memory (an .npz is a zip: a few KiB can inflate to gigabytes).
+MAX_SAMPLE_BYTES = 2**30
+
+
+def read_npz(path: Path, what: str = "validation data") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (pickles refused). The uncompressed size declared in
+    the zip directory is checked against MAX_SAMPLE_BYTES before anything is inflated
+    (zipfile never inflates a member past its declared size). Raises InvalidSpec naming
+    ``what`` and the file when the file is not a readable .npz or is too large."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise InvalidSpec(f"{what} {path.name}: not a readable .npz file ({exc})") from exc
+    if declared > MAX_SAMPLE_BYTES:
+        raise InvalidSpec(
+            f"{what} {path.name}: {declared} bytes of arrays once inflated, over the "
+            f"{MAX_SAMPLE_BYTES}-byte bound for one sample"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except Exception as exc:  # zipfile, pickle refusal, truncated data: all the file's fault
+        raise InvalidSpec(f"{what} {path.name}: not a readable .npz file ({exc})") from exc
+
+
 def load_feed(
     path: Path,
     signature: Sequence[tuple[str, list[Any], np.dtype]],
@@ -108,11 +137,7 @@ def load_feed(
     input's dtype), rank and fixed dims; a scalar may be stored as shape (1,); other arrays
     are ignored. Raises InvalidSpec naming ``what``, the file and the input otherwise.
     """
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except Exception as exc:  # zipfile, pickle refusal, truncated data: all the file's fault
-        raise InvalidSpec(f"{what} {path.name}: not a readable .npz file ({exc})") from exc
+    arrays = read_npz(path, what)
     feed: Feed = {}
     for name, dims, dtype in signature:
         if name not in arrays:

@@ -35,7 +35,7 @@ import numpy as np
 from kquant_api import Tolerance, ValidationConfig
 from kquant_job.errors import InvalidSpec
 from kquant_job.validate.compare import ValidationOutcome, compare_outputs
-from kquant_job.validate.inputs import generate_feeds
+from kquant_job.validate.inputs import generate_feeds, read_npz
 from kquant_job.validate.metrics import check_tolerance
 
 Args = dict[str, Any]
@@ -95,11 +95,7 @@ def _to_arg(value: np.ndarray, type_: str, torch: Any) -> Any:
 def _load_args(path: Path, arguments: list[tuple[str, str, bool]]) -> Args:
     import torch
 
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except Exception as exc:
-        raise InvalidSpec(f"validation data {path.name}: not a readable .npz file ({exc})") from exc
+    arrays = read_npz(path)
     args: Args = {}
     for name, type_, has_default in arguments:
         if name not in arrays:
