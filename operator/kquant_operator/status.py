@@ -168,11 +168,17 @@ def derive_status(
 
     done = true.get("Complete") or true.get("SuccessCriteriaMet")
     failed = true.get("Failed") or true.get("FailureTarget")
-    if done and not (last and last.result and last.result.phase == Phase.Failed.value):
-        result = last.result if last else None
+    result = last.result if last else None
+    # A worker that wrote a Succeeded result had published its set (manifest last) and
+    # promoted it: a deadline that then cut its exit short changes none of that.
+    published = bool(failed and result and result.phase == Phase.Succeeded.value)
+    if (done and not (result and result.phase == Phase.Failed.value)) or published:
         reason = result.reason.value if result else "Completed"
         message = (result.message if result else "") or f"Job {jname} completed"
-        finished = st.get("completionTime") or done.get("lastTransitionTime")
+        if published and failed:
+            why = failed.get("reason") or "Failed"
+            message += f" (the run had finished and published when the Job failed: {why})"
+        finished = st.get("completionTime") or (done or failed or {}).get("lastTransitionTime")
         extra = {"result": _result_status(result)} if result else {}
         return _status(
             qjob, Phase.Succeeded, reason, message, now, completionTime=finished, **times, **extra
@@ -208,7 +214,8 @@ def derive_status(
 def _failure(cond: dict[str, Any], last: Terminated | None) -> tuple[str, str]:
     """(reason, message) of a failed Job. The worker's own reason (SourceNotFound,
     ValidationFailed...) wins over the Job controller's PodFailurePolicy or
-    BackoffLimitExceeded; DeadlineExceeded wins over the worker, whose run it cut short."""
+    BackoffLimitExceeded; DeadlineExceeded wins over a worker's failure, whose run it cut
+    short (a worker that had succeeded is a success: see derive_status)."""
     job_reason = cond.get("reason") or "Failed"
     job_message = cond.get("message") or "the Job failed"
     result = last.result if last else None

@@ -230,6 +230,20 @@ def test_deadline_exceeded_wins_over_an_earlier_attempts_result():
     assert "StorageUnavailable: timeout" in status["message"]
 
 
+def test_a_run_that_published_before_the_deadline_is_a_success():
+    """The worker wrote its Succeeded result (set published, manifest last, promoted) and
+    the deadline killed the pod while it exited: the status says what is published."""
+    cr = qjob()
+    j = _failed_job(cr, "DeadlineExceeded", "Job was active longer than specified deadline")
+    late = pod(j, phase="Failed", state=terminated(137, _validated().to_json()))
+    status = derive_status(cr, j, [late], now=NOW)
+    _assert_consistent(status, cr)
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Validated")
+    assert "published when the Job failed: DeadlineExceeded" in status["message"]
+    assert status["result"]["manifestUri"] == _validated().manifestUri
+    assert _flags(status)["Ready"] == "True"
+
+
 @pytest.mark.parametrize(
     ("kubelet_reason", "expected"), [("Error", "BackoffLimitExceeded"), ("OOMKilled", "OOMKilled")]
 )
