@@ -3,7 +3,8 @@ library call: success, error metrics and time.
 
 Methods and baselines (each with the defaults a user would type):
 
-- fp16: kquant ``OnnxFp16Pass`` (repair ladder, validation Reference as probe) vs
+- fp16: kquant ``OnnxFp16Pass`` (activation ranges and repair ladder, validation Reference
+  as probe) vs
   ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`` and
   ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``;
 - int8-dynamic: kquant ``OnnxInt8DynamicPass`` vs ``quantize_dynamic(in, out)``;
@@ -112,7 +113,8 @@ def measure(model: CorpusModel, method: str, work: Path) -> dict[str, dict]:
     rows = {}
     start = time.perf_counter()
     try:
-        result = run_pass(model, method, work / "kquant", probe)
+        ranges = None if int8 else ref.activation_ranges  # as the worker passes them
+        result = run_pass(model, method, work / "kquant", probe, ranges)
         note = _kquant_note(method, result.details)
         rows["kquant"] = _row(ref, result.output, time.perf_counter() - start, note, int8)
     except Exception as exc:
