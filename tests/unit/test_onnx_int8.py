@@ -173,7 +173,7 @@ def test_static_qoperator_entropy_and_uint8_activations(tmp_path: Path) -> None:
 def test_enable_subgraph_is_what_reaches_silero_weights(tmp_path: Path) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
-    from kquant_job.passes.int8_common import prepare
+    from kquant_job.passes.int8_prepare import prepare
 
     model = next(p for p in VARIANTS if p.name == "silero_vad.onnx")
     prepared = prepare(model, tmp_path / "w")

@@ -19,12 +19,14 @@ from kquant_job.passes.int8_common import (
     WEIGHTED_OP_TYPES,
     Int8Settings,
     fallback_ladder,
+    output_layers,
+    unknown_names,
+)
+from kquant_job.passes.int8_prepare import (
     has_subgraphs,
     op_types_in,
-    output_layers,
     prepare,
     save_localized,
-    unknown_names,
 )
 
 

@@ -35,11 +35,13 @@ from kquant_job.passes.int8_common import (
     WEIGHTED_OP_TYPES,
     Int8Settings,
     fallback_ladder,
-    op_types_in,
     ort_quant_type,
     output_layers,
-    prepare,
     unknown_names,
+)
+from kquant_job.passes.int8_prepare import (
+    op_types_in,
+    prepare,
     weighted_nodes_in_subgraphs,
 )
 from kquant_job.validate.inputs import load_feed

@@ -1,0 +1,204 @@
+"""Input preparation for the ONNX INT8 passes: model inspection (op types, subgraphs,
+external data), onnxruntime's pre-processing (``quant_pre_process``: shape inference and
+graph optimization) and the localization of subgraph initializers onnxruntime's quantizer
+needs. Recipe reference:
+https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html#pre-processing
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnx import ModelProto, TensorProto
+
+from kquant_job.passes.int8_common import WEIGHTED_OP_TYPES, describe_error
+from kquant_job.passes.onnx_common import (
+    PROTOBUF_LIMIT,
+    data_file_for,
+    inner_nodes,
+    iter_graphs,
+    iter_nodes,
+    load_model,
+    save_model,
+    subgraphs,
+    working_directory,
+)
+
+
+def op_types_in(model: ModelProto, *, include_subgraphs: bool = True) -> set[str]:
+    """Op types used by the model's nodes (the main graph only, or every graph)."""
+    if include_subgraphs:
+        return {node.op_type for _, node in iter_nodes(model.graph)}
+    return {node.op_type for node in model.graph.node}
+
+
+def has_subgraphs(model: ModelProto) -> bool:
+    """True when a node (If, Loop, Scan...) holds a graph attribute."""
+    return any(True for node in model.graph.node for _ in subgraphs(node))
+
+
+def weighted_nodes_in_subgraphs(model: ModelProto) -> Counter[str]:
+    """Op type -> count of weight-holding nodes inside subgraphs (not the main graph)."""
+    return Counter(
+        inner.op_type
+        for node in model.graph.node
+        for inner in inner_nodes(node)
+        if inner.op_type in WEIGHTED_OP_TYPES
+    )
+
+
+def uses_external_data(model: ModelProto) -> bool:
+    """True when a tensor of any graph is stored in an external data file."""
+    return any(
+        t.data_location == TensorProto.EXTERNAL
+        for g in iter_graphs(model.graph)
+        for t in g.initializer
+    )
+
+
+def localize_subgraph_initializers(model: ModelProto) -> int:
+    """Move each main-graph initializer that only one subgraph uses into that subgraph.
+
+    Why: onnxruntime's dynamic quantizer looks up a subgraph Conv's weight in the subgraph's
+    own initializers and raises "Expected ... to be an initializer" for weights held by the
+    enclosing graph (Silero VAD's op18 "ifless" export). Moving them is semantics-neutral.
+    Initializers that are graph inputs or used in several graphs stay. Returns how many
+    moved.
+    """
+    graphs: dict[str, Any] = {}
+
+    def walk(graph: Any, key: str) -> None:
+        graphs[key] = graph
+        for i, node in enumerate(graph.node):
+            for j, sub in enumerate(subgraphs(node)):
+                walk(sub, f"{key}/{i}.{j}")
+
+    walk(model.graph, "")
+    users: dict[str, set[str]] = {}
+    for key, graph in graphs.items():
+        for node in graph.node:
+            for name in node.input:
+                users.setdefault(name, set()).add(key)
+        for out in graph.output:
+            users.setdefault(out.name, set()).add(key)
+    inputs = {i.name for i in model.graph.input}
+    keep, moved = [], 0
+    for init in model.graph.initializer:
+        where = users.get(init.name, set())
+        if len(where) == 1 and "" not in where and init.name not in inputs:
+            graphs[next(iter(where))].initializer.append(init)
+            moved += 1
+        else:
+            keep.append(init)
+    if moved:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return moved
+
+
+@contextmanager
+def _captured_errors(logger_name: str) -> Iterator[list[str]]:
+    """Collect ERROR records of a logger (quant_pre_process logs, and swallows, a failed
+    graph optimization)."""
+    records: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = _Handler(level=logging.ERROR)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, dict[str, Any]]:
+    """Run onnxruntime's ``quant_pre_process`` (symbolic shape inference, graph optimization
+    that also turns Constant nodes into initializers, ONNX shape inference) into
+    ``work_dir/preprocessed.onnx``.
+
+    When it raises, it is retried without symbolic shape inference (which fails on If
+    branches without typed outputs, e.g. Silero VAD); when that raises too, the raw model is
+    used. Returns the model to quantize and details: ``preprocess`` "applied" | "skipped",
+    plus ``preprocessSkipped`` (steps left out) and ``preprocessError`` when something failed.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work_dir / "preprocessed.onnx"
+    extra: dict[str, Any] = {}
+    if external:
+        extra = dict(
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            external_data_location=data_file_for(out).name,
+        )
+    errors: list[str] = []
+    for skip_symbolic in (False, True):
+        data_file_for(out).unlink(missing_ok=True)  # onnx appends to an existing data file
+        with (
+            _captured_errors("onnxruntime.quantization.shape_inference") as logged,
+            working_directory(out.parent),
+        ):
+            try:
+                quant_pre_process(
+                    str(model_in), str(out), skip_symbolic_shape=skip_symbolic, **extra
+                )
+            except Exception as exc:
+                errors.append(describe_error(exc))
+                continue
+        details: dict[str, Any] = {"preprocess": "applied"}
+        skipped = ["symbolicShapeInference"] if skip_symbolic else []
+        if logged:  # "ONNX Runtime Model Optimization Failed!" followed by the traceback
+            skipped.append("graphOptimization")
+            errors.append(logged[-1].strip().splitlines()[-1][:500])
+        if skipped:
+            details["preprocessSkipped"] = skipped
+        if errors:
+            details["preprocessError"] = "; ".join(errors)
+        return out, details
+    return model_in, {"preprocess": "skipped", "preprocessError": "; ".join(dict.fromkeys(errors))}
+
+
+@dataclass
+class Prepared:
+    """The model to quantize: its path, its graph (external data not loaded), whether it
+    must be written with external data, and the pre-processing details."""
+
+    path: Path
+    model: ModelProto
+    external: bool
+    details: dict[str, Any]
+
+
+def prepare(model_in: Path, work_dir: Path) -> Prepared:
+    """Read ``model_in`` (PassError CorruptModel when it is not an ONNX model) and
+    pre-process it. External data is used for the output when the input has external data
+    or is at least 2 GiB (protobuf's limit)."""
+    original = load_model(model_in, load_external_data=False)
+    external = uses_external_data(original) or model_in.stat().st_size >= PROTOBUF_LIMIT
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path, details = preprocess(model_in, work_dir, external)
+    model = load_model(path, load_external_data=False) if path != model_in else original
+    return Prepared(path=path, model=model, external=external, details=details)
+
+
+def save_localized(prepared: Prepared, work_dir: Path) -> int:
+    """Apply :func:`localize_subgraph_initializers` to the prepared model (loaded with its
+    data) and point ``prepared.path`` at the rewritten copy; returns how many moved."""
+    model = load_model(prepared.path)
+    moved = localize_subgraph_initializers(model)
+    if moved:
+        path = work_dir / "localized.onnx"
+        save_model(model, path)
+        prepared.path = path
+        prepared.model = load_model(path, load_external_data=False)
+    return moved
