@@ -52,7 +52,7 @@ def activation_ranges(
 
     model = onnx.load(str(original), load_external_data=False)
     names = _float_values(model)
-    present = {o.name for o in model.graph.output}
+    present = {o.name for o in (*model.graph.output, *model.graph.input)}  # inputs: feeds
     for name in names:
         if name not in present:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
