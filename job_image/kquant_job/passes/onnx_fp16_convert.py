@@ -22,7 +22,6 @@ stays topologically sorted.
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import onnx
@@ -31,6 +30,7 @@ from onnxruntime.transformers import float16 as ort_float16
 
 from kquant_job.passes.onnx_common import CONTROL_FLOW_OPS, inner_nodes, iter_graphs, iter_nodes
 from kquant_job.passes.onnx_external import park_external, restore_external
+from kquant_job.validate.runtime import model_bytes
 
 
 def converter_block_lists(
@@ -249,16 +249,10 @@ def ort_load_error(path: Path) -> str | None:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the message comes back as an exception
-    if _files_bytes(path) > UNOPTIMIZED_CHECK_BYTES:
+    if model_bytes(path) > UNOPTIMIZED_CHECK_BYTES:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         return str(exc)
     return None
-
-
-def _files_bytes(path: Path) -> int:
-    """Bytes of the model file and the files beside it that share its name as a prefix
-    (``<name>.data``: what save_model and save_streaming write)."""
-    return sum(f.stat().st_size for f in path.parent.glob(f"{glob.escape(path.name)}*"))

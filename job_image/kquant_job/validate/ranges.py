@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kquant_job.validate.inputs import Feed
-from kquant_job.validate.runtime import adapt_feed, check_feedback, short
+from kquant_job.validate.runtime import iter_stream
 
 __all__ = ["activation_ranges"]
 
@@ -65,24 +65,10 @@ def activation_ranges(
         model.SerializeToString(), sess_options=opts, providers=list(providers)
     )
     del model
-    check_feedback(session, feedback)
-    outputs = [o.name for o in session.get_outputs()]
     wanted = set(names)
     ranges: dict[str, float] = {}
-    previous: dict[str, Any] = {}
-    for i, feed in enumerate(feeds[:max_samples]):
-        feed = dict(feed)
-        for out, inp in feedback.items():
-            if out in previous:
-                feed[inp] = previous[out]
-        _update(ranges, {k: v for k, v in feed.items() if k in wanted})
-        try:
-            values = session.run(None, adapt_feed(session, feed))
-        except Exception as exc:
-            raise RuntimeError(f"sample {i}: {short(exc)}") from exc
-        result = dict(zip(outputs, values, strict=True))
-        previous = {out: result[out] for out in feedback}
-        _update(ranges, {k: v for k, v in result.items() if k in wanted})
+    for feed, outputs in iter_stream(session, feeds[:max_samples], feedback):
+        _update(ranges, {k: v for k, v in (*feed.items(), *outputs.items()) if k in wanted})
     return ranges
 
 

@@ -102,7 +102,16 @@ def adapt_feed(session: Any, feed: Feed) -> Feed:
 def run_stream(
     session: Any, feeds: Sequence[Feed], feedback: dict[str, str]
 ) -> list[dict[str, np.ndarray]]:
-    """Run ``session`` on each feed in order; returns one ``{output name: array}`` per feed.
+    """Run ``session`` on each feed in order; returns one ``{output name: array}`` per feed
+    (:func:`iter_stream`, collected)."""
+    return [outputs for _, outputs in iter_stream(session, feeds, feedback)]
+
+
+def iter_stream(
+    session: Any, feeds: Sequence[Feed], feedback: dict[str, str]
+) -> Iterator[tuple[Feed, dict[str, np.ndarray]]]:
+    """Run ``session`` on each feed in order, yielding ``(feed as run, {output name:
+    array})`` one sample at a time (a caller that keeps only a summary holds one sample).
 
     With ``feedback`` non-empty the feeds form one stream: output ``X`` of step i replaces
     input ``feedback[X]`` of step i+1 (the first step keeps the feed's value).
@@ -112,18 +121,18 @@ def run_stream(
     """
     check_feedback(session, feedback)
     names = [o.name for o in session.get_outputs()]
-    results: list[dict[str, np.ndarray]] = []
+    previous: dict[str, np.ndarray] | None = None
     for i, feed in enumerate(feeds):
         feed = dict(feed)
-        if feedback and results:
+        if feedback and previous is not None:
             for out, inp in feedback.items():
-                feed[inp] = results[-1][out]
+                feed[inp] = previous[out]
         try:
             values = session.run(None, adapt_feed(session, feed))
         except Exception as exc:
             raise RuntimeError(f"sample {i}: {short(exc)}") from exc
-        results.append(dict(zip(names, values, strict=True)))
-    return results
+        previous = dict(zip(names, values, strict=True))
+        yield feed, previous
 
 
 def median_latency_ms(session: Any, feed: Feed, runs: int, warmup: int) -> float:
