@@ -44,20 +44,6 @@ def join(prefix_uri: str, rel: str) -> str:
     return prefix_uri.rstrip("/") + "/" + rel.lstrip("/")
 
 
-def check_size(uri: str, total: int, max_bytes: int | None) -> None:
-    """Raise StorageError(SourceTooLarge) when ``total`` bytes at ``uri`` exceed
-    ``max_bytes`` (no bound when None)."""
-    from kquant_api import Reason
-    from kquant_job.errors import StorageError
-
-    if max_bytes is not None and total > max_bytes:
-        raise StorageError(
-            f"{uri} holds {total} bytes, more than this job can fetch ({max_bytes} bytes: "
-            "see the work volume, spec.resources.limits.ephemeral-storage)",
-            reason=Reason.SourceTooLarge,
-        )
-
-
 class Storage(ABC):
     """Read and write objects under one scheme. Every method raises
     :class:`~kquant_job.errors.StorageError` with a classified reason (SourceNotFound,

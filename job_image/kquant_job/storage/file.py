@@ -14,8 +14,14 @@ from pathlib import Path
 
 from kquant_api import Artifact, Reason
 from kquant_job.errors import StorageError
-from kquant_job.storage.base import CHUNK, ObjectInfo, Storage, check_size, is_prefix, join
-from kquant_job.storage.paths import atomic_target, check_keys, local_target, os_error
+from kquant_job.storage.base import CHUNK, ObjectInfo, Storage, is_prefix, join
+from kquant_job.storage.paths import (
+    atomic_target,
+    check_keys,
+    check_size,
+    local_target,
+    os_error,
+)
 
 SCHEME = "file://"
 

@@ -134,3 +134,14 @@ def os_error(exc: OSError, uri: str, action: str) -> StorageError:
         reason = Reason.StorageUnavailable
     where = f" ({exc.filename})" if exc.filename and str(exc.filename) != uri else ""
     return StorageError(f"cannot {action} {uri}: {exc.strerror or exc}{where}", reason=reason)
+
+
+def check_size(uri: str, total: int, max_bytes: int | None) -> None:
+    """Raise StorageError(SourceTooLarge) when ``total`` bytes at ``uri`` exceed
+    ``max_bytes`` (no bound when None)."""
+    if max_bytes is not None and total > max_bytes:
+        raise StorageError(
+            f"{uri} holds {total} bytes, more than this job can fetch ({max_bytes} bytes: "
+            "see the work volume, spec.resources.limits.ephemeral-storage)",
+            reason=Reason.SourceTooLarge,
+        )

@@ -17,8 +17,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kquant_api import Artifact, Reason
 from kquant_api.spec import StorageConfig
 from kquant_job.errors import InvalidSpec, StorageError
-from kquant_job.storage.base import ObjectInfo, Storage, check_size, is_prefix, join, sha256_file
-from kquant_job.storage.paths import atomic_target, check_keys, local_target, os_error
+from kquant_job.storage.base import ObjectInfo, Storage, is_prefix, join, sha256_file
+from kquant_job.storage.paths import (
+    atomic_target,
+    check_keys,
+    check_size,
+    local_target,
+    os_error,
+)
 from kquant_job.storage.s3_errors import classify, unwrap
 from kquant_job.storage.s3_transfer import TransferSettings, progress
 
