@@ -119,3 +119,21 @@ def test_scan_blocks_producer_and_readers_of_values_beyond_half_the_fp16_range(
     assert block == {"pow", "mean", "sqrt"}
     assert scan_activations(model, ranges, headroom=1.0) == ({"sq": 9e6}, {"pow", "mean"})
     assert scan_activations(model, {}) == ({}, set())
+
+
+def test_fp16_pass_goes_on_when_ranges_cannot_be_measured(tmp_path: Path) -> None:
+    """A measurement that fails (the model cannot run on the samples, say) is reported and
+    leaves the ladder's probe as the only check; the conversion itself goes on."""
+    from kquant_api import QuantizationConfig
+    from kquant_job.passes import PassContext
+    from kquant_job.passes.onnx_fp16 import OnnxFp16Pass
+
+    def broken() -> dict[str, float]:
+        raise RuntimeError("sample 0: bad input shape")
+
+    model = _loud(tmp_path / "m.onnx")
+    ctx = PassContext(work_dir=tmp_path / "w", activation_ranges=broken)
+    out = tmp_path / "out.onnx"
+    result = OnnxFp16Pass().run(model, QuantizationConfig(precision="fp16"), out, ctx)
+    assert result.details["activationRanges"] == "failed: sample 0: bad input shape"
+    assert result.details["fp32Activations"] == {} and out.exists()

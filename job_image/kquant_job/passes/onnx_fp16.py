@@ -104,7 +104,7 @@ class OnnxFp16Pass:
         scratch = ctx.work_dir / "onnx-fp16"
         base, base_dir, named, out_of_range, range_nodes = _prepare(model_in, scratch)
         nodes |= range_nodes
-        fp32_activations, activation_nodes = _activation_block(base, ctx)
+        fp32_activations, activation_nodes, measured = _activation_block(base, ctx)
         nodes |= activation_nodes
         # ONNX honours keepFp32 only when set: its default names PyTorch statistics, and an
         # FP32 BatchNormalization between FP16 convolutions would stop Conv+BN fusion.
@@ -155,7 +155,7 @@ class OnnxFp16Pass:
             "fp32Initializers": dict(sorted(out_of_range.items())),
             "fp32Activations": fp32_activations,
             "keepFp32": kept,
-            "activationRanges": "measured" if ctx.activation_ranges else "not measured",
+            "activationRanges": measured,
             "repaired": len(ladder.attempts) > 1,
             "attempts": ladder.attempts,
             "namedNodes": named,
@@ -199,25 +199,25 @@ def _prepare(
     return base, base_dir, named, out_of_range, range_nodes
 
 
-def _activation_block(base: ModelProto, ctx: PassContext) -> tuple[dict[str, float], set[str]]:
-    """Activations beyond the FP16 headroom and the nodes to keep FP32 for them (step 0);
-    nothing when ``ctx`` measures no ranges or the measurement fails (then the ladder's
-    probe is the only check)."""
+def _activation_block(base: ModelProto, ctx: PassContext) -> tuple[dict[str, float], set[str], str]:
+    """Activations beyond the FP16 headroom and the nodes to keep FP32 for them (step 0),
+    and what happened: ``measured``, ``not measured`` (no ranges in ``ctx``: validation off)
+    or ``failed: <error>`` (then the ladder's probe is the only check)."""
     if ctx.activation_ranges is None:
-        return {}, set()
+        return {}, set(), "not measured"
     LOG.info("fp16: measuring activation ranges on the validation samples")
     try:
         ranges = ctx.activation_ranges()
     except Exception as exc:
         LOG.warning("fp16: activation ranges not measured", extra={"fields": {"error": str(exc)}})
-        return {}, set()
+        return {}, set(), f"failed: {' '.join(str(exc).split())[:300]}"
     found, block = scan_activations(base, ranges)
     if found:
         LOG.info(
             "fp16: keeping activations beyond the FP16 range FP32",
             extra={"fields": {"values": sorted(found), "nodes": sorted(block)}},
         )
-    return found, block
+    return found, block, "measured"
 
 
 def _external(model: ModelProto) -> Iterator[bool]:
