@@ -17,7 +17,7 @@ from onnx import ModelProto, TensorProto
 from kquant_api import Reason
 from kquant_job.errors import KquantError, PassError
 from kquant_job.passes.base import PassContext, PassResult
-from kquant_job.passes.int8_common import Int8Settings, describe_error
+from kquant_job.passes.int8_common import Int8Settings, cpu_int8_kernels, describe_error
 from kquant_job.passes.onnx_common import (
     data_file_for,
     inner_nodes,
@@ -143,6 +143,7 @@ def run_attempts(
             passed = True
             break
     details["attempts"] = attempts
+    details["cpuInt8Kernels"] = cpu_int8_kernels()
     if chosen is None:
         if all(a.get("error") == "no node was quantized" for a in attempts):
             why = "; ".join(details.get("warnings", [])) or (

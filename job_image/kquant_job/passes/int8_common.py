@@ -36,6 +36,30 @@ def ort_quant_type(value: QuantType | None) -> Any:
     return OrtQuantType[(value or QuantType.QInt8).value]
 
 
+# x86 CPU flags (/proc/cpuinfo) of the integer dot-product instructions onnxruntime's INT8
+# kernels use, best first.
+_INT8_FLAGS = (("amx_int8", "amx"), ("avx512_vnni", "vnni"), ("avx_vnni", "vnni"))
+
+
+def cpu_int8_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Which integer dot products onnxruntime's CPU INT8 kernels get on this machine:
+    ``amx``, ``vnni`` (AVX512-VNNI or AVX-VNNI), ``avx2`` (no VNNI: u8 x s8 products are
+    summed in saturating 16-bit pairs, ``vpmaddubsw``, so INT8 error measured here can exceed
+    what a VNNI CPU or a GPU gives on the same model; onnxruntime's quantization guide
+    recommends ``reduceRange`` there) or ``other`` (not x86, or flags unreadable).
+
+    Recorded in the INT8 report: validation on the CPU provider measures this machine's
+    kernels. Never raises."""
+    try:
+        flags = set(cpuinfo.read_text(errors="replace").split())
+    except OSError:
+        return "other"
+    for flag, name in _INT8_FLAGS:
+        if flag in flags:
+            return name
+    return "avx2" if "avx2" in flags else "other"
+
+
 def describe_error(exc: BaseException, limit: int = 500) -> str:
     """``"Type: message"`` for a report; an empty message (a bare ``assert`` inside
     onnxruntime) is replaced by where it was raised."""
