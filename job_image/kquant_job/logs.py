@@ -18,8 +18,8 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, tz=timezone.utc).strftime("%H:%M:%S")
         fields = getattr(record, "fields", None) or {}
-        extra = "".join(f" {k}={_text(v)}" for k, v in fields.items())
-        line = f"{ts} {record.levelname:<7} {record.getMessage()}{extra}"
+        extra = "".join(f" {_escape(str(k))}={_text(v)}" for k, v in fields.items())
+        line = f"{ts} {record.levelname:<7} {_escape(record.getMessage())}{extra}"
         if record.exc_info and record.levelno >= logging.ERROR:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -37,9 +37,22 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str, separators=(",", ":"))
 
 
+def _escape(text: str) -> str:
+    """``text`` with every non-printable character (newline, carriage return, escape
+    sequences, other control and format characters) written as a Python escape, so a file
+    name or a model's message cannot start a forged log line or recolour a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _text(value: Any) -> str:
+    """A field value for the text format: quoted (JSON) when it is empty or holds a space, a
+    quote, '=' or any non-printable character, so one record is always one parseable line."""
     text = str(value)
-    return json.dumps(text) if (" " in text or not text) else text
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return _escape(json.dumps(text, ensure_ascii=False))
 
 
 def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:

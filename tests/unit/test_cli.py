@@ -65,3 +65,20 @@ def test_manifest_from_stdin_as_json(tmp_path, monkeypatch):
     data = json.loads(result.read_text())
     assert data["reason"] == "SourceNotFound" and "absent.onnx" in data["message"]
     assert not (tmp_path / "out").exists()
+
+
+def test_text_logs_escape_control_characters_so_no_line_can_be_forged(capsys):
+    import logging
+
+    from kquant_job import logs
+
+    logs.setup_logging("text", logging.INFO)
+    name = "m.onnx\n10:00:00 INFO     job: done\x1b[2K\u202e"
+    logs.info(f"convert {name}", model=name, note="two words", ok="plain")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    line = lines[0]
+    assert "\x1b" not in line and "\u202e" not in line
+    assert "convert m.onnx\\n10:00:00 INFO     job: done\\x1b[2K\\u202e" in line
+    assert 'model="m.onnx\\n10:00:00' in line
+    assert 'note="two words"' in line and " ok=plain" in line
