@@ -36,6 +36,7 @@ from kquant_api.spec import (
 )
 from kquant_api.status import QuantizationJobStatus
 from kquant_api.structural import ordered, structural
+from kquant_api.uris import READ_FIELDS, WRITE_FIELDS
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR = "quantizationjobs", "quantizationjob"
@@ -150,23 +151,62 @@ def _quantization_rules() -> list[dict[str, str]]:
     return rules
 
 
-def _differ(a: str, b: str) -> str:
-    # spec.py compares with trailing slashes stripped; CEL has no rstrip, so one slash either
-    # way is covered (the common "prefix/" vs "prefix" case).
-    return f"{a} != {b} && {a} != {b} + '/' && {a} + '/' != {b}"
+def _overlap(a: str, b: str) -> str:
+    # uris.overlaps in CEL: equal up to a trailing slash, or one a prefix of the other's
+    # directory form. CEL cannot normalize local paths ("a/./b"): the worker checks those.
+    def directory(x: str) -> str:
+        return f"({x}.endsWith('/') ? {x} : {x} + '/')"
+
+    return (
+        f"{a} == {b} || {a} + '/' == {b} || {a} == {b} + '/' || "
+        f"{a}.startsWith({directory(b)}) || {b}.startsWith({directory(a)})"
+    )
+
+
+# spec field -> (CEL guard that it is set, CEL path), for the overlap rules
+_URI_PATHS = {
+    "spec.output.uri": ("true", "self.output.uri"),
+    "spec.promotion.uri": ("has(self.promotion)", "self.promotion.uri"),
+    "spec.model.uri": ("true", "self.model.uri"),
+    "spec.validation.dataUri": (
+        "has(self.validation) && has(self.validation.dataUri)",
+        "self.validation.dataUri",
+    ),
+    "spec.quantization.calibration.uri": (
+        "has(self.quantization.calibration)",
+        "self.quantization.calibration.uri",
+    ),
+}
+
+
+def _overlap_rules() -> list[dict[str, str]]:
+    """CEL twins of uris.find_overlaps: each write prefix against every read URI and the
+    other write prefix. The message starts as the worker's does."""
+    pairs = [("spec.promotion.uri", "spec.output.uri")] + [
+        (w, r) for w in WRITE_FIELDS for r in READ_FIELDS
+    ]
+    rules = []
+    for w, r in pairs:
+        (wg, wp), (rg, rp) = _URI_PATHS[w], _URI_PATHS[r]
+        guard = " && ".join(g for g in (wg, rg) if g != "true")
+        test = f"!({_overlap(wp, rp)})"
+        rules.append(
+            _rule(f"!({guard}) || {test}" if guard else test,
+                  f"{w}: overlaps {r}: kquant would write where this job also "
+                  f"{'write' if r in WRITE_FIELDS else 'read'}s; use prefixes that do not "
+                  "contain each other")
+        )  # fmt: skip
+    return rules
 
 
 def _spec_rules() -> list[dict[str, str]]:
     """CEL twins of QuantizationJobSpec._paths; ``self`` is spec."""
     return [
-        _rule("!has(self.promotion) || (" + _differ("self.promotion.uri", "self.output.uri") + ")",
-              "spec.promotion.uri: must differ from spec.output.uri"),
         _rule("!has(self.promotion) || !has(self.validation) || !has(self.validation.enabled)"
               " || self.validation.enabled",
               "spec.promotion: promotion copies only a validated set; it needs "
               "spec.validation.enabled: true"),
-        _rule(_differ("self.output.uri", "self.model.uri"),
-              "spec.output.uri: must differ from spec.model.uri"),
+        *_overlap_rules(),
     ]  # fmt: skip
 
 

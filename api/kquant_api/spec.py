@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from kquant_api.uris import find_overlaps
+
 API_VERSION = "kquant.io/v1alpha1"
 KIND = "QuantizationJob"
 URI_SCHEMES = ("s3://", "file://")
@@ -458,25 +460,38 @@ class QuantizationJobSpec(_Model):
 
     @model_validator(mode="after")
     def _paths(self) -> QuantizationJobSpec:
-        if self.promotion and _norm_prefix(self.promotion.uri) == _norm_prefix(self.output.uri):
-            raise ValueError("spec.promotion.uri: must differ from spec.output.uri")
         if self.promotion and not self.validation.enabled:
             raise ValueError(
                 "spec.promotion: promotion copies only a validated set; it needs "
                 "spec.validation.enabled: true"
             )
-        if _norm_prefix(self.output.uri) == _norm_prefix(self.model.uri):
-            raise ValueError("spec.output.uri: must differ from spec.model.uri")
+        overlaps = find_overlaps(self.write_uris(), self.read_uris())
+        if overlaps:
+            raise ValueError("; ".join(overlaps))
         return self
+
+    def write_uris(self) -> dict[str, str]:
+        """The prefixes this job writes under, by field: ``spec.output.uri`` and, when set,
+        ``spec.promotion.uri``."""
+        writes = {"spec.output.uri": self.output.uri}
+        if self.promotion:
+            writes["spec.promotion.uri"] = self.promotion.uri
+        return writes
+
+    def read_uris(self) -> dict[str, str]:
+        """What this job reads, by field: the model and, when set, the validation and
+        calibration data."""
+        reads = {"spec.model.uri": self.model.uri}
+        if self.validation.dataUri:
+            reads["spec.validation.dataUri"] = self.validation.dataUri
+        if self.quantization.calibration:
+            reads["spec.quantization.calibration.uri"] = self.quantization.calibration.uri
+        return reads
 
     @property
     def tolerance(self) -> Tolerance:
         """The effective tolerance: the spec's, else the precision's default."""
         return self.validation.tolerance or DEFAULT_TOLERANCE[self.quantization.precision]
-
-
-def _norm_prefix(uri: str) -> str:
-    return uri.rstrip("/")
 
 
 class ObjectMeta(BaseModel):

@@ -114,14 +114,29 @@ def rejection_cases() -> list[Any]:
     for dotted in URI_FIELDS:
         cases.append((with_uri(dotted, "gs://bucket/key"), f"spec.{dotted}: unsupported"))
         cases.append((with_uri(dotted, "s3:///key"), f"spec.{dotted}", "names no bucket"))
-    differ = "spec.promotion.uri: must differ from spec.output.uri"
+    differ = "spec.promotion.uri: overlaps spec.output.uri"
     cases += [
         (job(promotion={"uri": BASE["spec"]["output"]["uri"]}), differ),
         (job(promotion={"uri": "s3://models/vad-out"}), differ),
+        (job(promotion={"uri": "s3://models/vad-out/prod/"}), differ),
         (job(promotion={"uri": "s3://p/"}, validation={"enabled": False}),
          "spec.promotion: promotion copies only a validated set"),
         (job(output={"uri": "s3://models/vad/silero_vad.onnx/"}),
-         "spec.output.uri: must differ from spec.model.uri"),
+         "spec.output.uri: overlaps spec.model.uri"),
+        (job(output={"uri": "s3://models"}), "spec.output.uri: overlaps spec.model.uri"),
+        (job(promotion={"uri": "s3://models/vad/"}),
+         "spec.promotion.uri: overlaps spec.model.uri"),
+        (job(validation={"dataUri": "s3://models/vad-out/eval/"}),
+         "spec.output.uri: overlaps spec.validation.dataUri"),
+        (job(promotion={"uri": "s3://prod/vad"}, validation={"dataUri": "s3://prod/vad/e/"}),
+         "spec.promotion.uri: overlaps spec.validation.dataUri"),
+    ]  # fmt: skip
+    static = {"precision": "int8", "mode": "static"}
+    cases += [
+        (job({**static, "calibration": {"uri": "s3://models/vad-out/c/"}}),
+         "spec.output.uri: overlaps spec.quantization.calibration.uri"),
+        (job({**static, "calibration": {"uri": "s3://prod/c/"}}, promotion={"uri": "s3://prod/"}),
+         "spec.promotion.uri: overlaps spec.quantization.calibration.uri"),
     ]  # fmt: skip
     return [pytest.param(doc, words, id=words[0][:60]) for doc, *words in cases]
 

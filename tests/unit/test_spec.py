@@ -66,10 +66,12 @@ def test_impossible_or_unknown_settings_are_rejected_naming_the_field(quantizati
     [
         (("model", "uri"), "gs://bucket/model.onnx", "unsupported scheme 'gs'"),
         (("output", "uri"), "s3:///no-bucket/", "names no bucket"),
-        (("output", "uri"), "s3://models/vad/silero_vad.onnx", "must differ"),
+        (("output", "uri"), "s3://models/vad/silero_vad.onnx", "overlaps spec.model.uri"),
+        (("output", "uri"), "s3://models/", "spec.output.uri: overlaps spec.model.uri"),
         (("validation",), {"tolerance": {"maxAbsError": -1}}, "maxAbsError"),
         (("validation",), {"samples": 0}, "samples"),
-        (("promotion",), {"uri": "s3://models/vad-fp16/"}, "must differ"),
+        (("promotion",), {"uri": "s3://models/vad-fp16/"}, "overlaps spec.output.uri"),
+        (("promotion",), {"uri": "s3://models"}, "spec.promotion.uri: overlaps spec.model.uri"),
     ],
 )
 def test_bad_values_are_rejected(path, value, needle):
