@@ -101,10 +101,11 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 @pytest.fixture
 def worker_env(s3_server: S3Server) -> dict[str, str]:
-    """Environment for a ``kquant-job`` subprocess using the moto server (2 S3 attempts,
-    so outage tests end quickly)."""
+    """Environment for a ``kquant-job`` subprocess using the moto server (2 S3 attempts and
+    a 2 s retry window, so outage tests end quickly)."""
     env = s3_server.env()
     env["KQUANT_S3_MAX_ATTEMPTS"] = "2"
+    env["KQUANT_S3_RETRY_SECONDS"] = "2"
     return env
 
 

@@ -29,14 +29,23 @@ class Reason(str, Enum):
     OutputExists = "OutputExists"
     UnsafePath = "UnsafePath"
     SourceTooLarge = "SourceTooLarge"  # beyond what the work volume holds (nothing fetched)
+    ForeignObject = "ForeignObject"  # a name kquant must write holds an object it did not write
+    ConcurrentWrite = "ConcurrentWrite"  # another writer committed to the prefix first
+    Superseded = "Superseded"  # a newer generation of this job already published there
+    StorageRejected = "StorageRejected"  # the server refused the request as invalid (4xx)
     StorageUnavailable = "StorageUnavailable"
     # PassError class
     UnsupportedFormat = "UnsupportedFormat"
     CorruptModel = "CorruptModel"
     UnsafeModel = "UnsafeModel"  # a pickle that needs code execution to load (refused)
     ConversionFailed = "ConversionFailed"
+    ModelCrashed = "ModelCrashed"  # the sandboxed conversion process died of a signal
+    MemoryLimitExceeded = "MemoryLimitExceeded"  # the sandbox's memory bound, or an OOM kill
+    TimeLimitExceeded = "TimeLimitExceeded"  # the sandbox's time bound
     # ValidationFailed class
     ValidationFailed = "ValidationFailed"
+    # the worker's own environment (a retry on another node may help)
+    WorkDirUnusable = "WorkDirUnusable"  # the work directory cannot be created or written
     # anything unexpected
     InternalError = "InternalError"
 
@@ -44,8 +53,9 @@ class Reason(str, Enum):
 class ExitCode(int, Enum):
     """Process exit codes of ``kquant-job run``, one per error class.
 
-    StorageUnavailable is the only retriable failure (an outage may pass); the operator's
-    podFailurePolicy fails the Job at once on every other non-zero code.
+    StorageUnavailable (an outage may pass) and the INTERNAL class (WorkDirUnusable and
+    unexpected errors: another pod, on another node, may fare better) are retriable; the
+    operator's podFailurePolicy fails the Job at once on every other non-zero code.
     """
 
     OK = 0
@@ -65,12 +75,20 @@ REASON_EXIT_CODE: dict[Reason, ExitCode] = {
     Reason.OutputExists: ExitCode.STORAGE,
     Reason.UnsafePath: ExitCode.STORAGE,
     Reason.SourceTooLarge: ExitCode.STORAGE,
+    Reason.ForeignObject: ExitCode.STORAGE,
+    Reason.ConcurrentWrite: ExitCode.STORAGE,
+    Reason.Superseded: ExitCode.STORAGE,
+    Reason.StorageRejected: ExitCode.STORAGE,
     Reason.StorageUnavailable: ExitCode.STORAGE_UNAVAILABLE,
     Reason.UnsupportedFormat: ExitCode.PASS,
     Reason.CorruptModel: ExitCode.PASS,
     Reason.UnsafeModel: ExitCode.PASS,
     Reason.ConversionFailed: ExitCode.PASS,
+    Reason.ModelCrashed: ExitCode.PASS,
+    Reason.MemoryLimitExceeded: ExitCode.PASS,
+    Reason.TimeLimitExceeded: ExitCode.PASS,
     Reason.ValidationFailed: ExitCode.VALIDATION,
+    Reason.WorkDirUnusable: ExitCode.INTERNAL,
     Reason.InternalError: ExitCode.INTERNAL,
 }
 

@@ -36,16 +36,17 @@ class InvalidSpec(KquantError):
 
 class StorageError(KquantError):
     """Reading or writing a URI failed. Reasons: SourceNotFound, AccessDenied,
-    OutputExists, UnsafePath, SourceTooLarge, StorageUnavailable (only this one is
-    retriable)."""
+    OutputExists, UnsafePath, SourceTooLarge, ForeignObject, ConcurrentWrite, Superseded,
+    StorageRejected, StorageUnavailable (only this one is retriable)."""
 
     reason = Reason.StorageUnavailable
 
 
 class PassError(KquantError):
     """The model could not be read or converted. Reasons: UnsupportedFormat,
-    CorruptModel, UnsafeModel (a pickle refused by ``torch.load(weights_only=True)``),
-    ConversionFailed."""
+    CorruptModel, UnsafeModel (a pickle refused by ``torch.load(weights_only=True)``, an
+    archive bomb, model code touching what its sandbox forbids), ConversionFailed,
+    ModelCrashed, MemoryLimitExceeded, TimeLimitExceeded (the sandboxed process's end)."""
 
     reason = Reason.ConversionFailed
 

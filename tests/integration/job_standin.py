@@ -101,6 +101,7 @@ class JobStandIn:
             AWS_CONFIG_FILE=os.devnull,
             AWS_SHARED_CREDENTIALS_FILE=os.devnull,
             KQUANT_S3_MAX_ATTEMPTS="2",
+            KQUANT_S3_RETRY_SECONDS="2",
         )
 
     async def __aenter__(self) -> JobStandIn:

@@ -186,6 +186,7 @@ def test_no_credentials_at_all_is_access_denied(s3_server, monkeypatch, tmp_path
 def test_endpoint_down_is_storage_unavailable(s3_env, monkeypatch, tmp_path):
     monkeypatch.setenv("KQUANT_S3_MAX_ATTEMPTS", "2")
     monkeypatch.setenv("KQUANT_S3_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("KQUANT_S3_RETRY_SECONDS", "1.5")
     with socket.socket() as s:  # a loopback port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -201,6 +202,7 @@ def test_endpoint_down_is_storage_unavailable(s3_env, monkeypatch, tmp_path):
             call()
         assert info.value.reason is Reason.StorageUnavailable, str(info.value)
         assert "s3://kq-down/m/" in str(info.value)
+        assert "gave up after 1.5 s of retries" in str(info.value)
 
 
 NFC, NFD = unicodedata.normalize("NFC", "é.bin"), unicodedata.normalize("NFD", "é.bin")

@@ -14,7 +14,7 @@ from s3transfer.exceptions import RetriesExceededError
 
 from kquant_api import Reason
 from kquant_api.spec import StorageConfig
-from kquant_job.errors import InvalidSpec
+from kquant_job.errors import InvalidSpec, StorageError
 from kquant_job.storage.s3 import S3Storage, parse_uri
 from kquant_job.storage.s3_errors import classify, unwrap
 from kquant_job.storage.s3_transfer import MIB, TransferSettings
@@ -22,9 +22,11 @@ from kquant_job.storage.s3_transfer import MIB, TransferSettings
 
 def test_settings_defaults_and_environment():
     assert TransferSettings.from_env({}) == TransferSettings()
+    assert TransferSettings().retry_seconds == 60
     s = TransferSettings.from_env(
         {
             "KQUANT_S3_MAX_ATTEMPTS": "2",
+            "KQUANT_S3_RETRY_SECONDS": "5",
             "KQUANT_S3_CONNECT_TIMEOUT": "1.5",
             "KQUANT_S3_MULTIPART_THRESHOLD_MIB": "64",
             "KQUANT_S3_MULTIPART_CHUNKSIZE_MIB": "8",
@@ -32,6 +34,7 @@ def test_settings_defaults_and_environment():
         }
     )
     assert (s.max_attempts, s.connect_timeout, s.max_concurrency) == (2, 1.5, 4)
+    assert s.retry_seconds == 5
     assert (s.multipart_threshold, s.multipart_chunksize) == (64 * MIB, 8 * MIB)
     cfg = s.transfer_config()
     assert (cfg.multipart_threshold, cfg.multipart_chunksize) == (64 * MIB, 8 * MIB)
@@ -63,9 +66,14 @@ def test_client_config_follows_storage_config(monkeypatch):
 def test_parse_uri():
     assert parse_uri("s3://bucket/a/b.onnx") == ("bucket", "a/b.onnx")
     assert parse_uri("s3://bucket/") == ("bucket", "")
+    assert parse_uri("s3://bucket/a..b/.c") == ("bucket", "a..b/.c")  # only whole segments
     for bad in ("s3:///key", "file:///x"):
         with pytest.raises(InvalidSpec):
             parse_uri(bad)
+    for unsafe in ("s3://b/m/..", "s3://b/../m.onnx", "s3://b/m/./x", "s3://b/m/../"):
+        with pytest.raises(StorageError) as info:
+            parse_uri(unsafe)
+        assert info.value.reason is Reason.UnsafePath and info.value.exit_code == 20
     storage = S3Storage(StorageConfig(endpoint="http://x:9000"))
     for prefix in ("s3://bucket", "s3://bucket/dir/"):  # no request is made for these
         with pytest.raises(InvalidSpec, match="names a prefix"):
@@ -91,6 +99,20 @@ def _client_error(code: str, status: int) -> ClientError:
         ("InternalError", 500, Reason.StorageUnavailable),
         ("SlowDown", 503, Reason.StorageUnavailable),
         ("ServiceUnavailable", 503, Reason.StorageUnavailable),
+        # permanent: a retry sends the same refused request
+        ("KeyTooLong", 400, Reason.StorageRejected),
+        ("InvalidArgument", 400, Reason.StorageRejected),
+        ("EntityTooLarge", 400, Reason.StorageRejected),
+        ("MalformedXML", 400, Reason.StorageRejected),
+        ("MethodNotAllowed", 405, Reason.StorageRejected),
+        ("NotImplemented", 501, Reason.StorageRejected),
+        # transient 4xx
+        ("RequestTimeout", 400, Reason.StorageUnavailable),
+        ("IncompleteBody", 400, Reason.StorageUnavailable),
+        ("ConditionalRequestConflict", 409, Reason.StorageUnavailable),
+        ("TooManyRequests", 429, Reason.StorageUnavailable),
+        # a conditional write or read lost its race
+        ("PreconditionFailed", 412, Reason.ConcurrentWrite),
     ],
 )
 def test_client_errors_are_classified(code, status, reason):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kquant_api import Artifact
@@ -19,10 +20,26 @@ CHUNK = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object: ``key`` relative to the listed prefix, ``size`` in bytes."""
+    """One stored object: ``key`` relative to the listed prefix, ``size`` in bytes, its
+    version token ``etag`` (S3's ETag; for a local file device, inode, mtime and size, so a
+    replaced file gets a new one and a hard link shares it) and user ``metadata`` (S3's
+    ``x-amz-meta-*`` from :meth:`Storage.stat`; empty in listings and for local files)."""
 
     key: str
     size: int
+    etag: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An unfinished write under a prefix: an S3 multipart upload, or a local temporary
+    file that a killed writer left. ``key`` is relative to the listed prefix; ``initiated``
+    in seconds since the epoch (None when the store does not say)."""
+
+    key: str
+    upload_id: str
+    initiated: float | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -47,7 +64,8 @@ def join(prefix_uri: str, rel: str) -> str:
 class Storage(ABC):
     """Read and write objects under one scheme. Every method raises
     :class:`~kquant_job.errors.StorageError` with a classified reason (SourceNotFound,
-    AccessDenied, UnsafePath, StorageUnavailable) and a message naming the URI."""
+    AccessDenied, UnsafePath, ConcurrentWrite, StorageRejected, StorageUnavailable) and a
+    message naming the URI."""
 
     @abstractmethod
     def stat(self, uri: str) -> ObjectInfo | None:
@@ -70,10 +88,50 @@ class Storage(ABC):
         """
 
     @abstractmethod
-    def upload(self, src: Path, uri: str) -> Artifact:
-        """Store the local file ``src`` at object ``uri``; the object appears whole or not at
-        all. Returns its URI, hex SHA-256 and size in bytes."""
+    def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
+        """Store the local file ``src`` at object ``uri`` with ``metadata`` (plus ``sha256``,
+        where the store keeps metadata); the object appears whole or not at all. Returns its
+        URI, hex SHA-256 and size in bytes."""
 
     @abstractmethod
-    def delete(self, uri: str) -> None:
-        """Remove one object; absent objects are not an error."""
+    def delete(self, uri: str, if_match: str | None = None) -> None:
+        """Remove one object; absent objects are not an error. With ``if_match`` (an etag),
+        only while the object still has that etag: raises StorageError(ConcurrentWrite) when
+        it was replaced since, so another writer's object is never removed."""
+
+    @abstractmethod
+    def read_bytes(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
+        """A small object's bytes and etag, or None when it does not exist. Raises
+        StorageError(SourceTooLarge) beyond ``max_bytes``."""
+
+    @abstractmethod
+    def write_bytes(
+        self,
+        uri: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """Store ``data`` at ``uri`` in one atomic step and return the new etag. With
+        ``if_none_match``, only if no object exists there; with ``if_match``, only while the
+        object has that etag (S3 conditional writes; exclusive create and a directory lock
+        locally). A failed condition raises StorageError(ConcurrentWrite): exactly one of
+        several concurrent conditional writers succeeds."""
+
+    @abstractmethod
+    def copy(self, src_uri: str, dst_uri: str, metadata: Mapping[str, str]) -> None:
+        """Replace ``dst_uri`` with a copy of the object ``src_uri`` in one atomic step (S3:
+        a server-side copy carrying ``metadata``; locally: a hard link renamed into place,
+        which shares the source's etag). Readers of ``dst_uri`` see the old or the new
+        object, whole, never neither."""
+
+    @abstractmethod
+    def list_uploads(self, prefix_uri: str) -> list[Upload]:
+        """Unfinished writes below ``prefix_uri`` (keys relative to it)."""
+
+    @abstractmethod
+    def abort_upload(self, prefix_uri: str, upload: Upload) -> None:
+        """Discard one unfinished write found by :meth:`list_uploads`; gone is not an
+        error."""

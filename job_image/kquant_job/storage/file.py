@@ -3,24 +3,37 @@
 ``file:///abs/path`` is absolute; ``file://rel/path`` and a plain ``rel/path`` are relative to
 the current directory. A trailing '/' makes a URI a prefix (a directory). Writes are atomic:
 the bytes go to a hidden temporary file in the destination directory, are fsynced, then
-renamed into place, so no half-written file is ever visible under its final name.
+renamed into place, so no half-written file is ever visible under its final name. Temporary
+files (``*.kquant-part``) are never listed as objects; :meth:`FileStorage.list_uploads`
+finds the ones a killed writer left.
+
+Conditional writes: "create only if absent" is a hard link of the finished temporary file
+(``link`` fails when the name exists); "replace or delete only if unchanged" compares the
+etag and acts under an exclusive ``flock`` of the directory, which every such step takes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from kquant_api import Artifact, Reason
 from kquant_job.errors import StorageError
-from kquant_job.storage.base import CHUNK, ObjectInfo, Storage, is_prefix, join
+from kquant_job.storage.base import CHUNK, ObjectInfo, Storage, Upload, is_prefix, join
 from kquant_job.storage.paths import (
+    TEMP_SUFFIX,
     atomic_target,
     check_keys,
     check_size,
+    dir_lock,
+    fsync_dir,
     local_target,
     os_error,
+    temp_path,
 )
 
 SCHEME = "file://"
@@ -33,6 +46,16 @@ def to_path(uri: str) -> Path:
     return Path(uri or ".")
 
 
+def etag_of(st: os.stat_result) -> str:
+    """A file's version token: device, inode, mtime (ns) and size. A replaced file gets a
+    new inode, so a new token; hard links share theirs."""
+    return f"{st.st_dev:x}.{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
+
+
+def _conflict(uri: str, why: str) -> StorageError:
+    return StorageError(f"{uri}: {why}", reason=Reason.ConcurrentWrite)
+
+
 class FileStorage(Storage):
     """:class:`Storage` over the local file system. Errors are StorageError with reason
     SourceNotFound (missing path), AccessDenied (permissions, read-only file system),
@@ -40,24 +63,31 @@ class FileStorage(Storage):
     StorageUnavailable (other I/O errors, e.g. a full disk)."""
 
     def stat(self, uri: str) -> ObjectInfo | None:
-        """Size in bytes of the regular file at ``uri``; None if absent or not a file."""
+        """Size in bytes and etag (:func:`etag_of`) of the regular file at ``uri``; None if
+        absent or not a file."""
         path = to_path(uri)
         try:
             if not path.is_file():
                 return None
-            return ObjectInfo(key=path.name, size=path.stat().st_size)
+            st = path.stat()
+            return ObjectInfo(key=path.name, size=st.st_size, etag=etag_of(st))
         except OSError as exc:
             raise os_error(exc, uri, "stat") from None
 
     def list(self, prefix_uri: str) -> list[ObjectInfo]:
-        """Every file below the directory ``prefix_uri`` (symlinks inside the tree followed),
-        keys '/'-separated and relative to it, sorted; empty when the directory is absent.
-        Raises StorageError(UnsafePath) for a symlink leaving the tree (see download)."""
+        """Every file below the directory ``prefix_uri`` (symlinks inside the tree followed,
+        temporary ``*.kquant-part`` files left out), keys '/'-separated and relative to it,
+        sorted, with etags; empty when the directory is absent. Raises
+        StorageError(UnsafePath) for a symlink leaving the tree (see download)."""
         root = to_path(prefix_uri)
         if not root.is_dir():
             return []
         try:
-            return [ObjectInfo(key, path.stat().st_size) for key, path in _walk(root, prefix_uri)]
+            found = []
+            for key, path in _walk(root, prefix_uri):
+                st = path.stat()
+                found.append(ObjectInfo(key, st.st_size, etag_of(st)))
+            return found
         except OSError as exc:
             raise os_error(exc, prefix_uri, "list") from None
 
@@ -97,23 +127,140 @@ class FileStorage(Storage):
             _copy(path, target, uri, "download")
         return dest_dir
 
-    def upload(self, src: Path, uri: str) -> Artifact:
+    def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
         """Copy ``src`` to ``uri`` atomically (parents created), hashing while copying. A
-        prefix ``uri`` receives ``src``'s name. Returns URI, hex SHA-256 and size in bytes."""
+        prefix ``uri`` receives ``src``'s name. ``metadata`` is not kept (a file has none).
+        Returns URI, hex SHA-256 and size in bytes."""
         if is_prefix(uri):
             uri = join(uri, src.name)
         digest, size = _copy(src, to_path(uri), uri, "upload to", hashed=True)
         return Artifact(uri=uri, sha256=digest, bytes=size)
 
-    def delete(self, uri: str) -> None:
-        """Remove the file at ``uri``; absent paths and directories are left alone."""
+    def delete(self, uri: str, if_match: str | None = None) -> None:
+        """Remove the file at ``uri``; absent paths and directories are left alone. With
+        ``if_match``, under the directory lock and only while the file's etag is that one,
+        else StorageError(ConcurrentWrite). Empty parent directories are left in place."""
         path = to_path(uri)
         try:
             if path.is_dir() and not path.is_symlink():
                 return
-            path.unlink(missing_ok=True)
+            if if_match is None:
+                path.unlink(missing_ok=True)
+                return
+            if not path.parent.is_dir():
+                return
+            with dir_lock(path.parent):
+                try:
+                    current = etag_of(path.lstat())
+                except FileNotFoundError:
+                    return
+                if current != if_match:
+                    raise _conflict(uri, "replaced by another writer; not deleted")
+                path.unlink()
         except OSError as exc:
             raise os_error(exc, uri, "delete") from None
+
+    def read_bytes(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
+        """The file's bytes and etag (both from one open file), or None when absent.
+        Raises StorageError(SourceTooLarge) beyond ``max_bytes``."""
+        path = to_path(uri)
+        try:
+            with path.open("rb") as fh:
+                st = os.fstat(fh.fileno())
+                check_size(uri, st.st_size, max_bytes)
+                return fh.read(max_bytes + 1), etag_of(st)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise os_error(exc, uri, "read") from None
+
+    def write_bytes(
+        self,
+        uri: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """Write ``data`` to a synced temporary file, then: with ``if_none_match``, link it
+        to ``uri`` (fails if the name exists); with ``if_match``, replace ``uri`` under the
+        directory lock while its etag is ``if_match``; else replace it. Returns the new etag;
+        a failed condition raises StorageError(ConcurrentWrite). ``metadata`` is not kept."""
+        target = to_path(uri)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(target)
+            try:
+                with tmp.open("wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    etag = etag_of(os.fstat(fh.fileno()))
+                if if_none_match:
+                    try:
+                        os.link(tmp, target)
+                    except FileExistsError:
+                        raise _conflict(uri, "already exists (written by another writer)") from None
+                elif if_match is not None:
+                    with dir_lock(target.parent):
+                        current = self.stat(uri)
+                        if current is None or current.etag != if_match:
+                            raise _conflict(uri, "changed by another writer")
+                        os.replace(tmp, target)
+                else:
+                    os.replace(tmp, target)
+                fsync_dir(target.parent)
+                return etag
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error(exc, uri, "write") from None
+
+    def copy(self, src_uri: str, dst_uri: str, metadata: Mapping[str, str]) -> None:
+        """Hard-link ``src_uri`` to a temporary name beside ``dst_uri`` (a byte copy where
+        links are impossible, e.g. across file systems) and rename it onto ``dst_uri``."""
+        src, dst = to_path(src_uri), to_path(dst_uri)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(dst)
+            try:
+                try:
+                    os.link(src, tmp)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
+            fsync_dir(dst.parent)
+        except OSError as exc:
+            raise os_error(exc, dst_uri, f"copy {src_uri} to") from None
+
+    def list_uploads(self, prefix_uri: str) -> list[Upload]:
+        """Temporary ``*.kquant-part`` files below ``prefix_uri``, with their mtimes."""
+        root = to_path(prefix_uri)
+        found: list[Upload] = []
+        if not root.is_dir():
+            return found
+        try:
+            for path in root.rglob(f"*{TEMP_SUFFIX}"):
+                if path.is_file() and not path.is_symlink():
+                    key = path.relative_to(root).as_posix()
+                    found.append(Upload(key, key, path.stat().st_mtime))
+        except OSError as exc:
+            raise os_error(exc, prefix_uri, "list") from None
+        return sorted(found, key=lambda u: u.key)
+
+    def abort_upload(self, prefix_uri: str, upload: Upload) -> None:
+        """Remove the temporary file of ``upload``."""
+        if not upload.key.endswith(TEMP_SUFFIX):
+            raise StorageError(
+                f"{upload.key!r} under {prefix_uri} is not a temporary file",
+                reason=Reason.UnsafePath,
+            )
+        self.delete(join(prefix_uri, upload.key))
 
 
 def _size(path: Path, uri: str) -> int:
@@ -170,7 +317,8 @@ def _walk(root: Path, where: str) -> list[tuple[str, Path]]:
                 visited.add(path)
                 stack.append((path, key + "/"))
             elif path.is_file():
-                found.append((key, path))
+                if not name.endswith(TEMP_SUFFIX):  # a write in progress, not an object
+                    found.append((key, path))
             else:
                 raise _refuse(where, key, "not a regular file")
     return sorted(found)

@@ -11,6 +11,7 @@ until it is complete and synced, so a killed transfer never leaves a file that l
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import unicodedata
@@ -89,6 +90,32 @@ def local_target(dest_dir: Path, key: str, where: str) -> Path:
     return target
 
 
+# Suffix of the temporary files atomic_target writes: such a file is never a finished object.
+TEMP_SUFFIX = ".kquant-part"
+
+
+def temp_path(target: Path) -> Path:
+    """A fresh temporary name beside ``target``: short, hidden and clearly partial (it
+    survives a 255-byte name and never looks complete)."""
+    return target.parent / f".{target.name[:80]}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+@contextmanager
+def dir_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (created if missing) for the block.
+
+    kquant's local compare-and-swap steps (a conditional replace or delete) take it, so two
+    processes on one host never interleave a check and the write it guards. OSError passes
+    through for the caller to classify."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 @contextmanager
 def atomic_target(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` (parents created) to write into. On a clean
@@ -96,20 +123,21 @@ def atomic_target(target: Path) -> Iterator[Path]:
     the directory entry synced; on any error the temporary file is removed. OSError passes
     through for the caller to classify."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Short, hidden and clearly partial: survives a 255-byte name and never looks complete.
-    tmp = target.parent / f".{target.name[:80]}.{secrets.token_hex(4)}.kquant-part"
+    tmp = temp_path(target)
     try:
         yield tmp
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename or link inside it survives a crash; file systems
+    that cannot open directories are skipped (the data itself is synced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

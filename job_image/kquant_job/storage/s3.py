@@ -8,7 +8,12 @@ environment variables (see :mod:`kquant_job.storage.s3_transfer`).
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -17,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kquant_api import Artifact, Reason
 from kquant_api.spec import StorageConfig
 from kquant_job.errors import InvalidSpec, StorageError
-from kquant_job.storage.base import ObjectInfo, Storage, is_prefix, join, sha256_file
+from kquant_job.storage.base import ObjectInfo, Storage, Upload, is_prefix, join, sha256_file
 from kquant_job.storage.paths import (
     atomic_target,
     check_keys,
@@ -28,15 +33,62 @@ from kquant_job.storage.paths import (
 from kquant_job.storage.s3_errors import classify, unwrap
 from kquant_job.storage.s3_transfer import TransferSettings, progress
 
+LOG = logging.getLogger("kquant.storage")
+F = TypeVar("F", bound=Callable[..., Any])
+# Backoff between attempts of the retry window, seconds: doubling from the first to the cap.
+FIRST_DELAY, MAX_DELAY = 0.5, 8.0
+
 
 def parse_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key); the key may be empty or end in '/'."""
+    """``s3://bucket/key`` -> (bucket, key); the key may be empty or end in '/'.
+
+    Raises InvalidSpec for a URI that is not ``s3://`` or names no bucket, and
+    StorageError(UnsafePath) for a key with a '.' or '..' segment: S3 keys are literal, but
+    HTTP clients and file systems read them as "here" and "parent", so such a key never
+    names what it seems to."""
     if not uri.startswith("s3://"):
         raise InvalidSpec(f"{uri!r} is not an s3:// URI")
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise InvalidSpec(f"{uri!r} names no bucket")
+    if any(seg in (".", "..") for seg in key.split("/")):
+        raise StorageError(
+            f"unsafe key in {uri!r}: '.' and '..' segments are refused", reason=Reason.UnsafePath
+        )
     return bucket, key
+
+
+def retrying(method: F) -> F:
+    """Retry a storage call while it fails with StorageUnavailable, for up to the storage's
+    ``settings.retry_seconds`` (backoff 0.5 s doubling to 8 s), so a storage restart of a few
+    seconds does not fail the job: botocore's own attempts give up within about a second on
+    a refused connection. Other errors pass at once."""
+
+    @functools.wraps(method)
+    def wrapper(self: S3Storage, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self.settings.retry_seconds
+        delay = FIRST_DELAY
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except StorageError as exc:
+                if exc.reason is not Reason.StorageUnavailable:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(
+                        f"{exc} (gave up after {self.settings.retry_seconds:g} s of retries: "
+                        "KQUANT_S3_RETRY_SECONDS)",
+                        reason=Reason.StorageUnavailable,
+                    ) from None
+                LOG.warning(
+                    "storage unavailable, retrying in %.1f s",
+                    delay,
+                    extra={"fields": {"error": str(exc)}},
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _object(uri: str) -> tuple[str, str]:
@@ -81,8 +133,10 @@ class S3Storage(Storage):
             raise InvalidSpec(f"spec.storage: {exc}") from None
         self.transfer = self.settings.transfer_config()
 
+    @retrying
     def stat(self, uri: str) -> ObjectInfo | None:
-        """Size of the object at ``uri`` (HeadObject); None on 404 (no key or no bucket)."""
+        """Size, ETag and metadata of the object at ``uri`` (HeadObject); None on 404 (no key
+        or no bucket)."""
         bucket, key = _object(uri)
         try:
             head = self.client.head_object(Bucket=bucket, Key=key)
@@ -91,8 +145,14 @@ class S3Storage(Storage):
             if err.reason is Reason.SourceNotFound:
                 return None
             raise err from None
-        return ObjectInfo(key=key.rsplit("/", 1)[-1], size=int(head["ContentLength"]))
+        return ObjectInfo(
+            key=key.rsplit("/", 1)[-1],
+            size=int(head["ContentLength"]),
+            etag=head.get("ETag"),
+            metadata=dict(head.get("Metadata") or {}),
+        )
 
+    @retrying
     def list(self, prefix_uri: str) -> list[ObjectInfo]:
         """Every object below ``prefix_uri`` (ListObjectsV2, paginated), keys relative to it,
         sorted; directory markers (keys ending in '/') are left out. A missing trailing '/' is
@@ -109,7 +169,7 @@ class S3Storage(Storage):
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(prefix) :]
                     if rel and not rel.endswith("/"):
-                        found.append(ObjectInfo(key=rel, size=int(obj["Size"])))
+                        found.append(ObjectInfo(rel, int(obj["Size"]), obj.get("ETag")))
         except (ClientError, BotoCoreError) as exc:
             raise classify(exc, prefix_uri) from None
         return sorted(found, key=lambda o: o.key)
@@ -143,39 +203,153 @@ class S3Storage(Storage):
             self._get(join(uri, obj.key), target, obj.size)
         return dest_dir
 
-    def upload(self, src: Path, uri: str) -> Artifact:
-        """Upload ``src`` to ``uri`` (a prefix ``uri`` receives ``src``'s name) with its hex
-        SHA-256 as object metadata ``sha256``. S3 shows an object only once its (multipart)
-        upload completes, so readers never see a partial one. Returns URI, SHA-256, bytes."""
+    def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
+        """Upload ``src`` to ``uri`` (a prefix ``uri`` receives ``src``'s name) with
+        ``metadata`` and its hex SHA-256 as object metadata ``sha256``. S3 shows an object
+        only once its (multipart) upload completes, so readers never see a partial one; a
+        failed multipart upload is aborted by boto3 (a killed one is left for
+        :meth:`list_uploads`). Returns URI, SHA-256, bytes."""
         if is_prefix(uri):
             uri = join(uri, src.name)
-        bucket, key = _object(uri)
+        _object(uri)
         try:
             size = src.stat().st_size
             digest = sha256_file(src)
         except OSError as exc:
             raise os_error(exc, uri, "upload to") from None
+        self._put_file(src, uri, size, {**(metadata or {}), "sha256": digest})
+        return Artifact(uri=uri, sha256=digest, bytes=size)
+
+    @retrying
+    def _put_file(self, src: Path, uri: str, size: int, metadata: dict[str, str]) -> None:
+        bucket, key = _object(uri)
         try:
             self.client.upload_file(
                 str(src),
                 bucket,
                 key,
-                ExtraArgs={"Metadata": {"sha256": digest}},
+                ExtraArgs={"Metadata": metadata},
                 Callback=progress("upload", uri, size),
                 Config=self.transfer,
             )
         except Exception as exc:
             raise _failure(exc, uri, "upload to") from None
-        return Artifact(uri=uri, sha256=digest, bytes=size)
 
-    def delete(self, uri: str) -> None:
-        """Delete one object (DeleteObject); an absent key is not an error."""
+    @retrying
+    def delete(self, uri: str, if_match: str | None = None) -> None:
+        """Delete one object (DeleteObject); an absent key is not an error. With
+        ``if_match``, S3 deletes only while the ETag matches, else StorageError
+        (ConcurrentWrite)."""
+        bucket, key = _object(uri)
+        kwargs = {"IfMatch": if_match} if if_match else {}
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            err = classify(exc, uri)
+            if err.reason is Reason.SourceNotFound and not _is_bucket_error(exc):
+                return
+            raise err from None
+
+    @retrying
+    def read_bytes(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
+        """GetObject of a small object: (bytes, ETag), or None on NoSuchKey. Raises
+        StorageError(SourceTooLarge) beyond ``max_bytes``, SourceNotFound for a missing
+        bucket."""
         bucket, key = _object(uri)
         try:
-            self.client.delete_object(Bucket=bucket, Key=key)
+            got = self.client.get_object(Bucket=bucket, Key=key)
+            check_size(uri, int(got["ContentLength"]), max_bytes)
+            return got["Body"].read(max_bytes + 1), got["ETag"]
         except (ClientError, BotoCoreError) as exc:
-            raise classify(exc, uri) from None
+            err = classify(exc, uri)
+            if err.reason is Reason.SourceNotFound and not _is_bucket_error(exc):
+                return None
+            raise err from None
 
+    @retrying
+    def write_bytes(
+        self,
+        uri: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """PutObject with ``If-None-Match: *`` or ``If-Match: <etag>`` (S3 conditional
+        writes, honoured by AWS S3 and MinIO): returns the new ETag; 412, or NoSuchKey for
+        ``if_match`` on a vanished object, raises StorageError(ConcurrentWrite)."""
+        bucket, key = _object(uri)
+        kwargs: dict[str, Any] = {"Metadata": dict(metadata or {})}
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        try:
+            return str(self.client.put_object(Bucket=bucket, Key=key, Body=data, **kwargs)["ETag"])
+        except (ClientError, BotoCoreError) as exc:
+            err = classify(exc, uri)
+            vanished = err.reason is Reason.SourceNotFound and not _is_bucket_error(exc)
+            if if_match is not None and vanished:
+                raise StorageError(
+                    f"{uri}: removed by another writer", reason=Reason.ConcurrentWrite
+                ) from None
+            raise err from None
+
+    @retrying
+    def copy(self, src_uri: str, dst_uri: str, metadata: Mapping[str, str]) -> None:
+        """Server-side copy (boto3's managed copy: CopyObject, or a multipart copy beyond
+        its threshold) with ``metadata`` replacing the source's."""
+        src_bucket, src_key = _object(src_uri)
+        bucket, key = _object(dst_uri)
+        try:
+            self.client.copy(
+                {"Bucket": src_bucket, "Key": src_key},
+                bucket,
+                key,
+                ExtraArgs={"Metadata": dict(metadata), "MetadataDirective": "REPLACE"},
+                Config=self.transfer,
+            )
+        except Exception as exc:
+            raise _failure(exc, dst_uri, f"copy {src_uri} to") from None
+
+    @retrying
+    def list_uploads(self, prefix_uri: str) -> list[Upload]:
+        """Incomplete multipart uploads below ``prefix_uri`` (ListMultipartUploads)."""
+        bucket, prefix = parse_uri(prefix_uri)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        found: list[Upload] = []
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=bucket, Prefix=prefix
+            )
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    when = up.get("Initiated")
+                    found.append(
+                        Upload(
+                            up["Key"][len(prefix) :],
+                            up["UploadId"],
+                            when.timestamp() if when is not None else None,
+                        )
+                    )
+        except (ClientError, BotoCoreError) as exc:
+            raise classify(exc, prefix_uri) from None
+        return found
+
+    @retrying
+    def abort_upload(self, prefix_uri: str, upload: Upload) -> None:
+        """AbortMultipartUpload; an upload already gone is not an error."""
+        bucket, key = _object(join(prefix_uri, upload.key))
+        try:
+            self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload.upload_id)
+        except (ClientError, BotoCoreError) as exc:
+            err = classify(exc, prefix_uri)
+            if err.reason is not Reason.SourceNotFound:
+                raise err from None
+
+    @retrying
     def _any(self, uri: str) -> bool:
         bucket, key = parse_uri(uri.rstrip("/") + "/")
         try:
@@ -185,6 +359,7 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError) as exc:
             raise classify(exc, uri) from None
 
+    @retrying
     def _get(self, uri: str, target: Path, size: int) -> None:
         bucket, key = parse_uri(uri)
         try:
@@ -198,6 +373,11 @@ class S3Storage(Storage):
                 )
         except Exception as exc:
             raise _failure(exc, uri, "download") from None
+
+
+def _is_bucket_error(exc: ClientError | BotoCoreError) -> bool:
+    code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+    return code == "NoSuchBucket"
 
 
 def _failure(exc: Exception, uri: str, action: str) -> Exception:

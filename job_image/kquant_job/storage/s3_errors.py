@@ -37,6 +37,23 @@ DENIED_CODES = frozenset(
         "InvalidObjectState",  # archived (Glacier) objects cannot be read until restored
     }
 )
+# 4xx codes that a retry may fix: timeouts, a body cut short in transit, throttling, a
+# conditional write racing another one (AWS answers 409 ConditionalRequestConflict).
+TRANSIENT_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "IncompleteBody",
+        "BadDigest",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "RequestTimeTooSkewed",
+        "OperationAborted",
+        "ConditionalRequestConflict",
+    }
+)
+PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
 
 
@@ -58,8 +75,12 @@ def unwrap(exc: BaseException) -> ClientError | BotoCoreError | None:
 
 def classify(exc: ClientError | BotoCoreError, uri: str) -> StorageError:
     """Map a botocore error to StorageError: not found -> SourceNotFound; 401/403, bad,
-    expired or missing credentials -> AccessDenied; connection errors, timeouts, throttling,
-    5xx (all after botocore's own retries) and anything else -> StorageUnavailable."""
+    expired or missing credentials -> AccessDenied; 412 (a conditional write or read whose
+    condition failed) -> ConcurrentWrite; other 4xx and 501 (a request the server refuses as
+    it stands: KeyTooLong, InvalidArgument, EntityTooLarge, NotImplemented...) ->
+    StorageRejected, never retried, except the transient ones (TRANSIENT_CODES, 408, 429);
+    connection errors, timeouts, throttling, 5xx (all after botocore's own retries) ->
+    StorageUnavailable."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -70,6 +91,22 @@ def classify(exc: ClientError | BotoCoreError, uri: str) -> StorageError:
             return StorageError(f"{uri}: {what} not found ({detail})", reason=Reason.SourceNotFound)
         if code in DENIED_CODES or status in (401, 403):
             return StorageError(f"{uri}: access denied ({detail})", reason=Reason.AccessDenied)
+        if code in PRECONDITION_CODES or status == 412:
+            return StorageError(
+                f"{uri}: changed by another writer ({detail})", reason=Reason.ConcurrentWrite
+            )
+        permanent = (400 <= status < 500 and status not in (408, 429)) or status == 501
+        if permanent and code not in TRANSIENT_CODES:
+            hint = (
+                " (the server does not implement this request: kquant needs conditional "
+                "writes, If-None-Match / If-Match, as AWS S3 and MinIO provide)"
+                if status == 501
+                else ""
+            )
+            return StorageError(
+                f"{uri}: request refused by the storage ({detail}){hint}",
+                reason=Reason.StorageRejected,
+            )
         return StorageError(
             f"{uri}: storage request failed ({detail})", reason=Reason.StorageUnavailable
         )

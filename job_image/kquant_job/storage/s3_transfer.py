@@ -6,12 +6,18 @@ The settings are read from environment variables when a storage is created:
 variable                                  default  meaning
 ========================================  =======  ==========================================
 KQUANT_S3_MAX_ATTEMPTS                    5        attempts per request, first included
+KQUANT_S3_RETRY_SECONDS                   60       keep retrying an unreachable storage this long
 KQUANT_S3_CONNECT_TIMEOUT                 10       seconds to open a connection
 KQUANT_S3_READ_TIMEOUT                    60       seconds to wait on a socket read
 KQUANT_S3_MULTIPART_THRESHOLD_MIB         16       objects from this size use multipart, MiB
 KQUANT_S3_MULTIPART_CHUNKSIZE_MIB         16       part / ranged-GET size, MiB
 KQUANT_S3_MAX_CONCURRENCY                 8        parallel part requests per transfer
 ========================================  =======  ==========================================
+
+Each request gets botocore's attempts (standard mode: exponential backoff, about a second in
+all against a refused connection); on top, every storage call is retried while the storage
+stays unreachable, for up to ``KQUANT_S3_RETRY_SECONDS``, so a restart of a few seconds
+passes unnoticed (:func:`kquant_job.storage.s3.retrying`).
 
 16 MiB parts mean 64 requests per GiB (boto3's 8 MiB default: 128) and keep upload buffers at
 about concurrency x part size = 128 MiB; s3transfer raises the part size by itself when an
@@ -42,6 +48,7 @@ class TransferSettings:
     """Retry, timeout and transfer knobs (seconds, bytes); see the module table."""
 
     max_attempts: int = 5
+    retry_seconds: float = 60.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     multipart_threshold: int = 16 * MIB
@@ -56,6 +63,7 @@ class TransferSettings:
         d = cls()
         return cls(
             max_attempts=int(_num(env, "KQUANT_S3_MAX_ATTEMPTS", d.max_attempts)),
+            retry_seconds=_num(env, "KQUANT_S3_RETRY_SECONDS", d.retry_seconds),
             connect_timeout=_num(env, "KQUANT_S3_CONNECT_TIMEOUT", d.connect_timeout),
             read_timeout=_num(env, "KQUANT_S3_READ_TIMEOUT", d.read_timeout),
             multipart_threshold=int(
