@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -196,3 +197,32 @@ def s3_auth_server() -> Iterator[S3AuthServer]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@dataclass
+class Store:
+    """A storage back end under test and a fresh root prefix in it (ends in '/')."""
+
+    storage: Any
+    root: str
+    kind: str
+
+    def uri(self, key: str) -> str:
+        """The URI of ``key`` below the root."""
+        return self.root + key
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """The same test against a local directory (``file://``) and the moto S3 server."""
+    if request.param == "file":
+        from kquant_job.storage.file import FileStorage
+
+        return Store(FileStorage(), f"file://{tmp_path}/store/", "file")
+    from kquant_api.spec import StorageConfig
+    from kquant_job.storage.s3 import S3Storage
+
+    server = request.getfixturevalue("s3_env")
+    name = request.getfixturevalue("bucket")
+    storage = S3Storage(StorageConfig(endpoint=server.endpoint, region=server.region))
+    return Store(storage, f"s3://{name}/", "s3")
