@@ -127,6 +127,12 @@ class Storage(ABC):
         which shares the source's etag). Readers of ``dst_uri`` see the old or the new
         object, whole, never neither."""
 
+    def content_sha256(self, uri: str, info: ObjectInfo) -> str | None:
+        """Hex SHA-256 of the object at ``uri`` (``info`` from :meth:`stat`) when the store can
+        tell it without a download: the ``sha256`` metadata kquant writes with every object.
+        None when unknown."""
+        return info.metadata.get("sha256")
+
     @abstractmethod
     def list_uploads(self, prefix_uri: str) -> list[Upload]:
         """Unfinished writes below ``prefix_uri`` (keys relative to it)."""

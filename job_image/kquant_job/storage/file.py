@@ -23,7 +23,15 @@ from pathlib import Path
 
 from kquant_api import Artifact, Reason
 from kquant_job.errors import StorageError
-from kquant_job.storage.base import CHUNK, ObjectInfo, Storage, Upload, is_prefix, join
+from kquant_job.storage.base import (
+    CHUNK,
+    ObjectInfo,
+    Storage,
+    Upload,
+    is_prefix,
+    join,
+    sha256_file,
+)
 from kquant_job.storage.paths import (
     TEMP_SUFFIX,
     atomic_target,
@@ -237,6 +245,13 @@ class FileStorage(Storage):
             fsync_dir(dst.parent)
         except OSError as exc:
             raise os_error(exc, dst_uri, f"copy {src_uri} to") from None
+
+    def content_sha256(self, uri: str, info: ObjectInfo) -> str | None:
+        """Hex SHA-256 of the file (read in full: a file has no metadata to hold it)."""
+        try:
+            return sha256_file(to_path(uri))
+        except OSError:
+            return None
 
     def list_uploads(self, prefix_uri: str) -> list[Upload]:
         """Temporary ``*.kquant-part`` files below ``prefix_uri``, with their mtimes."""

@@ -1,0 +1,106 @@
+"""Fixed-name copies: each file of the current set also at ``<prefix>/<name>``.
+
+For readers that open a known file name instead of following ``manifest.json``. After a
+manifest switch every fixed name of the new set is replaced by a copy of the set's file (a
+server-side copy on S3, a hard link locally), each in one atomic step: a reader of one name
+gets the old file or the new one, whole, and a name both sets share is never missing. Names
+only the old sets had are then removed, if the object there is still the one kquant placed
+(conditional delete).
+
+Several writers may sync one prefix in turn; a copy is always taken from the set the
+manifest names at that moment, and each round ends by re-reading the manifest: a writer
+whose copy landed after a newer set's switch sees the switch and copies again, so the names
+converge on the manifest's set.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from kquant_api import Reason
+from kquant_job.errors import StorageError
+from kquant_job.sets.layout import MANIFEST, SET_KEY, SETS
+from kquant_job.sets.state import PrefixState, owned, read_state
+from kquant_job.storage.base import ObjectInfo, Storage
+
+LOG = logging.getLogger("kquant.publish")
+MAX_ROUNDS = 5
+
+
+@dataclass
+class MirrorOutcome:
+    """What a sync did: names copied and removed, foreign objects left alone at fixed names
+    of the set, and the set the names now follow (None: no manifest, or kquant's first
+    layout, which has no set folder to copy from)."""
+
+    set_id: str | None = None
+    copied: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+
+def in_sync(info: ObjectInfo, set_id: str, source: ObjectInfo | None) -> bool:
+    """The object at a fixed name already is the set's file: it carries the set id (S3) or
+    shares the source's etag (a hard link locally; an S3 copy of the same bytes)."""
+    if info.metadata.get(SET_KEY) == set_id:
+        return True
+    return source is not None and source.etag is not None and info.etag == source.etag
+
+
+def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
+    manifest = state.manifest
+    assert manifest is not None and manifest.set_id is not None
+    set_id = manifest.set_id
+    files = state.sets.get(set_id, {})
+    for name, sha256 in sorted(manifest.files.items()):
+        uri = state.uri(name)
+        info = state.storage.stat(uri)
+        if info is not None and in_sync(info, set_id, files.get(name)):
+            continue
+        if info is not None and not owned(state, name, info):
+            if name not in outcome.foreign:
+                outcome.foreign.append(name)
+            continue
+        source = state.uri(f"{SETS}{set_id}/{name}")
+        state.storage.copy(source, uri, {SET_KEY: set_id, "sha256": sha256})
+        outcome.copied.append(name)
+    for name in sorted(manifest.owned_names() - set(manifest.files)):
+        uri = state.uri(name)
+        info = state.storage.stat(uri)
+        if info is None or not owned(state, name, info):
+            continue
+        try:
+            state.storage.delete(uri, if_match=info.etag)
+            outcome.removed.append(name)
+        except StorageError as exc:
+            if exc.reason is not Reason.ConcurrentWrite:
+                raise  # replaced since the stat: no longer ours to remove
+
+
+def sync_mirrors(storage: Storage, prefix: str) -> MirrorOutcome:
+    """Bring the fixed names under ``prefix`` in step with its manifest (see the module
+    docstring); at most MAX_ROUNDS rounds while other writers keep switching it. Raises
+    the storage's errors; a rerun resumes where an interrupted sync stopped."""
+    outcome = MirrorOutcome()
+    for _ in range(MAX_ROUNDS):
+        state = read_state(storage, prefix)
+        if state.manifest is None or state.manifest.set_id is None:
+            return outcome
+        outcome.set_id = state.manifest.set_id
+        if outcome.set_id not in state.sets:
+            raise StorageError(
+                f"{prefix}manifest.json names set {outcome.set_id}, whose folder is gone",
+                reason=Reason.StorageUnavailable,
+            )
+        _sync_once(state, outcome)
+        again = storage.stat(state.uri(MANIFEST))
+        if again is None or again.etag == state.etag:
+            break
+    if outcome.foreign:
+        LOG.warning(
+            "left %d foreign object(s) at fixed names of the set",
+            len(outcome.foreign),
+            extra={"fields": {"prefix": prefix, "names": outcome.foreign[:5]}},
+        )
+    return outcome

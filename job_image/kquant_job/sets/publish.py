@@ -1,0 +1,343 @@
+"""Publishing a validated set to a prefix (the output, or the promotion) without ever
+destroying or mixing data.
+
+A :class:`Target` is one prefix this run writes. :meth:`Target.preflight` reads it before any
+work (refusing a prefix that is not this run's to write) and remembers the manifest's etag.
+:meth:`Target.publish` then:
+
+1. reclaims this job's own leftovers (:func:`kquant_job.sets.state.reclaim`);
+2. refuses a fixed name held by an object kquant did not write (ForeignObject);
+3. writes a new set folder: ``set.json`` first, the artifacts, ``report.json``, the set's
+   ``manifest.json``, and checks the folder is complete;
+4. commits: one conditional write of ``<prefix>/manifest.json`` against the etag read at
+   preflight (``If-Match``, or ``If-None-Match: *`` when there was none). Exactly one of
+   several concurrent writers succeeds; the others end with ConcurrentWrite, except a newer
+   generation of the same job, which takes over from an older one (and an older one never
+   replaces a newer one: Superseded);
+5. brings the fixed-name copies in step (:mod:`kquant_job.sets.mirrors`) and removes the sets
+   that dropped out of the manifest's history.
+
+A kill at any step leaves the prefix as it was or with the new set complete; a rerun of the
+same job finishes the work (its own uncommitted sets are reclaimed, the copies resynced).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kquant_api import Artifact, Reason
+from kquant_job.errors import StorageError
+from kquant_job.report import now
+from kquant_job.sets.layout import (
+    MANIFEST,
+    MARKER,
+    REPORT,
+    SET_KEY,
+    HistoryEntry,
+    Manifest,
+    Retention,
+    Writer,
+    build_manifest,
+    build_marker,
+    dumps,
+    new_set_id,
+    set_dir,
+)
+from kquant_job.sets.mirrors import MirrorOutcome, sync_mirrors
+from kquant_job.sets.state import (
+    PrefixState,
+    delete_set,
+    foreign_objects,
+    owned,
+    read_state,
+    reclaim,
+)
+from kquant_job.storage.base import Storage, join
+from kquant_job.storage.paths import check_keys
+
+LOG = logging.getLogger("kquant.publish")
+MAX_COMMIT_TRIES = 4
+
+
+@dataclass(frozen=True)
+class PublishedSet:
+    """A committed set: its id, artifacts (URIs inside the immutable set folder, sha256,
+    bytes), the report's URI there, the prefix's manifest URI and the fixed-name sync."""
+
+    set_id: str
+    artifacts: list[Artifact]
+    report_uri: str
+    manifest_uri: str
+    mirrors: MirrorOutcome = field(default_factory=MirrorOutcome)
+
+
+def as_prefix(uri: str) -> str:
+    """``uri`` with exactly one trailing '/'."""
+    return uri.rstrip("/") + "/"
+
+
+class Target:
+    """One prefix this run writes.
+
+    ``replace``: the prefix may hold an earlier set of kquant's, which this run replaces (a
+    promotion; an output with ``overwrite: true``). Without it (a fresh output) the prefix
+    must hold nothing but kquant's own bookkeeping and, at most, a set of this very job and
+    generation (an earlier run of it that was interrupted).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        prefix_uri: str,
+        writer: Writer,
+        *,
+        replace: bool,
+        field_name: str,
+        retention: Retention | None = None,
+    ) -> None:
+        self.storage, self.prefix, self.writer = storage, as_prefix(prefix_uri), writer
+        self.replace, self.field_name = replace, field_name
+        self.retention = retention or Retention.from_env()
+        self.base_etag: str | None = None
+
+    def preflight(self) -> None:
+        """Read the prefix and refuse what publishing would refuse: OutputExists (a fresh
+        output that holds objects, or another job's set), Superseded (a newer generation of
+        this job published here), ForeignObject (a manifest.json that is not kquant's).
+        Remembers the manifest's etag for the commit."""
+        state = read_state(self.storage, self.prefix)
+        self._check(state)
+        self.base_etag = state.etag
+
+    def _check(self, state: PrefixState) -> None:
+        current = state.manifest
+        if current is not None and current.writer.newer_than(self.writer):
+            raise StorageError(
+                f"{self.field_name} {self.prefix} holds the set of a newer generation, "
+                f"{current.writer.describe()}: this run of generation "
+                f"{self.writer.generation} does not replace it",
+                reason=Reason.Superseded,
+            )
+        if self.replace:
+            return
+        if current is not None and not current.writer.same_generation(self.writer):
+            raise StorageError(
+                f"output {self.prefix} already holds a set ({current.writer.describe()}); "
+                "set spec.output.overwrite: true to replace it, or choose a new prefix",
+                reason=Reason.OutputExists,
+            )
+        foreign = foreign_objects(state)
+        if foreign:
+            raise StorageError(
+                f"output {self.prefix} already holds objects kquant did not write (e.g. "
+                f"{', '.join(foreign)}); choose an empty prefix: kquant never replaces them",
+                reason=Reason.OutputExists,
+            )
+
+    def _check_names(self, state: PrefixState, names: list[str]) -> None:
+        for name in names:
+            info = self.storage.stat(state.uri(name))
+            if info is not None and not owned(state, name, info):
+                raise StorageError(
+                    f"{self.field_name} {self.prefix}: {name!r} holds an object kquant did "
+                    "not write; kquant never replaces it (move it, or choose another prefix)",
+                    reason=Reason.ForeignObject,
+                )
+
+    def _resolve(self, state: PrefixState, set_id: str) -> bool:
+        """Whether the manifest now in ``state`` may be replaced by this run's commit; True
+        when it already is this run's set. Raises Superseded or ConcurrentWrite otherwise."""
+        current = state.manifest
+        if current is not None and current.set_id == set_id:
+            return True
+        if state.etag == self.base_etag:
+            return False
+        if current is not None and current.writer.newer_than(self.writer):
+            self._check(state)  # raises Superseded
+        older = current is None or self.writer.newer_than(current.writer)
+        if self.replace and older:
+            self.base_etag = state.etag  # a newer generation takes over from an older one
+            return False
+        winner = current.writer.describe() if current else "a writer that removed it"
+        raise StorageError(
+            f"{self.field_name} {self.prefix} changed while this job ran: {winner} "
+            "published there first; this run's set was withdrawn",
+            reason=Reason.ConcurrentWrite,
+        )
+
+    def publish(
+        self, staged: Path, rels: list[str], report: dict[str, Any], fields: dict[str, Any]
+    ) -> PublishedSet:
+        """Publish the staged files ``rels`` ('/'-separated, relative to ``staged``) with
+        ``report`` as one set, per the module docstring; ``fields`` are the manifest's own
+        entries (precision, source, validation...). Call :meth:`preflight` first.
+
+        Raises StorageError: UnsafePath (a bad or reserved path), SourceNotFound (a staged
+        file missing), ForeignObject, OutputExists, Superseded, ConcurrentWrite, and the
+        storage's errors."""
+        names = _check_files(rels, staged, self.prefix)
+        state = read_state(self.storage, self.prefix)
+        self._resolve(state, "")  # another writer committed since preflight: who?
+        self._check(state)
+        reclaim(state, self.writer, self.retention)
+        self._check_names(state, [*names, REPORT])
+        set_id = new_set_id()
+        folder = join(self.prefix, set_dir(set_id))
+        meta = {SET_KEY: set_id}
+        marker = build_marker(set_id, self.writer, "writing", now())
+        self.storage.write_bytes(join(folder, MARKER), dumps(marker), if_none_match=True)
+        artifacts = [self.storage.upload(staged / rel, join(folder, rel), meta) for rel in names]
+        report_bytes = dumps(report)
+        self.storage.write_bytes(join(folder, REPORT), report_bytes, metadata=meta)
+        report_art = Artifact(
+            uri=join(folder, REPORT), sha256=_sha256(report_bytes), bytes=len(report_bytes)
+        )
+        entries = [_entry(set_id, rel, a) for rel, a in zip(names, artifacts, strict=True)]
+        files = {e["name"]: e["sha256"] for e in entries}
+        files[REPORT] = report_art.sha256
+        try:
+            dropped = self._commit(
+                state, set_id, fields, entries, _entry(set_id, REPORT, report_art), files
+            )
+        except StorageError:
+            self._withdraw(set_id)
+            raise
+        mirrors = sync_mirrors(self.storage, self.prefix)
+        self._drop(dropped)
+        LOG.info(
+            "published set %s to %s",
+            set_id,
+            self.prefix,
+            extra={"fields": {"artifacts": len(artifacts), "copies": len(mirrors.copied)}},
+        )
+        return PublishedSet(set_id, artifacts, report_art.uri, join(self.prefix, MANIFEST), mirrors)
+
+    def _commit(
+        self,
+        state: PrefixState,
+        set_id: str,
+        fields: dict[str, Any],
+        artifacts: list[dict[str, Any]],
+        report: dict[str, Any],
+        files: dict[str, str],
+    ) -> list[str]:
+        """Commit the set; returns the ids of the sets its history no longer keeps."""
+        uri = join(self.prefix, MANIFEST)
+        dropped: list[str] = []
+        for _ in range(MAX_COMMIT_TRIES):
+            if self._resolve(state, set_id):
+                return dropped
+            history = _history(state.manifest, set_id, self.writer, files, self.retention)
+            before = [h.set_id for h in state.manifest.history] if state.manifest else []
+            dropped = [s for s in before if s and s not in {h.set_id for h in history}]
+            doc = build_manifest(fields, set_id, self.writer, artifacts, report, history)
+            data = dumps(doc)
+            self.storage.write_bytes(join(self.prefix, set_dir(set_id) + MANIFEST), data)
+            self._verify(set_id, [*files, MANIFEST, MARKER])
+            LOG.info("committing set %s", set_id, extra={"fields": {"prefix": self.prefix}})
+            try:
+                if self.base_etag is None:
+                    self.storage.write_bytes(uri, data, if_none_match=True)
+                else:
+                    self.storage.write_bytes(uri, data, if_match=self.base_etag)
+                LOG.info("committed set %s", set_id, extra={"fields": {"prefix": self.prefix}})
+                return dropped
+            except StorageError as exc:
+                if exc.reason is not Reason.ConcurrentWrite:
+                    raise
+            state = read_state(self.storage, self.prefix)  # who wrote it? (maybe us: a retry)
+        raise StorageError(
+            f"{self.field_name} {self.prefix}: the manifest kept changing while committing",
+            reason=Reason.ConcurrentWrite,
+        )
+
+    def _verify(self, set_id: str, rels: list[str]) -> None:
+        folder = join(self.prefix, set_dir(set_id))
+        present = {o.key for o in self.storage.list(folder)}
+        missing = sorted(set(rels) - present)
+        if missing:
+            raise StorageError(
+                f"set {folder} lost {missing[:3]} before its commit (removed by another run "
+                "of this job?)",
+                reason=Reason.ConcurrentWrite,
+            )
+
+    def _withdraw(self, set_id: str) -> None:
+        """Remove this run's uncommitted set folder after a failed commit (best effort: a
+        rerun reclaims what is left)."""
+        try:
+            state = read_state(self.storage, self.prefix)
+            if state.manifest is None or state.manifest.set_id != set_id:
+                delete_set(state, set_id)
+        except StorageError as exc:
+            LOG.warning("could not withdraw set %s: %s", set_id, exc)
+
+    def _drop(self, dropped: list[str]) -> None:
+        """Delete the sets this commit pushed out of the history (committed ones: never
+        another writer's set in progress), after the fixed names stopped using them."""
+        if not dropped:
+            return
+        state = read_state(self.storage, self.prefix)
+        kept = {h.set_id for h in state.manifest.history} if state.manifest else set()
+        for set_id in dropped:
+            if set_id not in kept and set_id in state.sets:
+                delete_set(state, set_id)
+
+    def publish_failure(self, report: dict[str, Any]) -> str:
+        """Write ``report`` for a failed run into a set folder of its own (marker state
+        ``failed``), touching nothing else: the prefix's manifest and copies stay as they
+        were. Returns the report's URI. Raises the storage's errors."""
+        set_id = new_set_id()
+        folder = join(self.prefix, set_dir(set_id))
+        marker = build_marker(set_id, self.writer, "failed", now())
+        self.storage.write_bytes(join(folder, MARKER), dumps(marker), if_none_match=True)
+        uri = join(folder, REPORT)
+        self.storage.write_bytes(uri, dumps(report), metadata={SET_KEY: set_id})
+        return uri
+
+
+def _history(
+    current: Manifest | None,
+    set_id: str,
+    writer: Writer,
+    files: dict[str, str],
+    retention: Retention,
+) -> list[HistoryEntry]:
+    """The new manifest's history: this set, then the retained ones it replaces."""
+    older = [h for h in (current.history if current else ()) if h.set_id != set_id]
+    return [HistoryEntry(set_id, writer, files), *older[: retention.keep_sets - 1]]
+
+
+def _entry(set_id: str, rel: str, art: Artifact) -> dict[str, Any]:
+    return {"name": rel, "path": set_dir(set_id) + rel, "sha256": art.sha256, "bytes": art.bytes}
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_files(files: list[str], staged_dir: Path, prefix: str) -> list[str]:
+    """The artifact paths, checked: plain relative keys, no duplicates or file/directory
+    clashes, none of kquant's own names, each present in ``staged_dir``."""
+    rels = list(files)
+    for rel in rels:
+        if rel.endswith("/"):
+            raise StorageError(f"artifact path {rel!r} names a directory", reason=Reason.UnsafePath)
+    check_keys(rels, prefix)
+    for rel in rels:
+        if rel in (REPORT, MANIFEST) or rel.startswith(".kquant/") or rel == ".kquant":
+            raise StorageError(
+                f"artifact path {rel!r} is reserved for kquant's own {rel} under {prefix}",
+                reason=Reason.UnsafePath,
+            )
+        if not (staged_dir / rel).is_file():
+            raise StorageError(
+                f"staged artifact {rel!r} is missing from {staged_dir}",
+                reason=Reason.SourceNotFound,
+            )
+    return rels

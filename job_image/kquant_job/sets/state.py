@@ -1,0 +1,195 @@
+"""What a publish prefix holds, who owns each object, and reclaiming kquant's own leftovers.
+
+kquant deletes or replaces only what it wrote itself:
+
+- ``manifest.json`` when it parses as a kquant ModelManifest;
+- everything below ``.kquant/sets/`` (set folders, each opened by its ``set.json`` marker);
+- an object at a fixed name that a retained set placed there, recognised by the set id in
+  its metadata (S3), by being a hard link of the set's file (local), or by its sha256.
+
+Anything else under the prefix is foreign: never touched, and a write that would have to
+replace it is refused (ForeignObject).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from kquant_api import Reason
+from kquant_job.errors import StorageError
+from kquant_job.sets.layout import (
+    KQUANT_DIR,
+    MANIFEST,
+    MARKER,
+    MAX_MANIFEST_BYTES,
+    SET_KEY,
+    SETS,
+    Manifest,
+    Retention,
+    Writer,
+    parse_manifest,
+    parse_time,
+)
+from kquant_job.storage.base import ObjectInfo, Storage, join
+
+LOG = logging.getLogger("kquant.publish")
+# A local temporary file outside set folders (a fixed-name copy in progress: a link and a
+# rename) older than this was left by a killed writer.
+TEMP_GRACE_SECONDS = 3600.0
+
+
+@dataclass
+class PrefixState:
+    """A prefix as read at one moment: its manifest (None when absent) and that object's
+    etag, and the objects of every set folder by set id (keys relative to the set folder)."""
+
+    storage: Storage
+    prefix: str
+    manifest: Manifest | None
+    etag: str | None
+    sets: dict[str, dict[str, ObjectInfo]] = field(default_factory=dict)
+
+    def uri(self, key: str) -> str:
+        """The URI of ``key`` (relative to the prefix)."""
+        return join(self.prefix, key)
+
+
+def read_state(storage: Storage, prefix: str) -> PrefixState:
+    """Read ``prefix`` (ending in '/'): its manifest and its set folders.
+
+    Raises StorageError(ForeignObject) when ``manifest.json`` is not kquant's, and the
+    storage's errors (SourceNotFound for a missing bucket...)."""
+    uri = join(prefix, MANIFEST)
+    try:
+        got = storage.read_bytes(uri, MAX_MANIFEST_BYTES)
+    except StorageError as exc:
+        if exc.reason is not Reason.SourceTooLarge:
+            raise
+        raise StorageError(
+            f"{uri} is larger than any kquant manifest: not replacing it",
+            reason=Reason.ForeignObject,
+        ) from None
+    manifest = parse_manifest(got[0], uri) if got else None
+    sets: dict[str, dict[str, ObjectInfo]] = {}
+    for obj in storage.list(join(prefix, SETS)):
+        set_id, _, rel = obj.key.partition("/")
+        if rel:
+            sets.setdefault(set_id, {})[rel] = obj
+    return PrefixState(storage, prefix, manifest, got[1] if got else None, sets)
+
+
+def owned(state: PrefixState, name: str, info: ObjectInfo) -> bool:
+    """Whether the object ``info`` (from ``stat``) at the fixed name ``name`` was placed there
+    by a set the manifest retains: by its set metadata, by sharing the etag of that set's
+    file (a hard link, or S3's copy of one object), or by content (sha256)."""
+    entries = state.manifest.naming(name) if state.manifest else []
+    if not entries:
+        return False
+    for entry in entries:
+        if entry.set_id and info.metadata.get(SET_KEY) == entry.set_id:
+            return True
+        source = state.sets.get(entry.set_id, {}).get(name)
+        if source is not None and info.etag and source.etag == info.etag:
+            return True
+    digest = state.storage.content_sha256(state.uri(name), info)
+    return digest is not None and any(entry.files[name] == digest for entry in entries)
+
+
+def foreign_objects(state: PrefixState, limit: int = 3) -> list[str]:
+    """Up to ``limit`` keys under the prefix that kquant did not write (see the module
+    docstring), e.g. to refuse an output prefix that is not empty."""
+    found = []
+    owned_names = state.manifest.owned_names() if state.manifest else set()
+    for obj in state.storage.list(state.prefix):
+        if obj.key.startswith(KQUANT_DIR) or (obj.key == MANIFEST and state.manifest):
+            continue
+        if obj.key in owned_names:
+            info = state.storage.stat(state.uri(obj.key))
+            if info is not None and owned(state, obj.key, info):
+                continue
+        found.append(obj.key)
+        if len(found) >= limit:
+            break
+    return found
+
+
+def _marker(state: PrefixState, set_id: str) -> dict | None:
+    if MARKER not in state.sets.get(set_id, {}):
+        return None
+    got = state.storage.read_bytes(state.uri(f"{SETS}{set_id}/{MARKER}"), 1024 * 1024)
+    try:
+        doc = json.loads(got[0]) if got else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def reclaim_reason(
+    marker: dict | None, writer: Writer, retention: Retention, now: float
+) -> str | None:
+    """Why an uncommitted set folder (not in the manifest's history) may be removed by
+    ``writer``, or None to leave it (another live writer's set, perhaps)."""
+    if marker is None:
+        return "no marker: an interrupted clean-up"
+    owner = Writer.from_ref(marker.get("job") or {})
+    if owner.same_generation(writer) and owner.run_id != writer.run_id:
+        return "left by an earlier run of this job"
+    if marker.get("state") == "failed" and owner.same_job(writer):
+        return "the report of an earlier failed run of this job"
+    started = parse_time(marker.get("startedAt"))
+    if started is not None and now - started > retention.abandoned_seconds:
+        return f"abandoned (started {marker.get('startedAt')})"
+    return None
+
+
+def delete_set(state: PrefixState, set_id: str) -> int:
+    """Delete a set folder's objects, its marker last (so an interrupted deletion is still
+    recognisable), and its unfinished uploads; returns the number of objects deleted."""
+    objects = state.sets.get(set_id, {})
+    keys = sorted(objects, key=lambda rel: rel == MARKER)
+    for rel in keys:
+        state.storage.delete(state.uri(f"{SETS}{set_id}/{rel}"), if_match=objects[rel].etag)
+    folder = state.uri(f"{SETS}{set_id}/")
+    for upload in state.storage.list_uploads(folder):
+        state.storage.abort_upload(folder, upload)
+    state.sets.pop(set_id, None)
+    return len(keys)
+
+
+def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[str]:
+    """Remove what earlier runs left under the prefix that ``writer`` may remove: uncommitted
+    set folders of an earlier run of the same job and generation, failure reports of the
+    same job, set folders abandoned for longer than ``retention.abandoned_seconds``; and
+    unfinished uploads belonging to none of the remaining sets. Committed sets (in the
+    manifest's history) and the live sets of other writers are left alone. Returns one line
+    per removed set, for the log."""
+    now = time.time()
+    kept = {h.set_id for h in state.manifest.history} if state.manifest else set()
+    removed = []
+    for set_id in sorted(state.sets):
+        if set_id in kept:
+            continue
+        why = reclaim_reason(_marker(state, set_id), writer, retention, now)
+        if why:
+            count = delete_set(state, set_id)
+            removed.append(f"{set_id}: {why} ({count} objects)")
+    for upload in state.storage.list_uploads(state.prefix):
+        set_id = upload.key[len(SETS) :].split("/", 1)[0] if upload.key.startswith(SETS) else None
+        if set_id is not None:
+            # A writer creates its marker before any upload: an upload without one belongs
+            # to a set that was reclaimed (asked now, not from the listing above).
+            orphan = set_id not in state.sets and not state.storage.stat(
+                state.uri(f"{SETS}{set_id}/{MARKER}")
+            )
+        else:
+            age = now - upload.initiated if upload.initiated is not None else 0.0
+            orphan = age > TEMP_GRACE_SECONDS
+        if orphan:
+            state.storage.abort_upload(state.prefix, upload)
+            removed.append(f"unfinished upload {upload.key}")
+    for line in removed:
+        LOG.info("reclaimed %s", line, extra={"fields": {"prefix": state.prefix}})
+    return removed

@@ -1,0 +1,249 @@
+"""Publishing sets (kquant_job.sets) on both back ends, a local directory and moto's S3
+server: layout, ownership, retention, generations, concurrent writers, reclaiming, the
+first layout's manifests. Each test reads the prefix back as a reader would."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from published import Prefix, read_set, set_files
+
+from kquant_api import Reason
+from kquant_job.errors import StorageError
+from kquant_job.sets import Retention, Target, Writer
+from kquant_job.sets.layout import dumps
+from kquant_job.sets.mirrors import sync_mirrors
+
+FILES = {"model_fp16.onnx": b"fp16 graph" * 50, "tokenizer/vocab.txt": b"a\nb\n"}
+
+
+def stage(root: Path, files: dict[str, bytes] = FILES) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def prefix_of(store, key: str = "out/") -> Prefix:
+    if store.kind == "file":
+        return Prefix.of(store.uri(key))
+    bucket, _, base = store.root[5:].partition("/")
+    return Prefix(client=store.storage.client, bucket=bucket, key=base + key)
+
+
+def target(store, writer: Writer, *, replace: bool = True, key: str = "out/", **kw) -> Target:
+    t = Target(
+        store.storage,
+        store.uri(key),
+        writer,
+        replace=replace,
+        field_name="spec.output.uri",
+        retention=kw.get("retention", Retention()),
+    )
+    t.preflight()
+    return t
+
+
+def publish(store, tmp_path, writer, files=FILES, **kw):
+    staged = stage(tmp_path / f"staged-{time.monotonic_ns()}", files)
+    t = target(store, writer, **kw)
+    return t.publish(staged, sorted(files), {"outcome": "ok", "who": writer.name}, {"v": 1})
+
+
+def reason_of(call) -> Reason:
+    with pytest.raises(StorageError) as info:
+        call()
+    return info.value.reason
+
+
+JOB = Writer("vad", "speech", "uid-1", 1)
+
+
+def test_a_set_is_immutable_files_a_manifest_and_fixed_name_copies(store, tmp_path):
+    done = publish(store, tmp_path, JOB, replace=False)
+    out = prefix_of(store)
+    manifest = read_set(out)
+    assert manifest["set"] == done.set_id and manifest["job"]["uid"] == "uid-1"
+    assert set_files(manifest) == ["model_fp16.onnx", "report.json", "tokenizer/vocab.txt"]
+    assert out.fixed_names() == ["manifest.json", *set_files(manifest)]
+    assert [a.uri for a in done.artifacts] == [
+        store.uri(f"out/.kquant/sets/{done.set_id}/{rel}") for rel in sorted(FILES)
+    ]
+    marker = json.loads(out.get(f".kquant/sets/{done.set_id}/set.json"))
+    assert marker["kind"] == "QuantizationSet" and marker["job"]["name"] == "vad"
+    # the set folder carries its own copy of the manifest, for rollback
+    assert out.get(f".kquant/sets/{done.set_id}/manifest.json") == out.get("manifest.json")
+
+
+def test_a_fresh_output_refuses_what_it_did_not_write(store, tmp_path):
+    store.storage.write_bytes(store.uri("out/notes.txt"), b"theirs")
+    assert reason_of(lambda: target(store, JOB, replace=False)) is Reason.OutputExists
+    store.storage.write_bytes(store.uri("out2/manifest.json"), b'{"theirs": 1}')
+    for replace in (False, True):
+        call = lambda r=replace: target(store, JOB, replace=r, key="out2/")  # noqa: E731
+        assert reason_of(call) is Reason.ForeignObject
+    assert prefix_of(store, "out2/").all_keys() == ["manifest.json"]
+    # another job's set is not this run's to replace without overwrite
+    publish(store, tmp_path, Writer("other", "speech", "uid-2", 1), key="out3/")
+    assert reason_of(lambda: target(store, JOB, replace=False, key="out3/")) is (
+        Reason.OutputExists
+    )
+
+
+def test_a_rerun_of_the_same_generation_replaces_its_own_set(store, tmp_path):
+    first = publish(store, tmp_path, JOB, replace=False)
+    rerun = Writer("vad", "speech", "uid-1", 1)  # same job and generation, another run
+    second = publish(store, tmp_path, rerun, replace=False)
+    manifest = read_set(prefix_of(store))
+    assert manifest["set"] == second.set_id != first.set_id
+
+
+def test_replacing_removes_stale_copies_and_never_touches_foreign_objects(store, tmp_path):
+    publish(store, tmp_path, JOB)
+    store.storage.write_bytes(store.uri("out/README.md"), b"theirs")
+    v2 = {"model_fp16.onnx": b"v2 graph" * 40}
+    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2), v2)
+    out = prefix_of(store)
+    manifest = read_set(out)
+    assert out.get("tokenizer/vocab.txt") is None  # only the old set had it
+    assert out.get("README.md") == b"theirs"
+    assert out.fixed_names() == ["README.md", "manifest.json", "model_fp16.onnx", "report.json"]
+    assert manifest["history"][0]["set"] == manifest["set"]
+
+
+def test_a_foreign_object_at_a_fixed_name_is_refused_before_anything_is_written(store, tmp_path):
+    store.storage.write_bytes(store.uri("out/model_fp16.onnx"), b"someone else's model")
+    t = target(store, JOB)
+    staged = stage(tmp_path / "staged")
+    with pytest.raises(StorageError) as info:
+        t.publish(staged, sorted(FILES), {}, {})
+    assert info.value.reason is Reason.ForeignObject and "model_fp16.onnx" in str(info.value)
+    assert prefix_of(store).all_keys() == ["model_fp16.onnx"]
+
+
+def test_the_last_sets_are_kept_and_older_ones_removed(store, tmp_path):
+    keep = Retention(keep_sets=2)
+    ids = [
+        publish(store, tmp_path, Writer("vad", "speech", "uid-1", g), retention=keep).set_id
+        for g in (1, 2, 3)
+    ]
+    out = prefix_of(store)
+    manifest = read_set(out)
+    assert [h["set"] for h in manifest["history"]] == [ids[2], ids[1]]
+    folders = {k.split("/")[2] for k in out.all_keys() if k.startswith(".kquant/sets/")}
+    assert folders == {ids[1], ids[2]}
+
+
+def test_an_older_generation_never_replaces_a_newer_one(store, tmp_path):
+    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 3))
+    before = prefix_of(store).all_keys()
+    old = Writer("vad", "speech", "uid-1", 2)
+    assert reason_of(lambda: publish(store, tmp_path, old)) is Reason.Superseded
+    assert prefix_of(store).all_keys() == before
+
+
+def test_of_two_concurrent_jobs_the_first_commit_wins(store, tmp_path):
+    a = target(store, Writer("a", "speech", "uid-a", 1))
+    b = target(store, Writer("b", "speech", "uid-b", 1))
+    a.publish(stage(tmp_path / "a", {"m.onnx": b"A" * 100}), ["m.onnx"], {}, {})
+    staged = stage(tmp_path / "b", {"m.onnx": b"B" * 100})
+    with pytest.raises(StorageError) as info:
+        b.publish(staged, ["m.onnx"], {}, {})
+    assert info.value.reason is Reason.ConcurrentWrite and "speech/a" in str(info.value)
+    out = prefix_of(store)
+    assert read_set(out)["job"]["name"] == "a" and out.get("m.onnx") == b"A" * 100
+    folders = {k.split("/")[2] for k in out.all_keys() if k.startswith(".kquant/sets/")}
+    assert len(folders) == 1  # b withdrew its set
+
+
+def test_a_newer_generation_takes_over_from_an_older_one_that_committed_meanwhile(store, tmp_path):
+    new = target(store, Writer("vad", "speech", "uid-1", 2))
+    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 1))  # gen 1, still finishing
+    new.publish(stage(tmp_path / "g2", {"m.onnx": b"gen2"}), ["m.onnx"], {}, {})
+    manifest = read_set(prefix_of(store))
+    assert manifest["job"]["generation"] == 2
+    assert [h["job"]["generation"] for h in manifest["history"]] == [2, 1]
+
+
+def test_leftovers_of_this_job_are_reclaimed_and_live_sets_of_others_left(store, tmp_path):
+    def leftover(set_id: str, writer: Writer, started: str, state: str = "writing") -> None:
+        marker = {"kind": "QuantizationSet", "set": set_id, "job": writer.ref(),
+                  "state": state, "startedAt": started}  # fmt: skip
+        store.storage.write_bytes(store.uri(f"out/.kquant/sets/{set_id}/set.json"), dumps(marker))
+        store.storage.write_bytes(store.uri(f"out/.kquant/sets/{set_id}/m.onnx"), b"partial")
+
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    leftover("20260101T000000Z-00000001", Writer("vad", "speech", "uid-1", 1), now)  # killed run
+    leftover("20260101T000000Z-00000002", Writer("b", "speech", "uid-b", 1), now)  # live writer
+    leftover("20200101T000000Z-00000003", Writer("c", "speech", "uid-c", 1), "2020-01-01T00:00:00Z")
+    leftover("20260101T000000Z-00000004", Writer("vad", "speech", "uid-1", 0), now, "failed")
+    store.storage.write_bytes(store.uri("out/.kquant/sets/20260101T000000Z-00000005/x"), b"")
+    publish(store, tmp_path, JOB, replace=False)
+    out = prefix_of(store)
+    folders = {k.split("/")[2] for k in out.all_keys() if k.startswith(".kquant/sets/")}
+    assert folders == {read_set(out)["set"], "20260101T000000Z-00000002"}
+
+
+def test_a_failure_report_touches_nothing_else(store, tmp_path):
+    publish(store, tmp_path, JOB)
+    before = {k: prefix_of(store).get(k) for k in prefix_of(store).all_keys()}
+    uri = target(store, Writer("vad", "speech", "uid-1", 2)).publish_failure({"outcome": "x"})
+    out = prefix_of(store)
+    after = {k: out.get(k) for k in out.all_keys()}
+    added = set(after) - set(before)
+    assert {k for k in before if after.get(k) != before[k]} == set()
+    assert len(added) == 2 and uri.endswith("/report.json")
+    assert json.loads(out.get(uri.split("/out/", 1)[1]))["outcome"] == "x"
+
+
+def test_a_manifest_of_the_first_layout_is_replaced_and_its_files_recognised(store, tmp_path):
+    import hashlib
+
+    old = {"model_fp16.onnx": b"v1", "config.json": b"{}"}
+    for rel, data in old.items():  # as kquant's first layout uploaded them: sha256 metadata
+        meta = {"sha256": hashlib.sha256(data).hexdigest()}
+        store.storage.write_bytes(store.uri(f"out/{rel}"), data, metadata=meta)
+    legacy = {
+        "apiVersion": "kquant.io/v1alpha1",
+        "kind": "ModelManifest",
+        "job": {"name": "vad", "namespace": "speech", "uid": "uid-1", "generation": 1},
+        "artifacts": [
+            {"path": rel, "sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)}
+            for rel, d in old.items()
+        ],
+    }
+    store.storage.write_bytes(store.uri("out/manifest.json"), dumps(legacy))
+    store.storage.write_bytes(store.uri("out/theirs.bin"), b"x")
+    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2), {"model_fp16.onnx": b"v2"})
+    out = prefix_of(store)
+    read_set(out)
+    assert out.fixed_names() == ["manifest.json", "model_fp16.onnx", "report.json", "theirs.bin"]
+
+
+def test_reserved_and_unsafe_paths_are_refused_before_any_write(store, tmp_path):
+    t = target(store, JOB)
+    staged = tmp_path / "empty"
+    staged.mkdir()
+    for files in (["report.json"], ["manifest.json"], [".kquant/x"], ["../x"], ["a", "a/b"]):
+        assert reason_of(lambda f=files: t.publish(staged, f, {}, {})) is Reason.UnsafePath
+    assert reason_of(lambda: t.publish(tmp_path / "none", ["m.onnx"], {}, {})) is (
+        Reason.SourceNotFound
+    )
+    assert prefix_of(store).all_keys() == []
+
+
+def test_copies_converge_on_the_manifest_after_a_late_writer(store, tmp_path):
+    a = publish(store, tmp_path, JOB, {"m.onnx": b"A"})
+    b = publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2), {"m.onnx": b"B"})
+    # a writer of set a whose copy lands after b's switch (it checked the manifest earlier)
+    store.storage.copy(
+        store.uri(f"out/.kquant/sets/{a.set_id}/m.onnx"), store.uri("out/m.onnx"),
+        {"kquant-set": a.set_id, "sha256": "x"},
+    )  # fmt: skip
+    assert prefix_of(store).get("m.onnx") == b"A"
+    outcome = sync_mirrors(store.storage, store.uri("out/"))
+    assert outcome.set_id == b.set_id and outcome.copied == ["m.onnx"]
+    read_set(prefix_of(store))
