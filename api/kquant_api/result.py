@@ -46,6 +46,7 @@ class Reason(str, Enum):
     ValidationFailed = "ValidationFailed"
     # the worker's own environment (a retry on another node may help)
     WorkDirUnusable = "WorkDirUnusable"  # the work directory cannot be created or written
+    SandboxUnavailable = "SandboxUnavailable"  # model code cannot be confined as required
     # anything unexpected
     InternalError = "InternalError"
 
@@ -89,6 +90,7 @@ REASON_EXIT_CODE: dict[Reason, ExitCode] = {
     Reason.TimeLimitExceeded: ExitCode.PASS,
     Reason.ValidationFailed: ExitCode.VALIDATION,
     Reason.WorkDirUnusable: ExitCode.INTERNAL,
+    Reason.SandboxUnavailable: ExitCode.INTERNAL,
     Reason.InternalError: ExitCode.INTERNAL,
 }
 

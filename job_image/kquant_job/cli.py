@@ -32,7 +32,8 @@ def _default_result_file() -> Path | None:
 
 
 def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
-    """The compact result of a failed run; a ValidationFailed keeps its metrics and report."""
+    """The compact result of a failed run: reason, message, the failure's report.json when
+    one was written; a ValidationFailed keeps its metrics."""
     detail = exc.detail if isinstance(exc, ValidationFailed) else {}
     return JobResult(
         phase="Failed",
@@ -42,14 +43,38 @@ def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
         originalBytes=detail.get("originalBytes"),
         quantizedBytes=detail.get("quantizedBytes"),
         validation=detail.get("summary"),
-        reportUri=detail.get("report_uri"),
+        reportUri=exc.detail.get("report_uri"),
     )
+
+
+def make_work_dir(work_root: Path | None) -> Path:
+    """A fresh private work directory (mode 0700) under ``work_root`` (default: the system
+    temp directory). Raises KquantError(WorkDirUnusable) naming the directory and the
+    system's reason when it cannot be created or written."""
+    where = str(work_root) if work_root else tempfile.gettempdir()
+    try:
+        if work_root:
+            work_root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="kquant-", dir=work_root))
+        (work / ".probe").write_bytes(b"")
+        (work / ".probe").unlink()
+        return work
+    except OSError as exc:
+        raise KquantError(
+            f"work directory {where} is unusable: {exc.strerror or exc} (set --work-dir or "
+            "KQUANT_WORK_DIR to a writable directory; in a pod, the /work emptyDir)",
+            reason=Reason.WorkDirUnusable,
+        ) from None
 
 
 def _run_one(job: QuantizationJob, work_root: Path | None, keep: bool) -> JobResult:
     from kquant_job.pipeline import run_job
 
-    work = Path(tempfile.mkdtemp(prefix="kquant-", dir=work_root))
+    try:
+        work = make_work_dir(work_root)
+    except KquantError as exc:
+        LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
+        return failure_result(job, exc)
     try:
         return run_job(job, work)
     except KquantError as exc:
@@ -122,8 +147,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         results, names = [failure_result(None, exc)], ["manifest"]
     else:
         work_root = Path(args.work_dir) if args.work_dir else None
-        if work_root:
-            work_root.mkdir(parents=True, exist_ok=True)
         for job in jobs:
             results.append(_run_one(job, work_root, args.keep_work))
             names.append(job.metadata.name)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TextIO
 
 LOG = logging.getLogger("kquant")
 
@@ -63,6 +63,42 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def setup_stream_logging(stream: TextIO, level: int = logging.INFO) -> None:
+    """Send kquant's logs to ``stream`` as JSON lines (the sandboxed process's log pipe,
+    which the parent reads back with :func:`relay_record`)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger("kquant")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# Keys of a JSON log record that are not fields of the record.
+_RECORD_KEYS = frozenset({"time", "level", "logger", "message"})
+
+
+def relay_record(line: str, source: str) -> dict[str, Any]:
+    """Log one JSON line another kquant process wrote (with :func:`setup_stream_logging`)
+    through this process's handlers, and return its fields. A line that is not such a
+    record (a library printing to the pipe) is logged as ``<source> output`` with the text
+    as a field. Values are untrusted text: the formatters escape them."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+        LOG.info(f"{source} output", extra={"fields": {"line": line[:4096]}})
+        return {}
+    level = logging.getLevelName(str(data.get("level", "info")).upper())
+    fields = {str(k): v for k, v in data.items() if k not in _RECORD_KEYS}
+    name = str(data.get("logger", "kquant"))
+    logger = logging.getLogger(name if name.startswith("kquant") else "kquant")
+    logger.log(level if isinstance(level, int) else logging.INFO, data["message"][:4096],
+               extra={"fields": fields})  # fmt: skip
+    return fields
 
 
 def info(message: str, **fields: Any) -> None:

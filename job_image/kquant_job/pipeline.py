@@ -1,57 +1,53 @@
 """One QuantizationJob, end to end: fetch -> detect -> convert -> validate -> publish.
 
-Everything is staged in a private work directory; the output prefix receives artifacts
-first, report.json next and manifest.json last (see :mod:`kquant_job.publish`), and only a
-validated set. A failed validation publishes its report.json alone.
+Everything is staged in a private work directory. Before any work the output and promotion
+prefixes are read (:meth:`kquant_job.sets.Target.preflight`): a prefix this run may not
+write ends the job at once. Only a validated set is published, as a new immutable set folder
+committed by one conditional manifest write (:mod:`kquant_job.sets`). Any failure after the
+preflight writes its report.json into a set folder of its own under the output, touching
+nothing else.
 """
 
 from __future__ import annotations
 
-import shutil
+import logging
+import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from kquant_api import (
     Artifact,
     JobResult,
     QuantizationJob,
+    QuantizationJobSpec,
     Reason,
     ValidationSummary,
 )
+from kquant_api.uris import find_overlaps
 from kquant_job import logs
-from kquant_job.budget import source_budget
-from kquant_job.errors import ValidationFailed
-from kquant_job.formats import ModelFile, Plan, plan_model
-from kquant_job.passes import PassContext, select_pass
-from kquant_job.publish import check_output_free, promote, publish, publish_report_only
-from kquant_job.report import build_manifest, build_report, now
-from kquant_job.storage import Storage, join, open_storage
+from kquant_job.budget import check_budget, room, work_factor
+from kquant_job.errors import InvalidSpec, KquantError, PassError, ValidationFailed
+from kquant_job.report import build_report, failure_report, manifest_fields, now
+from kquant_job.sandbox.limits import Limits
+from kquant_job.sandbox.runner import run_stage
+from kquant_job.sets import Target, Writer, as_prefix
+from kquant_job.stage import ModelOutcome, StageInput, StageOutcome
+from kquant_job.storage import Storage, is_prefix, join, open_storage
+from kquant_job.storage.file import to_path
 
-PRECISION_SUFFIX = {"fp16": "_fp16", "bf16": "_bf16", "int8": "_int8"}
-
-
-@dataclass
-class ConvertedModel:
-    """One converted model: where it came from and went, and what the pass and validation said."""
-
-    source: ModelFile
-    out_rel: str
-    out_files: list[str]
-    original_bytes: int
-    quantized_bytes: int
-    pass_name: str
-    details: dict[str, Any]
-    validator: Any = None  # kquant_job.validate.validators.Validator, when validation is on
-    validation: Any = None  # the validator's outcome, once validated
+LOG = logging.getLogger("kquant")
 
 
 @dataclass
 class _Run:
     job: QuantizationJob
     work: Path
+    limits: Limits
     timings: dict[str, float] = field(default_factory=dict)
     stores: dict[str, Storage] = field(default_factory=dict)
+    sandbox: dict[str, Any] = field(default_factory=dict)
 
     def store(self, uri: str) -> Storage:
         scheme = uri.split("://", 1)[0] if "://" in uri else "file"
@@ -60,27 +56,14 @@ class _Run:
         return self.stores[scheme]
 
 
-def as_prefix(uri: str) -> str:
-    """The URI as a prefix (directory): with exactly one trailing '/'."""
-    return uri.rstrip("/") + "/"
-
-
-def output_name(rel: str, precision: str, single_file: bool) -> str:
-    """Output path of a converted model: ``silero_vad.onnx`` -> ``silero_vad_fp16.onnx`` for a
-    single-file model (the naming kquant's users' services look for); unchanged inside a
-    model directory, whose output prefix already says what it holds."""
-    if not single_file:
-        return rel
-    path = PurePosixPath(rel)
-    return str(path.with_name(f"{path.stem}{PRECISION_SUFFIX[precision]}{path.suffix}"))
-
-
-def _files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-
-
-def _bytes(root: Path, rels: list[str]) -> int:
-    return sum((root / r).stat().st_size for r in rels)
+def _stored_bytes(run: _Run, uri: str) -> int:
+    """Bytes stored at ``uri`` (an object, or every object of a prefix), without fetching;
+    0 when nothing is there (the download then says SourceNotFound)."""
+    store = run.store(uri)
+    if is_prefix(uri):
+        return sum(o.size for o in store.list(uri))
+    info = store.stat(uri)
+    return info.size if info else 0
 
 
 def _fetch_npz(run: _Run, uri: str | None, name: str, max_bytes: int) -> list[Path]:
@@ -91,25 +74,32 @@ def _fetch_npz(run: _Run, uri: str | None, name: str, max_bytes: int) -> list[Pa
     return [f for f in files if f.suffix == ".npz"]
 
 
-def _files_for(model: ModelFile, files: list[Path], base: Path, many: bool) -> list[Path]:
-    """Sample files for one model: all of them for a single model; for a directory with
-    several models, those under a sub-folder named after the model's relative path."""
-    if not many:
-        return files
-    sub = base / model.rel
-    return [f for f in files if sub in f.parents]
+def check_resolved_overlaps(spec: QuantizationJobSpec) -> None:
+    """The spec's overlap rule (:mod:`kquant_api.uris`) on local paths as this process sees
+    them: relative paths joined to the working directory, symlinks resolved. Raises
+    InvalidSpec naming the fields."""
+
+    def resolved(uri: str) -> str:
+        if uri.startswith("s3://"):
+            return uri
+        return "file://" + os.path.realpath(to_path(uri))
+
+    writes = {k: resolved(v) for k, v in spec.write_uris().items()}
+    reads = {k: resolved(v) for k, v in spec.read_uris().items()}
+    overlaps = find_overlaps(writes, reads)
+    if overlaps:
+        raise InvalidSpec("; ".join(overlaps))
 
 
 def run_job(job: QuantizationJob, work: Path) -> JobResult:
     """Run one job in the work directory ``work`` (created if needed) and return its result.
 
     Raises the worker's KquantError subclasses (InvalidSpec, StorageError, PassError,
-    ValidationFailed) with their reasons; the CLI turns them into a failed JobResult.
+    ValidationFailed) with their reasons; the CLI turns them into a failed JobResult. A
+    failure after the output's preflight carries ``detail["report_uri"]``: its report.json.
     """
-    spec, run, started = job.spec, _Run(job, work), now()
-    work.mkdir(parents=True, exist_ok=True)
+    spec, run, started = job.spec, _Run(job, work, Limits.from_env()), now()
     out_prefix = as_prefix(spec.output.uri)
-    out_store = run.store(out_prefix)
     logs.info(
         "job",
         name=job.metadata.name,
@@ -117,111 +107,119 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
         output=out_prefix,
         precision=spec.quantization.precision.value,
     )
-    check_output_free(out_store, out_prefix, spec.output.overwrite)
-
-    with logs.stage("fetch", run.timings, uri=spec.model.uri):
-        budget = source_budget(work)
-        local = run.store(spec.model.uri).download(spec.model.uri, work / "source", budget)
-        data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data", budget)
-        calib = spec.quantization.calibration
-        calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration", budget)
-    plan = plan_model(
-        local, spec.model.format, spec.quantization.include, spec.quantization.exclude
+    check_resolved_overlaps(spec)
+    writer = Writer.of(job)
+    out = Target(
+        run.store(out_prefix),
+        out_prefix,
+        writer,
+        replace=spec.output.overwrite,
+        field_name="spec.output.uri",
     )
-    staged = work / "staged"
-    staged.mkdir(exist_ok=True)
-    converted = _convert_all(run, plan, local.is_file(), staged, data_files, calib_files)
-    for rel in plan.copies:
-        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plan.root / rel, staged / rel)
-    if not local.is_file():
-        logs.info("copied", files=len(plan.copies), bytes=_bytes(staged, plan.copies))
-
-    with logs.stage("validate", run.timings):
-        _validate_all(run, plan, converted)
-    return _publish(run, plan, converted, staged, out_store, out_prefix, started)
-
-
-def _convert_all(
-    run: _Run, plan: Plan, single: bool, staged: Path, data: list[Path], calib: list[Path]
-) -> list[ConvertedModel]:
-    from kquant_job.validate.validators import make_validator
-
-    spec = run.job.spec
-    cfg, many = spec.quantization, len(plan.models) > 1
-    results = []
-    with logs.stage("convert", run.timings, models=len(plan.models)):
-        for i, model in enumerate(plan.models):
-            src = plan.root / model.rel
-            pass_ = select_pass(model.format, cfg)
-            out_rel = output_name(model.rel, cfg.precision.value, single)
-            out_path = staged / out_rel
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            validator = None
-            if spec.validation.enabled:
-                samples = _files_for(model, data, run.work / "validation-data", many)
-                validator = make_validator(model.format, src, spec, samples)
-            ctx = PassContext(
-                work_dir=run.work / "scratch" / str(i),
-                probe=validator.probe if validator else None,
-                activation_ranges=getattr(validator, "activation_ranges", None),
-                calibration_files=_files_for(model, calib, run.work / "calibration", many),
-            )
-            ctx.work_dir.mkdir(parents=True, exist_ok=True)
-            before = _files_under(staged)
-            logs.info(
-                f"convert {model.rel}",
-                model=model.rel,
-                **{"pass": pass_.name},
-                bytes=src.stat().st_size,
-            )
-            result = pass_.run(src, cfg, out_path, ctx)
-            out_files = sorted(_files_under(staged) - before)
-            src_files = [model.rel, *model.external]
-            results.append(
-                ConvertedModel(
-                    source=model,
-                    out_rel=out_rel,
-                    out_files=out_files,
-                    original_bytes=_bytes(plan.root, src_files),
-                    quantized_bytes=_bytes(staged, out_files),
-                    pass_name=pass_.name,
-                    details=result.details,
-                )
-            )
-            results[-1].validator = validator
-    return results
-
-
-def _validate_all(run: _Run, plan: Plan, converted: list[ConvertedModel]) -> None:
-    from kquant_job.validate.validators import log_rows
-
-    for model in converted:
-        if model.validator is None:
-            continue
-        outcome = model.validator.validate(run.work / "staged" / model.out_rel)
-        model.validation = outcome
-        for label, fields in log_rows(outcome):
-            logs.info(label, **fields)
-        logs.info(
-            f"validated {model.source.rel}",
-            passed=outcome.passed,
-            kind=model.validator.kind,
-            device=outcome.device,
-            **{
-                k: v
-                for k, v in outcome.summary().model_dump(exclude_none=True).items()
-                if k in ("maxAbsError", "cosineSimilarity")
-            },
+    out.preflight()
+    promo = None
+    if spec.promotion:
+        promo_prefix = as_prefix(spec.promotion.uri)
+        promo = Target(
+            run.store(promo_prefix),
+            promo_prefix,
+            writer,
+            replace=True,
+            field_name="spec.promotion.uri",
         )
+        promo.preflight()
+    try:
+        return _run(run, out, promo, started)
+    except KquantError as exc:
+        if "report_uri" not in exc.detail:
+            exc.detail["report_uri"] = _report_failure(run, out, exc, started)
+        raise
 
 
-def _summary(converted: list[ConvertedModel]) -> ValidationSummary | None:
-    """One summary over all models: worst error, lowest cosine, summed latency."""
-    outcomes = [m.validation for m in converted if m.validation is not None]
-    if not outcomes:
+def _report_failure(run: _Run, out: Target, exc: KquantError, started: str) -> str | None:
+    """Write the failure's report.json under the output (best effort: an unreachable output
+    leaves the result file as the only record); its URI, or None."""
+    detail = {k: v for k, v in exc.detail.items() if k not in ("summary",)}
+    report = failure_report(
+        run.job,
+        started=started,
+        reason=exc.reason.value,
+        message=str(exc),
+        timings=run.timings,
+        detail=detail,
+    )
+    try:
+        uri = out.publish_failure(report)
+    except KquantError as err:
+        LOG.warning("could not write the failure report: %s", err)
         return None
-    summaries = [o.summary() for o in outcomes]
+    logs.info("failure report", uri=uri)
+    return uri
+
+
+def _run(run: _Run, out: Target, promo: Target | None, started: str) -> JobResult:
+    spec, work = run.job.spec, run.work
+    work.mkdir(parents=True, exist_ok=True)
+    calib = spec.quantization.calibration
+    samples = [u for u in (spec.validation.dataUri, calib.uri if calib else None) if u]
+    space = room(work)
+    check_budget(
+        space,
+        work_factor(spec.quantization, spec.model.format),
+        (spec.model.uri, _stored_bytes(run, spec.model.uri)),
+        {uri: _stored_bytes(run, uri) for uri in samples},
+    )
+    with logs.stage("fetch", run.timings, uri=spec.model.uri):
+        local = run.store(spec.model.uri).download(spec.model.uri, work / "source", space)
+        data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data", space)
+        calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration", space)
+    box = work / "sandbox"
+    io = StageInput(
+        source=local,
+        data=data_files,
+        data_dir=work / "validation-data",
+        calib=calib_files,
+        calib_dir=work / "calibration",
+        staged=box / "staged",
+        scratch=box / "scratch",
+    )
+    done = run_stage(run.job, io, work, run.limits)
+    stage, run.sandbox = done["stage"], done["sandbox"]
+    run.timings.update(stage.timings)
+    return _publish(run, stage, io.staged, out, promo, started)
+
+
+def staged_files(staged: Path) -> list[str]:
+    """The files the sandbox staged, '/'-separated and sorted; each must be a regular file
+    with one link (a symlink or hard link could make the upload read a file outside the
+    sandbox). Raises PassError(UnsafeModel) naming the first that is not."""
+    found = []
+    for root, dirs, files in os.walk(staged):
+        for name in dirs + files:
+            path = Path(root) / name
+            st = path.lstat()
+            if stat.S_ISDIR(st.st_mode) and not path.is_symlink():
+                continue
+            rel = path.relative_to(staged).as_posix()
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise PassError(
+                    f"the sandboxed stage left {rel!r}, which is not a plain file (a link or "
+                    "a special file): nothing is published",
+                    reason=Reason.UnsafeModel,
+                )
+            found.append(rel)
+    return sorted(found)
+
+
+def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
+    """One summary over all models: worst error, lowest cosine, summed latency."""
+    summaries = [
+        ValidationSummary.model_validate(m.validation["summary"])
+        for m in converted
+        if m.validation is not None
+    ]
+    if not summaries:
+        return None
     if len(summaries) == 1:
         return summaries[0]
 
@@ -250,20 +248,20 @@ def _summary(converted: list[ConvertedModel]) -> ValidationSummary | None:
 
 def _publish(
     run: _Run,
-    plan: Plan,
-    converted: list[ConvertedModel],
+    stage: StageOutcome,
     staged: Path,
-    out_store: Storage,
-    out_prefix: str,
+    out: Target,
+    promo: Target | None,
     started: str,
 ) -> JobResult:
-    spec, job = run.job.spec, run.job
+    spec, job, converted = run.job.spec, run.job, stage.models
+    rels = staged_files(staged)
     summary = _summary(converted)
     passed = summary is None or summary.passed
     original = sum(m.original_bytes for m in converted)
     quantized = sum(m.quantized_bytes for m in converted)
     violations = [
-        f"{m.source.rel}: {v}" for m in converted if m.validation for v in m.validation.violations
+        f"{m.source}: {v}" for m in converted if m.validation for v in m.validation["violations"]
     ]
     reason = Reason.Validated if passed else Reason.ValidationFailed
     message = (
@@ -277,29 +275,29 @@ def _publish(
             "path": f,
             "action": "converted",
             "bytes": (staged / f).stat().st_size,
-            "source": m.source.rel,
+            "source": m.source,
         }
         for m in converted
         for f in m.out_files
     ] + [
         {
             "path": c,
-            "action": "kept" if c in plan.kept else "copied",
+            "action": "kept" if c in stage.kept else "copied",
             "bytes": (staged / c).stat().st_size,
         }
-        for c in plan.copies
+        for c in stage.copies
     ]
     models = [
         {
-            "path": m.source.rel,
+            "path": m.source,
             "output": m.out_rel,
-            "format": m.source.format.value,
+            "format": m.format,
             "pass": m.pass_name,
             "originalBytes": m.original_bytes,
             "quantizedBytes": m.quantized_bytes,
             "details": m.details,
             "validation": (
-                {"kind": m.validator.kind, **m.validation.to_report()}
+                {"kind": m.validation["kind"], **m.validation["report"]}
                 if m.validation
                 else {"skipped": True}
             ),
@@ -316,8 +314,8 @@ def _publish(
         "reason": reason.value,
         "message": message,
     }
-    source = {"uri": spec.model.uri, "files": len(plan.models) + len(plan.copies)}
-    providers = next((m.validator.providers for m in converted if m.validator), [])
+    source = {"uri": spec.model.uri, "files": len(converted) + len(stage.copies)}
+    providers = next((m.providers for m in converted if m.providers), [])
 
     # Built once, before publishing: the output and the promotion get the same bytes.
     report = build_report(
@@ -330,11 +328,12 @@ def _publish(
         timings=dict(run.timings),
         outcome=outcome,
         providers=providers,
+        sandbox=run.sandbox,
     )
 
     if not passed:
-        with logs.stage("publish", run.timings, uri=out_prefix, only="report.json"):
-            report_uri = publish_report_only(out_store, out_prefix, report)
+        with logs.stage("publish", run.timings, uri=out.prefix, only="report.json"):
+            report_uri = out.publish_failure(report)
         raise ValidationFailed(
             message,
             report_uri=report_uri,
@@ -346,19 +345,16 @@ def _publish(
     validation = (
         summary.model_dump(mode="json", exclude_none=True) if summary else {"skipped": True}
     )
-    manifest = build_manifest(job, validation=validation)
-    rels = sorted(_files_under(staged))
-    with logs.stage("publish", run.timings, uri=out_prefix, files=len(rels)):
-        published = publish(
-            out_store, out_prefix, staged, rels, report, manifest, overwrite=spec.output.overwrite
-        )
+    fields = manifest_fields(job, validation=validation)
+    with logs.stage("publish", run.timings, uri=out.prefix, files=len(rels)):
+        published = out.publish(staged, rels, report, fields)
     promoted = None
-    if spec.promotion:
-        promo_prefix = as_prefix(spec.promotion.uri)
-        with logs.stage("promote", run.timings, uri=promo_prefix):
-            promote(run.store(promo_prefix), promo_prefix, staged, rels, report, manifest)
-        promoted = promo_prefix
-    converted_uris = {join(out_prefix, f) for m in converted for f in m.out_files}
+    if promo is not None:
+        with logs.stage("promote", run.timings, uri=promo.prefix):
+            promo.publish(staged, rels, report, fields)
+        promoted = promo.prefix
+    set_folder = published.report_uri.rsplit("/", 1)[0]
+    converted_uris = {join(set_folder, f) for m in converted for f in m.out_files}
     artifacts = sorted(published.artifacts, key=lambda a: (a.uri not in converted_uris, a.uri))
     return JobResult(
         phase="Succeeded",

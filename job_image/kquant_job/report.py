@@ -47,12 +47,14 @@ def build_report(
     timings: dict[str, float],
     outcome: dict[str, Any],
     providers: list[str],
+    sandbox: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full record of a run, written as report.json next to the artifacts.
 
     ``files``: one entry per output file (path, action converted/copied, bytes);
     ``models``: per converted model, the pass details (block lists, attempts) and its
-    validation metrics; ``sizes`` in bytes; ``timings`` in ms per stage.
+    validation metrics; ``sizes`` in bytes; ``timings`` in ms per stage; ``sandbox``: what
+    confined the model code (Landlock ABI and rules, memory limit).
     """
     return {
         "apiVersion": API_VERSION,
@@ -70,17 +72,42 @@ def build_report(
         "startedAt": started,
         "finishedAt": now(),
         "outcome": outcome,
+        "sandbox": sandbox or {},
     }
 
 
-def build_manifest(job: QuantizationJob, *, validation: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's own fields; publishing adds the artifact list and the report digest."""
+def manifest_fields(job: QuantizationJob, *, validation: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's own fields; publishing adds the layout, the set, the writer, the
+    artifacts and the report (:func:`kquant_job.sets.layout.build_manifest`)."""
     return {
-        "apiVersion": API_VERSION,
-        "kind": "ModelManifest",
-        "job": job_ref(job),
         "precision": job.spec.quantization.precision.value,
         "source": job.spec.model.uri,
         "createdAt": now(),
         "validation": validation,
+    }
+
+
+def failure_report(
+    job: QuantizationJob,
+    *,
+    started: str,
+    reason: str,
+    message: str,
+    timings: dict[str, float],
+    detail: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """report.json for a run that ended before a validated set: what was asked, how far it
+    got (``timingsMs`` per finished stage, ms), why it ended (``outcome``) and the error's
+    structured ``detail`` (e.g. the conversion attempts)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "QuantizationReport",
+        "job": job_ref(job),
+        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "tools": tool_versions(),
+        "timingsMs": dict(timings),
+        "startedAt": started,
+        "finishedAt": now(),
+        "outcome": {"phase": "Failed", "reason": reason, "message": message},
+        "detail": detail or {},
     }

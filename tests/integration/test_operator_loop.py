@@ -30,7 +30,7 @@ from operator_helpers import (
     upload_silero_example,
     wait_for,
 )
-from worker_helpers import list_keys
+from worker_helpers import failure_report, list_keys, published_keys
 
 from kquant_api import NON_RETRIABLE_EXIT_CODES, JobResult, Reason
 from kquant_operator.jobs import LABEL_GENERATION, LABEL_NAME, job_name
@@ -143,14 +143,16 @@ async def test_example_becomes_a_job_a_validated_model_and_status(loop, s3_serve
     out = f"s3://{bucket}/models/silero-vad/v6-fp16/"
     assert result["manifestUri"] == out + "manifest.json"
     assert result["promotedUri"] == f"s3://{bucket}/models/silero-vad/production/"
-    keys = list_keys(client, bucket, "models/silero-vad/v6-fp16/")
+    keys = published_keys(client, bucket, "models/silero-vad/v6-fp16/")
     assert keys == ["manifest.json", "report.json", "silero_vad_fp16.onnx"]
-    assert list_keys(client, bucket, "models/silero-vad/production/") == keys
+    assert published_keys(client, bucket, "models/silero-vad/production/") == keys
     [artifact] = result["artifacts"]
     key = "models/silero-vad/v6-fp16/silero_vad_fp16.onnx"
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     sha = hashlib.sha256(body).hexdigest()
-    assert artifact == {"uri": out + "silero_vad_fp16.onnx", "sha256": sha, "bytes": len(body)}
+    assert artifact["uri"].startswith(out + ".kquant/sets/")  # the immutable copy
+    assert artifact["uri"].endswith("/silero_vad_fp16.onnx")
+    assert (artifact["sha256"], artifact["bytes"]) == (sha, len(body))
     await wait_for(lambda: ("Normal", "Succeeded") in loop.events("silero-vad-fp16"), what="events")
     assert loop.events("silero-vad-fp16") == [("Normal", "JobCreated"), ("Normal", "Succeeded")]
 
@@ -198,9 +200,12 @@ async def test_failures_end_in_their_reason_with_nothing_published(case, loop, s
     assert condition(status, "Ready")["status"] == "False"
     out = list_keys(client, bucket, "models/silero-vad/v6-fp16/")
     assert "manifest.json" not in out
+    assert not [k for k in out if not k.startswith(".kquant/")]  # no fixed name either
     assert list_keys(client, bucket, "models/silero-vad/production/") == []
     if reason == "ValidationFailed":
-        assert out == ["report.json"] and not status["result"]["validation"]["passed"]
+        report = failure_report(client, bucket, "models/silero-vad/v6-fp16/")
+        assert report["outcome"]["reason"] == "ValidationFailed"
+        assert not status["result"]["validation"]["passed"]
         assert "promotedUri" not in status["result"]
     await wait_for(lambda: len(loop.events(case)) == 2, what="events")
     expected = "ValidationFailed" if reason == "ValidationFailed" else "Failed"

@@ -1,9 +1,8 @@
-"""S3Storage and publishing against moto's S3 server process (real HTTP on loopback)."""
+"""S3Storage against moto's S3 server process (real HTTP on loopback)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -14,7 +13,6 @@ import pytest
 
 from kquant_api import Reason
 from kquant_api.spec import StorageConfig
-from kquant_job import publish as pub
 from kquant_job.errors import StorageError
 from kquant_job.storage import s3_transfer
 from kquant_job.storage.s3 import S3Storage
@@ -234,45 +232,6 @@ def test_hostile_prefix_keys_are_refused_before_any_write(s3_env, bucket, tmp_pa
     for key in [named] if named else keys:  # a clash names both keys
         assert repr(key) in str(info.value)
     assert _files(tmp_path) == []  # nothing written, inside the destination or outside it
-
-
-def test_publish_and_promote_to_s3(s3_env, bucket, tmp_path):
-    staged = tmp_path / "staged"
-    files = {"model.fp16.onnx": b"fp16" * 100, "tokenizer/vocab.txt": b"a\nb\n"}
-    for rel, data in files.items():
-        _write(staged / rel, data)
-    storage = _storage(s3_env.endpoint)
-    out = f"s3://{bucket}/out/"
-    pub.check_output_free(storage, out, overwrite=False)
-
-    done = pub.publish(storage, out, staged, list(files), {"ok": True}, {"v": 1}, overwrite=False)
-
-    client = s3_env.client()
-    manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
-    assert manifest["v"] == 1
-    for entry, art in zip(manifest["artifacts"], done.artifacts, strict=True):
-        body = client.get_object(Bucket=bucket, Key=f"out/{entry['path']}")
-        assert hashlib.sha256(body["Body"].read()).hexdigest() == entry["sha256"] == art.sha256
-        assert body["Metadata"]["sha256"] == entry["sha256"]
-    assert done.manifest_uri == out + "manifest.json"
-    with pytest.raises(StorageError) as info:
-        pub.check_output_free(storage, out, overwrite=False)
-    assert info.value.reason is Reason.OutputExists
-
-    prod = f"s3://{bucket}/prod/"
-    client.put_object(Bucket=bucket, Key="prod/old-model.onnx", Body=b"old")
-    client.put_object(Bucket=bucket, Key="prod/manifest.json", Body=b"{}")
-    pub.promote(storage, prod, staged, list(files), {"ok": True}, {"v": 2})
-    keys = [o.key for o in storage.list(prod)]
-    assert keys == ["manifest.json", "model.fp16.onnx", "report.json", "tokenizer/vocab.txt"]
-    promoted = json.loads(client.get_object(Bucket=bucket, Key="prod/manifest.json")["Body"].read())
-    assert promoted["v"] == 2 and promoted["artifacts"] == manifest["artifacts"]
-
-
-def test_check_output_free_on_missing_bucket_is_source_not_found(s3_env):
-    with pytest.raises(StorageError) as info:
-        pub.check_output_free(_storage(s3_env.endpoint), "s3://kq-missing-out/x/", False)
-    assert info.value.reason is Reason.SourceNotFound
 
 
 def test_sources_beyond_max_bytes_are_refused_before_any_transfer(s3_env, bucket, tmp_path):

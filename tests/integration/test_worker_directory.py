@@ -10,7 +10,14 @@ import json
 import onnx
 from conftest import silero_dir
 from onnx import TensorProto
-from worker_helpers import get_bytes, list_keys, manifest, run_worker, sha256, upload_dir
+from worker_helpers import (
+    get_bytes,
+    manifest,
+    published_keys,
+    run_worker,
+    sha256,
+    upload_dir,
+)
 
 SIDE_FILES = {
     "config.json": b'{"sample_rate": 16000, "frame": 512}\n',
@@ -50,7 +57,7 @@ def test_directory_model_with_external_data(s3_server, bucket, worker_env, tmp_p
     run = run_worker(job, tmp_path, worker_env)
     assert run.code == 0, run.log
 
-    keys = list_keys(client, bucket, "SenseVoiceSmall_fp16/")
+    keys = published_keys(client, bucket, "SenseVoiceSmall_fp16/")
     assert "model.onnx" in keys and "model.onnx.data" not in keys  # rewritten, self-contained
     assert set(keys) == {"model.onnx", "report.json", "manifest.json", *SIDE_FILES}
     for rel, data in SIDE_FILES.items():
@@ -62,7 +69,7 @@ def test_directory_model_with_external_data(s3_server, bucket, worker_env, tmp_p
     actions = {f["path"]: f["action"] for f in report["files"]}
     assert actions == {"model.onnx": "converted", **dict.fromkeys(SIDE_FILES, "copied")}
     listed = json.loads(get_bytes(client, bucket, "SenseVoiceSmall_fp16/manifest.json"))
-    digests = {a["path"]: a["sha256"] for a in listed["artifacts"]}
+    digests = {a["name"]: a["sha256"] for a in listed["artifacts"]}
     assert digests["vocab.txt"] == sha256(SIDE_FILES["vocab.txt"])
     assert set(digests) == {"model.onnx", *SIDE_FILES}
     # sizes count the model and its external data, before and after

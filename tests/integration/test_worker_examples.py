@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import SPEECH_WAV, silero_dir
+from published import Prefix, read_set, set_files
 from worker_helpers import (
     VARIANTS,
-    get_bytes,
-    list_keys,
     run_worker,
     sha256,
     speech_feeds,
@@ -85,22 +84,29 @@ def test_local_demo_manifest_converts_validates_publishes_and_promotes(demo_dir:
         assert label in run.stdout
     result = json.loads((demo_dir / "result.json").read_text())
     assert result["validation"]["samples"] == 180  # 5.74 s of speech in 512-sample windows
-    out = demo_dir / ".kquant-demo/out/silero-vad-fp16"
-    prod = demo_dir / ".kquant-demo/production/silero-vad"
+    out = Prefix(demo_dir / ".kquant-demo/out/silero-vad-fp16")
+    prod = Prefix(demo_dir / ".kquant-demo/production/silero-vad")
     names = ["manifest.json", "report.json", "silero_vad_fp16.onnx"]
-    assert sorted(p.name for p in out.iterdir()) == names
-    assert sorted(p.name for p in prod.iterdir()) == names
-    manifest = json.loads((prod / "manifest.json").read_text())
-    model = (prod / "silero_vad_fp16.onnx").read_bytes()
-    assert manifest["artifacts"] == [
-        {"path": "silero_vad_fp16.onnx", "sha256": sha256(model), "bytes": len(model)}
-    ]
-    assert (out / "silero_vad_fp16.onnx").read_bytes() == model
+    assert out.fixed_names() == names and prod.fixed_names() == names
+    manifest = read_set(prod)
+    model = prod.get("silero_vad_fp16.onnx")
+    [entry] = manifest["artifacts"]
+    assert (entry["name"], entry["sha256"], entry["bytes"]) == (
+        "silero_vad_fp16.onnx",
+        sha256(model),
+        len(model),
+    )
+    first = read_set(out)
+    assert first["artifacts"][0]["sha256"] == sha256(model)
+    assert result["artifacts"][0]["uri"].endswith(first["artifacts"][0]["path"])  # immutable
 
-    # overwrite: true -> a second run replaces the set, byte-identical model
+    # overwrite: true -> a second run publishes a new set; the first stays for rollback
     again = kquant_job("run", str(EXAMPLES / "local/silero-vad-fp16.yaml"), cwd=demo_dir)
     assert again.returncode == 0, again.stderr
-    assert (out / "silero_vad_fp16.onnx").read_bytes() == model
+    second = read_set(out)
+    assert second["set"] != first["set"] and out.get("silero_vad_fp16.onnx") == model
+    assert [h["set"] for h in second["history"]] == [second["set"], first["set"]]
+    assert out.get(first["artifacts"][0]["path"]) == model
 
 
 def test_several_documents_run_in_order_and_the_first_failure_sets_the_exit_code(demo_dir):
@@ -115,8 +121,16 @@ def test_several_documents_run_in_order_and_the_first_failure_sets_the_exit_code
     run = kquant_job("run", "jobs.yaml", "--result-file", "result.json", cwd=demo_dir)
     assert run.returncode == 20, run.stderr
     lines = (demo_dir / "result.json").read_text().splitlines()
-    assert [json.loads(line)["reason"] for line in lines] == ["Validated", "SourceNotFound"]
-    assert not (demo_dir / ".kquant-demo/out/absent").exists()
+    results = [json.loads(line) for line in lines]
+    assert [r["reason"] for r in results] == ["Validated", "SourceNotFound"]
+    # the failure leaves its report under the output, and nothing a reader would take for a set
+    absent = Prefix(demo_dir / ".kquant-demo/out/absent")
+    assert absent.fixed_names() == []
+    [report, marker] = absent.all_keys()
+    assert marker.endswith("/set.json") and report.endswith("/report.json")
+    assert results[1]["reportUri"].endswith(report)
+    outcome = json.loads(absent.get(report))["outcome"]
+    assert outcome["reason"] == "SourceNotFound" and "absent.onnx" in outcome["message"]
 
 
 @pytest.mark.parametrize("example", ["silero-vad-fp16.yaml", "silero-vad-int8-dynamic.yaml"])
@@ -142,11 +156,14 @@ def test_s3_example_runs_against_an_s3_server(example, s3_server, worker_env, tm
     run = run_worker(job, tmp_path, worker_env)
     assert run.code == 0, run.log
     assert run.result["reason"] == "Validated"
-    keys = list_keys(client, "models", out_prefix)
-    assert "manifest.json" in keys and "report.json" in keys and len(keys) == 3
+    out = Prefix(client=client, bucket="models", key=out_prefix)
+    published = read_set(out)
+    assert out.fixed_names() == ["manifest.json", *set_files(published)]
+    assert len(set_files(published)) == 2
     if "promotion" in spec:
-        prod = spec["promotion"]["uri"].removeprefix("s3://models/")
-        assert list_keys(client, "models", prod) == keys
-        assert get_bytes(client, "models", prod + "manifest.json") == get_bytes(
-            client, "models", out_prefix + "manifest.json"
-        )
+        prod = Prefix.of(spec["promotion"]["uri"], client)
+        promoted = read_set(prod)
+        assert prod.fixed_names() == out.fixed_names()
+        assert [a["sha256"] for a in promoted["artifacts"]] == [
+            a["sha256"] for a in published["artifacts"]
+        ]

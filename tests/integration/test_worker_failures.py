@@ -1,6 +1,7 @@
-"""Failure paths of the worker process: each ends with its reason and exit code, and nothing
-appears at the output (for ValidationFailed: only report.json; the promotion prefix is left
-as it was)."""
+"""Failure paths of the worker process: each ends with its reason and exit code; once the
+output was found writable, the failure's report.json is all that appears under it (in a set
+folder of its own: no manifest, no fixed names), and the promotion prefix is left as it
+was."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import free_port, silero_dir
 from worker_helpers import (
     VARIANTS,
+    failure_report,
     get_bytes,
     list_keys,
     manifest,
@@ -59,7 +61,10 @@ def test_missing_object(client, bucket, s3_server, worker_env, tmp_path):
     run = run_worker(job_for(bucket, s3_server.endpoint, "m/absent.onnx"), tmp_path, worker_env)
     expect_failure(run, "SourceNotFound", 20)
     assert f"s3://{bucket}/m/absent.onnx" in run.result["message"]
-    assert list_keys(client, bucket, "") == []
+    report = failure_report(client, bucket, "out/")
+    assert report["outcome"]["reason"] == "SourceNotFound"
+    assert run.result["reportUri"].startswith(f"s3://{bucket}/out/.kquant/sets/")
+    assert list_keys(client, bucket, "m/") == []
 
 
 def test_wrong_credentials(s3_auth_server, tmp_path):
@@ -95,16 +100,32 @@ def test_bad_model_bytes(payload, key, reason, client, bucket, s3_server, worker
     client.put_object(Bucket=bucket, Key=key, Body=body)
     run = run_worker(job_for(bucket, s3_server.endpoint, key), tmp_path, worker_env)
     expect_failure(run, reason, 30)
-    assert list_keys(client, bucket, "out/") == []
+    assert failure_report(client, bucket, "out/")["outcome"]["reason"] == reason
 
 
-def test_output_exists_is_left_untouched(client, bucket, s3_server, worker_env, tmp_path):
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("manifest.json", "ForeignObject"),  # another tool's manifest: never replaced
+        ("notes.txt", "OutputExists"),  # anything at all in a fresh output
+    ],
+)
+def test_output_holding_foreign_objects_is_left_untouched(
+    key, reason, client, bucket, s3_server, worker_env, tmp_path
+):
     client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
-    client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b'{"previous": true}')
-    run = run_worker(job_for(bucket, s3_server.endpoint), tmp_path, worker_env)
-    expect_failure(run, "OutputExists", 20)
-    assert list_keys(client, bucket, "out/") == ["manifest.json"]
-    assert get_bytes(client, bucket, "out/manifest.json") == b'{"previous": true}'
+    client.put_object(Bucket=bucket, Key=f"out/{key}", Body=b'{"previous": true}')
+    for overwrite in (False, True):
+        job = job_for(bucket, s3_server.endpoint)
+        job["spec"]["output"]["overwrite"] = overwrite
+        run = run_worker(job, tmp_path, worker_env)
+        if overwrite and key == "notes.txt":  # replace mode leaves foreign objects alone
+            assert run.code == 0, run.log
+            break
+        expect_failure(run, reason, 20)
+        assert key in run.result["message"]
+        assert list_keys(client, bucket, "out/") == [key]
+    assert get_bytes(client, bucket, f"out/{key}") == b'{"previous": true}'
 
 
 def test_tolerance_exceeded_publishes_report_only_and_keeps_promotion(
@@ -112,7 +133,6 @@ def test_tolerance_exceeded_publishes_report_only_and_keeps_promotion(
 ):
     client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
     client.put_object(Bucket=bucket, Key="prod/model.onnx", Body=b"validated v1")
-    client.put_object(Bucket=bucket, Key="prod/manifest.json", Body=b'{"v": 1}')
     # repair: false -> no probe-driven repair; the full validation decides.
     validation = {**GENERATED, "tolerance": {"maxAbsError": 1e-9}}
     job = job_for(
@@ -124,14 +144,14 @@ def test_tolerance_exceeded_publishes_report_only_and_keeps_promotion(
     )
     run = run_worker(job, tmp_path, worker_env)
     expect_failure(run, "ValidationFailed", 40)
-    assert list_keys(client, bucket, "out/") == ["report.json"]
-    report = json.loads(get_bytes(client, bucket, "out/report.json"))
+    report = failure_report(client, bucket, "out/")
     assert report["outcome"]["reason"] == "ValidationFailed"
     assert report["models"][0]["validation"]["passed"] is False
-    assert run.result["reportUri"] == f"s3://{bucket}/out/report.json"
+    assert run.result["reportUri"].endswith("/report.json")
+    assert json.loads(get_bytes(client, bucket, run.result["reportUri"][len(f"s3://{bucket}/") :]))
     assert run.result["validation"]["passed"] is False
     assert "maxAbsError" in run.result["message"]
-    assert list_keys(client, bucket, "prod/") == ["manifest.json", "model.onnx"]
+    assert list_keys(client, bucket, "prod/") == ["model.onnx"]
     assert get_bytes(client, bucket, "prod/model.onnx") == b"validated v1"
 
 
@@ -154,8 +174,7 @@ def test_static_int8_default_tolerance_fails_cleanly(
         worker_env,
     )
     expect_failure(run, "ValidationFailed", 40)
-    assert list_keys(client, bucket, "out/") == ["report.json"]
-    details = json.loads(get_bytes(client, bucket, "out/report.json"))["models"][0]["details"]
+    details = failure_report(client, bucket, "out/")["models"][0]["details"]
     assert details["probePassed"] is False
     assert details["attempts"][0]["attempt"] == "requested"
 
@@ -172,7 +191,14 @@ def test_hostile_keys_in_model_prefix(client, bucket, s3_server, worker_env, tmp
     expect_failure(run, "UnsafePath", 20)
     assert not (tmp_path / "escape.txt").exists()
     assert not list((tmp_path / "work").rglob("*.onnx"))
-    assert list_keys(client, bucket, "out/") == []
+    assert failure_report(client, bucket, "out/")["outcome"]["reason"] == "UnsafePath"
+
+
+def test_a_dot_dot_key_is_unsafe_not_an_outage(client, bucket, s3_server, worker_env, tmp_path):
+    client.put_object(Bucket=bucket, Key="m/..", Body=b"whatever")
+    run = run_worker(job_for(bucket, s3_server.endpoint, "m/.."), tmp_path, worker_env)
+    expect_failure(run, "UnsafePath", 20)
+    assert "'..'" in run.result["message"]
 
 
 def test_invalid_spec_writes_nothing(client, bucket, s3_server, worker_env, tmp_path):
@@ -194,19 +220,22 @@ def test_unattainable_tolerance_ends_in_conversion_failed_with_what_was_tried(
     expect_failure(run, "ConversionFailed", 30)
     message = run.result["message"]
     assert "attempts" in message and "every node FP32" in message
-    assert list_keys(client, bucket, "out/") == []
+    report = failure_report(client, bucket, "out/")  # what was tried, in full
+    assert report["outcome"]["reason"] == "ConversionFailed"
+    assert report["detail"]["attempts"] and run.result["reportUri"].endswith("/report.json")
 
 
 def test_source_beyond_the_work_volume_is_refused_before_fetching(
     client, bucket, s3_server, worker_env, tmp_path
 ):
     """KQUANT_WORK_BYTES (the operator's emptyDir sizeLimit) of 1 MB: the 2.3 MB model would
-    need 2.5x its size; nothing is fetched, nothing published."""
+    need 3x its size for FP16; nothing is fetched, nothing but the failure's report is
+    written."""
     client.upload_file(str(silero_dir() / SILERO), bucket, f"m/{SILERO}")
     env = {**worker_env, "KQUANT_WORK_BYTES": str(10**6)}
     run = run_worker(job_for(bucket, s3_server.endpoint), tmp_path, env)
     expect_failure(run, "SourceTooLarge", 20)
     assert f"s3://{bucket}/m/{SILERO}" in run.result["message"]
-    assert "400000 bytes" in run.result["message"]
-    assert list_keys(client, bucket, "out/") == []
+    assert "1000000 bytes" in run.result["message"] and "x 3" in run.result["message"]
+    assert failure_report(client, bucket, "out/")["outcome"]["reason"] == "SourceTooLarge"
     assert not list((tmp_path / "work").rglob(SILERO))

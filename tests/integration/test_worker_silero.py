@@ -12,11 +12,12 @@ import onnx
 import pytest
 from conftest import silero_dir
 from onnx import TensorProto
+from published import Prefix, read_set
 from worker_helpers import (
     VARIANTS,
     Variant,
+    failure_report,
     get_bytes,
-    list_keys,
     manifest,
     run_worker,
     sha256,
@@ -117,24 +118,25 @@ def test_variant_converts_validates_and_publishes(
         assert run.code == 30, run.log
         assert run.result["reason"] == "ConversionFailed"
         assert "mode: dynamic" in run.result["message"]
-        assert list_keys(client, bucket, "out/") == []
+        assert failure_report(client, bucket, "out/")["outcome"]["reason"] == "ConversionFailed"
         return
     assert run.code == 0, run.log
     result = run.result
     assert (result["phase"], result["reason"]) == ("Succeeded", "Validated")
 
-    # Layout: the converted model, its report, and the manifest -- nothing else.
+    # Layout: the converted model and its report, the manifest last -- nothing else.
     model_name = variant.file.replace(".onnx", SUFFIX[method] + ".onnx")
-    assert list_keys(client, bucket, "out/") == sorted([model_name, "report.json", "manifest.json"])
-    manifest_doc = json.loads(get_bytes(client, bucket, "out/manifest.json"))
+    out = Prefix(client=client, bucket=bucket, key="out/")
+    manifest_doc = read_set(out)
+    assert out.fixed_names() == sorted([model_name, "report.json", "manifest.json"])
     model_bytes = get_bytes(client, bucket, f"out/{model_name}")
-    listed = {a["path"]: a for a in manifest_doc["artifacts"]}
+    listed = {a["name"]: a for a in manifest_doc["artifacts"]}
     assert listed[model_name]["sha256"] == sha256(model_bytes)
     assert listed[model_name]["bytes"] == len(model_bytes) == result["quantizedBytes"]
     report_bytes = get_bytes(client, bucket, "out/report.json")
     assert manifest_doc["report"]["sha256"] == sha256(report_bytes)
     assert result["artifacts"][0] == {
-        "uri": f"s3://{bucket}/out/{model_name}",
+        "uri": f"s3://{bucket}/out/{listed[model_name]['path']}",
         "sha256": sha256(model_bytes),
         "bytes": len(model_bytes),
     }

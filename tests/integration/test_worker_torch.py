@@ -31,7 +31,14 @@ from torch_models import (
     save_state_dict,
     trained_bn,
 )
-from worker_helpers import get_bytes, list_keys, manifest, run_worker, upload_dir
+from worker_helpers import (
+    failure_report,
+    get_bytes,
+    manifest,
+    published_keys,
+    run_worker,
+    upload_dir,
+)
 
 from kquant_job.audio import frame_feeds, read_wav, write_feeds
 
@@ -77,7 +84,7 @@ def test_cosyvoice_directory_example(client, bucket, s3_server, worker_env, tmp_
     run = run_worker(job, tmp_path, worker_env)
     assert run.code == 0, run.log
 
-    keys = list_keys(client, bucket, "cosy-fp16/")
+    keys = published_keys(client, bucket, "cosy-fp16/")
     models = ["flow.pt", "hift.pt", "llm.pt", "spk2info.pt"]
     assert set(keys) == {*models, *SIDE, "report.json", "manifest.json"}  # mirrored, same names
     for rel, data in SIDE.items():
@@ -134,7 +141,7 @@ def test_sensevoice_directory_bf16(client, bucket, s3_server, worker_env, tmp_pa
                    endpoint=s3_server.endpoint)  # fmt: skip
     run = run_worker(job, tmp_path, worker_env)
     assert run.code == 0, run.log
-    assert set(list_keys(client, bucket, "sv-bf16/")) == {
+    assert set(published_keys(client, bucket, "sv-bf16/")) == {
         "model.pt",
         *side,
         "report.json",
@@ -162,7 +169,7 @@ def test_silero_jit_on_speech_and_safetensors(client, bucket, s3_server, worker_
                    validation={"dataUri": f"s3://{bucket}/eval/", "samples": 64})  # fmt: skip
     run = run_worker(job, tmp_path, worker_env)
     assert run.code == 0, run.log
-    assert list_keys(client, bucket, "vad-fp16/") == [
+    assert published_keys(client, bucket, "vad-fp16/") == [
         "manifest.json", "report.json", "silero_vad_fp16.jit"
     ]  # fmt: skip
     summary = run.result["validation"]
@@ -206,7 +213,7 @@ def test_hostile_pickle_is_refused_nothing_runs_nothing_published(
     assert run.result["reason"] == "UnsafeModel"
     assert "model.pt" in run.result["message"] and "weights_only=True" in run.result["message"]
     assert not marker.exists()
-    assert list_keys(client, bucket, "evil-fp16/") == []
+    assert failure_report(client, bucket, "evil-fp16/")["outcome"]["reason"] == "UnsafeModel"
 
 
 def test_overflow_fails_validation_and_int8_state_dict_is_unsupported(
@@ -220,8 +227,7 @@ def test_overflow_fails_validation_and_int8_state_dict_is_unsupported(
     run = run_worker(job, tmp_path, worker_env)
     assert run.code == 40, run.log
     assert "'gain'" in run.result["message"] and "keepFp32" in run.result["message"]
-    assert list_keys(client, bucket, "m-fp16/") == ["report.json"]
-    validation = report_of(client, bucket, "m-fp16/")["models"][0]["validation"]
+    validation = failure_report(client, bucket, "m-fp16/")["models"][0]["validation"]
     assert validation["kind"] == "tensors" and validation["overflowValues"] == 1
 
     job = manifest(f"s3://{bucket}/m/model.pt", f"s3://{bucket}/m-int8/", {"precision": "int8"},
@@ -229,4 +235,4 @@ def test_overflow_fails_validation_and_int8_state_dict_is_unsupported(
     run = run_worker(job, tmp_path, worker_env)
     assert (run.code, run.result["reason"]) == (30, "UnsupportedFormat"), run.log
     assert "nothing to quantize" in run.result["message"]
-    assert list_keys(client, bucket, "m-int8/") == []
+    assert failure_report(client, bucket, "m-int8/")["outcome"]["reason"] == "UnsupportedFormat"

@@ -97,6 +97,7 @@ def run_worker(
     extra_args: tuple[str, ...] = (),
 ) -> WorkerRun:
     """Run the real console entry point as a subprocess, as the Job's container does."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "job.yaml"
     path.write_text(manifest if isinstance(manifest, str) else yaml.safe_dump(manifest))
     result_file = tmp_path / "result.json"
@@ -149,3 +150,24 @@ def manifest(
         "metadata": {"name": name},
         "spec": spec,
     }
+
+
+def failure_report(client: Any, bucket: str, prefix: str) -> dict[str, Any]:
+    """The report a failed run left under ``prefix``, checking that it is all it left: one
+    set folder with its marker (state failed) and report.json, no manifest, no fixed names."""
+    keys = list_keys(client, bucket, prefix)
+    assert len(keys) == 2 and all(k.startswith(".kquant/sets/") for k in keys), keys
+    marker, report = sorted(keys, key=lambda k: not k.endswith("set.json"))
+    assert marker.endswith("/set.json") and report.endswith("/report.json"), keys
+    assert json.loads(get_bytes(client, bucket, prefix + marker))["state"] == "failed"
+    return json.loads(get_bytes(client, bucket, prefix + report))
+
+
+def published_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    """The fixed names under ``prefix`` (kquant's ``.kquant/`` folder left out), after
+    checking the published set as a reader would (:func:`published.read_set`)."""
+    from published import Prefix, read_set
+
+    out = Prefix(client=client, bucket=bucket, key=prefix)
+    read_set(out)
+    return out.fixed_names()

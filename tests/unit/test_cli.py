@@ -64,7 +64,9 @@ def test_manifest_from_stdin_as_json(tmp_path, monkeypatch):
     assert cli.main(["run", "-", "--result-file", str(result)]) == 20
     data = json.loads(result.read_text())
     assert data["reason"] == "SourceNotFound" and "absent.onnx" in data["message"]
-    assert not (tmp_path / "out").exists()
+    # only the failure's report: no manifest, no fixed names
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".kquant"]
+    assert data["reportUri"].startswith(f"file://{tmp_path}/out/.kquant/sets/")
 
 
 def test_text_logs_escape_control_characters_so_no_line_can_be_forged(capsys):
@@ -82,3 +84,21 @@ def test_text_logs_escape_control_characters_so_no_line_can_be_forged(capsys):
     assert "convert m.onnx\\n10:00:00 INFO     job: done\\x1b[2K\\u202e" in line
     assert 'model="m.onnx\\n10:00:00' in line
     assert 'note="two words"' in line and " ok=plain" in line
+
+
+def test_an_unusable_work_directory_still_ends_in_a_result(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the work directory should go")
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(
+        "apiVersion: kquant.io/v1alpha1\nkind: QuantizationJob\nmetadata: {name: x}\n"
+        f"spec:\n  model: {{uri: file://{tmp_path}/m.onnx}}\n"
+        f"  output: {{uri: file://{tmp_path}/out/}}\n  quantization: {{precision: fp16}}\n"
+    )
+    result = tmp_path / "result.json"
+    args = ["run", str(manifest), "--result-file", str(result), "--work-dir", f"{blocker}/w"]
+    assert cli.main(args) == 1
+    data = json.loads(result.read_text())
+    assert (data["phase"], data["reason"]) == ("Failed", "WorkDirUnusable")
+    assert str(blocker) in data["message"] and "KQUANT_WORK_DIR" in data["message"]
+    assert not (tmp_path / "out").exists()

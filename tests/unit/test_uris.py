@@ -48,3 +48,30 @@ def test_find_overlaps_names_both_fields_later_write_first():
         "would write where this job also reads; use prefixes that do not contain each other",
     ]
     assert find_overlaps({"spec.output.uri": "s3://b/o/"}, {"spec.model.uri": "s3://b/m"}) == []
+
+
+def test_the_worker_compares_resolved_local_paths(tmp_path, monkeypatch):
+    """A symlink hides an overlap from the lexical rule; the worker resolves it."""
+    from kquant_api import QuantizationJobSpec
+    from kquant_job.errors import InvalidSpec
+    from kquant_job.pipeline import check_resolved_overlaps
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    spec = QuantizationJobSpec.model_validate(
+        {
+            "model": {"uri": f"file://{tmp_path}/models/"},
+            "output": {"uri": f"file://{tmp_path}/link/fp16/"},
+            "quantization": {"precision": "fp16"},
+        }
+    )  # lexically apart: accepted by the spec itself
+    with pytest.raises(InvalidSpec, match=r"spec\.output\.uri: overlaps spec\.model\.uri"):
+        check_resolved_overlaps(spec)
+    monkeypatch.chdir(tmp_path)  # a relative output inside the absolute model folder
+    relative = spec.model_copy(
+        update={"output": spec.output.model_copy(update={"uri": "models/o/"})}
+    )
+    with pytest.raises(InvalidSpec, match="overlaps"):
+        check_resolved_overlaps(relative)
+    apart = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": "out/"})})
+    check_resolved_overlaps(apart)

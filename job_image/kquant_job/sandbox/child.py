@@ -1,0 +1,142 @@
+"""The sandboxed process: ``python -I -B -m kquant_job.sandbox.child REQUEST LOG_FD``.
+
+It confines itself (:mod:`kquant_job.sandbox.confine`) before importing any model library,
+then runs :func:`kquant_job.stage.convert_and_validate` on the request and writes
+``outcome.json`` beside the request: ``{"ok": <StageOutcome>, "sandbox": {...}}`` or
+``{"error": {"reason", "message", "detail"}, "sandbox": {...}}``. Logs go to LOG_FD as JSON
+lines. Exit status 0 whenever an outcome was written; a crash shows as a signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from kquant_api import QuantizationJob, Reason
+from kquant_job import logs
+from kquant_job.errors import KquantError
+from kquant_job.sandbox.confine import ConfinementError, confine
+
+OUTCOME = "outcome.json"
+_ALLOCATION = re.compile(
+    r"can't allocate memory|cannot allocate memory|not enough memory|std::bad_alloc|"
+    r"out of memory|failed to allocate|Unable to allocate",
+    re.IGNORECASE,
+)
+_DENIED = re.compile(r"permission denied|operation not permitted|errno 13\b", re.IGNORECASE)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen, found = set(), []
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def classify(exc: BaseException, memory_bytes: int, confined: bool) -> tuple[Reason, str, dict]:
+    """The reason, message and detail for an exception that ended the stage: allocation
+    failures (MemoryError, or a runtime's "cannot allocate" anywhere in the chain) ->
+    MemoryLimitExceeded; a refused file access while confined -> UnsafeModel (model code
+    reaching outside its sandbox); KquantErrors keep theirs; the rest -> InternalError."""
+    chain = _chain(exc)
+    text = " | ".join(str(e) for e in chain)
+    if any(isinstance(e, MemoryError) for e in chain) or _ALLOCATION.search(text):
+        return (
+            Reason.MemoryLimitExceeded,
+            f"the conversion needed more memory than the sandbox allows ({memory_bytes} bytes, "
+            f"KQUANT_SANDBOX_MEMORY_BYTES; raise the pod's memory limit): {_short(exc)}",
+            {},
+        )
+    if confined and _DENIED.search(text):
+        return (
+            Reason.UnsafeModel,
+            "the model's code tried to reach a file or resource outside its sandbox, which "
+            f"refused it (a model file is code: it may only read itself): {_short(exc)}",
+            {},
+        )
+    if isinstance(exc, KquantError):
+        return exc.reason, str(exc), _jsonable(exc.detail)
+    trace = "".join(traceback.format_exception(exc)[-3:])
+    return Reason.InternalError, f"{type(exc).__name__}: {exc}", {"traceback": trace}
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _write(box: Path, outcome: dict[str, Any]) -> None:
+    tmp = box / f".{OUTCOME}.tmp"
+    tmp.write_text(json.dumps(outcome, default=str), encoding="utf-8")
+    os.replace(tmp, box / OUTCOME)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the request at ``argv[0]``, logging to the file descriptor ``argv[1]``."""
+    args = sys.argv[1:] if argv is None else argv
+    request_path, log_fd = Path(args[0]), int(args[1])
+    logs.setup_stream_logging(os.fdopen(log_fd, "w", buffering=1, encoding="utf-8"))
+    request = json.loads(request_path.read_text(encoding="utf-8"))
+    box = request_path.parent
+    memory = int(request["memoryBytes"])
+    sandbox: dict[str, Any] = {}
+    try:
+        sandbox = confine(
+            [Path(p) for p in request["read"]],
+            [Path(p) for p in request["write"]],
+            memory,
+            require_landlock=bool(request["requireLandlock"]),
+        )
+    except Exception as exc:  # ConfinementError, or a rule the kernel refused
+        message = str(exc) if isinstance(exc, ConfinementError) else f"cannot confine: {exc!r}"
+        _write(box, {"error": {"reason": "SandboxUnavailable", "message": message}})
+        return 0
+    landlock = sandbox.get("landlock", {})
+    confined = bool(landlock.get("enforced"))
+    fields = {
+        "landlockAbi": landlock.get("abi"),
+        "tcp": landlock.get("tcp", "not restricted"),
+        "memoryBytes": sandbox.get("memoryBytes"),
+        "why": landlock.get("why"),
+    }
+    logs.info(
+        "sandbox: confined" if confined else "sandbox: NOT confined by Landlock",
+        **{k: v for k, v in fields.items() if v is not None},
+    )
+    try:
+        from kquant_job.stage import StageInput, convert_and_validate
+
+        job = QuantizationJob.model_validate(request["job"])
+        io = request["io"]
+        stage_input = StageInput(
+            source=Path(io["source"]),
+            data=[Path(p) for p in io["data"]],
+            data_dir=Path(io["dataDir"]),
+            calib=[Path(p) for p in io["calib"]],
+            calib_dir=Path(io["calibDir"]),
+            staged=Path(io["staged"]),
+            scratch=Path(io["scratch"]),
+        )
+        outcome = convert_and_validate(job, stage_input)
+        _write(box, {"ok": outcome.to_json(), "sandbox": sandbox})
+    except BaseException as exc:  # every end writes an outcome the parent can report
+        reason, message, detail = classify(exc, memory, confined)
+        error = {"reason": reason.value, "message": message, "detail": detail}
+        _write(box, {"error": error, "sandbox": sandbox})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The sandbox's bounds, from the environment, with defaults read from the machine.
+
+=====================================  ==========================================================
+variable                               meaning (default)
+=====================================  ==========================================================
+KQUANT_SANDBOX_MEMORY_BYTES            data memory of the sandboxed process, bytes (90 % of the
+                                       container's cgroup memory limit, else of the RAM)
+KQUANT_SANDBOX_TIMEOUT_SECONDS         wall-clock time of the stage, seconds (10800; the operator
+                                       sets 90 % of the Job's activeDeadlineSeconds)
+KQUANT_SANDBOX_REQUIRE_LANDLOCK        ``true``: refuse to run model code when the kernel has no
+                                       Landlock (default: run, and report what was enforced)
+=====================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kquant_job.errors import InvalidSpec
+
+MEMORY_ENV = "KQUANT_SANDBOX_MEMORY_BYTES"
+TIMEOUT_ENV = "KQUANT_SANDBOX_TIMEOUT_SECONDS"
+REQUIRE_LANDLOCK_ENV = "KQUANT_SANDBOX_REQUIRE_LANDLOCK"
+MEMORY_SHARE = 0.9  # the rest: the parent (transfers, publishing) and the kernel's slack
+DEFAULT_TIMEOUT = 10800.0
+_CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
+)
+
+
+def machine_memory(limits: tuple[Path, ...] = _CGROUP_LIMITS) -> int:
+    """Bytes of memory this container may use: its cgroup limit when one is set, else the
+    machine's RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in limits:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < ram:
+            return int(text)
+    return int(ram)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one sandboxed stage: memory (bytes, RLIMIT_DATA), wall time (seconds) and
+    whether running without Landlock is refused."""
+
+    memory_bytes: int
+    timeout_seconds: float
+    require_landlock: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        """The bounds from the environment (see the module table). Raises InvalidSpec naming
+        a variable that is not a positive number."""
+        env = os.environ if env is None else env
+        memory = _positive(env, MEMORY_ENV)
+        timeout = _positive(env, TIMEOUT_ENV)
+        require = env.get(REQUIRE_LANDLOCK_ENV, "").strip().lower() in ("1", "true", "yes")
+        return cls(
+            memory_bytes=int(memory) if memory else int(machine_memory() * MEMORY_SHARE),
+            timeout_seconds=timeout or DEFAULT_TIMEOUT,
+            require_landlock=require,
+        )
+
+
+def _positive(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InvalidSpec(f"{name}={raw!r}: expected a positive number")
+    return value

@@ -1,0 +1,252 @@
+"""Running the model stage in a child process that holds no credentials (parent side).
+
+The worker keeps storage credentials and network transfers to itself; the child gets the
+job, the fetched files and a folder of its own (``<work>/sandbox``), nothing else:
+
+- its environment is an allow-list (:data:`ENV_ALLOWED`): no ``AWS_*``, no token paths;
+- it inherits no file descriptor but its log pipe (and stdout/stderr, relayed line by line
+  as escaped log records, so its output cannot forge the worker's log lines);
+- this process is made non-dumpable, so a same-user process cannot read its memory or
+  environment through ``/proc`` even where the kernel has no Landlock;
+- the child confines itself (:mod:`kquant_job.sandbox.confine`), and is killed with its whole
+  process group at the time limit.
+
+Its end becomes a precise reason: an outcome file (success, or the error it classified), a
+signal (SIGSEGV and friends: ModelCrashed; SIGKILL: MemoryLimitExceeded, the kernel's OOM
+killer), or the time limit (TimeLimitExceeded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from kquant_api import REASON_EXIT_CODE, ExitCode, QuantizationJob, Reason
+from kquant_job import logs
+from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError, ValidationFailed
+from kquant_job.sandbox.child import OUTCOME
+from kquant_job.sandbox.limits import Limits
+from kquant_job.stage import StageInput, StageOutcome
+
+LOG = logging.getLogger("kquant")
+PR_SET_DUMPABLE = 4
+MAX_OUTCOME_BYTES = 64 * 1024 * 1024
+# Variables the child may see: locale, paths to find libraries and GPUs, thread counts.
+ENV_ALLOWED = frozenset(
+    {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "LD_LIBRARY_PATH",
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "NVIDIA_VISIBLE_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "ORT_NUM_THREADS",
+    }
+)
+_ERROR_CLASSES: dict[ExitCode, type[KquantError]] = {
+    ExitCode.INVALID_SPEC: InvalidSpec,
+    ExitCode.STORAGE: StorageError,
+    ExitCode.STORAGE_UNAVAILABLE: StorageError,
+    ExitCode.PASS: PassError,
+    ExitCode.VALIDATION: ValidationFailed,
+}
+
+
+def make_non_dumpable() -> None:
+    """``prctl(PR_SET_DUMPABLE, 0)``: this process's memory and ``/proc/<pid>/environ``
+    become unreadable to other processes of the same user (the sandboxed child among them);
+    no core dumps either."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def child_env(box: Path) -> dict[str, str]:
+    """The child's environment: the allow-listed variables, and HOME and TMPDIR inside its
+    sandbox folder."""
+    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOWED}
+    env.update(HOME=str(box / "home"), TMPDIR=str(box / "tmp"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def error_from(reason: str, message: str, detail: dict[str, Any] | None = None) -> KquantError:
+    """The worker's exception (the class of the reason's exit code) for a reason the child
+    named; an unknown reason is an InternalError."""
+    try:
+        why = Reason(reason)
+    except ValueError:
+        why = Reason.InternalError
+    cls = _ERROR_CLASSES.get(REASON_EXIT_CODE[why], KquantError)
+    return cls(message, reason=why, **(detail or {}))
+
+
+class _Relay:
+    """Reads the child's log pipe and output, re-logs each line, remembers where it was."""
+
+    def __init__(self) -> None:
+        self.stage = "starting"
+        self.model: str | None = None
+        self.threads: list[threading.Thread] = []
+
+    def start(self, stream: IO[str], structured: bool) -> None:
+        thread = threading.Thread(target=self._pump, args=(stream, structured), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _pump(self, stream: IO[str], structured: bool) -> None:
+        for line in stream:
+            line = line.rstrip("\n")[:65536]
+            if not line:
+                continue
+            if not structured:
+                LOG.info("model output", extra={"fields": {"line": line[:4096]}})
+                continue
+            fields = logs.relay_record(line, "sandbox")
+            if isinstance(fields.get("stage"), str):
+                self.stage = fields["stage"]
+            if isinstance(fields.get("model"), str):
+                self.model = fields["model"]
+        stream.close()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+    def where(self) -> str:
+        return f"during {self.stage}" + (f" of {self.model}" if self.model else "")
+
+
+def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) -> dict[str, Any]:
+    """Run :func:`kquant_job.stage.convert_and_validate` for ``job`` in a sandboxed child
+    whose folder is ``io.staged``'s and ``io.scratch``'s parent; return
+    ``{"stage": StageOutcome, "sandbox": <what was enforced>}``.
+
+    Raises the error the child reported (its class and reason), PassError with ModelCrashed
+    (killed by a signal), MemoryLimitExceeded (SIGKILL, or an allocation failure),
+    TimeLimitExceeded (``limits.timeout_seconds`` passed; the child's process group is
+    killed), or KquantError(InternalError) when it ended without an outcome."""
+    box = io.staged.parent
+    for sub in ("home", "tmp"):
+        (box / sub).mkdir(parents=True, exist_ok=True)
+    request = {
+        "job": job.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "io": {
+            "source": str(io.source),
+            "data": [str(p) for p in io.data],
+            "dataDir": str(io.data_dir),
+            "calib": [str(p) for p in io.calib],
+            "calibDir": str(io.calib_dir),
+            "staged": str(io.staged),
+            "scratch": str(io.scratch),
+        },
+        "read": [str(work)],
+        "write": [str(box)],
+        "memoryBytes": limits.memory_bytes,
+        "requireLandlock": limits.require_landlock,
+    }
+    request_path = box / "request.json"
+    request_path.write_text(json.dumps(request), encoding="utf-8")
+    make_non_dumpable()
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-I", "-B", "-m", "kquant_job.sandbox.child", str(request_path)]
+    proc = subprocess.Popen(
+        [*cmd, str(write_fd)],
+        env=child_env(box),
+        cwd=box,
+        pass_fds=(write_fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="backslashreplace",
+        start_new_session=True,  # its own process group: killed whole at the time limit
+    )
+    os.close(write_fd)
+    relay = _Relay()
+    relay.start(os.fdopen(read_fd, encoding="utf-8", errors="backslashreplace"), True)
+    assert proc.stdout is not None
+    relay.start(proc.stdout, False)
+    try:
+        code = proc.wait(timeout=limits.timeout_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        relay.join()
+        raise PassError(
+            f"the conversion ran past the sandbox's time limit ({limits.timeout_seconds:g} s, "
+            f"KQUANT_SANDBOX_TIMEOUT_SECONDS) {relay.where()} and was killed",
+            reason=Reason.TimeLimitExceeded,
+        ) from None
+    finally:
+        _kill_group(proc.pid)
+    relay.join()
+    if code < 0:
+        raise _signalled(-code, relay, limits)
+    return _outcome(box, code)
+
+
+def _kill_group(pgid: int) -> None:
+    """Kill what the child may have left running in its process group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _signalled(signum: int, relay: _Relay, limits: Limits) -> PassError:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if signum == signal.SIGKILL:
+        return PassError(
+            f"the conversion process was killed (SIGKILL) {relay.where()}: most likely the "
+            f"kernel's out-of-memory killer (sandbox limit {limits.memory_bytes} bytes; raise "
+            "the pod's memory limit)",
+            reason=Reason.MemoryLimitExceeded,
+        )
+    return PassError(
+        f"the conversion process crashed with {name} {relay.where()}: a defect of the "
+        "converting library on this model, or a hostile model; nothing was published",
+        reason=Reason.ModelCrashed,
+    )
+
+
+def _outcome(box: Path, code: int) -> dict[str, Any]:
+    path = box / OUTCOME
+    try:
+        if path.is_symlink() or path.stat().st_size > MAX_OUTCOME_BYTES:
+            raise OSError("not a plain outcome file")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KquantError(
+            f"the conversion process ended (exit status {code}) without an outcome: {exc}",
+            reason=Reason.InternalError,
+        ) from None
+    if not isinstance(data, dict):
+        raise KquantError("malformed sandbox outcome", reason=Reason.InternalError)
+    sandbox = data.get("sandbox") if isinstance(data.get("sandbox"), dict) else {}
+    error = data.get("error")
+    if isinstance(error, dict):
+        detail = error.get("detail") if isinstance(error.get("detail"), dict) else {}
+        exc = error_from(str(error.get("reason")), str(error.get("message")), detail)
+        exc.detail["sandbox"] = sandbox
+        raise exc
+    try:
+        stage = StageOutcome.from_json(data["ok"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KquantError(
+            f"malformed sandbox outcome: {exc}", reason=Reason.InternalError
+        ) from None
+    return {"stage": stage, "sandbox": sandbox}

@@ -1,0 +1,218 @@
+"""The stage that touches model files: plan, convert, validate. It runs inside the sandbox
+(:mod:`kquant_job.sandbox`): model files are read, parsed and executed here only, and what it
+hands back is plain data (:class:`StageOutcome`, JSON) plus the files it staged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kquant_api import QuantizationJob
+from kquant_job import logs
+from kquant_job.formats import ModelFile, Plan, plan_model
+from kquant_job.passes import PassContext, select_pass
+
+PRECISION_SUFFIX = {"fp16": "_fp16", "bf16": "_bf16", "int8": "_int8"}
+
+
+@dataclass
+class ModelOutcome:
+    """One converted model, as plain data: source path (relative to the source root), format
+    and external data files; output path and the files it wrote (relative to the staged
+    folder); sizes in bytes; the pass and its details; the validation (``kind``, the
+    validator's ``report``, ``summary`` as a ValidationSummary dict, ``violations``,
+    ``passed``; None when validation is off) and the execution providers used."""
+
+    source: str
+    format: str
+    external: list[str]
+    out_rel: str
+    out_files: list[str]
+    original_bytes: int
+    quantized_bytes: int
+    pass_name: str
+    details: dict[str, Any]
+    validation: dict[str, Any] | None = None
+    providers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageOutcome:
+    """What the stage produced: one entry per converted model, the files copied unchanged
+    (``copies``; ``kept``: the model files among them left unconverted) and the stage
+    timings (ms)."""
+
+    models: list[ModelOutcome]
+    copies: list[str]
+    kept: list[str]
+    timings: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageOutcome:
+        """Parse :meth:`to_json`'s output. Raises TypeError/KeyError on a malformed one."""
+        return cls(
+            models=[ModelOutcome(**m) for m in data["models"]],
+            copies=[str(c) for c in data["copies"]],
+            kept=[str(k) for k in data["kept"]],
+            timings={str(k): float(v) for k, v in data["timings"].items()},
+        )
+
+
+def output_name(rel: str, precision: str, single_file: bool) -> str:
+    """Output path of a converted model: ``silero_vad.onnx`` -> ``silero_vad_fp16.onnx`` for a
+    single-file model (the naming kquant's users' services look for); unchanged inside a
+    model directory, whose output prefix already says what it holds."""
+    if not single_file:
+        return rel
+    path = PurePosixPath(rel)
+    return str(path.with_name(f"{path.stem}{PRECISION_SUFFIX[precision]}{path.suffix}"))
+
+
+def files_under(root: Path) -> set[str]:
+    """Relative paths of the regular files below ``root``."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _bytes(root: Path, rels: list[str]) -> int:
+    return sum((root / r).stat().st_size for r in rels)
+
+
+def _files_for(model: ModelFile, files: list[Path], base: Path, many: bool) -> list[Path]:
+    """Sample files for one model: all of them for a single model; for a directory with
+    several models, those under a sub-folder named after the model's relative path."""
+    if not many:
+        return files
+    sub = base / model.rel
+    return [f for f in files if sub in f.parents]
+
+
+@dataclass
+class _Converted:
+    outcome: ModelOutcome
+    validator: Any  # kquant_job.validate.validators.Validator, when validation is on
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """Where the stage finds its inputs and puts its outputs: the fetched model ``source`` (a
+    file or a directory), the ``.npz`` validation and calibration feeds and the folders they
+    were fetched into (per-model sub-folders in a model directory), the ``staged`` folder for
+    the converted set and the ``scratch`` folder for working files."""
+
+    source: Path
+    data: list[Path]
+    data_dir: Path
+    calib: list[Path]
+    calib_dir: Path
+    staged: Path
+    scratch: Path
+
+
+def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
+    """Plan the fetched model, convert every model file into ``io.staged`` (working files in
+    ``io.scratch``), copy the other files, and validate each converted model against its
+    original on the validation feeds. Raises the worker's KquantErrors (InvalidSpec,
+    PassError...)."""
+    spec, staged = job.spec, io.staged
+    timings: dict[str, float] = {}
+    include, exclude = spec.quantization.include, spec.quantization.exclude
+    plan = plan_model(io.source, spec.model.format, include, exclude)
+    staged.mkdir(parents=True, exist_ok=True)
+    converted = _convert_all(job, plan, io, timings)
+    for rel in plan.copies:
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(plan.root / rel, staged / rel)
+    if not io.source.is_file():
+        logs.info("copied", files=len(plan.copies), bytes=_bytes(staged, plan.copies))
+    with logs.stage("validate", timings):
+        _validate_all(converted, staged)
+    return StageOutcome([c.outcome for c in converted], plan.copies, plan.kept, timings)
+
+
+def _convert_all(
+    job: QuantizationJob, plan: Plan, io: StageInput, timings: dict[str, float]
+) -> list[_Converted]:
+    from kquant_job.validate.validators import make_validator
+
+    spec, staged, single = job.spec, io.staged, io.source.is_file()
+    cfg, many = spec.quantization, len(plan.models) > 1
+    results = []
+    with logs.stage("convert", timings, models=len(plan.models)):
+        for i, model in enumerate(plan.models):
+            src = plan.root / model.rel
+            pass_ = select_pass(model.format, cfg)
+            out_rel = output_name(model.rel, cfg.precision.value, single)
+            out_path = staged / out_rel
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            validator = None
+            if spec.validation.enabled:
+                samples = _files_for(model, io.data, io.data_dir, many)
+                validator = make_validator(model.format, src, spec, samples)
+            ctx = PassContext(
+                work_dir=io.scratch / str(i),
+                probe=validator.probe if validator else None,
+                activation_ranges=getattr(validator, "activation_ranges", None),
+                calibration_files=_files_for(model, io.calib, io.calib_dir, many),
+            )
+            ctx.work_dir.mkdir(parents=True, exist_ok=True)
+            before = files_under(staged)
+            logs.info(
+                f"convert {model.rel}",
+                model=model.rel,
+                **{"pass": pass_.name},
+                bytes=src.stat().st_size,
+            )
+            result = pass_.run(src, cfg, out_path, ctx)
+            out_files = sorted(files_under(staged) - before)
+            outcome = ModelOutcome(
+                source=model.rel,
+                format=model.format.value,
+                external=list(model.external),
+                out_rel=out_rel,
+                out_files=out_files,
+                original_bytes=_bytes(plan.root, [model.rel, *model.external]),
+                quantized_bytes=_bytes(staged, out_files),
+                pass_name=pass_.name,
+                details=result.details,
+                providers=list(validator.providers) if validator else [],
+            )
+            results.append(_Converted(outcome, validator))
+    return results
+
+
+def _validate_all(converted: list[_Converted], staged: Path) -> None:
+    from kquant_job.validate.validators import log_rows
+
+    for item in converted:
+        model = item.outcome
+        if item.validator is None:
+            continue
+        outcome = item.validator.validate(staged / model.out_rel)
+        summary = outcome.summary()
+        model.validation = {
+            "kind": item.validator.kind,
+            "report": outcome.to_report(),
+            "summary": summary.model_dump(mode="json", exclude_none=True),
+            "violations": list(outcome.violations),
+            "passed": bool(outcome.passed),
+        }
+        for label, fields in log_rows(outcome):
+            logs.info(label, **fields)
+        logs.info(
+            f"validated {model.source}",
+            passed=outcome.passed,
+            kind=item.validator.kind,
+            device=outcome.device,
+            **{
+                k: v
+                for k, v in summary.model_dump(exclude_none=True).items()
+                if k in ("maxAbsError", "cosineSimilarity")
+            },
+        )

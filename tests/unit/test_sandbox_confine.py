@@ -1,0 +1,162 @@
+"""The confinement the sandboxed child applies to itself (kquant_job.sandbox.confine), probed
+from a real child process: what it can still read and write, and what it cannot reach."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import landlockpy
+import pytest
+
+from kquant_job.sandbox.limits import Limits, machine_memory
+from kquant_job.sandbox.runner import ENV_ALLOWED, child_env
+
+needs_landlock = pytest.mark.skipif(
+    landlockpy.abi_version() < 4, reason="the kernel has no Landlock with network rules"
+)
+
+PROBE = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    from pathlib import Path
+    from kquant_job.sandbox.confine import confine
+    work, box, port, parent = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    report = confine([work], [box], 2**33, require_landlock=False)
+    tries = {}
+    def attempt(name, fn):
+        try:
+            fn()
+            tries[name] = "allowed"
+        except OSError as exc:
+            tries[name] = type(exc).__name__
+    attempt("read work", lambda: (work / "model.onnx").read_bytes())
+    attempt("write box", lambda: (box / "out.bin").write_bytes(b"x"))
+    attempt("write work", lambda: (work / "evil").write_bytes(b"x"))
+    attempt("read outside", lambda: Path(os.environ["OUTSIDE"]).read_bytes())
+    attempt("write outside", lambda: Path(os.environ["OUTSIDE"]).write_bytes(b"x"))
+    attempt("parent environ", lambda: Path(f"/proc/{parent}/environ").read_bytes())
+    attempt("tcp connect", lambda: socket.create_connection(("127.0.0.1", port), 2).close())
+    attempt("import numpy", lambda: __import__("numpy"))
+    print(json.dumps({"report": report, "tries": tries}))
+    """
+)
+
+
+@needs_landlock
+def test_the_child_reads_its_inputs_writes_its_folder_and_reaches_nothing_else(tmp_path):
+    work, box, outside = tmp_path / "work", tmp_path / "work" / "sandbox", tmp_path / "creds"
+    box.mkdir(parents=True)
+    (work / "model.onnx").write_bytes(b"model")
+    outside.write_text("aws_secret_access_key = s3cr3t\n")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        # a process holding a secret, like the worker that starts the sandbox
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"],
+            env={"AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", PROBE, str(work), str(box), str(port), str(holder.pid)],
+                env={**os.environ, "OUTSIDE": str(outside)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            holder.kill()
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["tries"] == {
+        "read work": "allowed",
+        "write box": "allowed",
+        "write work": "PermissionError",
+        "read outside": "PermissionError",
+        "write outside": "PermissionError",
+        "parent environ": "PermissionError",
+        "tcp connect": "PermissionError",
+        "import numpy": "allowed",
+    }
+    landlock = result["report"]["landlock"]
+    assert landlock["enforced"] is True and landlock["tcp"] == "denied"
+    assert landlock["abi"] == landlockpy.abi_version()
+    assert outside.read_text() == "aws_secret_access_key = s3cr3t\n"
+
+
+def test_the_child_environment_is_an_allow_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-sentinel")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-sentinel")
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token")
+    monkeypatch.setenv("KQUANT_JOB", '{"spec": {}}')
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    env = child_env(tmp_path)
+    assert not [k for k in env if k.startswith("AWS_") or k == "KQUANT_JOB"]
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert env["HOME"] == str(tmp_path / "home") and env["TMPDIR"] == str(tmp_path / "tmp")
+    assert set(env) <= ENV_ALLOWED | {"HOME", "TMPDIR", "PYTHONUNBUFFERED"}
+
+
+def test_limits_from_the_environment_and_the_machine(tmp_path):
+    assert Limits.from_env({}).memory_bytes == int(machine_memory() * 0.9)
+    assert Limits.from_env({}).timeout_seconds == 10800
+    env = {
+        "KQUANT_SANDBOX_MEMORY_BYTES": "1000000",
+        "KQUANT_SANDBOX_TIMEOUT_SECONDS": "30",
+        "KQUANT_SANDBOX_REQUIRE_LANDLOCK": "true",
+    }
+    assert Limits.from_env(env) == Limits(1_000_000, 30.0, True)
+    for bad in ("0", "-5", "lots"):
+        with pytest.raises(Exception, match="KQUANT_SANDBOX_TIMEOUT_SECONDS"):
+            Limits.from_env({"KQUANT_SANDBOX_TIMEOUT_SECONDS": bad})
+    cgroup = tmp_path / "memory.max"
+    cgroup.write_text("1073741824\n")
+    assert machine_memory((cgroup,)) == 2**30
+    cgroup.write_text("max\n")  # no limit set: the machine's RAM
+    assert machine_memory((cgroup,)) == machine_memory((tmp_path / "absent",))
+
+
+def test_the_worker_is_not_dumpable_once_it_starts_a_sandbox(tmp_path):
+    code = textwrap.dedent(
+        """
+        import ctypes
+        from kquant_job.sandbox.runner import make_non_dumpable
+        libc = ctypes.CDLL(None)
+        before = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+        make_non_dumpable()
+        print(before, libc.prctl(3, 0, 0, 0, 0))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "0"]
+
+
+def test_a_missing_landlock_is_reported_or_refused(monkeypatch):
+    from kquant_job.sandbox import confine as confine_mod
+
+    monkeypatch.setattr(landlockpy, "abi_version", lambda: 0)
+    assert confine_mod.landlock([], [], required=False) == {
+        "abi": 0,
+        "enforced": False,
+        "why": "the kernel has no Landlock",
+    }
+    with pytest.raises(confine_mod.ConfinementError, match="no Landlock"):
+        confine_mod.landlock([], [], required=True)
+
+
+def test_python_read_roots_cover_kquant_and_the_interpreter():
+    from kquant_job.sandbox.confine import python_read_roots
+
+    roots = python_read_roots()
+    import kquant_job
+
+    here = Path(kquant_job.__file__).resolve()
+    assert any(r in here.parents for r in roots)
+    assert any(Path(sys.base_prefix) == r for r in roots)
