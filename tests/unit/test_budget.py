@@ -1,4 +1,5 @@
-"""The source budget: what a job may fetch, from its work volume and free space."""
+"""The work budget: the room a job has, the factor of each conversion, and the check that
+refuses a job before any transfer."""
 
 from __future__ import annotations
 
@@ -8,22 +9,42 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kquant_job.budget import WORK_FACTOR, source_budget
-from kquant_job.errors import InvalidSpec
+from kquant_api import ModelFormat, QuantizationConfig, Reason
+from kquant_job.budget import check_budget, room, work_factor
+from kquant_job.errors import InvalidSpec, StorageError
 from kquant_job.validate import inputs
 
 
-def test_budget_is_the_smaller_room_over_the_work_factor(tmp_path: Path) -> None:
+def test_room_is_the_smaller_of_the_volume_limit_and_the_free_space(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
-    assert source_budget(tmp_path, {}) == pytest.approx(free / WORK_FACTOR, rel=1e-3)
-    assert source_budget(tmp_path, {"KQUANT_WORK_BYTES": "1000"}) == 400
+    assert room(tmp_path, {}) == pytest.approx(free, rel=1e-3)
+    assert room(tmp_path, {"KQUANT_WORK_BYTES": "1000"}) == 1000
     huge = str(free * 10)  # a sizeLimit beyond the disk: the disk is the bound
-    assert source_budget(tmp_path, {"KQUANT_WORK_BYTES": huge}) == pytest.approx(
-        free / WORK_FACTOR, rel=1e-3
-    )
+    assert room(tmp_path, {"KQUANT_WORK_BYTES": huge}) == pytest.approx(free, rel=1e-3)
     for bad in ("50Gi", "0", "-5"):
         with pytest.raises(InvalidSpec, match="KQUANT_WORK_BYTES"):
-            source_budget(tmp_path, {"KQUANT_WORK_BYTES": bad})
+            room(tmp_path, {"KQUANT_WORK_BYTES": bad})
+
+
+def test_factors_follow_the_measured_peaks_per_method() -> None:
+    def factor(precision: str, fmt: ModelFormat = ModelFormat.auto) -> float:
+        return work_factor(QuantizationConfig(precision=precision), fmt)
+
+    # bench/bench_workdir.py: ONNX INT8 4.0x, ONNX FP16 up to 2.5x, PyTorch 1.25x-1.5x
+    assert factor("int8") >= 4.0 and factor("int8", ModelFormat.onnx) >= 4.0
+    assert factor("fp16") >= 2.5
+    assert factor("fp16", ModelFormat.torchscript) >= 1.5
+    assert factor("bf16") >= 1.5 and factor("bf16") < factor("fp16")
+
+
+def test_the_whole_job_counts_source_times_factor_plus_every_sample_set() -> None:
+    check_budget(1000, 4.0, ("s3://b/m.onnx", 200), {"s3://b/eval/": 100, "s3://b/cal/": 100})
+    with pytest.raises(StorageError) as info:
+        check_budget(1000, 4.0, ("s3://b/m.onnx", 200), {"s3://b/eval/": 101, "s3://b/c/": 100})
+    assert info.value.reason is Reason.SourceTooLarge
+    message = str(info.value)
+    assert "1001 bytes" in message and "s3://b/m.onnx: 200 bytes x 4" in message
+    assert "s3://b/eval/: 101 bytes" in message and "1000 bytes" in message
 
 
 def test_npz_inflating_beyond_the_sample_bound_is_refused_unread(
