@@ -85,16 +85,51 @@ def is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
+# torch.save and torch.jit.save store their records uncompressed. A compressed record that
+# inflates far beyond its stored bytes is how a 2 MB file becomes gigabytes in memory: torch's
+# reader inflates a pickle record whole before unpickling it.
+MAX_INFLATION = 100  # declared size / compressed size
+INFLATION_FLOOR = 64 * 1024 * 1024  # bytes: smaller records are harmless at any ratio
+
+
+def check_archive(path: Path, display: str) -> None:
+    """Refuse a zip archive (a ``torch.save`` checkpoint or TorchScript file) whose records
+    would inflate beyond INFLATION_FLOOR (64 MiB) and MAX_INFLATION (100x) their compressed
+    size, from the sizes its central directory declares, before anything is inflated (zip
+    readers, torch's included, never inflate a record past its declared size).
+
+    Raises PassError(UnsafeModel) naming the record, PassError(CorruptModel) for an
+    unreadable zip directory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise _corrupt(display, exc) from None
+    for info in infos:
+        inflated = info.file_size > max(INFLATION_FLOOR, MAX_INFLATION * info.compress_size)
+        if info.compress_type != zipfile.ZIP_STORED and inflated:
+            raise PassError(
+                f"{display}: refused before loading: record {info.filename!r} declares "
+                f"{info.file_size} bytes from {info.compress_size} compressed "
+                f"({info.file_size // max(info.compress_size, 1)}x): an archive bomb (torch "
+                "writes its records uncompressed)",
+                reason=Reason.UnsafeModel,
+            )
+
+
 def load_checkpoint(path: Path, display: str) -> Any:
     """A ``torch.save`` file loaded safely on the CPU, memory-mapped when it is a zip
     (tensors read from disk as touched, so peak memory stays near the converted copy).
 
     ``map_location="cpu"``: checkpoints saved from a GPU load on a CPU-only machine.
     Raises PassError(UnsafeModel) with torch's reason when ``weights_only=True`` refuses the
-    file (it is never loaded otherwise), PassError(CorruptModel) when it does not parse.
+    file (it is never loaded otherwise) or the zip is an archive bomb (:func:`check_archive`),
+    PassError(CorruptModel) when it does not parse.
     """
     torch = require_torch()
     zipped = is_zip(path)
+    if zipped:
+        check_archive(path, display)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:

@@ -22,6 +22,7 @@ from kquant_job.errors import PassError
 from kquant_job.passes.base import PassContext, PassResult
 from kquant_job.passes.torch_common import (
     castable,
+    check_archive,
     keep_pattern,
     require_torch,
     target_dtype,
@@ -33,8 +34,10 @@ MAX_LISTED = 50
 
 def load_script(path: Path, display: str, map_location: str = "cpu") -> Any:
     """``torch.jit.load`` on ``map_location`` (CPU by default: a module saved on a GPU loads
-    on a CPU-only machine). Raises PassError(CorruptModel) with torch's message."""
+    on a CPU-only machine), after :func:`check_archive`. Raises PassError(CorruptModel) with
+    torch's message, PassError(UnsafeModel) for an archive bomb."""
     torch = require_torch()
+    check_archive(path, display)
     try:
         return torch.jit.load(str(path), map_location=map_location)
     except Exception as exc:

@@ -1,0 +1,114 @@
+"""Hostile and crashing model files through the real worker process: each ends with a precise
+reason, a result file, a report.json under the output and a removed work directory, and
+nothing outside the sandbox is touched or leaked."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from hostile_models import (
+    busy_loop_jit,
+    file_reader_jit,
+    file_writer_jit,
+    memory_hog_jit,
+    pt_zip_bomb,
+    transformer_jit,
+)
+from published import Prefix
+from worker_helpers import manifest, run_worker
+
+INPUTS = {"inputs": {"x": {"shape": [1, 16]}}, "samples": 2}
+SECRET = "wJalrXUtnFEMI-sentinel-K7MDENG"
+
+
+def job(model: Path, out: Path, precision: str = "fp16") -> dict:
+    quantization = {"precision": precision}
+    return manifest(f"file://{model}", f"file://{out}/", quantization, endpoint=None,
+                    validation=INPUTS)  # fmt: skip
+
+
+def env(**extra: str) -> dict[str, str]:
+    # storage credentials in the worker's environment, as the pod's secretKeyRefs put them
+    return {**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIA", **extra}
+
+
+def failed(run, tmp_path: Path, reason: str) -> dict:
+    """Check the common promises of a failed run; returns its report."""
+    assert run.code == 30, run.log  # every reason here is of the conversion class
+    assert run.result["reason"] == reason, run.result
+    out = Prefix(tmp_path / "out")
+    assert out.fixed_names() == []  # nothing a reader would take for a set
+    report = json.loads((tmp_path / "out" / run.result["reportUri"].split("/out/", 1)[1])
+                        .read_text())  # fmt: skip
+    assert report["outcome"]["reason"] == reason
+    assert list((tmp_path / "work").iterdir()) == []  # the work directory was removed
+    everything = (
+        run.log
+        + json.dumps(run.result)
+        + "".join(
+            p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*") if p.is_file()
+        )
+    )
+    assert SECRET not in everything
+    return report
+
+
+def test_a_model_writing_outside_its_work_directory_is_stopped(tmp_path):
+    victim = tmp_path / "production-config.yaml"
+    victim.write_bytes(b"replicas: 3\n" * 8)
+    model = file_writer_jit(tmp_path / "writer.pt", victim, 16)
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+    assert victim.read_bytes() == b"replicas: 3\n" * 8
+    assert "outside its sandbox" in run.result["message"]
+
+
+def test_a_model_reading_credentials_outside_its_sandbox_gets_nothing(tmp_path):
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[default]\naws_secret_access_key = {SECRET}\n")
+    model = file_reader_jit(tmp_path / "reader.pt", creds, 32)
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+
+
+def test_a_crash_of_the_quantizer_ends_in_model_crashed(tmp_path):
+    model = transformer_jit(tmp_path / "encoder.pt")
+    run = run_worker(job(model, tmp_path / "out", "int8"), tmp_path, env())
+    report = failed(run, tmp_path, "ModelCrashed")
+    assert "SIGSEGV" in run.result["message"] and "encoder.pt" in run.result["message"]
+    assert report["outcome"]["message"] == run.result["message"]
+
+
+def test_a_model_that_never_returns_is_stopped_at_the_time_limit(tmp_path):
+    model = busy_loop_jit(tmp_path / "loop.pt")
+    start = time.monotonic()
+    run = run_worker(
+        job(model, tmp_path / "out"), tmp_path, env(KQUANT_SANDBOX_TIMEOUT_SECONDS="4")
+    )
+    failed(run, tmp_path, "TimeLimitExceeded")
+    assert time.monotonic() - start < 60
+    assert "4 s" in run.result["message"]
+    commands = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    assert [c for c in commands if "sandbox.child" in c and str(tmp_path) in c] == []
+
+
+def test_a_model_beyond_the_memory_limit_ends_in_memory_limit_exceeded(tmp_path):
+    model = memory_hog_jit(tmp_path / "hog.pt", 3 * 2**30)
+    limit = str(2**30)
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env(KQUANT_SANDBOX_MEMORY_BYTES=limit))
+    failed(run, tmp_path, "MemoryLimitExceeded")
+    assert limit in run.result["message"]
+
+
+@pytest.mark.parametrize("inflated", [2 * 2**30])
+def test_a_pt_zip_bomb_is_refused_before_it_inflates(tmp_path, inflated):
+    model = pt_zip_bomb(tmp_path / "bomb.pt", inflated)
+    assert model.stat().st_size < 4 * 2**20
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+    assert "archive bomb" in run.result["message"] and "data.pkl" in run.result["message"]
