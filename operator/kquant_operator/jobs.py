@@ -95,6 +95,12 @@ def job_labels(name: str, generation: int) -> dict[str, str]:
     }
 
 
+def sandbox_timeout(deadline_seconds: int) -> int:
+    """Seconds the worker gives its sandboxed model stage: 90 % of the Job's deadline (the
+    rest: fetching, publishing), at least 60."""
+    return max(60, int(deadline_seconds * 0.9))
+
+
 def to_plain(obj: Any) -> Any:
     """A deep copy made of plain dicts and lists (kopf hands over Mapping views)."""
     if isinstance(obj, Mapping):
@@ -159,12 +165,16 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
         metadata=ObjectMeta(name=name, namespace=namespace, generation=generation, uid=uid),
         spec=spec,
     ).model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+    deadline = _or(spec.activeDeadlineSeconds, settings.active_deadline_seconds)
     env: list[dict[str, Any]] = [
         {"name": SPEC_ENV, "value": json.dumps(payload, sort_keys=True, separators=(",", ":"))},
         {"name": "KQUANT_WORK_DIR", "value": WORK_DIR},
         # the emptyDir's sizeLimit, which statvfs does not show: the worker bounds its
         # downloads by it (kquant_job.budget)
         {"name": "KQUANT_WORK_BYTES", "value": str(int(parse_quantity(work_size)))},
+        # the model stage stops itself before the Job's deadline kills the pod, so the
+        # failure still gets its reason and report (TimeLimitExceeded)
+        {"name": "KQUANT_SANDBOX_TIMEOUT_SECONDS", "value": str(sandbox_timeout(deadline))},
     ]
     if spec.storage and spec.storage.secretRef:
         secret = spec.storage.secretRef.name
@@ -248,7 +258,7 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
         job_meta["namespace"] = namespace
     job_spec: dict[str, Any] = {
         "backoffLimit": _or(spec.backoffLimit, settings.backoff_limit),
-        "activeDeadlineSeconds": _or(spec.activeDeadlineSeconds, settings.active_deadline_seconds),
+        "activeDeadlineSeconds": deadline,
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
         "podFailurePolicy": {
             "rules": [

@@ -222,6 +222,15 @@ def test_pod_failure_policy_fails_at_once_on_non_retriable_codes_and_ignores_dis
     assert job["spec"]["ttlSecondsAfterFinished"] == 86400
     own = build_job(qjob(backoffLimit=3, activeDeadlineSeconds=900), SETTINGS)
     assert (own["spec"]["backoffLimit"], own["spec"]["activeDeadlineSeconds"]) == (3, 900)
+    # the sandboxed model stage ends itself first, so the failure keeps its reason and report
+    env = {e["name"]: e.get("value") for e in _pod(own)["containers"][0]["env"]}
+    assert env["KQUANT_SANDBOX_TIMEOUT_SECONDS"] == "810"
+    env = {e["name"]: e.get("value") for e in _pod(job)["containers"][0]["env"]}
+    assert env["KQUANT_SANDBOX_TIMEOUT_SECONDS"] == "6480"
+    short = build_job(qjob(activeDeadlineSeconds=30), SETTINGS)
+    assert {e["name"]: e.get("value") for e in _pod(short)["containers"][0]["env"]}[
+        "KQUANT_SANDBOX_TIMEOUT_SECONDS"
+    ] == "60"
 
 
 def test_resources_default_to_one_gpu_and_the_spec_replaces_them():
