@@ -124,13 +124,16 @@ class ModelSource(_Model):
 
 class OutputTarget(_Model):
     uri: str = Field(
-        description="Output prefix (directory) that receives the converted artifacts, "
-        "report.json and, last, manifest.json."
+        description="Output prefix (directory): the validated set goes into an immutable set "
+        "folder under .kquant/sets/, manifest.json (pointing at it) is written last in one "
+        "conditional write, and each file is also copied under its own name. Must not "
+        "overlap the model, the validation or calibration data, or the promotion prefix."
     )
     overwrite: bool = Field(
         False,
-        description="Replace an existing output set. When false an existing manifest.json "
-        "(or any object) under the output prefix ends the job with reason OutputExists.",
+        description="Replace the set kquant published here before (never objects kquant did "
+        "not write). When false, a prefix holding another set or any object kquant did not "
+        "write ends the job with reason OutputExists.",
     )
 
     @model_validator(mode="after")
@@ -417,8 +420,9 @@ class ValidationConfig(_Model):
 
 class PromotionConfig(_Model):
     uri: str = Field(
-        description="Prefix that receives a copy of the validated set (manifest.json last); "
-        "untouched unless validation passed."
+        description="Prefix that receives the validated set as a new set (the same layout as "
+        "the output), replacing the set kquant promoted there before; untouched unless "
+        "validation passed. An older generation of the job never replaces a newer one's."
     )
 
     @model_validator(mode="after")

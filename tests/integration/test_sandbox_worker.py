@@ -73,7 +73,8 @@ def test_a_model_reading_credentials_outside_its_sandbox_gets_nothing(tmp_path):
     creds.write_text(f"[default]\naws_secret_access_key = {SECRET}\n")
     model = file_reader_jit(tmp_path / "reader.pt", creds, 32)
     run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
-    failed(run, tmp_path, "UnsafeModel")
+    report = failed(run, tmp_path, "UnsafeModel")  # and the secret is nowhere (see failed)
+    assert "outside its sandbox" in report["outcome"]["message"]
 
 
 def test_a_crash_of_the_quantizer_ends_in_model_crashed(tmp_path):
