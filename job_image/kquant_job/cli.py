@@ -48,14 +48,14 @@ def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
 
 
 def make_work_dir(work_root: Path | None) -> Path:
-    """A fresh private work directory (mode 0700) under ``work_root`` (default: the system
-    temp directory). Raises KquantError(WorkDirUnusable) naming the directory and the
-    system's reason when it cannot be created or written."""
+    """A fresh private work directory (mode 0700, an absolute path) under ``work_root``
+    (default: the system temp directory). Raises KquantError(WorkDirUnusable) naming the
+    directory and the system's reason when it cannot be created or written."""
     where = str(work_root) if work_root else tempfile.gettempdir()
     try:
         if work_root:
             work_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="kquant-", dir=work_root))
+        work = Path(tempfile.mkdtemp(prefix="kquant-", dir=work_root)).resolve()
         (work / ".probe").write_bytes(b"")
         (work / ".probe").unlink()
         return work

@@ -75,6 +75,8 @@ def test_local_demo_manifest_converts_validates_publishes_and_promotes(demo_dir:
         str(EXAMPLES / "local/silero-vad-fp16.yaml"),
         "--result-file",
         "result.json",
+        "--work-dir",
+        ".kquant-demo/work",  # relative, as scripts/demo.sh gives it
         cwd=demo_dir,
     )
     assert run.returncode == 0, run.stderr

@@ -138,7 +138,8 @@ def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) 
     (killed by a signal), MemoryLimitExceeded (SIGKILL, or an allocation failure),
     TimeLimitExceeded (``limits.timeout_seconds`` passed; the child's process group is
     killed), or KquantError(InternalError) when it ended without an outcome."""
-    box = io.staged.parent
+    box, work = io.staged.parent.resolve(), work.resolve()  # the child runs in ``box``
+    io = StageInput(*(_absolute(v) for v in vars(io).values()))
     for sub in ("home", "tmp"):
         (box / sub).mkdir(parents=True, exist_ok=True)
     request = {
@@ -196,6 +197,14 @@ def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) 
     if code < 0:
         raise _signalled(-code, relay, limits)
     return _outcome(box, code)
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.resolve()
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    return value
 
 
 def _kill_group(pgid: int) -> None:
