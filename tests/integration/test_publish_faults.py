@@ -139,6 +139,9 @@ def assert_clean(client, bucket: str, uri: str) -> dict:
         inside = sorted(rel for f, rel in keys if f == folder)
         marker = json.loads(p.get(f".kquant/sets/{folder}/set.json") or b"{}")
         assert (inside, marker.get("state")) == (["report.json", "set.json"], "failed"), inside
+    if p.root is not None:  # local: no temporary file left
+        assert not [k for k in p.all_keys() if k.endswith(".kquant-part")]
+        return manifest_doc
     uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=p.key).get("Uploads", [])
     assert uploads == []
     return manifest_doc
@@ -283,12 +286,17 @@ def race(jobs: list[dict], tmp_path: Path, env: dict[str, str]) -> list[WorkerRu
     return [finish(p, f) for p, f in procs]
 
 
+@pytest.mark.parametrize("kind", ["s3", "file"])
 def test_of_concurrent_writers_to_one_output_exactly_one_succeeds(
-    client, bucket, source, s3_server, worker_env, tmp_path, capsys
+    kind, client, bucket, source, s3_server, worker_env, tmp_path, capsys
 ):
+    if kind == "file":
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / SILERO).write_bytes((silero_dir() / SILERO).read_bytes())
+        source = f"file://{tmp_path}/m/{SILERO}"
     outcomes = []
     for trial in range(TRIALS):
-        out = f"s3://{bucket}/race-{trial}/"
+        out = f"s3://{bucket}/race-{trial}/" if kind == "s3" else f"file://{tmp_path}/r{trial}/"
         jobs = [job_for(source, out, s3_server.endpoint, name=n) for n in ("a", "b")]
         runs = race(jobs, tmp_path / f"t{trial}", worker_env)
         codes = sorted(r.code for r in runs)
@@ -300,7 +308,7 @@ def test_of_concurrent_writers_to_one_output_exactly_one_succeeds(
         assert published["artifacts"][0]["sha256"] == winner.result["artifacts"][0]["sha256"]
         outcomes.append(loser.result["reason"])
     with capsys.disabled():
-        print(f"\n{TRIALS} output races: one winner each; losers: {outcomes}")
+        print(f"\n{TRIALS} output races ({kind}): one winner each; losers: {outcomes}")
 
 
 def test_of_concurrent_promotions_exactly_one_lands(

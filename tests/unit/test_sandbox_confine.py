@@ -160,3 +160,89 @@ def test_python_read_roots_cover_kquant_and_the_interpreter():
     here = Path(kquant_job.__file__).resolve()
     assert any(r in here.parents for r in roots)
     assert any(Path(sys.base_prefix) == r for r in roots)
+
+
+@pytest.mark.parametrize(
+    ("signum", "reason", "words"),
+    [
+        (11, "ModelCrashed", "SIGSEGV"),
+        (6, "ModelCrashed", "SIGABRT"),
+        (7, "ModelCrashed", "SIGBUS"),
+        (9, "MemoryLimitExceeded", "out-of-memory killer"),
+    ],
+)
+def test_a_signal_becomes_a_precise_reason(signum, reason, words):
+    from kquant_job.sandbox.runner import _Relay, _signalled
+
+    relay = _Relay()
+    relay.stage, relay.model = "convert", "encoder.pt"
+    error = _signalled(signum, relay, Limits(2**30, 60.0))
+    assert error.reason.value == reason and error.exit_code == 30
+    assert words in str(error) and "during convert of encoder.pt" in str(error)
+
+
+def test_an_outcome_names_its_error_class_or_is_refused(tmp_path):
+    from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError
+    from kquant_job.sandbox.runner import _outcome, error_from
+
+    assert type(error_from("InvalidSpec", "x")) is InvalidSpec
+    assert type(error_from("UnsafePath", "x")) is StorageError
+    assert type(error_from("MemoryLimitExceeded", "x")) is PassError
+    assert error_from("NoSuchReason", "x").reason.value == "InternalError"
+    (tmp_path / "outcome.json").write_text('{"error": {"reason": "CorruptModel", "message": "m"}}')
+    with pytest.raises(PassError, match="m"):
+        _outcome(tmp_path, 0)
+    for bad in ("[]", "not json", '{"ok": {"models": 3}}'):
+        (tmp_path / "outcome.json").write_text(bad)
+        with pytest.raises(KquantError) as info:
+            _outcome(tmp_path, 0)
+        assert info.value.reason.value == "InternalError"
+    (tmp_path / "outcome.json").unlink()
+    (tmp_path / "outcome.json").symlink_to("/etc/passwd")  # never followed
+    with pytest.raises(KquantError, match="without an outcome"):
+        _outcome(tmp_path, 0)
+
+
+def test_only_plain_files_leave_the_sandbox(tmp_path):
+    from kquant_job.errors import PassError
+    from kquant_job.pipeline import staged_files
+
+    staged = tmp_path / "staged"
+    (staged / "sub").mkdir(parents=True)
+    (staged / "m.onnx").write_bytes(b"m")
+    (staged / "sub" / "vocab.txt").write_bytes(b"v")
+    assert staged_files(staged) == ["m.onnx", "sub/vocab.txt"]
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    for make in (
+        lambda: (staged / "link").symlink_to(secret),
+        lambda: os.link(secret, staged / "hard"),
+        lambda: (staged / "dirlink").symlink_to(tmp_path, target_is_directory=True),
+    ):
+        make()
+        with pytest.raises(PassError) as info:
+            staged_files(staged)
+        assert info.value.reason.value == "UnsafeModel"
+        for extra in ("link", "hard", "dirlink"):
+            (staged / extra).unlink(missing_ok=True)
+
+
+def test_the_child_names_memory_and_sandbox_refusals():
+    from kquant_job.errors import InvalidSpec
+    from kquant_job.sandbox.child import classify
+
+    oom = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+    )
+    assert classify(oom, 2**30, True)[0].value == "MemoryLimitExceeded"
+    assert classify(MemoryError(), 2**30, False)[0].value == "MemoryLimitExceeded"
+    try:
+        try:
+            raise PermissionError(13, "Permission denied", "/etc/shadow")
+        except PermissionError as inner:
+            raise InvalidSpec("the original model fails on the validation inputs") from inner
+    except InvalidSpec as wrapped:
+        assert classify(wrapped, 2**30, True)[0].value == "UnsafeModel"
+        assert classify(wrapped, 2**30, False)[0].value == "InvalidSpec"  # not confined
+    reason, message, detail = classify(ValueError("boom"), 2**30, True)
+    assert reason.value == "InternalError" and "boom" in message and "traceback" in detail
