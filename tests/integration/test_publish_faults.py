@@ -278,7 +278,7 @@ def test_a_short_storage_restart_is_ridden_out(
     assert_clean(client, bucket, f"s3://{bucket}/out/")
 
 
-TRIALS = 5
+TRIALS = int(os.environ.get("KQUANT_TEST_RACE_TRIALS", "5"))  # more, for a longer look
 
 
 def race(jobs: list[dict], tmp_path: Path, env: dict[str, str]) -> list[WorkerRun]:

@@ -150,6 +150,13 @@ def test_a_missing_landlock_is_reported_or_refused(monkeypatch):
     with pytest.raises(confine_mod.ConfinementError, match="no Landlock"):
         confine_mod.landlock([], [], required=True)
 
+    def refused() -> int:  # a seccomp profile that does not know the Landlock syscalls
+        raise landlockpy.LandlockError(1, "Operation not permitted")
+
+    monkeypatch.setattr(landlockpy, "abi_version", refused)
+    report = confine_mod.landlock([], [], required=False)
+    assert report["enforced"] is False and "refused" in report["why"]
+
 
 def test_python_read_roots_cover_kquant_and_the_interpreter():
     from kquant_job.sandbox.confine import python_read_roots

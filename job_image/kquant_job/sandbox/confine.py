@@ -103,14 +103,18 @@ def landlock(read: list[Path], write: list[Path], *, required: bool) -> dict[str
     import landlockpy
     from landlockpy import AccessFS, AccessNet, Ruleset, Scope
 
-    abi = landlockpy.abi_version()
+    why = "the kernel has no Landlock"
+    try:
+        abi = landlockpy.abi_version()
+    except landlockpy.LandlockError as exc:  # e.g. EPERM: a seccomp profile refusing it
+        abi, why = 0, f"the Landlock system calls were refused ({exc})"
     if abi < 1:
         if required:
             raise ConfinementError(
-                "the kernel has no Landlock (KQUANT_SANDBOX_REQUIRE_LANDLOCK is set): "
-                "model code is not run unconfined"
+                f"{why} (KQUANT_SANDBOX_REQUIRE_LANDLOCK is set): model code is not run "
+                "unconfined"
             )
-        return {"abi": 0, "enforced": False, "why": "the kernel has no Landlock"}
+        return {"abi": 0, "enforced": False, "why": why}
     handled_fs = landlockpy.fs_for_abi(abi)
     reading = AccessFS.READ_FILE | AccessFS.READ_DIR | AccessFS.EXECUTE
     device = AccessFS.READ_FILE | AccessFS.WRITE_FILE | AccessFS.TRUNCATE | AccessFS.IOCTL_DEV
