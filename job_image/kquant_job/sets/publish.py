@@ -23,6 +23,7 @@ same job finishes the work (its own uncommitted sets are reclaimed, the copies r
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,8 +317,6 @@ def _entry(set_id: str, rel: str, art: Artifact) -> dict[str, Any]:
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 
