@@ -101,11 +101,16 @@ def test_a_rerun_of_the_same_generation_replaces_its_own_set(store, tmp_path):
     assert manifest["set"] == second.set_id != first.set_id
 
 
-def test_replacing_removes_stale_copies_and_never_touches_foreign_objects(store, tmp_path):
+def test_replacing_removes_stale_copies_and_never_touches_foreign_objects(
+    store, tmp_path, caplog
+):
     publish(store, tmp_path, JOB)
     store.storage.write_bytes(store.uri("out/README.md"), b"theirs")
     v2 = {"model_fp16.onnx": b"v2 graph" * 40}
-    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2), v2)
+    with caplog.at_level("WARNING", logger="kquant"):
+        publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2), v2)
+    [warning] = [r for r in caplog.records if "did not write untouched" in r.getMessage()]
+    assert warning.fields == {"examples": ["README.md"]}  # reported
     out = prefix_of(store)
     manifest = read_set(out)
     assert out.get("tokenizer/vocab.txt") is None  # only the old set had it

@@ -111,8 +111,7 @@ def landlock(read: list[Path], write: list[Path], *, required: bool) -> dict[str
     if abi < 1:
         if required:
             raise ConfinementError(
-                f"{why} (KQUANT_SANDBOX_REQUIRE_LANDLOCK is set): model code is not run "
-                "unconfined"
+                f"{why} (KQUANT_SANDBOX_REQUIRE_LANDLOCK is set): model code is not run unconfined"
             )
         return {"abi": 0, "enforced": False, "why": why}
     handled_fs = landlockpy.fs_for_abi(abi)

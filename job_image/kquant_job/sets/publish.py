@@ -208,6 +208,14 @@ class Target:
             raise
         mirrors = sync_mirrors(self.storage, self.prefix)
         self._drop(dropped)
+        if self.replace:
+            left = foreign_objects(read_state(self.storage, self.prefix), limit=5)
+            if left:
+                LOG.warning(
+                    "left objects kquant did not write untouched under %s",
+                    self.prefix,
+                    extra={"fields": {"examples": left}},
+                )
         LOG.info(
             "published set %s to %s",
             set_id,

@@ -98,12 +98,17 @@ def owned(state: PrefixState, name: str, info: ObjectInfo) -> bool:
     return digest is not None and any(entry.files[name] == digest for entry in entries)
 
 
+# Keys looked at when searching a prefix for foreign objects: a bucket root may hold millions.
+FOREIGN_SCAN = 1000
+
+
 def foreign_objects(state: PrefixState, limit: int = 3) -> list[str]:
     """Up to ``limit`` keys under the prefix that kquant did not write (see the module
-    docstring), e.g. to refuse an output prefix that is not empty."""
+    docstring), among its first FOREIGN_SCAN keys: to refuse an output prefix that is not
+    empty, or to report what a replacement left alone."""
     found = []
     owned_names = state.manifest.owned_names() if state.manifest else set()
-    for obj in state.storage.list(state.prefix):
+    for obj in state.storage.list(state.prefix, limit=FOREIGN_SCAN):
         if obj.key.startswith(KQUANT_DIR) or (obj.key == MANIFEST and state.manifest):
             continue
         if obj.key in owned_names:

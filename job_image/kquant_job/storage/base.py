@@ -72,8 +72,9 @@ class Storage(ABC):
         """Size of the object at ``uri``, or None when it does not exist."""
 
     @abstractmethod
-    def list(self, prefix_uri: str) -> list[ObjectInfo]:
-        """Every object below ``prefix_uri`` (recursive), keys relative to it, sorted."""
+    def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
+        """Every object below ``prefix_uri`` (recursive), keys relative to it, sorted; with
+        ``limit``, only the first ``limit`` keys in key order."""
 
     @abstractmethod
     def download(self, uri: str, dest_dir: Path, max_bytes: int | None = None) -> Path:

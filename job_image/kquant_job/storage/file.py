@@ -82,17 +82,18 @@ class FileStorage(Storage):
         except OSError as exc:
             raise os_error(exc, uri, "stat") from None
 
-    def list(self, prefix_uri: str) -> list[ObjectInfo]:
+    def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
         """Every file below the directory ``prefix_uri`` (symlinks inside the tree followed,
-        temporary ``*.kquant-part`` files left out), keys '/'-separated and relative to it,
-        sorted, with etags; empty when the directory is absent. Raises
-        StorageError(UnsafePath) for a symlink leaving the tree (see download)."""
+        temporary ``*.kquant-part`` files left out; the first ``limit`` keys when given), keys
+        '/'-separated and relative to it, sorted, with etags; empty when the directory is
+        absent. Raises StorageError(UnsafePath) for a symlink leaving the tree (see
+        download)."""
         root = to_path(prefix_uri)
         if not root.is_dir():
             return []
         try:
             found = []
-            for key, path in _walk(root, prefix_uri):
+            for key, path in _walk(root, prefix_uri)[:limit]:
                 st = path.stat()
                 found.append(ObjectInfo(key, st.st_size, etag_of(st)))
             return found

@@ -153,17 +153,19 @@ class S3Storage(Storage):
         )
 
     @retrying
-    def list(self, prefix_uri: str) -> list[ObjectInfo]:
-        """Every object below ``prefix_uri`` (ListObjectsV2, paginated), keys relative to it,
-        sorted; directory markers (keys ending in '/') are left out. A missing trailing '/' is
-        implied. A missing bucket raises StorageError(SourceNotFound)."""
+    def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
+        """Every object below ``prefix_uri`` (ListObjectsV2, paginated; at most ``limit``
+        keys, in key order, when given), keys relative to it, sorted; directory markers (keys
+        ending in '/') are left out. A missing trailing '/' is implied. A missing bucket
+        raises StorageError(SourceNotFound)."""
         bucket, prefix = parse_uri(prefix_uri)
         if prefix and not prefix.endswith("/"):
             prefix += "/"  # "m" must not match the sibling "m2/..."
         found: list[ObjectInfo] = []
+        paging = {"MaxItems": limit} if limit else {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix
+                Bucket=bucket, Prefix=prefix, PaginationConfig=paging
             )
             for page in pages:
                 for obj in page.get("Contents", []):
