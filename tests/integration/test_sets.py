@@ -101,9 +101,7 @@ def test_a_rerun_of_the_same_generation_replaces_its_own_set(store, tmp_path):
     assert manifest["set"] == second.set_id != first.set_id
 
 
-def test_replacing_removes_stale_copies_and_never_touches_foreign_objects(
-    store, tmp_path, caplog
-):
+def test_replacing_removes_stale_copies_and_never_touches_foreign_objects(store, tmp_path, caplog):
     publish(store, tmp_path, JOB)
     store.storage.write_bytes(store.uri("out/README.md"), b"theirs")
     v2 = {"model_fp16.onnx": b"v2 graph" * 40}
