@@ -182,6 +182,20 @@ def test_kill_at_any_stage_then_a_rerun_completes_without_clean_up(
     assert promoted["artifacts"][0]["sha256"] == output["artifacts"][0]["sha256"]
 
 
+@pytest.mark.parametrize(("marker", "nth"), [("committing set", 1), ("committed set", 2)])
+def test_kill_then_rerun_on_local_storage(marker, nth, client, bucket, worker_env, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / SILERO).write_bytes((silero_dir() / SILERO).read_bytes())
+    out, prod = f"file://{tmp_path}/out/", f"file://{tmp_path}/prod/"
+    job = job_for(f"file://{tmp_path}/m/{SILERO}", out, "", promotion=prod)
+    job["spec"].pop("storage", None)
+    assert kill_at(job, tmp_path / "killed", worker_env, marker, nth), marker
+    rerun = run_worker(job, tmp_path / "rerun", worker_env)
+    assert rerun.code == 0, rerun.log
+    assert_clean(client, bucket, out)
+    assert_clean(client, bucket, prod)
+
+
 def big_model(path: Path) -> Path:
     """A 17 MB MatMul chain: its FP16 copy (8.6 MB) goes up in two 5 MiB parts."""
     rng = np.random.default_rng(0)

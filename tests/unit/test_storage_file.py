@@ -215,3 +215,24 @@ def test_sources_beyond_max_bytes_are_refused_before_any_copy(tmp_path):
         assert not dest.exists()
         fs.download(uri, tmp_path / "fits", max_bytes=total)
     assert _files(tmp_path / "fits") == ["model.pt", "sub/config.json"]
+
+
+def test_temporary_files_name_their_writer(tmp_path):
+    import subprocess
+    import sys
+
+    from kquant_job.storage.paths import temp_path, temp_writer_alive
+
+    mine = temp_path(tmp_path / "manifest.json")
+    assert mine.name.startswith(".manifest.json.") and temp_writer_alive(mine.name) is True
+    child = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    pid = int(child.communicate()[0])  # a process that has ended
+    gone = mine.name.replace(f"-{os.getpid()}.", f"-{pid}.")
+    assert temp_writer_alive(gone) is False
+    assert temp_writer_alive(".m.onnx.1234abcd.kquant-part") is None  # says nothing
+    host = gone.split(".")[-3].split("-")[0]
+    assert temp_writer_alive(gone.replace(host, "00000000")) is None  # another host's
+    (tmp_path / gone).write_bytes(b"half")
+    [upload] = fs.list_uploads(f"file://{tmp_path}/")
+    assert (upload.key, upload.writer_alive) == (gone, False)

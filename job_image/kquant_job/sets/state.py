@@ -36,8 +36,8 @@ from kquant_job.sets.layout import (
 from kquant_job.storage.base import ObjectInfo, Storage, join
 
 LOG = logging.getLogger("kquant.publish")
-# A local temporary file outside set folders (a fixed-name copy in progress: a link and a
-# rename) older than this was left by a killed writer.
+# An unfinished write outside set folders (a fixed-name copy or a manifest write in progress)
+# older than this was left by a killed writer, whatever the store says of its writer.
 TEMP_GRACE_SECONDS = 3600.0
 
 
@@ -189,9 +189,9 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
             orphan = set_id not in state.sets and not state.storage.stat(
                 state.uri(f"{SETS}{set_id}/{MARKER}")
             )
-        else:
+        else:  # a fixed-name copy or a manifest write in progress, or a dead writer's
             age = now - upload.initiated if upload.initiated is not None else 0.0
-            orphan = age > TEMP_GRACE_SECONDS
+            orphan = upload.writer_alive is False or age > TEMP_GRACE_SECONDS
         if orphan:
             state.storage.abort_upload(state.prefix, upload)
             removed.append(f"unfinished upload {upload.key}")

@@ -35,11 +35,13 @@ class ObjectInfo:
 class Upload:
     """An unfinished write under a prefix: an S3 multipart upload, or a local temporary
     file that a killed writer left. ``key`` is relative to the listed prefix; ``initiated``
-    in seconds since the epoch (None when the store does not say)."""
+    in seconds since the epoch (None when the store does not say); ``writer_alive``: whether
+    the writing process still runs, when the store can tell (local files of this host)."""
 
     key: str
     upload_id: str
     initiated: float | None = None
+    writer_alive: bool | None = None
 
 
 def sha256_file(path: Path) -> str:

@@ -42,6 +42,7 @@ from kquant_job.storage.paths import (
     local_target,
     os_error,
     temp_path,
+    temp_writer_alive,
 )
 
 SCHEME = "file://"
@@ -255,7 +256,8 @@ class FileStorage(Storage):
             return None
 
     def list_uploads(self, prefix_uri: str) -> list[Upload]:
-        """Temporary ``*.kquant-part`` files below ``prefix_uri``, with their mtimes."""
+        """Temporary ``*.kquant-part`` files below ``prefix_uri``, with their mtimes and whether
+    their writer still runs."""
         root = to_path(prefix_uri)
         found: list[Upload] = []
         if not root.is_dir():
@@ -264,7 +266,8 @@ class FileStorage(Storage):
             for path in root.rglob(f"*{TEMP_SUFFIX}"):
                 if path.is_file() and not path.is_symlink():
                     key = path.relative_to(root).as_posix()
-                    found.append(Upload(key, key, path.stat().st_mtime))
+                    alive = temp_writer_alive(path.name)
+                    found.append(Upload(key, key, path.stat().st_mtime, alive))
         except OSError as exc:
             raise os_error(exc, prefix_uri, "list") from None
         return sorted(found, key=lambda u: u.key)

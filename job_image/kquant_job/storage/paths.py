@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
+import socket
 import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -94,10 +96,35 @@ def local_target(dest_dir: Path, key: str, where: str) -> Path:
 TEMP_SUFFIX = ".kquant-part"
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def temp_path(target: Path) -> Path:
     """A fresh temporary name beside ``target``: short, hidden and clearly partial (it
-    survives a 255-byte name and never looks complete)."""
-    return target.parent / f".{target.name[:80]}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    survives a 255-byte name and never looks complete), naming the writing process (a hash
+    of the host name and the pid) so a later run can tell one left by a dead writer
+    (:func:`temp_writer_alive`)."""
+    owner = f"{_host_tag()}-{os.getpid()}"
+    return target.parent / f".{target.name[:80]}.{owner}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+def temp_writer_alive(name: str) -> bool | None:
+    """Whether the process that is writing the temporary file ``name`` still runs: None when
+    the name does not say or the writer ran on another host (a pid means nothing there)."""
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+    if len(parts) != 3 or "-" not in parts[1]:
+        return None
+    host, _, pid = parts[1].partition("-")
+    if host != _host_tag() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 @contextmanager
