@@ -256,8 +256,8 @@ class FileStorage(Storage):
             return None
 
     def list_uploads(self, prefix_uri: str) -> list[Upload]:
-        """Temporary ``*.kquant-part`` files below ``prefix_uri``, with their mtimes and whether
-    their writer still runs."""
+        """Temporary ``*.kquant-part`` files below ``prefix_uri``, with their mtimes and
+        whether their writer still runs."""
         root = to_path(prefix_uri)
         found: list[Upload] = []
         if not root.is_dir():
