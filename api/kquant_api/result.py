@@ -21,6 +21,7 @@ class Reason(str, Enum):
     """Why a job ended; each belongs to one error class with its own exit code."""
 
     Validated = "Validated"
+    Converted = "Converted"  # published without validation (spec.validation.enabled: false)
     # InvalidSpec class
     InvalidSpec = "InvalidSpec"
     # StorageError class
@@ -70,6 +71,7 @@ class ExitCode(int, Enum):
 
 REASON_EXIT_CODE: dict[Reason, ExitCode] = {
     Reason.Validated: ExitCode.OK,
+    Reason.Converted: ExitCode.OK,
     Reason.InvalidSpec: ExitCode.INVALID_SPEC,
     Reason.SourceNotFound: ExitCode.STORAGE,
     Reason.AccessDenied: ExitCode.STORAGE,

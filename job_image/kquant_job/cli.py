@@ -103,6 +103,8 @@ def _table(result: JobResult, name: str) -> str:
             ("reduction", f"{100 * (1 - q / o):.1f} %"),
         ]
     v = result.validation
+    if result.reason is Reason.Converted:
+        rows.append(("validation", "skipped: spec.validation.enabled is false"))
     if v:
         rows.append(
             (
@@ -195,9 +197,41 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """exit codes (one per error class; the result file says the reason):
+  0   Validated, or Converted (validation disabled)
+  10  InvalidSpec
+  20  storage: SourceNotFound, AccessDenied, OutputExists, UnsafePath, SourceTooLarge,
+      ForeignObject, ConcurrentWrite, Superseded, StorageRejected
+  21  StorageUnavailable (retriable: the storage did not answer)
+  30  conversion: UnsupportedFormat, CorruptModel, UnsafeModel, ConversionFailed,
+      ModelCrashed, MemoryLimitExceeded, TimeLimitExceeded
+  40  ValidationFailed
+  1   WorkDirUnusable, SandboxUnavailable, InternalError (retriable)"""
+
+RUN_EXAMPLES = """examples:
+  kquant-job run job.yaml                 run every QuantizationJob in job.yaml
+  kubectl get qjob vad -o json | kquant-job run      the manifest on stdin (SOURCE omitted)
+  kquant-job run job.yaml --keep-work --work-dir /tmp/kq   keep the work directory to look at
+
+A minimal job (file:// or s3:// URIs):
+  apiVersion: kquant.io/v1alpha1
+  kind: QuantizationJob
+  metadata: {name: vad}
+  spec:
+    model: {uri: file:///models/model.onnx}
+    output: {uri: file:///models/out/}
+    quantization: {precision: fp16}
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kquant-job``."""
-    parser = argparse.ArgumentParser(prog="kquant-job", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kquant-job",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"kquant {__version__}")
     parser.add_argument(
         "--log-format",
@@ -207,12 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the QuantizationJob(s) of a manifest")
+    run = sub.add_parser(
+        "run",
+        help="run the QuantizationJob(s) of a manifest",
+        description="Fetch, convert, validate and publish every QuantizationJob of a "
+        "manifest; one compact JSON result per job goes to the result file.",
+        epilog=f"{RUN_EXAMPLES}\n{EXIT_CODES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "source",
         nargs="?",
         default="-",
-        help="manifest path (YAML, several documents allowed) or - for stdin",
+        help="manifest path (YAML or JSON, several documents allowed); omitted or - : read "
+        "the manifest from stdin",
     )
     run.add_argument(
         "--spec-env", metavar="VAR", help="read the manifest (JSON) from this environment variable"

@@ -263,13 +263,18 @@ def _publish(
     violations = [
         f"{m.source}: {v}" for m in converted if m.validation for v in m.validation["violations"]
     ]
-    reason = Reason.Validated if passed else Reason.ValidationFailed
+    if summary is None:  # nothing was compared: spec.validation.enabled is false
+        reason = Reason.Converted
+    else:
+        reason = Reason.Validated if passed else Reason.ValidationFailed
     message = (
         f"converted {len(converted)} model(s) to {spec.quantization.precision.value}; "
         f"{original} -> {quantized} bytes"
         if passed
         else "tolerance exceeded: " + "; ".join(violations)
     )
+    if reason is Reason.Converted:
+        message += "; not validated (spec.validation.enabled: false)"
     files = [
         {
             "path": f,
@@ -358,7 +363,7 @@ def _publish(
     artifacts = sorted(published.artifacts, key=lambda a: (a.uri not in converted_uris, a.uri))
     return JobResult(
         phase="Succeeded",
-        reason=Reason.Validated,
+        reason=reason,
         message=message,
         precision=spec.quantization.precision.value,
         originalBytes=original,

@@ -207,9 +207,14 @@ def test_int8_static_writes_calibrated_qdq_and_qoperator(
     )
     run = run_worker(job, tmp_path, worker_env)
     assert run.code == 0, run.log
+    # published, but never called validated
+    assert (run.result["reason"], "validation" in run.result) == ("Converted", False)
+    assert "not validated" in run.result["message"]
+    assert "skipped: spec.validation.enabled is false" in run.log
     ops = op_counts(onnx.load(io.BytesIO(get_bytes(client, bucket, "qop/silero_vad_int8.onnx"))))
     assert sum(n for op, n in ops.items() if op.startswith("QLinear")) > 0
     report = json.loads(get_bytes(client, bucket, "qop/report.json"))
     details = report["models"][0]["details"]
     assert report["models"][0]["validation"] == {"skipped": True}
+    assert report["outcome"]["reason"] == "Converted"
     assert json.dumps(details).count("Entropy") >= 1

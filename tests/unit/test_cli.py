@@ -102,3 +102,24 @@ def test_an_unusable_work_directory_still_ends_in_a_result(tmp_path):
     assert (data["phase"], data["reason"]) == ("Failed", "WorkDirUnusable")
     assert str(blocker) in data["message"] and "KQUANT_WORK_DIR" in data["message"]
     assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_reason_under_its_exit_code(capsys):
+    import re
+
+    import pytest
+
+    from kquant_api import REASON_EXIT_CODE
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert "omitted or - : read the manifest from stdin" in text and "examples:" in text
+    listed: dict[str, int] = {}
+    code = None
+    for line in text.split("exit codes", 1)[1].splitlines()[1:]:
+        head = re.match(r"\s+(\d+)\s", line)
+        code = int(head.group(1)) if head else code
+        for name in re.findall(r"[A-Z][A-Za-z]+", line):
+            listed[name] = code
+    assert {r.value: int(c) for r, c in REASON_EXIT_CODE.items()} == listed
