@@ -138,6 +138,11 @@ class ValidationSummary(_Compact):
     meanAbsError: float | None = Field(None, description="Largest per-output mean abs error.")
     cosineSimilarity: float | None = Field(None, description="Smallest per-output cosine.")
     latencyMs: LatencyMs | None = Field(None, description="Median latencies, ms.")
+    inputs: str | None = Field(
+        None,
+        description="The validation inputs kquant chose when the spec gave none, e.g. "
+        "'input [1, 576] speech (16 kHz clip); sr sample rate 16000'.",
+    )
 
 
 class JobResult(_Compact):

@@ -113,6 +113,8 @@ def _table(result: JobResult, name: str) -> str:
                 f"{'tensors' if v.kind == 'tensors' else 'samples'} ({v.device})",
             )
         )
+        if v.inputs:
+            rows.append(("inputs", f"{v.inputs} (found by kquant)"))
         what = "tensor" if v.kind == "tensors" else "output"
         if v.maxAbsError is not None:
             rows.append(("max abs error", f"{v.maxAbsError:.3g} (worst {what})"))

@@ -38,6 +38,7 @@ from kquant_job.storage import Storage, is_prefix, join, open_storage
 from kquant_job.storage.file import to_path
 
 LOG = logging.getLogger("kquant")
+MAX_INPUTS_TEXT = 400  # characters of the chosen inputs in the result (under its 4 KiB)
 
 
 @dataclass
@@ -234,6 +235,7 @@ def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
             "quantized": sum(s.latencyMs.quantized for s in summaries),  # type: ignore[union-attr]
         }
     kinds = {s.kind for s in summaries}
+    inputs = "; ".join(s.inputs for s in summaries if s.inputs)[:MAX_INPUTS_TEXT] or None
     return ValidationSummary(
         passed=all(s.passed for s in summaries),
         samples=min(s.samples for s in summaries),
@@ -243,6 +245,7 @@ def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
         meanAbsError=worst("meanAbsError", max),
         cosineSimilarity=worst("cosineSimilarity", min),
         latencyMs=latency,
+        inputs=inputs,
     )
 
 

@@ -155,6 +155,12 @@ def _convert_all(
             if spec.validation.enabled:
                 samples = _files_for(model, io.data, io.data_dir, many)
                 validator = make_validator(model.format, src, spec, samples)
+                if validator.chosen:
+                    logs.info(
+                        f"validation inputs for {model.rel} (found in "
+                        f"{validator.chosen['tries']} tries)",
+                        **validator.chosen["inputs"],
+                    )
             ctx = PassContext(
                 work_dir=io.scratch / str(i),
                 probe=validator.probe if validator else None,
@@ -196,9 +202,13 @@ def _validate_all(converted: list[_Converted], staged: Path) -> None:
             continue
         outcome = item.validator.validate(staged / model.out_rel)
         summary = outcome.summary()
+        chosen = item.validator.chosen
+        if chosen:
+            text = "; ".join(f"{k} {v}" for k, v in chosen["inputs"].items())
+            summary = summary.model_copy(update={"inputs": text})
         model.validation = {
             "kind": item.validator.kind,
-            "report": outcome.to_report(),
+            "report": {**outcome.to_report(), **({"inputsChosen": chosen} if chosen else {})},
             "summary": summary.model_dump(mode="json", exclude_none=True),
             "violations": list(outcome.violations),
             "passed": bool(outcome.passed),

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from corpus import torch_archs as archs
 from kquant_api import ValidationConfig
-from kquant_job.validate import prepare_feeds
+from kquant_job.validate.inputs import generate_feeds, numpy_dtype
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,14 @@ class CorpusModel:
 
 
 def feeds_for(model: CorpusModel, samples: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Generated feeds, as the worker generates them for validation."""
-    return prepare_feeds(model.path, model.config(samples, seed), [])
+    """Generated feeds of the corpus tables: seeded normal(0, 0.5) floats and small ints on
+    the shapes the model's validation overrides give (the generic generator, not the
+    worker's input discovery, so the recorded outcomes stay tied to these exact inputs)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    signature = [(i.name, i.shape, numpy_dtype(i.type)) for i in session.get_inputs()]
+    return generate_feeds(signature, model.config(samples, seed))
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list, list],

@@ -47,7 +47,8 @@ def test_every_example_is_a_valid_job():
 
 @pytest.fixture
 def demo_dir(tmp_path: Path) -> Path:
-    """What scripts/demo.sh prepares: the model, and speech frames cut by `kquant-job frames`."""
+    """What scripts/demo.sh prepares (the model), and speech frames cut by `kquant-job frames`
+    for the frames example."""
     models = tmp_path / ".kquant-demo/models/silero-vad"
     models.mkdir(parents=True)
     (models / "silero_vad.onnx").write_bytes((silero_dir() / "silero_vad.onnx").read_bytes())
@@ -82,10 +83,13 @@ def test_local_demo_manifest_converts_validates_publishes_and_promotes(demo_dir:
     assert run.returncode == 0, run.stderr
     for stage in ("fetch", "convert", "validate", "publish", "promote"):
         assert f"{stage}: done" in run.stderr and "duration_ms=" in run.stderr
-    for label in ("reduction", "max abs error", "latency (median)", "validation"):
+    for label in ("reduction", "max abs error", "latency (median)", "validation", "inputs"):
         assert label in run.stdout
     result = json.loads((demo_dir / "result.json").read_text())
-    assert result["validation"]["samples"] == 180  # 5.74 s of speech in 512-sample windows
+    # the minimal spec: inputs found by kquant, speech frames with the state threaded
+    assert result["validation"]["samples"] == 16
+    assert "input [1, 576] speech" in result["validation"]["inputs"]
+    assert "sr sample rate 16000" in result["validation"]["inputs"]
     out = Prefix(demo_dir / ".kquant-demo/out/silero-vad-fp16")
     prod = Prefix(demo_dir / ".kquant-demo/production/silero-vad")
     names = ["manifest.json", "report.json", "silero_vad_fp16.onnx"]
@@ -109,6 +113,19 @@ def test_local_demo_manifest_converts_validates_publishes_and_promotes(demo_dir:
     assert second["set"] != first["set"] and out.get("silero_vad_fp16.onnx") == model
     assert [h["set"] for h in second["history"]] == [second["set"], first["set"]]
     assert out.get(first["artifacts"][0]["path"]) == model
+
+
+def test_frames_example_validates_on_speech_cut_from_a_wav(demo_dir: Path):
+    run = kquant_job(
+        "run", str(EXAMPLES / "local/silero-vad-fp16-frames.yaml"), "--result-file",
+        "result.json", cwd=demo_dir,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads((demo_dir / "result.json").read_text())
+    assert result["validation"]["samples"] == 180  # 5.74 s of speech in 512-sample windows
+    assert "inputs" not in result["validation"]  # given, not found
+    report = read_set(Prefix(demo_dir / ".kquant-demo/out/silero-vad-fp16-frames"))
+    assert report["validation"]["passed"]
 
 
 def test_several_documents_run_in_order_and_the_first_failure_sets_the_exit_code(demo_dir):

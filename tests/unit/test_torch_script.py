@@ -118,22 +118,26 @@ def test_scripted_and_traced_modules_keep_bn_fp32_and_io_types(tmp_path, how):
     assert torch.isfinite(lb).all()
 
 
-def test_validator_needs_shapes_and_values_and_threads_state(tmp_path):
-    with pytest.raises(InvalidSpec, match=r"spec.validation.inputs.x.shape"):
-        TorchScriptValidator(SILERO_JIT, ValidationConfig(), TOL, [])
-    cfg = ValidationConfig(inputs={"x": {"shape": [1, 512]}})
-    with pytest.raises(InvalidSpec, match=r"spec.validation.inputs.sr.value"):
-        TorchScriptValidator(SILERO_JIT, cfg, TOL, [])
+def test_validator_finds_arguments_honours_overrides_and_threads_state(tmp_path):
+    found = TorchScriptValidator(SILERO_JIT, ValidationConfig(samples=2), TOL, [])
+    assert found.chosen["inputs"] == {"x": "[1, 512] speech (16 kHz clip)", "sr": "value 16000"}
+    cfg = ValidationConfig(inputs={"sr": {"value": 8000}}, samples=2)
+    eight_khz = TorchScriptValidator(SILERO_JIT, cfg, TOL, []).chosen["inputs"]["x"]
+    assert eight_khz.startswith("[1, 256]")  # the 8 kHz model's window, found at that rate
     bad = ValidationConfig(inputs={"x": {"shape": [1, 300]}, "sr": {"value": 16000}}, samples=2)
-    with pytest.raises(InvalidSpec, match="fails on the validation inputs"):
+    with pytest.raises(InvalidSpec, match=r"runs on none of the 1 argument sets") as info:
         TorchScriptValidator(SILERO_JIT, bad, TOL, [])
+    assert "x: {shape: [1, 300]}" in str(info.value)
+    with pytest.raises(InvalidSpec, match=r"spec\.validation\.inputs\.y: forward has no such"):
+        TorchScriptValidator(SILERO_JIT, ValidationConfig(inputs={"y": {"value": 1}}), TOL, [])
 
     samples, _ = read_wav(SPEECH_WAV)
     feeds = frame_feeds(samples, 512, "x", extra={"sr": np.array(16000, np.int64)})[:40]
     files = write_feeds(feeds, tmp_path / "data")
     cfg = ValidationConfig(samples=40, latencyRuns=2, warmupRuns=1)
     validator = TorchScriptValidator(SILERO_JIT, cfg, TOL, files)
-    args = prepare_args(validator.module, cfg, files)
+    args, chosen = prepare_args(validator.module, cfg, files)
+    assert chosen is None  # given, not found
     assert isinstance(args[0]["sr"], int) and tuple(args[0]["x"].shape) == (1, 512)
     out = tmp_path / "vad.jit"
     TorchScriptPass().run(SILERO_JIT, QuantizationConfig(precision="fp16"), out,

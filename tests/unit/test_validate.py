@@ -187,8 +187,12 @@ def test_converted_model_that_cannot_run_fails_validation(tmp_path):
 
 
 def test_original_that_cannot_run_on_the_feeds_is_invalid_spec(silero_onnx, tmp_path):
-    cfg = ValidationConfig(samples=1)  # no sr/input overrides: sr random, input (1, 1)
-    feeds = prepare_feeds(silero_onnx, cfg, [])
+    from kquant_job.validate.inputs import generate_feeds, numpy_dtype
+
+    cfg = ValidationConfig(samples=1)  # the generic generator: sr random, input (1, 1)
+    session = make_session(silero_onnx, ["CPUExecutionProvider"])
+    signature = [(i.name, i.shape, numpy_dtype(i.type)) for i in session.get_inputs()]
+    feeds = generate_feeds(signature, cfg)
     with pytest.raises(InvalidSpec, match=r"spec\.validation\.inputs"):
         Reference(silero_onnx, feeds, cfg, STRICT)
     junk = tmp_path / "junk.onnx"

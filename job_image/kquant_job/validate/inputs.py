@@ -74,26 +74,43 @@ def _kind(dtype: np.dtype) -> str:
 
 
 def prepare_feeds(model_path: Path, cfg: ValidationConfig, data_files: list[Path]) -> list[Feed]:
-    """Feeds for validating ``model_path``.
+    """Feeds for validating ``model_path``: :func:`resolve_feeds`'s feeds."""
+    return resolve_feeds(model_path, cfg, data_files)[0]
+
+
+def resolve_feeds(
+    model_path: Path, cfg: ValidationConfig, data_files: list[Path]
+) -> tuple[list[Feed], ValidationConfig, dict[str, Any] | None]:
+    """Feeds for validating ``model_path``, the validation config to use with them (its
+    ``feedback`` filled in when discovered) and what was chosen (None with data files).
 
     With ``data_files`` (local ``.npz`` files, one feed each, array names = input names): up
     to ``cfg.samples`` of them in file-name order, each array cast to the input's dtype.
     Arrays not named after an input are ignored. Without data files: ``cfg.samples`` feeds
-    generated from the model's input signature as described in the module docstring.
+    the original runs on, found by :func:`kquant_job.validate.discover.discover` (the spec's
+    ``inputs`` and ``dimensions`` win over what it would choose).
 
     Raises InvalidSpec when a file is unreadable, lacks an input, or holds an array of the
-    wrong kind (float/int/bool), rank or fixed dimension; when an override or dimension is
-    inconsistent with the model; or when an input type cannot be generated.
+    wrong kind (float/int/bool), rank or fixed dimension; when an override names no input;
+    when the original runs on none of the inputs tried (the message says what to add).
     Raises PassError(CorruptModel) when onnxruntime cannot load the model.
     """
+    import onnx
+
     from kquant_job.validate.compare import make_session
+    from kquant_job.validate.discover import discover
 
     session = make_session(model_path, ["CPUExecutionProvider"])
     signature = [(i.name, i.shape, numpy_dtype(i.type)) for i in session.get_inputs()]
     if data_files:
         files = sorted(data_files, key=lambda p: p.name)[: cfg.samples]
-        return [load_feed(path, signature) for path in files]
-    return generate_feeds(signature, cfg)
+        return [load_feed(path, signature) for path in files], cfg, None
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # the session loaded it; the graph is only a hint for token ids
+        proto = None
+    feeds, feedback, chosen = discover(session, proto, cfg)
+    return feeds, cfg.model_copy(update={"feedback": feedback}), chosen
 
 
 # One sample's arrays, uncompressed: far above any speech window or batch, far below what

@@ -186,6 +186,7 @@ class TensorValidator:
 
     kind = "tensors"
     probe = None
+    chosen = None  # no inputs: the weights themselves are compared
     providers: list[str] = []  # noqa: RUF012 (never mutated: no onnxruntime involved)
 
     def __init__(self, original: Path, fmt: ModelFormat) -> None:

@@ -7,10 +7,10 @@ shapes):
 
 - from ``.npz`` files: one file per sample, arrays named after the arguments (tensors keep
   the file's dtype; a scalar argument such as ``sr`` may be a 0-d or 1-element array);
-- generated (seeded) as for ONNX (:func:`kquant_job.validate.inputs.generate_feeds`): a
-  tensor argument needs ``spec.validation.inputs.<name>.shape`` (FP32 values), an
-  ``int``/``float``/``bool`` argument needs ``...<name>.value``; arguments with a default
-  value are left to it unless given.
+- discovered (:mod:`kquant_job.validate.discover_torch`): shapes and values tried on the
+  original until it runs (speech frames for speech-like arguments, FP32 normal values
+  otherwise); ``spec.validation.inputs.<name>.shape`` / ``.value`` win; arguments with a
+  default value are left to it unless given.
 
 Outputs are named ``output`` (one tensor), ``output_0``, ``output_1``... (a tuple or list,
 nested ones as ``output_0_1``) or by key (a dict), so ``spec.validation.feedback`` can map
@@ -35,7 +35,7 @@ import numpy as np
 from kquant_api import Tolerance, ValidationConfig
 from kquant_job.errors import InvalidSpec
 from kquant_job.validate.compare import ValidationOutcome, compare_outputs
-from kquant_job.validate.inputs import generate_feeds, read_npz
+from kquant_job.validate.inputs import read_npz
 from kquant_job.validate.metrics import check_tolerance
 
 Args = dict[str, Any]
@@ -49,41 +49,23 @@ def script_arguments(module: Any) -> list[tuple[str, str, bool]]:
     return [(a.name, str(a.type), a.has_default_value()) for a in args]
 
 
-def prepare_args(module: Any, cfg: ValidationConfig, data_files: list[Path]) -> list[Args]:
-    """One keyword-argument dict per sample for ``module.forward`` (see the module docstring).
+def prepare_args(
+    module: Any, cfg: ValidationConfig, data_files: list[Path]
+) -> tuple[list[Args], dict[str, Any] | None]:
+    """One keyword-argument dict per sample for ``module.forward`` (see the module
+    docstring), and what was chosen when they were discovered (None with data files).
 
-    Raises InvalidSpec for a missing shape/value override, an override naming no argument,
-    an unreadable ``.npz`` file or one lacking a required argument.
+    Raises InvalidSpec for an override naming no argument, an unreadable ``.npz`` file or
+    one lacking a required argument, or arguments the module runs on none of (the message
+    says what to add).
     """
-    import torch
+    from kquant_job.validate.discover_torch import discover_args
 
     arguments = script_arguments(module)
     if data_files:
         files = sorted(data_files, key=lambda p: p.name)[: cfg.samples]
-        return [_load_args(path, arguments) for path in files]
-    signature: list[tuple[str, list[Any], np.dtype]] = []
-    for name, type_, has_default in arguments:
-        override = cfg.inputs.get(name)
-        tensor = type_ in ("Tensor", "Optional[Tensor]")
-        if override is None and has_default:
-            continue
-        if tensor and (override is None or override.shape is None):
-            raise InvalidSpec(
-                f"spec.validation.inputs.{name}.shape: required to generate the TorchScript "
-                f"input {name!r} (the file records no shapes), or give dataUri"
-            )
-        if not tensor and (override is None or override.value is None):
-            if type_ not in _SCALARS:
-                raise InvalidSpec(f"TorchScript input {name!r} of type {type_}: give dataUri")
-            raise InvalidSpec(
-                f"spec.validation.inputs.{name}.value: required for the {type_} argument "
-                f"{name!r} of forward"
-            )
-        dtype = np.dtype(np.float32 if tensor else _SCALARS[type_])
-        signature.append((name, list(override.shape) if tensor else [], dtype))  # type: ignore[union-attr]
-    feeds = generate_feeds(signature, cfg)
-    kinds = {name: type_ for name, type_, _ in arguments}
-    return [{k: _to_arg(v, kinds[k], torch) for k, v in feed.items()} for feed in feeds]
+        return [_load_args(path, arguments) for path in files], None
+    return discover_args(module, arguments, cfg)
 
 
 def _to_arg(value: np.ndarray, type_: str, torch: Any) -> Any:
@@ -211,7 +193,7 @@ class TorchScriptValidator:
         self.device = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
         self.providers = [f"torch-{self.device}"]
         self.module = load_script(self.original, self.original.name, self.device)
-        self.samples = prepare_args(self.module, cfg, data_files)
+        self.samples, self.chosen = prepare_args(self.module, cfg, data_files)
         if not self.samples:
             raise InvalidSpec(f"no validation samples for {self.original.name}")
         try:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from kquant_api import ModelFormat, Precision, QuantizationJobSpec
 from kquant_job.passes.base import Probe
 from kquant_job.validate.compare import Reference, ValidationOutcome, validate_onnx
-from kquant_job.validate.inputs import prepare_feeds
+from kquant_job.validate.inputs import resolve_feeds
 
 
 class Validator(Protocol):
@@ -29,6 +29,7 @@ class Validator(Protocol):
     kind: str  # "outputs" (the model ran) or "tensors" (weights compared)
     providers: list[str]  # onnxruntime execution providers (or torch-<device>) used
     probe: Probe | None  # quick check for self-repairing passes, when the model can run
+    chosen: dict[str, Any] | None  # inputs found without help (discover.py), else None
 
     def validate(self, converted: Path) -> Any:
         """The outcome: ``passed``, ``violations``, ``summary()``, ``to_report()``."""
@@ -41,8 +42,8 @@ class OnnxValidator:
     kind = "outputs"
 
     def __init__(self, original: Path, spec: QuantizationJobSpec, data_files: list[Path]) -> None:
-        feeds = prepare_feeds(original, spec.validation, data_files)
-        self.reference = Reference(original, feeds, spec.validation, spec.tolerance)
+        feeds, self.cfg, self.chosen = resolve_feeds(original, spec.validation, data_files)
+        self.reference = Reference(original, feeds, self.cfg, spec.tolerance)
         self.spec = spec
         self.probe: Probe | None = self.reference.probe
         self.activation_ranges = self.reference.activation_ranges
@@ -52,12 +53,7 @@ class OnnxValidator:
         """:func:`validate_onnx` against the reference."""
         ref = self.reference
         return validate_onnx(
-            ref.original,
-            converted,
-            ref.feeds,
-            self.spec.validation,
-            self.spec.tolerance,
-            reference=ref,
+            ref.original, converted, ref.feeds, self.cfg, self.spec.tolerance, reference=ref
         )
 
 
