@@ -151,14 +151,16 @@ class ModelFile:
 class Plan:
     """What to do with each source file: convert (``models``), copy unchanged (``copies``),
     or leave out because a converted model rewrites it (``external_data``). ``kept`` names
-    the copies that are model files left unconverted by ``exclude``/``include`` (reported
-    as kept, e.g. CosyVoice's ``hift.pt`` in FP32)."""
+    the copies that are model files left unconverted by ``exclude``/``include``, with the
+    reason (reported as kept, e.g. CosyVoice's ``hift.pt`` in FP32); ``warnings`` says when
+    ``include`` leaves files unconverted that the defaults would convert."""
 
     root: Path
     models: list[ModelFile] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)
     external_data: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # model file -> why it stays as it is
+    warnings: list[str] = field(default_factory=list)
 
 
 def _matches(rel: str, patterns: list[str]) -> bool:
@@ -172,12 +174,18 @@ def _named(rel: str, patterns: list[str]) -> bool:
     return _matches(rel, literal)
 
 
-def _excluded(rel: str, include: list[str] | None, exclude: list[str] | None) -> bool:
-    """``exclude`` given: its patterns decide. Unset: DEFAULT_EXCLUDE, except for a file an
-    include pattern names literally (``include: [hift.pt]`` converts the vocoder)."""
+def _excluded(rel: str, include: list[str] | None, exclude: list[str] | None) -> str | None:
+    """Why ``rel`` is excluded, or None. ``exclude`` given: its patterns decide. Unset:
+    DEFAULT_EXCLUDE, except for a file an include pattern names literally."""
     if exclude is not None:
-        return _matches(rel, exclude)
-    return _matches(rel, list(DEFAULT_EXCLUDE)) and not _named(rel, include or [])
+        hit = next((p for p in exclude if _matches(rel, [p])), None)
+        return f"matches exclude pattern {hit!r}" if hit else None
+    if _matches(rel, list(DEFAULT_EXCLUDE)) and not _named(rel, include or []):
+        return (
+            "excluded by default (CosyVoice's HiFi-GAN vocoder stays FP32, as its users keep "
+            "it; exclude: [] converts it too)"
+        )
+    return None
 
 
 def graph_tensors(graph: object) -> list[object]:
@@ -237,18 +245,22 @@ def plan_model(
         return Plan(root=local.parent, models=[model])
     plan = Plan(root=local)
     files = sorted(p for p in local.rglob("*") if p.is_file())
+    narrowed = []  # model files the defaults would convert and include leaves out
     for path in files:
         rel = path.relative_to(local).as_posix()
-        if _excluded(rel, include, exclude):
+        why = _excluded(rel, include, exclude)
+        if why:
             plan.copies.append(rel)
             if detect_format(path) is not None:
-                plan.kept.append(rel)
+                plan.kept[rel] = why
             continue
         if include is not None:
             if not _matches(rel, include):
                 plan.copies.append(rel)
                 if detect_format(path) is not None:
-                    plan.kept.append(rel)
+                    plan.kept[rel] = f"matches no include pattern ({', '.join(include)})"
+                    if not _excluded(rel, None, exclude):
+                        narrowed.append(rel)
                 continue
             fmt = check_model_file(path, declared, rel)
         else:
@@ -263,6 +275,12 @@ def plan_model(
     referenced = {e for m in plan.models for e in m.external}
     plan.external_data = sorted(c for c in plan.copies if c in referenced)
     plan.copies = [c for c in plan.copies if c not in referenced]
+    if narrowed:
+        plan.warnings.append(
+            f"include {include} converts only the files it matches: {', '.join(narrowed)} "
+            "stay as they are, though kquant converts them by default (to convert a "
+            "default-excluded file as well as the others, set exclude: [] instead)"
+        )
     if not plan.models:
         raise PassError(
             f"no model file found in the source directory ({len(files)} files; "

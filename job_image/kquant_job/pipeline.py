@@ -292,6 +292,7 @@ def _publish(
             "path": c,
             "action": "kept" if c in stage.kept else "copied",
             "bytes": (staged / c).stat().st_size,
+            **({"why": stage.kept[c]} if c in stage.kept else {}),
         }
         for c in stage.copies
     ]

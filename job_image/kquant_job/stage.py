@@ -42,12 +42,12 @@ class ModelOutcome:
 @dataclass
 class StageOutcome:
     """What the stage produced: one entry per converted model, the files copied unchanged
-    (``copies``; ``kept``: the model files among them left unconverted) and the stage
-    timings (ms)."""
+    (``copies``; ``kept``: the model files among them left unconverted, with the reason)
+    and the stage timings (ms)."""
 
     models: list[ModelOutcome]
     copies: list[str]
-    kept: list[str]
+    kept: dict[str, str]
     timings: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
@@ -60,7 +60,7 @@ class StageOutcome:
         return cls(
             models=[ModelOutcome(**m) for m in data["models"]],
             copies=[str(c) for c in data["copies"]],
-            kept=[str(k) for k in data["kept"]],
+            kept={str(k): str(v) for k, v in data["kept"].items()},
             timings={str(k): float(v) for k, v in data["timings"].items()},
         )
 
@@ -124,6 +124,10 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
     timings: dict[str, float] = {}
     include, exclude = spec.quantization.include, spec.quantization.exclude
     plan = plan_model(io.source, spec.model.format, include, exclude)
+    for rel, why in plan.kept.items():
+        logs.info(f"kept {rel} as it is", file=rel, why=why)
+    for warning in plan.warnings:
+        logs.LOG.warning(warning)
     staged.mkdir(parents=True, exist_ok=True)
     converted = _convert_all(job, plan, io, timings)
     for rel in plan.copies:

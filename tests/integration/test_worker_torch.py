@@ -110,6 +110,8 @@ def test_cosyvoice_directory_example(client, bucket, s3_server, worker_env, tmp_
         "hift.pt": "kept",
         **dict.fromkeys(SIDE, "copied"),
     }
+    why = {f["path"]: f.get("why") for f in report["files"]}
+    assert "excluded by default" in why["hift.pt"] and why["llm.pt"] is None
     sizes = {f["path"]: f["bytes"] for f in report["files"]}
     assert sizes["hift.pt"] == (src / "hift.pt").stat().st_size
     assert sizes["llm.pt"] < 0.6 * (src / "llm.pt").stat().st_size

@@ -87,12 +87,24 @@ def test_directory_plan_keeps_hift_unless_named(tmp_path):
 
     plan = plan_model(root)
     assert [m.rel for m in plan.models] == ["flow.pt", "llm.pt", "spk2info.pt"]
-    assert plan.kept == ["hift.pt"] and "hift.pt" in plan.copies
+    assert list(plan.kept) == ["hift.pt"] and "hift.pt" in plan.copies
+    assert "excluded by default" in plan.kept["hift.pt"] and "exclude: []" in plan.kept["hift.pt"]
     assert {"cosyvoice.yaml", "CosyVoice-BlankEN/config.json"} <= set(plan.copies)
+    assert plan.warnings == []
 
     plan = plan_model(root, include=["llm.pt", "flow.pt"])
     assert [m.rel for m in plan.models] == ["flow.pt", "llm.pt"]
     assert sorted(plan.kept) == ["hift.pt", "spk2info.pt"]
+    assert plan.kept["spk2info.pt"] == "matches no include pattern (llm.pt, flow.pt)"
+    # the users' --quantize-hift habit, spelled include: it converts hift.pt alone, and says so
+    narrow = plan_model(root, include=["hift.pt"])
+    assert [m.rel for m in narrow.models] == ["hift.pt"]
+    [warning] = narrow.warnings
+    assert "flow.pt, llm.pt, spk2info.pt stay as they are" in warning
+    assert "exclude: []" in warning
+    assert plan_model(root, exclude=["flow.*"]).kept == {
+        "flow.pt": "matches exclude pattern 'flow.*'"
+    }
     assert [m.rel for m in plan_model(root, include=["*.pt"]).models] == [
         "flow.pt", "llm.pt", "spk2info.pt"]  # a wildcard does not name the vocoder  # fmt: skip
     assert "hift.pt" in [m.rel for m in plan_model(root, include=["llm.pt", "hift.pt"]).models]
