@@ -376,6 +376,23 @@ class InputOverride(_Model):
     high: float | None = Field(None, description="Upper bound (exclusive) of generated values.")
 
 
+class ModelValidation(_Model):
+    inputs: dict[str, InputOverride] = Field(
+        default_factory=dict,
+        description="Per-input shape or value overrides for this model (added to, and "
+        "winning over, spec.validation.inputs).",
+    )
+    dimensions: dict[str, int] = Field(
+        default_factory=dict,
+        description="Symbolic dimensions for this model (added to spec.validation.dimensions).",
+    )
+    feedback: dict[str, str] | None = Field(
+        None,
+        description="Output -> input fed back between this model's samples (replaces "
+        "spec.validation.feedback for it; {} turns it off).",
+    )
+
+
 class ValidationConfig(_Model):
     enabled: bool = Field(True, description="Compare the converted model with the original.")
     samples: int = Field(
@@ -384,23 +401,53 @@ class ValidationConfig(_Model):
     dataUri: str | None = Field(
         None,
         description="Prefix of .npz files (one feed per file, names = input names), used in "
-        "name order. Without it, inputs are generated from the model's signature (seeded).",
+        "name order; for a model directory, per-model sub-folders (see models). Without it, "
+        "kquant finds inputs the original accepts (see the README: zero-config validation).",
     )
     dimensions: dict[str, int] = Field(
         default_factory=dict,
         description="Values for symbolic (dynamic) dimensions by name, e.g. {batch: 1}. "
-        "Unnamed or unlisted dynamic dimensions default to 1.",
+        "Unlisted dynamic dimensions are found by trying sizes the original accepts.",
     )
     inputs: dict[str, InputOverride] = Field(
-        default_factory=dict, description="Per-input shape or value overrides for generation."
+        default_factory=dict,
+        description="Per-input shape or value overrides (they win over what kquant would choose).",
     )
     feedback: dict[str, str] = Field(
         default_factory=dict,
         description="Streaming models: output name -> input name fed back into the next "
         "sample (e.g. {stateN: state}); samples then run in order as one stream, each "
-        "model threading its own state.",
+        "model threading its own state. Unset: found from the names (stateN -> state, "
+        "hn -> h, present* -> past*) when kquant finds the inputs.",
     )
+
+    def for_model(self, rel: str) -> ValidationConfig:
+        """The validation config of the model file ``rel`` of a directory: the entries of
+        :attr:`models` whose key is its path, its file name or a glob matching either,
+        merged in key order over this one (inputs and dimensions added, feedback
+        replaced)."""
+        import fnmatch
+
+        name = rel.rsplit("/", 1)[-1]
+        inputs, dimensions, feedback = dict(self.inputs), dict(self.dimensions), self.feedback
+        for key, own in self.models.items():
+            if any(fnmatch.fnmatchcase(x, key) for x in (rel, name)):
+                inputs.update(own.inputs)
+                dimensions.update(own.dimensions)
+                feedback = own.feedback if own.feedback is not None else feedback
+        return self.model_copy(
+            update={"inputs": inputs, "dimensions": dimensions, "feedback": feedback}
+        )
+
     seed: int = Field(0, description="Seed for generated inputs, so two runs agree.")
+    models: dict[str, ModelValidation] = Field(
+        default_factory=dict,
+        description="A model directory: inputs, dimensions and feedback per model file, keyed "
+        "by its path in the directory, its file name or a glob (e.g. {llm.onnx: {inputs: "
+        "{input_ids: {shape: [1, 16]}}}}). Validation data per model: .npz files under "
+        "<dataUri>/<model path>/; files at the top of dataUri serve every model without its "
+        "own folder.",
+    )
     tolerance: Tolerance | None = Field(
         None,
         description="Pass/fail bounds. Default by precision: fp16 maxMeanAbsError 1e-2 and "

@@ -12,6 +12,7 @@ from typing import Any
 
 from kquant_api import QuantizationJob
 from kquant_job import logs
+from kquant_job.errors import InvalidSpec
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
 
@@ -86,11 +87,25 @@ def _bytes(root: Path, rels: list[str]) -> int:
 
 def _files_for(model: ModelFile, files: list[Path], base: Path, many: bool) -> list[Path]:
     """Sample files for one model: all of them for a single model; for a directory with
-    several models, those under a sub-folder named after the model's relative path."""
+    several models, those under a sub-folder named after the model's relative path, else
+    those at the top of the folder (shared by every model without a folder of its own)."""
     if not many:
         return files
     sub = base / model.rel
-    return [f for f in files if sub in f.parents]
+    own = [f for f in files if sub in f.parents]
+    return own or [f for f in files if f.parent == base]
+
+
+def _check_model_keys(models: dict[str, Any], plan: Plan) -> None:
+    """Refuse a ``spec.validation.models`` key that matches no model file."""
+    import fnmatch
+
+    rels = [m.rel for m in plan.models]
+    for key in models:
+        if not any(fnmatch.fnmatchcase(x, key) for r in rels for x in (r, r.rsplit("/", 1)[-1])):
+            raise InvalidSpec(
+                f"spec.validation.models.{key}: matches no model file (models: {', '.join(rels)})"
+            )
 
 
 @dataclass
@@ -124,6 +139,7 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
     timings: dict[str, float] = {}
     include, exclude = spec.quantization.include, spec.quantization.exclude
     plan = plan_model(io.source, spec.model.format, include, exclude)
+    _check_model_keys(spec.validation.models, plan)
     for rel, why in plan.kept.items():
         logs.info(f"kept {rel} as it is", file=rel, why=why)
     for warning in plan.warnings:
@@ -158,7 +174,10 @@ def _convert_all(
             validator = None
             if spec.validation.enabled:
                 samples = _files_for(model, io.data, io.data_dir, many)
-                validator = make_validator(model.format, src, spec, samples)
+                if io.data:
+                    logs.info(f"validation data for {model.rel}", files=len(samples))
+                own = spec.model_copy(update={"validation": spec.validation.for_model(model.rel)})
+                validator = make_validator(model.format, src, own, samples)
                 if validator.chosen:
                     logs.info(
                         f"validation inputs for {model.rel} (found in "

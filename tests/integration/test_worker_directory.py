@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import onnx
 from conftest import silero_dir
@@ -76,3 +77,42 @@ def test_directory_model_with_external_data(s3_server, bucket, worker_env, tmp_p
     original = (src / "model.onnx").stat().st_size + (src / "model.onnx.data").stat().st_size
     assert run.result["originalBytes"] == original
     assert run.result["quantizedBytes"] < original
+
+
+def test_several_models_take_their_own_data_shared_data_and_their_own_settings(tmp_path):
+    from worker_helpers import VARIANTS, speech_feeds
+
+    from kquant_job.audio import write_feeds
+
+    src, data = tmp_path / "models", tmp_path / "eval"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "vad.onnx").write_bytes((silero_dir() / "silero_vad_16k_op15.onnx").read_bytes())
+    (src / "b" / "seq.onnx").write_bytes(
+        (silero_dir() / "silero_vad_16k_sequence.onnx").read_bytes()
+    )
+    vad = next(v for v in VARIANTS if v.file == "silero_vad_16k_op15.onnx")
+    seq = next(v for v in VARIANTS if v.file == "silero_vad_16k_sequence.onnx")
+    write_feeds(speech_feeds(vad, 12), data / "a" / "vad.onnx")  # a/vad.onnx's own folder
+    write_feeds(speech_feeds(seq, 7), data)  # the top: every model without a folder
+    job = manifest(
+        f"file://{src}/", f"file://{tmp_path}/out/", {"precision": "fp16"}, endpoint=None,
+        validation={
+            "dataUri": f"file://{data}/",
+            "samples": 50,
+            "feedback": {"stateN": "state"},  # vad's
+            "models": {"seq.onnx": {"feedback": {"hn": "h", "cn": "c"}}},
+        },
+    )  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert run.code == 0, run.log
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    samples = {m["path"]: m["validation"]["samples"] for m in report["models"]}
+    assert samples == {"a/vad.onnx": 12, "b/seq.onnx": 7}
+    assert "validation data for a/vad.onnx files=12" in run.log
+
+    job["spec"]["validation"]["models"] = {"c/*.onnx": {"inputs": {"x": {"value": 1}}}}
+    job["spec"]["output"]["uri"] = f"file://{tmp_path}/out2/"
+    wrong = run_worker(job, tmp_path / "wrong", dict(os.environ))
+    assert (wrong.code, wrong.result["reason"]) == (10, "InvalidSpec"), wrong.log
+    assert "spec.validation.models.c/*.onnx: matches no model file" in wrong.result["message"]
