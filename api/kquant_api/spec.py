@@ -99,6 +99,14 @@ class QuantFormat(str, Enum):
     QOperator = "QOperator"
 
 
+class Preprocess(str, Enum):
+    """Whether onnxruntime's quantization pre-processing runs before INT8."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
 class CalibrateMethod(str, Enum):
     """onnxruntime's ``CalibrationMethod`` used to pick activation ranges."""
 
@@ -197,6 +205,8 @@ class Calibration(_Model):
 
 _INT8_FIELDS = (
     "mode",
+    "extraOptions",
+    "preprocess",
     "weightType",
     "activationType",
     "quantFormat",
@@ -207,7 +217,7 @@ _INT8_FIELDS = (
     "calibration",
 )
 _STATIC_FIELDS = ("activationType", "quantFormat", "calibration")
-_FP16_FIELDS = ("keepIoTypes", "opBlockList", "nodeBlockList", "repair")
+_FP16_FIELDS = ("keepIoTypes", "opBlockList", "replaceOpBlockList", "nodeBlockList", "repair")
 _FLOAT_FIELDS = ("keepFp32",)  # fp16 and bf16
 # Normalization statistics: BatchNorm's running variance routinely exceeds FP16's range
 # (65504) or loses its small values, and they are a tiny share of a model's bytes.
@@ -229,8 +239,14 @@ class QuantizationConfig(_Model):
     )
     opBlockList: list[str] | None = Field(
         None,
-        description="fp16: operator types kept in FP32. Default: onnxruntime's "
-        "DEFAULT_OP_BLOCK_LIST plus the ops that must stay FP32 (see kquant docs).",
+        description="fp16: operator types kept in FP32, added to the default list "
+        "(onnxruntime's DEFAULT_OP_BLOCK_LIST plus the ops that must stay FP32), as the "
+        "users' scripts append to it. Each must occur in the model.",
+    )
+    replaceOpBlockList: bool | None = Field(
+        None,
+        description="fp16: opBlockList replaces the default list instead of extending it "
+        "(opBlockList: [] with this: block no op type). Default false.",
     )
     nodeBlockList: list[str] | None = Field(
         None, description="fp16: node names kept in FP32, in addition to opBlockList."
@@ -262,6 +278,18 @@ class QuantizationConfig(_Model):
         None, description="int8: only these op types are quantized (empty: all supported)."
     )
     nodesToExclude: list[str] | None = Field(None, description="int8: node names left in float.")
+    extraOptions: dict[str, Any] | None = Field(
+        None,
+        description="int8: onnxruntime's extra_options, passed through (e.g. "
+        "{WeightSymmetric: true, ActivationSymmetric: true, CalibMovingAverage: true}); each "
+        "key must be one onnxruntime documents for the mode.",
+    )
+    preprocess: Preprocess | None = Field(
+        None,
+        description="int8: onnxruntime's quantization pre-processing (shape inference, graph "
+        "optimization): auto (default: applied when it succeeds, the report says when it "
+        "was skipped), always (a failure ends the job) or never.",
+    )
     calibration: Calibration | None = Field(
         None, description="int8 static: calibration data (required in static mode)."
     )

@@ -10,11 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kquant_api import QuantizationJob
+from kquant_api import ModelFormat, QuantizationJob
 from kquant_job import logs
 from kquant_job.errors import InvalidSpec
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
+from kquant_job.passes.onnx_options import check_names
 
 PRECISION_SUFFIX = {"fp16": "_fp16", "bf16": "_bf16", "int8": "_int8"}
 
@@ -140,6 +141,8 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
     include, exclude = spec.quantization.include, spec.quantization.exclude
     plan = plan_model(io.source, spec.model.format, include, exclude)
     _check_model_keys(spec.validation.models, plan)
+    onnx_models = [plan.root / m.rel for m in plan.models if m.format is ModelFormat.onnx]
+    check_names(spec.quantization, onnx_models)
     for rel, why in plan.kept.items():
         logs.info(f"kept {rel} as it is", file=rel, why=why)
     for warning in plan.warnings:

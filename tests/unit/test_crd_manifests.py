@@ -40,6 +40,9 @@ BASE: dict[str, Any] = {
 }
 KNOBS: dict[str, Any] = {
     "mode": "static",
+    "extraOptions": {"WeightSymmetric": True},
+    "preprocess": "never",
+    "replaceOpBlockList": True,
     "weightType": "QInt8",
     "activationType": "QUInt8",
     "quantFormat": "QOperator",

@@ -81,6 +81,9 @@ def test_user_block_lists_are_honoured(silero_onnx: Path, tmp_path: Path) -> Non
     convs = [n for _, n in iter_nodes(original.graph) if n.op_type == "Conv"]
     lstm = next(n for _, n in iter_nodes(original.graph) if n.op_type == "LSTM")
     config = QuantizationConfig(precision="fp16", opBlockList=["Conv"], nodeBlockList=[lstm.name])
+    extended = convert(silero_onnx, tmp_path / "extended", config=config)
+    assert {"Conv", *DEFAULT_OP_BLOCK_LIST} <= set(extended.details["opBlockList"])  # added to
+    config = config.model_copy(update={"replaceOpBlockList": True})
     result = convert(silero_onnx, tmp_path, config=config)
     assert result.details["opBlockList"] == ["Conv"]  # replaces the default list
     assert result.details["nodeBlockList"] == [lstm.name]

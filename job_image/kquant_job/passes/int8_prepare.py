@@ -17,6 +17,9 @@ from typing import Any
 
 from onnx import ModelProto, TensorProto
 
+from kquant_api import Reason
+from kquant_api.spec import Preprocess
+from kquant_job.errors import PassError
 from kquant_job.passes.int8_common import WEIGHTED_OP_TYPES, describe_error
 from kquant_job.passes.onnx_common import (
     PROTOBUF_LIMIT,
@@ -179,14 +182,24 @@ class Prepared:
     details: dict[str, Any]
 
 
-def prepare(model_in: Path, work_dir: Path) -> Prepared:
+def prepare(model_in: Path, work_dir: Path, mode: Preprocess = Preprocess.auto) -> Prepared:
     """Read ``model_in`` (PassError CorruptModel when it is not an ONNX model) and
-    pre-process it. External data is used for the output when the input has external data
-    or is at least 2 GiB (protobuf's limit)."""
+    pre-process it (``mode``: auto, as :func:`preprocess` does; never; always: a
+    pre-processing that failed, wholly or in part, raises PassError(ConversionFailed) with
+    onnxruntime's error). External data is used for the output when the input has external
+    data or is at least 2 GiB (protobuf's limit)."""
     original = load_model(model_in, load_external_data=False)
     external = uses_external_data(original) or model_in.stat().st_size >= PROTOBUF_LIMIT
     work_dir.mkdir(parents=True, exist_ok=True)
+    if mode is Preprocess.never:
+        return Prepared(model_in, original, external, {"preprocess": "skipped (never)"})
     path, details = preprocess(model_in, work_dir, external)
+    if mode is Preprocess.always and "preprocessError" in details:
+        raise PassError(
+            f"{model_in.name}: onnxruntime's quantization pre-processing failed "
+            f"({details['preprocessError']}) and spec.quantization.preprocess is always",
+            reason=Reason.ConversionFailed,
+        )
     model = load_model(path, load_external_data=False) if path != model_in else original
     return Prepared(path=path, model=model, external=external, details=details)
 

@@ -98,7 +98,8 @@ class OnnxFp16Pass:
         """
         keep_io = config.keepIoTypes is not False
         repair = config.repair is not False
-        ops = set(DEFAULT_OP_BLOCK_LIST if config.opBlockList is None else config.opBlockList)
+        listed = set(config.opBlockList or [])
+        ops = listed if config.replaceOpBlockList else set(DEFAULT_OP_BLOCK_LIST) | listed
         nodes = set(config.nodeBlockList or [])
 
         scratch = ctx.work_dir / "onnx-fp16"

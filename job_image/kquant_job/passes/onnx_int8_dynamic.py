@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kquant_api import ModelFormat, QuantizationConfig
+from kquant_api.spec import Preprocess
 from kquant_job.passes.base import PassContext, PassResult
 from kquant_job.passes.int8_attempts import run_attempts
 from kquant_job.passes.int8_common import (
@@ -28,6 +29,7 @@ from kquant_job.passes.int8_prepare import (
     prepare,
     save_localized,
 )
+from kquant_job.passes.onnx_options import extra_options
 
 
 class OnnxInt8DynamicPass:
@@ -60,11 +62,13 @@ class OnnxInt8DynamicPass:
 
         # onnxruntime rewrites Gemm as MatMul before dynamic quantization.
         supported = frozenset(IntegerOpsRegistry) | {"Gemm"}
-        prepared = prepare(model_in, ctx.work_dir)
+        options = extra_options(config)
+        prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
         details: dict[str, Any] = {"mode": "dynamic", **prepared.details}
-        extra_options: dict[str, Any] = {}
+        if options:
+            details["extraOptions"] = dict(options)
         if has_subgraphs(prepared.model):
-            extra_options["EnableSubgraph"] = True
+            options.setdefault("EnableSubgraph", True)
             details["subgraphs"] = True
             moved = save_localized(prepared, ctx.work_dir)
             if moved:
@@ -84,7 +88,7 @@ class OnnxInt8DynamicPass:
                 prepared.path,
                 out,
                 use_external_data_format=prepared.external,
-                extra_options=dict(extra_options),
+                extra_options=dict(options),
                 **kwargs,
             )
 

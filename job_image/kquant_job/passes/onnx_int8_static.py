@@ -28,6 +28,7 @@ from kquant_api import (
     QuantType,
     Reason,
 )
+from kquant_api.spec import Preprocess
 from kquant_job.errors import InvalidSpec, PassError
 from kquant_job.passes.base import PassContext, PassResult
 from kquant_job.passes.int8_attempts import run_attempts
@@ -44,6 +45,7 @@ from kquant_job.passes.int8_prepare import (
     prepare,
     weighted_nodes_in_subgraphs,
 )
+from kquant_job.passes.onnx_options import extra_options
 from kquant_job.validate.inputs import load_feed
 
 Signature = list[tuple[str, list[Any], np.dtype]]
@@ -138,7 +140,8 @@ class OnnxInt8StaticPass:
         fmt = config.quantFormat or QuantFormat.QDQ
         supported = frozenset(QDQRegistry if fmt is QuantFormat.QDQ else QLinearOpsRegistry)
 
-        prepared = prepare(model_in, ctx.work_dir)
+        options = extra_options(config)
+        prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
         signature = model_signature(prepared.model)
         load_calibration_feed(files[0], signature)  # a wrong dataset fails before any work
         details: dict[str, Any] = {
@@ -153,6 +156,8 @@ class OnnxInt8StaticPass:
             },
             "warnings": unknown_names(prepared.model, settings, supported),
         }
+        if options:
+            details["extraOptions"] = options
         inner = weighted_nodes_in_subgraphs(prepared.model)
         if inner:
             listed = ", ".join(f"{n} {op}" for op, n in sorted(inner.items()))
@@ -185,6 +190,7 @@ class OnnxInt8StaticPass:
                 activation_type=ort_quant_type(activation),
                 calibrate_method=CalibrationMethod[method.value],
                 use_external_data_format=prepared.external,
+                extra_options=dict(options),
                 **cache,
                 **s.ort_kwargs(),
             )
