@@ -12,7 +12,7 @@ import json
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 MAX_RESULT_BYTES = 4096
 
@@ -160,6 +160,13 @@ class JobResult(_Compact):
     reportUri: str | None = Field(None, description="Where report.json was written.")
     manifestUri: str | None = Field(None, description="Where manifest.json was written.")
     promotedUri: str | None = Field(None, description="Promotion prefix, when promoted.")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="Where the result departs from what was asked, or what to know about it: "
+        "an INT8 fallback, an FP16 repair, a result slower or larger than the original.",
+    )
+    # For a person's table only (per-model and per-output rows); never serialized.
+    _rows: list[tuple[str, str]] = PrivateAttr(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -169,7 +176,12 @@ class JobResult(_Compact):
     def to_json(self) -> str:
         """Compact JSON, at most MAX_RESULT_BYTES bytes (artifacts, then message, trimmed)."""
         data: dict[str, Any] = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("notes"):
+            data.pop("notes", None)
         text = _dumps(data)
+        while len(text) > MAX_RESULT_BYTES and data.get("notes"):
+            data["notes"].pop()
+            text = _dumps(data)
         while len(text) > MAX_RESULT_BYTES and data.get("artifacts"):
             data["artifacts"].pop()
             data["artifactsTruncated"] = data.get("artifactsTruncated", 0) + 1

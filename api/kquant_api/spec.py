@@ -251,6 +251,12 @@ class QuantizationConfig(_Model):
     nodeBlockList: list[str] | None = Field(
         None, description="fp16: node names kept in FP32, in addition to opBlockList."
     )
+    strict: bool | None = Field(
+        None,
+        description="Publish the requested configuration or nothing: no INT8 fallback "
+        "(per-channel, dense ops only, output layers float) and no FP16 repair. Default "
+        "false: a fallback or repair is published and said in the table, log and status.",
+    )
     repair: bool | None = Field(
         None,
         description="fp16: when the converted model fails to load or exceeds the validation "
@@ -336,6 +342,11 @@ class QuantizationConfig(_Model):
                 raise ValueError(
                     f"spec.quantization.{wrong[0]}: fp16 setting given with precision {precision}"
                 )
+        if self.strict and self.repair:
+            raise ValueError(
+                "spec.quantization.repair: repair true contradicts strict true (strict "
+                "publishes the requested configuration only)"
+            )
         if self.precision is Precision.int8:
             wrong = [f for f in _FLOAT_FIELDS if f in given]
             if wrong:

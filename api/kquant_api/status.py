@@ -72,6 +72,11 @@ class ResultStatus(_Model):
     reportUri: str | None = Field(None, description="Where report.json was written.")
     manifestUri: str | None = Field(None, description="Where manifest.json was written.")
     promotedUri: str | None = Field(None, description="Promotion prefix, when promoted.")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="Where the result departs from what was asked (an INT8 fallback, an FP16 "
+        "repair) or is worse than the original (slower, larger).",
+    )
 
 
 class QuantizationJobStatus(_Model):

@@ -35,7 +35,7 @@ def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
     """The compact result of a failed run: reason, message, the failure's report.json when
     one was written; a ValidationFailed keeps its metrics."""
     detail = exc.detail if isinstance(exc, ValidationFailed) else {}
-    return JobResult(
+    result = JobResult(
         phase="Failed",
         reason=exc.reason,
         message=str(exc),
@@ -44,7 +44,10 @@ def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
         quantizedBytes=detail.get("quantizedBytes"),
         validation=detail.get("summary"),
         reportUri=exc.detail.get("report_uri"),
+        notes=detail.get("notes") or [],
     )
+    result._rows = list(detail.get("rows") or [])
+    return result
 
 
 def make_work_dir(work_root: Path | None) -> Path:
@@ -99,20 +102,21 @@ def _table(result: JobResult, name: str) -> str:
         o, q = result.originalBytes, result.quantizedBytes
         rows += [
             ("original", f"{o:,} bytes"),
-            ("quantized", f"{q:,} bytes"),
+            ("quantized", f"{q:,} bytes ({q / o:.2f}x the original)"),
             ("reduction", f"{100 * (1 - q / o):.1f} %"),
         ]
     v = result.validation
     if result.reason is Reason.Converted:
         rows.append(("validation", "skipped: spec.validation.enabled is false"))
     if v:
-        rows.append(
-            (
-                "validation",
-                f"{'passed' if v.passed else 'FAILED'} on {v.samples} "
-                f"{'tensors' if v.kind == 'tensors' else 'samples'} ({v.device})",
-            )
-        )
+        verdict = "passed" if v.passed else "FAILED"
+        if v.kind == "tensors":
+            what = "weights compared tensor by tensor"
+        elif v.kind == "mixed":
+            what = f"outputs on {v.samples} samples, other models' weights tensor by tensor"
+        else:
+            what = f"outputs on {v.samples} samples"
+        rows.append(("validation", f"{verdict}: {what} ({v.device})"))
         if v.inputs:
             rows.append(("inputs", f"{v.inputs} (found by kquant)"))
         what = "tensor" if v.kind == "tensors" else "output"
@@ -121,12 +125,11 @@ def _table(result: JobResult, name: str) -> str:
         if v.cosineSimilarity is not None:
             rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f} (worst {what})"))
         if v.latencyMs:
-            rows.append(
-                (
-                    "latency (median)",
-                    f"{v.latencyMs.original:.3f} ms -> {v.latencyMs.quantized:.3f} ms",
-                )
-            )
+            o, q = v.latencyMs.original, v.latencyMs.quantized
+            ratio = f" ({q / o:.2f}x)" if o > 0 else ""
+            rows.append(("latency (median)", f"{o:.3f} ms -> {q:.3f} ms{ratio}"))
+    rows += result._rows
+    rows += [("NOTE", note) for note in result.notes]
     if result.manifestUri:
         rows.append(("manifest", result.manifestUri))
     if result.reportUri:

@@ -36,6 +36,7 @@ from kquant_job.sets import Target, Writer, as_prefix
 from kquant_job.stage import ModelOutcome, StageInput, StageOutcome
 from kquant_job.storage import Storage, is_prefix, join, open_storage
 from kquant_job.storage.file import to_path
+from kquant_job.table import result_notes, table_rows
 
 LOG = logging.getLogger("kquant")
 MAX_INPUTS_TEXT = 400  # characters of the chosen inputs in the result (under its 4 KiB)
@@ -322,6 +323,7 @@ def _publish(
         "phase": "Succeeded" if passed else "Failed",
         "reason": reason.value,
         "message": message,
+        "notes": result_notes(converted, summary),
     }
     source = {"uri": spec.model.uri, "files": len(converted) + len(stage.copies)}
     providers = next((m.providers for m in converted if m.providers), [])
@@ -340,6 +342,10 @@ def _publish(
         sandbox=run.sandbox,
     )
 
+    notes = result_notes(converted, summary)
+    for note in notes:
+        LOG.warning(note)
+    rows = table_rows(converted, spec.tolerance, spec.validation.tolerance is not None)
     if not passed:
         with logs.stage("publish", run.timings, uri=out.prefix, only="report.json"):
             report_uri = out.publish_failure(report)
@@ -349,6 +355,8 @@ def _publish(
             summary=summary,
             originalBytes=original,
             quantizedBytes=quantized,
+            notes=notes,
+            rows=rows,
         )
 
     validation = (
@@ -365,7 +373,7 @@ def _publish(
     set_folder = published.report_uri.rsplit("/", 1)[0]
     converted_uris = {join(set_folder, f) for m in converted for f in m.out_files}
     artifacts = sorted(published.artifacts, key=lambda a: (a.uri not in converted_uris, a.uri))
-    return JobResult(
+    result = JobResult(
         phase="Succeeded",
         reason=reason,
         message=message,
@@ -377,4 +385,7 @@ def _publish(
         reportUri=published.report_uri,
         manifestUri=published.manifest_uri,
         promotedUri=promoted,
+        notes=notes,
     )
+    result._rows = rows
+    return result

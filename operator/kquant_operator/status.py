@@ -111,8 +111,11 @@ def _result_status(result: JobResult) -> dict[str, Any]:
             "reportUri",
             "manifestUri",
             "promotedUri",
+            "notes",
         },
     )
+    if not data.get("notes"):
+        data.pop("notes", None)
     if result.originalBytes and result.quantizedBytes is not None:
         data["reductionPercent"] = round(
             100 * (1 - result.quantizedBytes / result.originalBytes), 2

@@ -65,3 +65,13 @@ def test_small_result_is_kept_whole():
         "artifactsTruncated": 0,
     }
     assert result.exit_code == int(ExitCode.STORAGE)
+
+
+def test_notes_go_first_when_the_result_is_too_long():
+    from kquant_api import JobResult, Reason
+
+    result = JobResult(phase="Succeeded", reason=Reason.Validated, notes=["n" * 3000, "m" * 3000])
+    data = json.loads(result.to_json())
+    assert len(result.to_json()) <= 4096
+    assert data["notes"] == ["n" * 3000]  # trimmed from the end, before anything else
+    assert "notes" not in json.loads(JobResult(phase="Failed", reason=Reason.Validated).to_json())

@@ -141,3 +141,9 @@ def test_spec_from_environment(monkeypatch):
     monkeypatch.setenv("KQUANT_JOB", "")
     with pytest.raises(InvalidSpec, match="empty or unset"):
         load_jobs("-", spec_env="KQUANT_JOB")
+
+
+def test_strict_and_repair_contradict():
+    with pytest.raises(InvalidSpec, match=r"spec\.quantization\.repair: repair true contradicts"):
+        parse_job(job(precision="fp16", strict=True, repair=True))
+    assert parse_job(job(precision="int8", strict=True)).spec.quantization.strict is True

@@ -97,7 +97,7 @@ class OnnxFp16Pass:
         within the attempt and time bounds; the message lists what was tried.
         """
         keep_io = config.keepIoTypes is not False
-        repair = config.repair is not False
+        repair = config.repair is not False and not config.strict
         listed = set(config.opBlockList or [])
         ops = listed if config.replaceOpBlockList else set(DEFAULT_OP_BLOCK_LIST) | listed
         nodes = set(config.nodeBlockList or [])

@@ -78,6 +78,8 @@ class OnnxInt8DynamicPass:
         present = op_types_in(prepared.model)
         last = output_layers(prepared.model, set(WEIGHTED_OP_TYPES))
         steps = fallback_ladder(settings, supported, present, last)
+        if config.strict:  # the requested configuration only
+            steps = steps[:1]
 
         def quantize(s: Int8Settings, out: Path) -> None:
             kwargs = s.ort_kwargs()

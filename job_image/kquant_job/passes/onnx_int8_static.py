@@ -175,6 +175,8 @@ class OnnxInt8StaticPass:
         present = op_types_in(prepared.model, include_subgraphs=False)
         last = output_layers(prepared.model, set(WEIGHTED_OP_TYPES))
         steps = fallback_ladder(settings, supported, present, last)
+        if config.strict:  # the requested configuration only
+            steps = steps[:1]
         # Ranges depend on the data only: calibrate once, reuse them for later attempts.
         cache: dict[str, Any] = {}
         if "calibration_cache_path" in inspect.signature(quantize_static).parameters:

@@ -1,0 +1,139 @@
+"""What a person reads after a run: the notes that say where the result differs from what was
+asked (an INT8 fallback, an FP16 repair, a result slower or larger than the original) and the
+rows of the summary table (per model, per output, the tolerance applied, ratios).
+
+Notes go into the result (and so the status), the log and the table; rows into the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kquant_api import Tolerance, ValidationSummary
+from kquant_job.stage import ModelOutcome
+
+MAX_OUTPUT_ROWS = 6  # per model; the rest are summed up in one row
+SLOWER = 1.05  # latency ratio above which a result is called slower
+
+
+def _settings(attempt: dict[str, Any]) -> str:
+    parts = []
+    if attempt.get("perChannel"):
+        parts.append("per-channel")
+    if attempt.get("opTypesToQuantize"):
+        parts.append("only " + "/".join(attempt["opTypesToQuantize"]))
+    if attempt.get("nodesToExclude"):
+        parts.append(f"{len(attempt['nodesToExclude'])} node(s) left float")
+    return ", ".join(parts) or "defaults"
+
+
+def model_notes(model: ModelOutcome) -> list[str]:
+    """Where this model's conversion departs from the requested configuration."""
+    notes = []
+    details = model.details
+    attempts = details.get("attempts") or []
+    last = attempts[-1] if attempts else {}
+    if last.get("attempt") not in (None, "requested") and details.get("probePassed", True):
+        first = attempts[0]
+        missed = (first.get("probe") or {}).get("violations") or [first.get("error", "")]
+        notes.append(
+            f"{model.source}: INT8 fell back to {last['attempt']} ({_settings(last)}): the "
+            f"requested configuration failed ({missed[0] if missed else 'see the report'}); "
+            "strict: true publishes the requested configuration only"
+        )
+    if details.get("repaired"):
+        kept = sorted({a for step in attempts for a in step.get("added", [])})
+        shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
+        notes.append(
+            f"{model.source}: FP16 repaired: {shown or 'some nodes'} kept FP32 after the "
+            f"first conversion failed ({len(attempts)} attempts)"
+        )
+    return notes
+
+
+def result_notes(models: list[ModelOutcome], summary: ValidationSummary | None) -> list[str]:
+    """Every model's notes, then the job's: not smaller, or slower, than the original."""
+    notes = [n for m in models for n in model_notes(m)]
+    original = sum(m.original_bytes for m in models)
+    quantized = sum(m.quantized_bytes for m in models)
+    if original and quantized >= original:
+        notes.append(f"not smaller than the original ({quantized / original:.2f}x its size)")
+    if summary and summary.latencyMs and summary.latencyMs.original > 0:
+        ratio = summary.latencyMs.quantized / summary.latencyMs.original
+        if ratio > SLOWER:
+            where = (
+                "; FP16 pays off where FP16 kernels exist: GPUs" if summary.device == "cpu" else ""
+            )
+            notes.append(
+                f"slower than the original on {summary.device} ({ratio:.2f}x its latency){where}"
+            )
+    return notes
+
+
+def _g(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _output_rows(model: ModelOutcome, indent: str) -> list[tuple[str, str]]:
+    report = (model.validation or {}).get("report", {})
+    if "outputs" in report:
+        outputs = report["outputs"]
+        ranked = sorted(outputs, key=lambda n: -(outputs[n].get("maxAbsError") or 0))
+        rows = [
+            (
+                f"{indent}output {name}",
+                f"max abs {_g(outputs[name].get('maxAbsError'))}, mean abs "
+                f"{_g(outputs[name].get('meanAbsError'))}, cosine "
+                f"{_g(outputs[name].get('cosineSimilarity'))}",
+            )
+            for name in ranked[:MAX_OUTPUT_ROWS]
+        ]
+        if len(ranked) > MAX_OUTPUT_ROWS:
+            rows.append((f"{indent}...", f"{len(ranked) - MAX_OUTPUT_ROWS} more outputs"))
+        return rows
+    if "tensors" in report:
+        return [
+            (
+                f"{indent}tensors",
+                f"{report['tensors']} compared, {report.get('tensorsCast', '?')} cast, "
+                f"{report.get('overflowValues', 0)} overflowing, "
+                f"{report.get('flushToZeroValues', 0)} flushed to zero",
+            )
+        ]
+    return []
+
+
+def table_rows(
+    models: list[ModelOutcome], tolerance: Tolerance, spec_tolerance: bool
+) -> list[tuple[str, str]]:
+    """Rows for the table: one per model file (directories), its outputs, the worst output,
+    the tolerance applied."""
+    rows: list[tuple[str, str]] = []
+    several = len(models) > 1
+    worst: tuple[float, str] | None = None
+    for model in models:
+        indent = "  " if several else ""
+        if several:
+            ratio = model.quantized_bytes / model.original_bytes if model.original_bytes else 0
+            if model.validation is None:
+                verdict = "not validated"
+            else:
+                verdict = "passed" if model.validation.get("passed") else "FAILED"
+            rows.append(
+                (f"model {model.source}", f"{model.pass_name}, {ratio:.2f}x size, {verdict}")
+            )
+        rows += _output_rows(model, indent)
+        outputs = (model.validation or {}).get("report", {}).get("outputs", {})
+        for name, m in outputs.items():
+            cosine = m.get("cosineSimilarity")
+            if cosine is not None and (worst is None or cosine < worst[0]):
+                worst = (cosine, f"{model.source}: {name}" if several else name)
+    if worst is not None:
+        rows.append(("worst output", f"{worst[1]} (cosine {worst[0]:.6f})"))
+    bounds = tolerance.model_dump(exclude_none=True)
+    if bounds:
+        text = ", ".join(
+            f"{k} {'>=' if k.startswith('min') else '<='} {v:g}" for k, v in bounds.items()
+        )
+        rows.append(("tolerance", f"{text} ({'spec' if spec_tolerance else 'default'})"))
+    return rows
