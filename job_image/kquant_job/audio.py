@@ -103,12 +103,16 @@ def frame_feeds(
 
 def write_feeds(feeds: Sequence[Feed], out_dir: Path, prefix: str = "sample") -> list[Path]:
     """Write each feed to ``out_dir/{prefix}_{i:05d}.npz`` (uncompressed; name order =
-    stream order, as ``prepare_feeds`` and calibration read them). Each file appears whole:
-    it is written under a temporary name and renamed. Returns the paths in order."""
+    stream order, as ``prepare_feeds`` and calibration read them), numbered after the
+    highest such file already there, so earlier samples are never overwritten. Each file
+    appears whole: it is written under a temporary name and renamed. Returns the paths in
+    order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    taken = [p.stem[len(prefix) + 1 :] for p in out_dir.glob(f"{prefix}_*.npz")]
+    start = max((int(t) + 1 for t in taken if t.isdigit()), default=0)
     paths = []
-    for i, feed in enumerate(feeds):
+    for i, feed in enumerate(feeds, start=start):
         path = out_dir / f"{prefix}_{i:05d}.npz"
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
         try:

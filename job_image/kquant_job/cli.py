@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kquant_api import JobResult, QuantizationJob, Reason
 from kquant_job import __version__, logs
+from kquant_job.cli_frames import add_frames_parser
 from kquant_job.errors import KquantError, ValidationFailed
 from kquant_job.manifest import load_jobs
 
@@ -166,42 +167,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return codes[0] if codes else 0
 
 
-def _name_value(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
-def cmd_frames(args: argparse.Namespace) -> int:
-    """Cut a WAV into model feeds (.npz), for validation or calibration data."""
-    import numpy as np
-
-    from kquant_job.audio import frame_feeds, read_wav, thread_state, write_feeds
-
-    try:
-        samples, rate = read_wav(Path(args.wav))
-        if rate != args.sample_rate:
-            raise KquantError(
-                f"{args.wav}: sample rate {rate} Hz, expected {args.sample_rate} "
-                "Hz (resample with: sox in.wav -r 16000 -c 1 -b 16 out.wav)",
-                reason=Reason.InvalidSpec,
-            )
-        extra = {name: np.array(int(v), dtype=np.int64) for name, v in args.scalar}
-        for name, shape in args.zeros:
-            extra[name] = np.zeros([int(d) for d in shape.split(",")], dtype=np.float32)
-        feeds = frame_feeds(samples, args.frame_size, args.input, extra=extra, context=args.context)
-        feeds = feeds[: args.max_frames] if args.max_frames else feeds
-        if args.model:
-            feeds = thread_state(Path(args.model), feeds, dict(args.feedback))
-        files = write_feeds(feeds, Path(args.out_dir))
-    except KquantError as exc:
-        LOG.error("%s: %s", exc.reason.value, exc)
-        return exc.exit_code
-    LOG.info("wrote %d feeds", len(files), extra={"fields": {"dir": args.out_dir}})
-    return 0
-
-
 EXIT_CODES = """exit codes (one per error class; the result file says the reason):
   0   Validated, or Converted (validation disabled)
   10  InvalidSpec
@@ -279,51 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--keep-work", action="store_true", help="keep the work directory")
     run.set_defaults(func=cmd_run)
-    frames = sub.add_parser(
-        "frames", help="cut a 16-bit PCM WAV into .npz feeds for a streaming speech model"
-    )
-    frames.add_argument("wav", help="input WAV (mono or stereo PCM)")
-    frames.add_argument("out_dir", help="directory for sample_00000.npz, ...")
-    frames.add_argument("--frame-size", type=int, default=512, help="samples per frame")
-    frames.add_argument(
-        "--context",
-        type=int,
-        default=0,
-        help="previous samples prepended to each frame (Silero VAD: 64)",
-    )
-    frames.add_argument("--sample-rate", type=int, default=16000, help="expected rate, Hz")
-    frames.add_argument("--input", default="input", help="model input receiving the frame")
-    frames.add_argument(
-        "--scalar",
-        type=_name_value,
-        action="append",
-        default=[],
-        metavar="NAME=INT",
-        help="int64 scalar input, e.g. sr=16000",
-    )
-    frames.add_argument(
-        "--zeros",
-        type=_name_value,
-        action="append",
-        default=[],
-        metavar="NAME=D1,D2,..",
-        help="float32 zeros input, e.g. state=2,1,128",
-    )
-    frames.add_argument("--max-frames", type=int, default=0, help="keep the first N frames")
-    frames.add_argument(
-        "--model",
-        help="thread the state through this FP32 ONNX model, so "
-        "each feed carries the state it sees in use",
-    )
-    frames.add_argument(
-        "--feedback",
-        type=_name_value,
-        action="append",
-        default=[],
-        metavar="OUTPUT=INPUT",
-        help="with --model: e.g. stateN=state",
-    )
-    frames.set_defaults(func=cmd_frames)
+    add_frames_parser(sub)
     return parser
 
 

@@ -33,19 +33,6 @@ def test_result_file_defaults_to_the_termination_log_only_when_writable(tmp_path
     assert cli._default_result_file() == log
 
 
-def test_frames_refuses_a_wav_at_the_wrong_rate(tmp_path):
-    import wave
-
-    wav = tmp_path / "8k.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(8000)
-        w.writeframes(b"\x00\x00" * 800)
-    assert cli.main(["frames", str(wav), str(tmp_path / "out")]) == 10
-    assert not (tmp_path / "out").exists()
-
-
 def test_manifest_from_stdin_as_json(tmp_path, monkeypatch):
     import io
 
