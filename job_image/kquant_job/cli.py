@@ -3,7 +3,8 @@
 ``kquant-job run SOURCE`` runs every QuantizationJob in SOURCE (a manifest path, or ``-`` for
 JSON/YAML on stdin), writes the compact result to ``--result-file`` (default
 ``/dev/termination-log`` when writable) and exits with the error class's code (see
-:class:`kquant_api.ExitCode`).
+:class:`kquant_api.ExitCode`). ``run --dry-run`` prints the plans instead; ``inspect URI``
+reports on a model; ``frames`` turns WAV files into feeds.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kquant_api import JobResult, QuantizationJob, Reason
+from kquant_api import REASON_EXIT_CODE, JobResult, QuantizationJob, Reason
 from kquant_job import __version__, logs
 from kquant_job.cli_frames import add_frames_parser
+from kquant_job.cli_preview import add_inspect_parser, format_plan
 from kquant_job.errors import KquantError, ValidationFailed
 from kquant_job.manifest import load_jobs
 
@@ -143,8 +145,27 @@ def _table(result: JobResult, name: str) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def _dry_run_one(job: QuantizationJob, work_root: Path | None, keep: bool) -> int:
+    """Print one job's plan; returns its exit code (the error class's, else 0)."""
+    from kquant_job.preview import dry_run
+
+    work = None
+    try:
+        work = make_work_dir(work_root)
+        print(format_plan(job.metadata.name, dry_run(job, work)), flush=True)
+        return 0
+    except KquantError as exc:
+        LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
+        print(f"  job: {job.metadata.name} (dry run)\n  {exc.reason.value}: {exc}", flush=True)
+        return int(REASON_EXIT_CODE[exc.reason])
+    finally:
+        if work is not None and not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the jobs of a manifest; returns the exit code (first failure's, else 0)."""
+    """Run the jobs of a manifest (``--dry-run``: print their plans); returns the exit code
+    (first failure's, else 0)."""
     result_file = Path(args.result_file) if args.result_file else _default_result_file()
     results: list[JobResult] = []
     names: list[str] = []
@@ -155,6 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         results, names = [failure_result(None, exc)], ["manifest"]
     else:
         work_root = Path(args.work_dir) if args.work_dir else None
+        if args.dry_run:
+            codes = [_dry_run_one(job, work_root, args.keep_work) for job in jobs]
+            return next((c for c in codes if c), 0)
         for job in jobs:
             results.append(_run_one(job, work_root, args.keep_work))
             names.append(job.metadata.name)
@@ -182,6 +206,7 @@ RUN_EXAMPLES = """examples:
   kquant-job run job.yaml                 run every QuantizationJob in job.yaml
   kubectl get qjob vad -o json | kquant-job run      the manifest on stdin (SOURCE omitted)
   kquant-job run job.yaml --keep-work --work-dir /tmp/kq   keep the work directory to look at
+  kquant-job run job.yaml --dry-run       the plan: files converted, copied, kept; names; inputs
 
 A minimal job (file:// or s3:// URIs):
   apiVersion: kquant.io/v1alpha1
@@ -243,8 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
         "or the system temp dir)",
     )
     run.add_argument("--keep-work", action="store_true", help="keep the work directory")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the spec, the output and the model, and print the plan (files converted, "
+        "copied, kept; output names; validation inputs) without converting or writing "
+        "anything (no result file either)",
+    )
     run.set_defaults(func=cmd_run)
     add_frames_parser(sub)
+    add_inspect_parser(sub)
     return parser
 
 

@@ -43,7 +43,10 @@ MAX_INPUTS_TEXT = 400  # characters of the chosen inputs in the result (under it
 
 
 @dataclass
-class _Run:
+class JobRun:
+    """One run of a job: the job, its work directory, the sandbox limits, stage timings
+    (ms), the storages opened (by scheme) and what the sandbox enforced."""
+
     job: QuantizationJob
     work: Path
     limits: Limits
@@ -58,7 +61,7 @@ class _Run:
         return self.stores[scheme]
 
 
-def _stored_bytes(run: _Run, uri: str) -> int:
+def _stored_bytes(run: JobRun, uri: str) -> int:
     """Bytes stored at ``uri`` (an object, or every object of a prefix), without fetching;
     0 when nothing is there (the download then says SourceNotFound)."""
     store = run.store(uri)
@@ -68,7 +71,7 @@ def _stored_bytes(run: _Run, uri: str) -> int:
     return info.size if info else 0
 
 
-def _fetch_npz(run: _Run, uri: str | None, name: str, max_bytes: int) -> list[Path]:
+def _fetch_npz(run: JobRun, uri: str | None, name: str, max_bytes: int) -> list[Path]:
     if not uri:
         return []
     local = run.store(uri).download(uri, run.work / name, max_bytes=max_bytes)
@@ -93,24 +96,22 @@ def check_resolved_overlaps(spec: QuantizationJobSpec) -> None:
         raise InvalidSpec("; ".join(overlaps))
 
 
-def run_job(job: QuantizationJob, work: Path) -> JobResult:
-    """Run one job in the work directory ``work`` (created if needed) and return its result.
-
-    Raises the worker's KquantError subclasses (InvalidSpec, StorageError, PassError,
-    ValidationFailed) with their reasons; the CLI turns them into a failed JobResult. A
-    failure after the output's preflight carries ``detail["report_uri"]``: its report.json.
-    """
-    spec, run, started = job.spec, _Run(job, work, Limits.from_env()), now()
+def open_targets(run: JobRun) -> tuple[Target, Target | None]:
+    """Check the spec's overlaps on resolved paths, and read the output and promotion
+    prefixes (:meth:`Target.preflight`, read-only): the targets to publish to. Raises
+    InvalidSpec and the preflight's StorageErrors (OutputExists, Superseded,
+    ForeignObject...)."""
+    spec = run.job.spec
     out_prefix = as_prefix(spec.output.uri)
     logs.info(
         "job",
-        name=job.metadata.name,
+        name=run.job.metadata.name,
         source=spec.model.uri,
         output=out_prefix,
         precision=spec.quantization.precision.value,
     )
     check_resolved_overlaps(spec)
-    writer = Writer.of(job)
+    writer = Writer.of(run.job)
     out = Target(
         run.store(out_prefix),
         out_prefix,
@@ -130,6 +131,18 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
             field_name="spec.promotion.uri",
         )
         promo.preflight()
+    return out, promo
+
+
+def run_job(job: QuantizationJob, work: Path) -> JobResult:
+    """Run one job in the work directory ``work`` (created if needed) and return its result.
+
+    Raises the worker's KquantError subclasses (InvalidSpec, StorageError, PassError,
+    ValidationFailed) with their reasons; the CLI turns them into a failed JobResult. A
+    failure after the output's preflight carries ``detail["report_uri"]``: its report.json.
+    """
+    run, started = JobRun(job, work, Limits.from_env()), now()
+    out, promo = open_targets(run)
     try:
         return _run(run, out, promo, started)
     except KquantError as exc:
@@ -138,7 +151,7 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
         raise
 
 
-def _report_failure(run: _Run, out: Target, exc: KquantError, started: str) -> str | None:
+def _report_failure(run: JobRun, out: Target, exc: KquantError, started: str) -> str | None:
     """Write the failure's report.json under the output (best effort: an unreachable output
     leaves the result file as the only record); its URI, or None."""
     detail = {k: v for k, v in exc.detail.items() if k not in ("summary",)}
@@ -159,7 +172,10 @@ def _report_failure(run: _Run, out: Target, exc: KquantError, started: str) -> s
     return uri
 
 
-def _run(run: _Run, out: Target, promo: Target | None, started: str) -> JobResult:
+def fetch_inputs(run: JobRun) -> StageInput:
+    """Check the work directory's room for the job (its budget), fetch the model, the
+    validation data and the calibration data into ``run.work``, and return the sandboxed
+    stage's inputs. Raises StorageError (SourceNotFound, SourceTooLarge, UnsafePath...)."""
     spec, work = run.job.spec, run.work
     work.mkdir(parents=True, exist_ok=True)
     calib = spec.quantization.calibration
@@ -176,7 +192,7 @@ def _run(run: _Run, out: Target, promo: Target | None, started: str) -> JobResul
         data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data", space)
         calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration", space)
     box = work / "sandbox"
-    io = StageInput(
+    return StageInput(
         source=local,
         data=data_files,
         data_dir=work / "validation-data",
@@ -185,7 +201,11 @@ def _run(run: _Run, out: Target, promo: Target | None, started: str) -> JobResul
         staged=box / "staged",
         scratch=box / "scratch",
     )
-    done = run_stage(run.job, io, work, run.limits)
+
+
+def _run(run: JobRun, out: Target, promo: Target | None, started: str) -> JobResult:
+    io = fetch_inputs(run)
+    done = run_stage(run.job, io, run.work, run.limits)
     stage, run.sandbox = done["stage"], done["sandbox"]
     run.timings.update(stage.timings)
     return _publish(run, stage, io.staged, out, promo, started)
@@ -251,7 +271,7 @@ def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
 
 
 def _publish(
-    run: _Run,
+    run: JobRun,
     stage: StageOutcome,
     staged: Path,
     out: Target,

@@ -136,13 +136,9 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
     ``io.scratch``), copy the other files, and validate each converted model against its
     original on the validation feeds. Raises the worker's KquantErrors (InvalidSpec,
     PassError...)."""
-    spec, staged = job.spec, io.staged
+    staged = io.staged
     timings: dict[str, float] = {}
-    include, exclude = spec.quantization.include, spec.quantization.exclude
-    plan = plan_model(io.source, spec.model.format, include, exclude)
-    _check_model_keys(spec.validation.models, plan)
-    onnx_models = [plan.root / m.rel for m in plan.models if m.format is ModelFormat.onnx]
-    check_names(spec.quantization, onnx_models)
+    plan = _plan(job, io)
     for rel, why in plan.kept.items():
         logs.info(f"kept {rel} as it is", file=rel, why=why)
     for warning in plan.warnings:
@@ -159,13 +155,82 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
     return StageOutcome([c.outcome for c in converted], plan.copies, plan.kept, timings)
 
 
+def _plan(job: QuantizationJob, io: StageInput) -> Plan:
+    """The plan of the fetched model, with the spec's names checked against it."""
+    spec = job.spec
+    include, exclude = spec.quantization.include, spec.quantization.exclude
+    plan = plan_model(io.source, spec.model.format, include, exclude)
+    _check_model_keys(spec.validation.models, plan)
+    onnx_models = [plan.root / m.rel for m in plan.models if m.format is ModelFormat.onnx]
+    check_names(spec.quantization, onnx_models)
+    return plan
+
+
+def _validator(
+    job: QuantizationJob, model: ModelFile, src: Path, io: StageInput, many: bool
+) -> Any:
+    """The model's validator (None when validation is off), its inputs logged."""
+    from kquant_job.validate.validators import make_validator
+
+    spec = job.spec
+    if not spec.validation.enabled:
+        return None
+    samples = _files_for(model, io.data, io.data_dir, many)
+    if io.data:
+        logs.info(f"validation data for {model.rel}", files=len(samples))
+    own = spec.model_copy(update={"validation": spec.validation.for_model(model.rel)})
+    validator = make_validator(model.format, src, own, samples)
+    if validator.chosen:
+        logs.info(
+            f"validation inputs for {model.rel} (found in {validator.chosen['tries']} tries)",
+            **validator.chosen["inputs"],
+        )
+    return validator
+
+
+def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
+    """The dry run: what :func:`convert_and_validate` would do, converting nothing. Returns
+    ``{"models": [{source, format, pass, output, bytes, external, validation}], "copies",
+    "kept" (rel -> why), "warnings"}``; ``validation`` is None when off, else ``{kind,
+    inputs}`` with the inputs chosen (found by kquant, or the number of sample files).
+    Validation inputs are found by running the original model, in the sandbox. Raises as
+    :func:`convert_and_validate` does before converting."""
+    cfg, single = job.spec.quantization, io.source.is_file()
+    plan = _plan(job, io)
+    many = len(plan.models) > 1
+    models = []
+    for model in plan.models:
+        src = plan.root / model.rel
+        validator = _validator(job, model, src, io, many)
+        validation = None
+        if validator is not None:
+            if validator.chosen:
+                inputs: Any = validator.chosen["inputs"]
+            elif validator.kind == "tensors":
+                inputs = "none: weights are compared tensor by tensor"
+            else:
+                inputs = f"{len(_files_for(model, io.data, io.data_dir, many))} sample file(s)"
+            validation = {"kind": validator.kind, "inputs": inputs}
+        models.append(
+            {
+                "source": model.rel,
+                "format": model.format.value,
+                "pass": select_pass(model.format, cfg).name,
+                "output": output_name(model.rel, cfg.precision.value, single),
+                "bytes": _bytes(plan.root, [model.rel, *model.external]),
+                "external": list(model.external),
+                "validation": validation,
+            }
+        )
+    copies = [c for c in plan.copies if c not in plan.kept]
+    return {"models": models, "copies": copies, "kept": plan.kept, "warnings": plan.warnings}
+
+
 def _convert_all(
     job: QuantizationJob, plan: Plan, io: StageInput, timings: dict[str, float]
 ) -> list[_Converted]:
-    from kquant_job.validate.validators import make_validator
-
-    spec, staged, single = job.spec, io.staged, io.source.is_file()
-    cfg, many = spec.quantization, len(plan.models) > 1
+    staged, single = io.staged, io.source.is_file()
+    cfg, many = job.spec.quantization, len(plan.models) > 1
     results = []
     with logs.stage("convert", timings, models=len(plan.models)):
         for i, model in enumerate(plan.models):
@@ -174,19 +239,7 @@ def _convert_all(
             out_rel = output_name(model.rel, cfg.precision.value, single)
             out_path = staged / out_rel
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            validator = None
-            if spec.validation.enabled:
-                samples = _files_for(model, io.data, io.data_dir, many)
-                if io.data:
-                    logs.info(f"validation data for {model.rel}", files=len(samples))
-                own = spec.model_copy(update={"validation": spec.validation.for_model(model.rel)})
-                validator = make_validator(model.format, src, own, samples)
-                if validator.chosen:
-                    logs.info(
-                        f"validation inputs for {model.rel} (found in "
-                        f"{validator.chosen['tries']} tries)",
-                        **validator.chosen["inputs"],
-                    )
+            validator = _validator(job, model, src, io, many)
             ctx = PassContext(
                 work_dir=io.scratch / str(i),
                 probe=validator.probe if validator else None,

@@ -190,7 +190,7 @@ def test_a_signal_becomes_a_precise_reason(signum, reason, words):
 
 def test_an_outcome_names_its_error_class_or_is_refused(tmp_path):
     from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError
-    from kquant_job.sandbox.runner import _outcome, error_from
+    from kquant_job.sandbox.runner import _outcome, error_from, stage_outcome
 
     assert type(error_from("InvalidSpec", "x")) is InvalidSpec
     assert type(error_from("UnsafePath", "x")) is StorageError
@@ -199,11 +199,15 @@ def test_an_outcome_names_its_error_class_or_is_refused(tmp_path):
     (tmp_path / "outcome.json").write_text('{"error": {"reason": "CorruptModel", "message": "m"}}')
     with pytest.raises(PassError, match="m"):
         _outcome(tmp_path, 0)
-    for bad in ("[]", "not json", '{"ok": {"models": 3}}'):
+    for bad in ("[]", "not json", '{"sandbox": {}}'):
         (tmp_path / "outcome.json").write_text(bad)
         with pytest.raises(KquantError) as info:
             _outcome(tmp_path, 0)
         assert info.value.reason.value == "InternalError"
+    (tmp_path / "outcome.json").write_text('{"ok": {"models": 3}}')
+    with pytest.raises(KquantError) as info:
+        stage_outcome(_outcome(tmp_path, 0)[0])
+    assert info.value.reason.value == "InternalError"
     (tmp_path / "outcome.json").unlink()
     (tmp_path / "outcome.json").symlink_to("/etc/passwd")  # never followed
     with pytest.raises(KquantError, match="without an outcome"):

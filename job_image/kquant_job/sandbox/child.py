@@ -1,8 +1,9 @@
 """The sandboxed process: ``python -I -B -m kquant_job.sandbox.child REQUEST LOG_FD``.
 
 It confines itself (:mod:`kquant_job.sandbox.confine`) before importing any model library,
-then runs :func:`kquant_job.stage.convert_and_validate` on the request and writes
-``outcome.json`` beside the request: ``{"ok": <StageOutcome>, "sandbox": {...}}`` or
+then runs the request's task (:func:`kquant_job.stage.convert_and_validate` by default; the
+dry run's plan, or ``inspect``) and writes ``outcome.json`` beside the request:
+``{"ok": <the task's result>, "sandbox": {...}}`` or
 ``{"error": {"reason", "message", "detail"}, "sandbox": {...}}``. Logs go to LOG_FD as JSON
 lines. Exit status 0 whenever an outcome was written; a crash shows as a signal.
 """
@@ -83,6 +84,39 @@ def _write(box: Path, outcome: dict[str, Any]) -> None:
     os.replace(tmp, box / OUTCOME)
 
 
+def stage_input(io: dict[str, Any]) -> Any:
+    """The :class:`kquant_job.stage.StageInput` of a request's ``io`` object."""
+    from kquant_job.stage import StageInput
+
+    return StageInput(
+        source=Path(io["source"]),
+        data=[Path(p) for p in io["data"]],
+        data_dir=Path(io["dataDir"]),
+        calib=[Path(p) for p in io["calib"]],
+        calib_dir=Path(io["calibDir"]),
+        staged=Path(io["staged"]),
+        scratch=Path(io["scratch"]),
+    )
+
+
+def _run_task(request: dict[str, Any]) -> Any:
+    """Run the request's ``task``: ``stage`` (convert and validate, the default), ``plan``
+    (the dry run: plan and choose validation inputs, convert nothing) or ``inspect`` (report
+    on the model files at ``inspect.path``); returns its JSON-able result."""
+    task = request.get("task", "stage")
+    if task == "inspect":
+        from kquant_job.inspect_model import inspect_path
+
+        args = request["inspect"]
+        return inspect_path(Path(args["path"]), args.get("opType"), args.get("name"))
+    from kquant_job.stage import convert_and_validate, plan_stage
+
+    job = QuantizationJob.model_validate(request["job"])
+    if task == "plan":
+        return plan_stage(job, stage_input(request["io"]))
+    return convert_and_validate(job, stage_input(request["io"])).to_json()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the request at ``argv[0]``, logging to the file descriptor ``argv[1]``."""
     args = sys.argv[1:] if argv is None else argv
@@ -116,21 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v for k, v in fields.items() if v is not None},
     )
     try:
-        from kquant_job.stage import StageInput, convert_and_validate
-
-        job = QuantizationJob.model_validate(request["job"])
-        io = request["io"]
-        stage_input = StageInput(
-            source=Path(io["source"]),
-            data=[Path(p) for p in io["data"]],
-            data_dir=Path(io["dataDir"]),
-            calib=[Path(p) for p in io["calib"]],
-            calib_dir=Path(io["calibDir"]),
-            staged=Path(io["staged"]),
-            scratch=Path(io["scratch"]),
-        )
-        outcome = convert_and_validate(job, stage_input)
-        _write(box, {"ok": outcome.to_json(), "sandbox": sandbox})
+        _write(box, {"ok": _run_task(request), "sandbox": sandbox})
     except BaseException as exc:  # every end writes an outcome the parent can report
         reason, message, detail = classify(exc, memory, confined)
         error = {"reason": reason.value, "message": message, "detail": detail}

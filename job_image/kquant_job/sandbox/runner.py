@@ -129,6 +129,18 @@ class _Relay:
         return f"during {self.stage}" + (f" of {self.model}" if self.model else "")
 
 
+def _io_request(io: StageInput) -> dict[str, Any]:
+    return {
+        "source": str(io.source),
+        "data": [str(p) for p in io.data],
+        "dataDir": str(io.data_dir),
+        "calib": [str(p) for p in io.calib],
+        "calibDir": str(io.calib_dir),
+        "staged": str(io.staged),
+        "scratch": str(io.scratch),
+    }
+
+
 def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) -> dict[str, Any]:
     """Run :func:`kquant_job.stage.convert_and_validate` for ``job`` in a sandboxed child
     whose folder is ``io.staged``'s and ``io.scratch``'s parent; return
@@ -138,22 +150,54 @@ def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) 
     (killed by a signal), MemoryLimitExceeded (SIGKILL, or an allocation failure),
     TimeLimitExceeded (``limits.timeout_seconds`` passed; the child's process group is
     killed), or KquantError(InternalError) when it ended without an outcome."""
-    box, work = io.staged.parent.resolve(), work.resolve()  # the child runs in ``box``
     io = StageInput(*(_absolute(v) for v in vars(io).values()))
+    request = {
+        "task": "stage",
+        "job": job.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "io": _io_request(io),
+    }
+    result, sandbox = run_task(request, io.staged.parent, work, limits)
+    return {"stage": stage_outcome(result), "sandbox": sandbox}
+
+
+def stage_outcome(result: Any) -> StageOutcome:
+    """Parse the stage task's result; raises KquantError(InternalError) when malformed."""
+    try:
+        return StageOutcome.from_json(result)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise KquantError(
+            f"malformed sandbox outcome: {exc!r}", reason=Reason.InternalError
+        ) from None
+
+
+def run_plan(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) -> dict[str, Any]:
+    """The dry run's plan (:func:`kquant_job.stage.plan_stage`), computed in the sandbox as
+    :func:`run_stage` would convert; raises as :func:`run_stage`."""
+    io = StageInput(*(_absolute(v) for v in vars(io).values()))
+    request = {
+        "task": "plan",
+        "job": job.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "io": _io_request(io),
+    }
+    result, _ = run_task(request, io.staged.parent, work, limits, what="planning")
+    if not isinstance(result, dict):
+        raise KquantError("malformed sandbox outcome", reason=Reason.InternalError)
+    return result
+
+
+def run_task(
+    task: dict[str, Any], box: Path, read: Path, limits: Limits, what: str = "conversion"
+) -> tuple[Any, dict[str, Any]]:
+    """Run one request (``task``: its ``task`` name and arguments, see
+    :mod:`kquant_job.sandbox.child`) in a sandboxed child that may read ``read`` and write
+    ``box`` (created); return the task's result and what the sandbox enforced. ``what`` names
+    the activity in error messages. Raises as :func:`run_stage`."""
+    box, read = box.resolve(), read.resolve()  # the child runs in ``box``
     for sub in ("home", "tmp"):
         (box / sub).mkdir(parents=True, exist_ok=True)
     request = {
-        "job": job.model_dump(mode="json", by_alias=True, exclude_none=True),
-        "io": {
-            "source": str(io.source),
-            "data": [str(p) for p in io.data],
-            "dataDir": str(io.data_dir),
-            "calib": [str(p) for p in io.calib],
-            "calibDir": str(io.calib_dir),
-            "staged": str(io.staged),
-            "scratch": str(io.scratch),
-        },
-        "read": [str(work)],
+        **task,
+        "read": [str(read)],
         "write": [str(box)],
         "memoryBytes": limits.memory_bytes,
         "requireLandlock": limits.require_landlock,
@@ -187,7 +231,7 @@ def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) 
         proc.wait()
         relay.join()
         raise PassError(
-            f"the conversion ran past the sandbox's time limit ({limits.timeout_seconds:g} s, "
+            f"the {what} ran past the sandbox's time limit ({limits.timeout_seconds:g} s, "
             f"KQUANT_SANDBOX_TIMEOUT_SECONDS) {relay.where()} and was killed",
             reason=Reason.TimeLimitExceeded,
         ) from None
@@ -195,7 +239,7 @@ def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) 
         _kill_group(proc.pid)
     relay.join()
     if code < 0:
-        raise _signalled(-code, relay, limits)
+        raise _signalled(-code, relay, limits, what)
     return _outcome(box, code)
 
 
@@ -213,26 +257,26 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _signalled(signum: int, relay: _Relay, limits: Limits) -> PassError:
+def _signalled(signum: int, relay: _Relay, limits: Limits, what: str = "conversion") -> PassError:
     try:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
     if signum == signal.SIGKILL:
         return PassError(
-            f"the conversion process was killed (SIGKILL) {relay.where()}: most likely the "
+            f"the {what} process was killed (SIGKILL) {relay.where()}: most likely the "
             f"kernel's out-of-memory killer (sandbox limit {limits.memory_bytes} bytes; raise "
             "the pod's memory limit)",
             reason=Reason.MemoryLimitExceeded,
         )
     return PassError(
-        f"the conversion process crashed with {name} {relay.where()}: a defect of the "
+        f"the {what} process crashed with {name} {relay.where()}: a defect of the "
         "converting library on this model, or a hostile model; nothing was published",
         reason=Reason.ModelCrashed,
     )
 
 
-def _outcome(box: Path, code: int) -> dict[str, Any]:
+def _outcome(box: Path, code: int) -> tuple[Any, dict[str, Any]]:
     path = box / OUTCOME
     try:
         if path.is_symlink() or path.stat().st_size > MAX_OUTCOME_BYTES:
@@ -240,7 +284,7 @@ def _outcome(box: Path, code: int) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise KquantError(
-            f"the conversion process ended (exit status {code}) without an outcome: {exc}",
+            f"the sandboxed process ended (exit status {code}) without an outcome: {exc}",
             reason=Reason.InternalError,
         ) from None
     if not isinstance(data, dict):
@@ -252,10 +296,6 @@ def _outcome(box: Path, code: int) -> dict[str, Any]:
         exc = error_from(str(error.get("reason")), str(error.get("message")), detail)
         exc.detail["sandbox"] = sandbox
         raise exc
-    try:
-        stage = StageOutcome.from_json(data["ok"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KquantError(
-            f"malformed sandbox outcome: {exc}", reason=Reason.InternalError
-        ) from None
-    return {"stage": stage, "sandbox": sandbox}
+    if "ok" not in data:
+        raise KquantError("malformed sandbox outcome: no result", reason=Reason.InternalError)
+    return data["ok"], sandbox

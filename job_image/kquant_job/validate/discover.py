@@ -349,10 +349,11 @@ def discover(
     tried: list[str] = []
     errors: list[str] = []
     candidates = plans(slots, cfg.dimensions, rows)
+    quiet = _quiet_run_options()
     for n, plan in enumerate(candidates, start=1):
         feed = plan.feeds(1, cfg.seed)[0]
         try:
-            outputs = session.run(None, feed)
+            outputs = session.run(None, feed, quiet)
         except Exception as exc:
             tried.append("; ".join(f"{k} {v}" for k, v in plan.describe().items()))
             errors.append(" ".join(str(exc).split())[:200])
@@ -370,3 +371,13 @@ def discover(
         f"the original model runs on none of the {len(tried)} inputs kquant tried:\n{shown}\n"
         "give the inputs it takes in the spec, e.g.\n" + yaml_hint(slots, candidates[0])
     )
+
+
+def _quiet_run_options() -> Any:
+    """Run options that keep onnxruntime from logging a failed trial's kernel errors: a
+    refused trial is expected, and its error is kept in the InvalidSpec if all fail."""
+    import onnxruntime as ort
+
+    opts = ort.RunOptions()
+    opts.log_severity_level = 4  # fatal only
+    return opts

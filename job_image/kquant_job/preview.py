@@ -1,0 +1,56 @@
+"""Looking before converting: ``kquant-job run --dry-run`` and ``kquant-job inspect``.
+
+Both read only. The dry run does what a run does up to the conversion (the spec's checks, the
+output's and promotion's preflight, the work directory's budget, the fetch), then plans in the
+sandbox: which files are converted, copied or kept, the output names, the validation inputs
+(found by running the original model, as a run would). Inspection fetches a model file or
+folder and reports what it holds (:mod:`kquant_job.inspect_model`), also in the sandbox: a
+model file is hostile until proven otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kquant_api import QuantizationJob
+from kquant_api.spec import StorageConfig
+from kquant_job.budget import room
+from kquant_job.pipeline import JobRun, fetch_inputs, open_targets
+from kquant_job.sandbox.limits import Limits
+from kquant_job.sandbox.runner import run_plan, run_task
+from kquant_job.storage import open_storage
+
+
+def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
+    """The plan of ``job`` (work files in ``work``), publishing nothing: ``{"output",
+    "promotion", "plan"}``, ``plan`` as :func:`kquant_job.stage.plan_stage` returns it.
+    Raises what a run raises before converting: InvalidSpec, the preflight's StorageErrors
+    (OutputExists, ForeignObject, Superseded), the fetch's (SourceNotFound, SourceTooLarge,
+    UnsafePath), and PassError for a model that does not load or run."""
+    run = JobRun(job, work, Limits.from_env())
+    out, promo = open_targets(run)
+    io = fetch_inputs(run)
+    plan = run_plan(job, io, work, run.limits)
+    return {"output": out.prefix, "promotion": promo.prefix if promo else None, "plan": plan}
+
+
+def inspect_uri(
+    uri: str,
+    work: Path,
+    storage: StorageConfig | None = None,
+    op_type: str | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Fetch the model file or folder at ``uri`` (``file://``, a path, or ``s3://`` with
+    ``storage``'s endpoint settings) into ``work`` and report on it (see
+    :func:`kquant_job.inspect_model.inspect_path`; ``op_type``/``name`` filter the node
+    list), in the sandbox. Raises StorageError (SourceNotFound, SourceTooLarge, UnsafePath),
+    PassError (UnsupportedFormat, CorruptModel, UnsafeModel, ModelCrashed...)."""
+    work.mkdir(parents=True, exist_ok=True)
+    local = open_storage(uri, storage).download(uri, work / "source", room(work))
+    task = {"task": "inspect", "inspect": {"path": str(local.resolve()), "opType": op_type}}
+    if name:
+        task["inspect"]["name"] = name
+    result, _ = run_task(task, work / "sandbox", work, Limits.from_env(), what="inspection")
+    return {"uri": uri, **result}

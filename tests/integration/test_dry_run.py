@@ -1,0 +1,89 @@
+"""``kquant-job run --dry-run``: the plan, the same checks as a run, nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from conftest import silero_dir
+from torch_models import save_state_dict
+from worker_helpers import manifest, run_worker
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def models_dir(tmp_path: Path) -> Path:
+    """A CosyVoice-like folder: a TorchScript model, a state dict, the vocoder kept FP32 by
+    default (hift.pt) and a config file."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(silero_dir() / "silero_vad.jit", folder / "vad.jit")
+    save_state_dict(torch.nn.Linear(8, 8), folder / "llm.pt")
+    save_state_dict(torch.nn.Linear(4, 4), folder / "hift.pt")
+    (folder / "cosyvoice.yaml").write_text("sample_rate: 22050\n")
+    return folder
+
+
+def job(model: str, out: Path, **spec: object) -> dict:
+    doc = manifest(model, f"file://{out}/", {"precision": "fp16"}, endpoint=None)
+    doc["spec"].pop("validation")
+    doc["spec"].update(spec)
+    return doc
+
+
+def test_a_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    folder = models_dir(tmp_path)
+    before = tree(folder)
+    out = tmp_path / "out"
+    run = run_worker(job(f"file://{folder}/", out), tmp_path, extra_args=("--dry-run",))
+    assert run.code == 0, run.log
+    text = run.log
+    assert "convert llm.pt (pytorch" in text and "-> llm.pt with" in text
+    assert "convert vad.jit (torchscript" in text
+    assert "keep hift.pt as it is" in text and "copy cosyvoice.yaml" in text
+    # validation inputs chosen for the TorchScript model by running it, as a run would
+    vad = text.split("convert vad.jit", 1)[1].split("\n  convert", 1)[0]
+    assert "validation inputs (found by kquant): x [1, " in vad and "sr " in vad
+    assert "validation inputs: none: weights are compared tensor by tensor" in text
+    assert not out.exists() and tree(folder) == before
+    assert not (tmp_path / "result.json").exists()  # a dry run has no result
+    assert not list((tmp_path / "work").iterdir())  # its work directory is removed
+
+
+def test_a_single_file_plan_names_its_output(tmp_path, silero_onnx):
+    out = tmp_path / "out"
+    run = run_worker(job(f"file://{silero_onnx}", out), tmp_path, extra_args=("--dry-run",))
+    assert run.code == 0, run.log
+    assert "convert silero_vad.onnx (onnx" in run.log
+    assert "-> silero_vad_fp16.onnx with onnx-fp16" in run.log
+    assert "input [1, 576] speech (16 kHz clip)" in run.log
+    assert not out.exists()
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, silero_onnx):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "theirs.bin").write_bytes(b"someone else's")
+    run = run_worker(job(f"file://{silero_onnx}", out), tmp_path, extra_args=("--dry-run",))
+    assert run.code == 20 and "OutputExists" in run.log
+    assert tree(out) == {"theirs.bin": b"someone else's"}
+
+    spec = {"quantization": {"precision": "fp16", "opBlockList": ["NoSuchOp"]}}
+    run = run_worker(job(f"file://{silero_onnx}", tmp_path / "o2", **spec), tmp_path,
+                     extra_args=("--dry-run",))  # fmt: skip
+    assert run.code == 10 and "NoSuchOp" in run.log and not (tmp_path / "o2").exists()
+
+    run = run_worker(job(f"file://{tmp_path}/missing.onnx", tmp_path / "o3"), tmp_path,
+                     extra_args=("--dry-run",))  # fmt: skip
+    assert run.code == 20 and "SourceNotFound" in run.log
+
+
+def test_a_dry_run_of_a_model_that_does_not_run_says_why(tmp_path, silero_onnx):
+    spec = {"validation": {"inputs": {"input": {"shape": [1, 1]}}}}
+    run = run_worker(job(f"file://{silero_onnx}", tmp_path / "out", **spec), tmp_path,
+                     extra_args=("--dry-run",))  # fmt: skip
+    assert run.code == 10 and "InvalidSpec" in run.log
+    assert not (tmp_path / "out").exists()
