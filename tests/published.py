@@ -62,18 +62,20 @@ class Prefix:
         return [k for k in self.all_keys() if not k.startswith(".kquant/")]
 
 
-def read_set(prefix: Prefix, *, mirrors: bool = True) -> dict[str, Any]:
-    """Follow the manifest and check the set: every artifact and the report exist at their
+def read_set(prefix: Prefix, *, mirrors: bool = True, home: str = "") -> dict[str, Any]:
+    """Follow the manifest (``manifest.json``, or ``<home>manifest.json`` on a prefix shared
+    with the originals) and check the set: every artifact and the report exist at their
     ``path`` with the listed sha256 and size; with ``mirrors``, each fixed ``name`` holds the
     same bytes. Returns the manifest. Raises AssertionError naming what is wrong."""
-    raw = prefix.get("manifest.json")
-    assert raw is not None, "no manifest.json"
+    raw = prefix.get(f"{home}manifest.json")
+    assert raw is not None, f"no {home}manifest.json"
     manifest = json.loads(raw)
     assert manifest["kind"] == "ModelManifest" and manifest["layout"] == 2
+    sets = f"{home}sets/" if home else ".kquant/sets/"
     for entry in [*manifest["artifacts"], manifest["report"]]:
         data = prefix.get(entry["path"])
         assert data is not None, f"{entry['path']} listed but absent"
-        assert entry["path"].startswith(f".kquant/sets/{manifest['set']}/"), entry
+        assert entry["path"].startswith(f"{sets}{manifest['set']}/"), entry
         assert sha256(data) == entry["sha256"], f"{entry['path']}: sha256 differs"
         assert len(data) == entry["bytes"]
         if mirrors:

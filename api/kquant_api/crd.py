@@ -30,6 +30,7 @@ from kquant_api.spec import (
     _STATIC_FIELDS,
     API_VERSION,
     KIND,
+    MODEL_FILE_PATTERN,
     URI_SCHEMES,
     QuantizationJob,
     QuantizationJobSpec,
@@ -179,6 +180,21 @@ _URI_PATHS = {
 }
 
 
+_BESIDE = "has(self.output.besideOriginals) && self.output.besideOriginals"
+_NOT_BESIDE = f"!({_BESIDE})"
+
+
+def _beside_rule() -> dict[str, str]:
+    # The worker checks that output.uri is exactly the model's folder; CEL (no substring in
+    # every API server's CEL) checks that the model lies in it.
+    out, model = "self.output.uri", "self.model.uri"
+    inside = f"{model}.startsWith({out}.endsWith('/') ? {out} : {out} + '/')"
+    return _rule(
+        f"!({_BESIDE}) || {inside} || {model} == {out} || {model} + '/' == {out}",
+        "spec.output.uri: with besideOriginals the output is the model's own folder",
+    )
+
+
 def _overlap_rules() -> list[dict[str, str]]:
     """CEL twins of uris.find_overlaps: each write prefix against every read URI and the
     other write prefix. The message starts as the worker's does."""
@@ -189,6 +205,8 @@ def _overlap_rules() -> list[dict[str, str]]:
     for w, r in pairs:
         (wg, wp), (rg, rp) = _URI_PATHS[w], _URI_PATHS[r]
         guard = " && ".join(g for g in (wg, rg) if g != "true")
+        if (w, r) == ("spec.output.uri", "spec.model.uri"):
+            guard = _NOT_BESIDE  # beside the originals, the output is the model's folder
         test = f"!({_overlap(wp, rp)})"
         rules.append(
             _rule(f"!({guard}) || {test}" if guard else test,
@@ -207,6 +225,7 @@ def _spec_rules() -> list[dict[str, str]]:
               "spec.promotion: promotion copies only a validated set; it needs "
               "spec.validation.enabled: true"),
         *_overlap_rules(),
+        _beside_rule(),
     ]  # fmt: skip
 
 
@@ -240,6 +259,11 @@ def spec_schema() -> dict[str, Any]:
         field = _at(spec, dotted)
         field["maxLength"] = URI_MAX_LENGTH
         field["x-kubernetes-validations"] = _uri_rules(f"spec.{dotted}")
+    file_rule = _rule(
+        f"!self.matches('{MODEL_FILE_PATTERN}')",
+        "spec.output.uri: names a model file, but an output is a prefix",
+    )
+    _at(spec, "output.uri")["x-kubernetes-validations"].append(file_rule)
     _at(spec, "quantization")["x-kubernetes-validations"] = _quantization_rules()
     spec["x-kubernetes-validations"] = _spec_rules()
     return spec

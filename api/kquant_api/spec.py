@@ -10,13 +10,14 @@ named in the error message.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from kquant_api.uris import find_overlaps
+from kquant_api.uris import find_overlaps, location, model_folder
 
 API_VERSION = "kquant.io/v1alpha1"
 KIND = "QuantizationJob"
@@ -36,6 +37,10 @@ class _Model(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The object as it appears in YAML/JSON: camelCase keys, unset optionals omitted."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# An output URI ending like a model file: a person meant a file, kquant would make a folder.
+MODEL_FILE_PATTERN = "[.](onnx|pt|pth|jit|ckpt|bin|safetensors)$"
 
 
 def _check_uri(value: str, field: str, *, allow_plain_path: bool = True) -> str:
@@ -143,10 +148,25 @@ class OutputTarget(_Model):
         "not write). When false, a prefix holding another set or any object kquant did not "
         "write ends the job with reason OutputExists.",
     )
+    besideOriginals: bool = Field(
+        False,
+        description="Write the converted models into the model's own folder, beside the "
+        "originals, under new names only: silero_vad.onnx -> silero_vad_fp16.onnx; a folder "
+        "holding a model with other files (config, tokenizer) -> <folder>_fp16/ with its "
+        "other files copied. Nothing else there is touched; kquant's manifest and set folders "
+        "go to .kquant/beside-<precision>/. output.uri must then be the model's folder "
+        "(model.uri itself when it ends in '/', else the folder holding the file).",
+    )
 
     @model_validator(mode="after")
     def _uri(self) -> OutputTarget:
         _check_uri(self.uri, "spec.output.uri")
+        if re.search(MODEL_FILE_PATTERN, self.uri):
+            raise ValueError(
+                "spec.output.uri: names a model file, but an output is a prefix (kquant "
+                f"would make {self.uri} a folder); end it with '/', or set besideOriginals: true "
+                "to write silero_vad_fp16.onnx next to silero_vad.onnx"
+            )
         return self
 
 
@@ -555,7 +575,16 @@ class QuantizationJobSpec(_Model):
                 "spec.promotion: promotion copies only a validated set; it needs "
                 "spec.validation.enabled: true"
             )
-        overlaps = find_overlaps(self.write_uris(), self.read_uris())
+        allowed = set()
+        if self.output.besideOriginals:
+            folder = model_folder(self.model.uri)
+            if location(self.output.uri) != location(folder):
+                raise ValueError(
+                    f"spec.output.uri: with besideOriginals the output is the model's own "
+                    f"folder ({folder}), not {self.output.uri}"
+                )
+            allowed.add(("spec.output.uri", "spec.model.uri"))
+        overlaps = find_overlaps(self.write_uris(), self.read_uris(), allowed)
         if overlaps:
             raise ValueError("; ".join(overlaps))
         return self

@@ -71,15 +71,30 @@ def overlap_message(write_field: str, write_uri: str, other_field: str, other_ur
     )
 
 
-def find_overlaps(writes: dict[str, str], reads: dict[str, str]) -> list[str]:
+def model_folder(uri: str) -> str:
+    """The folder a model URI lies in, '/'-terminated: the URI itself when it names a prefix
+    (ends in '/'), else its parent (``s3://b/m/vad.onnx`` -> ``s3://b/m/``)."""
+    if uri.endswith("/"):
+        return uri
+    head, sep, _ = uri.rpartition("/")
+    return head + "/" if sep else "./"
+
+
+def find_overlaps(
+    writes: dict[str, str],
+    reads: dict[str, str],
+    allowed: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
+) -> list[str]:
     """Messages for every overlap between a write URI and a read URI, and between two
     write URIs (named by the later one: promotion against output); fields map to URIs
-    (absent fields left out). Empty when none overlap."""
+    (absent fields left out); ``allowed`` pairs (write field, other field) are not checked
+    (an output beside the originals shares the model's folder by design). Empty when none
+    overlap."""
     found = []
     names = list(writes)
     for i, wf in enumerate(names):
         others = {**{n: writes[n] for n in names[:i]}, **reads}
         for of, ouri in others.items():
-            if overlaps(writes[wf], ouri):
+            if (wf, of) not in allowed and overlaps(writes[wf], ouri):
                 found.append(overlap_message(wf, writes[wf], of, ouri))
     return found

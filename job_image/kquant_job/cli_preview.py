@@ -190,10 +190,15 @@ def format_plan(name: str, dry: dict[str, Any]) -> str:
             lines.append(f"    validation inputs (found by kquant): {found}")
         else:
             lines.append(f"    validation inputs: {v['inputs']}")
-    for rel in plan["copies"]:
-        lines.append(f"  copy {rel}")
-    for rel, why in plan["kept"].items():
-        lines.append(f"  keep {rel} as it is: {why}")
+    for rel, out in plan["copies"].items():
+        lines.append(f"  copy {rel}" + (f" -> {out}" if out != rel else ""))
+    for rel, kept in plan["kept"].items():
+        where = f" (copied to {kept['output']})" if kept["output"] not in (None, rel) else ""
+        published = "" if kept["output"] else " (not published)"
+        lines.append(f"  keep {rel} as it is{where}{published}: {kept['why']}")
+    if plan["left"]:
+        lines.append(f"  leave alone: {', '.join(plan['left'])}")
+
     for warning in plan["warnings"]:
         lines.append(f"  WARNING {warning}")
     return "\n".join(lines)

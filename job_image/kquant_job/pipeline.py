@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from kquant_api import (
     Reason,
     ValidationSummary,
 )
-from kquant_api.uris import find_overlaps
+from kquant_api.uris import find_overlaps, location, model_folder
 from kquant_job import logs
+from kquant_job.beside import home_for, looks_converted
 from kquant_job.budget import check_budget, room, work_factor
 from kquant_job.errors import InvalidSpec, KquantError, PassError, ValidationFailed
 from kquant_job.report import build_report, failure_report, manifest_fields, now
@@ -61,12 +63,13 @@ class JobRun:
         return self.stores[scheme]
 
 
-def _stored_bytes(run: JobRun, uri: str) -> int:
-    """Bytes stored at ``uri`` (an object, or every object of a prefix), without fetching;
-    0 when nothing is there (the download then says SourceNotFound)."""
+def _stored_bytes(run: JobRun, uri: str, skip: Callable[[str], bool] | None = None) -> int:
+    """Bytes stored at ``uri`` (an object, or every object of a prefix but those ``skip``
+    names), without fetching; 0 when nothing is there (the download then says
+    SourceNotFound)."""
     store = run.store(uri)
     if is_prefix(uri):
-        return sum(o.size for o in store.list(uri))
+        return sum(o.size for o in store.list(uri) if not (skip and skip(o.key)))
     info = store.stat(uri)
     return info.size if info else 0
 
@@ -91,7 +94,16 @@ def check_resolved_overlaps(spec: QuantizationJobSpec) -> None:
 
     writes = {k: resolved(v) for k, v in spec.write_uris().items()}
     reads = {k: resolved(v) for k, v in spec.read_uris().items()}
-    overlaps = find_overlaps(writes, reads)
+    allowed = set()
+    if spec.output.besideOriginals:  # the output is the model's own folder, by design
+        folder = resolved(model_folder(spec.model.uri))
+        if location(writes["spec.output.uri"]) != location(folder):
+            raise InvalidSpec(
+                f"spec.output.uri: with besideOriginals the output is the model's own folder "
+                f"({folder}), not {writes['spec.output.uri']}"
+            )
+        allowed.add(("spec.output.uri", "spec.model.uri"))
+    overlaps = find_overlaps(writes, reads, allowed)
     if overlaps:
         raise InvalidSpec("; ".join(overlaps))
 
@@ -103,6 +115,7 @@ def open_targets(run: JobRun) -> tuple[Target, Target | None]:
     ForeignObject...)."""
     spec = run.job.spec
     out_prefix = as_prefix(spec.output.uri)
+    beside = spec.output.besideOriginals
     logs.info(
         "job",
         name=run.job.metadata.name,
@@ -118,6 +131,7 @@ def open_targets(run: JobRun) -> tuple[Target, Target | None]:
         writer,
         replace=spec.output.overwrite,
         field_name="spec.output.uri",
+        home=home_for(spec.quantization.precision.value) if beside else "",
     )
     out.preflight()
     promo = None
@@ -178,17 +192,21 @@ def fetch_inputs(run: JobRun) -> StageInput:
     stage's inputs. Raises StorageError (SourceNotFound, SourceTooLarge, UnsafePath...)."""
     spec, work = run.job.spec, run.work
     work.mkdir(parents=True, exist_ok=True)
+    # Beside the originals the model's folder is also the output: earlier outputs and
+    # kquant's own folder are not originals.
+    skip = looks_converted if spec.output.besideOriginals else None
     calib = spec.quantization.calibration
     samples = [u for u in (spec.validation.dataUri, calib.uri if calib else None) if u]
     space = room(work)
     check_budget(
         space,
         work_factor(spec.quantization, spec.model.format),
-        (spec.model.uri, _stored_bytes(run, spec.model.uri)),
+        (spec.model.uri, _stored_bytes(run, spec.model.uri, skip)),
         {uri: _stored_bytes(run, uri) for uri in samples},
     )
     with logs.stage("fetch", run.timings, uri=spec.model.uri):
-        local = run.store(spec.model.uri).download(spec.model.uri, work / "source", space)
+        store = run.store(spec.model.uri)
+        local = store.download(spec.model.uri, work / "source", space, skip)
         data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data", space)
         calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration", space)
     box = work / "sandbox"
@@ -345,7 +363,9 @@ def _publish(
         "message": message,
         "notes": result_notes(converted, summary),
     }
-    source = {"uri": spec.model.uri, "files": len(converted) + len(stage.copies)}
+    source: dict[str, Any] = {"uri": spec.model.uri, "files": len(converted) + len(stage.copies)}
+    if stage.left:
+        source["leftAlone"] = stage.left  # beside the originals: not part of the set
     providers = next((m.providers for m in converted if m.providers), [])
 
     # Built once, before publishing: the output and the promotion get the same bytes.
@@ -384,7 +404,7 @@ def _publish(
     )
     fields = manifest_fields(job, validation=validation)
     with logs.stage("publish", run.timings, uri=out.prefix, files=len(rels)):
-        published = out.publish(staged, rels, report, fields)
+        published = out.publish(staged, rels, report, fields, stage.folders)
     promoted = None
     if promo is not None:
         with logs.stage("promote", run.timings, uri=promo.prefix):

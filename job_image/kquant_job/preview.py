@@ -27,11 +27,15 @@ def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
     "promotion", "plan"}``, ``plan`` as :func:`kquant_job.stage.plan_stage` returns it.
     Raises what a run raises before converting: InvalidSpec, the preflight's StorageErrors
     (OutputExists, ForeignObject, Superseded), the fetch's (SourceNotFound, SourceTooLarge,
-    UnsafePath), and PassError for a model that does not load or run."""
+    UnsafePath), PassError for a model that does not load or run, and ForeignObject for an
+    output name held by an object kquant did not write."""
     run = JobRun(job, work, Limits.from_env())
     out, promo = open_targets(run)
     io = fetch_inputs(run)
     plan = run_plan(job, io, work, run.limits)
+    names = [m["output"] for m in plan["models"]] + list(plan["copies"].values())
+    names += [k["output"] for k in plan["kept"].values() if k["output"]]
+    out.check_free(names, plan["folders"])
     return {"output": out.prefix, "promotion": promo.prefix if promo else None, "plan": plan}
 
 

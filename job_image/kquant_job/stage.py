@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from kquant_api import ModelFormat, QuantizationJob
 from kquant_job import logs
+from kquant_job.beside import OutputNames, plan_names
 from kquant_job.errors import InvalidSpec
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
 from kquant_job.passes.onnx_options import check_names
-
-PRECISION_SUFFIX = {"fp16": "_fp16", "bf16": "_bf16", "int8": "_int8"}
 
 
 @dataclass
@@ -44,13 +43,16 @@ class ModelOutcome:
 @dataclass
 class StageOutcome:
     """What the stage produced: one entry per converted model, the files copied unchanged
-    (``copies``; ``kept``: the model files among them left unconverted, with the reason)
-    and the stage timings (ms)."""
+    (``copies``, output paths; ``kept``: the model files among them left unconverted, with
+    the reason), the stage timings (ms), the source files left out of the set (``left``:
+    loose files beside the originals) and the set's own output folders (``folders``)."""
 
     models: list[ModelOutcome]
     copies: list[str]
     kept: dict[str, str]
     timings: dict[str, float]
+    left: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -64,17 +66,9 @@ class StageOutcome:
             copies=[str(c) for c in data["copies"]],
             kept={str(k): str(v) for k, v in data["kept"].items()},
             timings={str(k): float(v) for k, v in data["timings"].items()},
+            left=[str(c) for c in data.get("left", [])],
+            folders=[str(c) for c in data.get("folders", [])],
         )
-
-
-def output_name(rel: str, precision: str, single_file: bool) -> str:
-    """Output path of a converted model: ``silero_vad.onnx`` -> ``silero_vad_fp16.onnx`` for a
-    single-file model (the naming kquant's users' services look for); unchanged inside a
-    model directory, whose output prefix already says what it holds."""
-    if not single_file:
-        return rel
-    path = PurePosixPath(rel)
-    return str(path.with_name(f"{path.stem}{PRECISION_SUFFIX[precision]}{path.suffix}"))
 
 
 def files_under(root: Path) -> set[str]:
@@ -139,20 +133,33 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
     staged = io.staged
     timings: dict[str, float] = {}
     plan = _plan(job, io)
+    names = _names(job, plan, io)
     for rel, why in plan.kept.items():
         logs.info(f"kept {rel} as it is", file=rel, why=why)
     for warning in plan.warnings:
         logs.LOG.warning(warning)
+    if names.left:
+        logs.info("left alone beside the originals", files=len(names.left))
     staged.mkdir(parents=True, exist_ok=True)
-    converted = _convert_all(job, plan, io, timings)
-    for rel in plan.copies:
-        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plan.root / rel, staged / rel)
+    converted = _convert_all(job, plan, names, io, timings)
+    for rel, out in names.copies.items():
+        (staged / out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(plan.root / rel, staged / out)
+    copies = list(names.copies.values())
     if not io.source.is_file():
-        logs.info("copied", files=len(plan.copies), bytes=_bytes(staged, plan.copies))
+        logs.info("copied", files=len(copies), bytes=_bytes(staged, copies))
     with logs.stage("validate", timings):
         _validate_all(converted, staged)
-    return StageOutcome([c.outcome for c in converted], plan.copies, plan.kept, timings)
+    kept = {names.copies[r]: why for r, why in plan.kept.items() if r in names.copies}
+    return StageOutcome(
+        [c.outcome for c in converted], copies, kept, timings, names.left, names.folders
+    )
+
+
+def _names(job: QuantizationJob, plan: Plan, io: StageInput) -> OutputNames:
+    spec = job.spec
+    precision, single = spec.quantization.precision.value, io.source.is_file()
+    return plan_names(plan, precision, single, spec.output.besideOriginals)
 
 
 def _plan(job: QuantizationJob, io: StageInput) -> Plan:
@@ -190,13 +197,16 @@ def _validator(
 
 def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
     """The dry run: what :func:`convert_and_validate` would do, converting nothing. Returns
-    ``{"models": [{source, format, pass, output, bytes, external, validation}], "copies",
-    "kept" (rel -> why), "warnings"}``; ``validation`` is None when off, else ``{kind,
-    inputs}`` with the inputs chosen (found by kquant, or the number of sample files).
+    ``{"models": [{source, format, pass, output, bytes, external, validation}], "copies"
+    (source -> output path), "kept" (source -> {why, output: its copy's path or None}),
+    "left" (source files not published), "folders" (the set's output folders),
+    "warnings"}``; ``validation`` is None when off, else ``{kind, inputs}`` with the inputs
+    chosen (found by kquant, or the number of sample files).
     Validation inputs are found by running the original model, in the sandbox. Raises as
     :func:`convert_and_validate` does before converting."""
-    cfg, single = job.spec.quantization, io.source.is_file()
+    cfg = job.spec.quantization
     plan = _plan(job, io)
+    names = _names(job, plan, io)
     many = len(plan.models) > 1
     models = []
     for model in plan.models:
@@ -216,27 +226,33 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
                 "source": model.rel,
                 "format": model.format.value,
                 "pass": select_pass(model.format, cfg).name,
-                "output": output_name(model.rel, cfg.precision.value, single),
+                "output": names.models[model.rel],
                 "bytes": _bytes(plan.root, [model.rel, *model.external]),
                 "external": list(model.external),
                 "validation": validation,
             }
         )
-    copies = [c for c in plan.copies if c not in plan.kept]
-    return {"models": models, "copies": copies, "kept": plan.kept, "warnings": plan.warnings}
+    copies = {c: out for c, out in names.copies.items() if c not in plan.kept}
+    kept = {c: {"why": why, "output": names.copies.get(c)} for c, why in plan.kept.items()}
+    return {"models": models, "copies": copies, "kept": kept, "left": names.left,
+            "folders": names.folders, "warnings": plan.warnings}  # fmt: skip
 
 
 def _convert_all(
-    job: QuantizationJob, plan: Plan, io: StageInput, timings: dict[str, float]
+    job: QuantizationJob,
+    plan: Plan,
+    names: OutputNames,
+    io: StageInput,
+    timings: dict[str, float],
 ) -> list[_Converted]:
-    staged, single = io.staged, io.source.is_file()
+    staged = io.staged
     cfg, many = job.spec.quantization, len(plan.models) > 1
     results = []
     with logs.stage("convert", timings, models=len(plan.models)):
         for i, model in enumerate(plan.models):
             src = plan.root / model.rel
             pass_ = select_pass(model.format, cfg)
-            out_rel = output_name(model.rel, cfg.precision.value, single)
+            out_rel = names.models[model.rel]
             out_path = staged / out_rel
             out_path.parent.mkdir(parents=True, exist_ok=True)
             validator = _validator(job, model, src, io, many)

@@ -133,6 +133,13 @@ def rejection_cases() -> list[Any]:
          "spec.output.uri: overlaps spec.validation.dataUri"),
         (job(promotion={"uri": "s3://prod/vad"}, validation={"dataUri": "s3://prod/vad/e/"}),
          "spec.promotion.uri: overlaps spec.validation.dataUri"),
+        (job(output={"uri": "s3://models/out/vad_fp16.onnx"}),
+         "spec.output.uri: names a model file, but an output is a prefix"),
+        (job(output={"uri": "s3://models/elsewhere/", "besideOriginals": True}),
+         "spec.output.uri: with besideOriginals the output is the model's own folder"),
+        (job(output={"uri": "s3://models/vad/", "besideOriginals": True},
+             promotion={"uri": "s3://models/vad/prod/"}),
+         "spec.promotion.uri: overlaps spec.output.uri"),
     ]  # fmt: skip
     static = {"precision": "int8", "mode": "static"}
     cases += [
@@ -192,6 +199,7 @@ def test_every_cel_rule_is_exercised():
         job(promotion={"uri": "s3://models/vad-prod/"}, validation={"enabled": True}),
         job(model={"uri": "file:///models/vad.onnx"}, output={"uri": "file:///out/"}),
         job(output={"uri": "s3://bucket-only"}, resources={"limits": {"nvidia.com/gpu": 1}}),
+        job(output={"uri": "s3://models/vad/", "besideOriginals": True}),
     ],
     ids=[
         "fp16-knobs",
@@ -202,6 +210,7 @@ def test_every_cel_rule_is_exercised():
         "promotion",
         "file",
         "bucket",
+        "beside-originals",
     ],
 )
 def test_valid_specs_pass_both(doc):

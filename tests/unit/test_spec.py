@@ -66,7 +66,8 @@ def test_impossible_or_unknown_settings_are_rejected_naming_the_field(quantizati
     [
         (("model", "uri"), "gs://bucket/model.onnx", "unsupported scheme 'gs'"),
         (("output", "uri"), "s3:///no-bucket/", "names no bucket"),
-        (("output", "uri"), "s3://models/vad/silero_vad.onnx", "overlaps spec.model.uri"),
+        (("output", "uri"), "s3://models/vad/silero_vad.onnx", "names a model file"),
+        (("output", "uri"), "s3://models/vad/silero_vad.onnx/", "overlaps spec.model.uri"),
         (("output", "uri"), "s3://models/", "spec.output.uri: overlaps spec.model.uri"),
         (("validation",), {"tolerance": {"maxAbsError": -1}}, "maxAbsError"),
         (("validation",), {"samples": 0}, "samples"),
@@ -147,3 +148,40 @@ def test_strict_and_repair_contradict():
     with pytest.raises(InvalidSpec, match=r"spec\.quantization\.repair: repair true contradicts"):
         parse_job(job(precision="fp16", strict=True, repair=True))
     assert parse_job(job(precision="int8", strict=True)).spec.quantization.strict is True
+
+
+@pytest.mark.parametrize(
+    ("model", "output", "error"),
+    [
+        ("s3://models/vad/silero_vad.onnx", "s3://models/vad/", None),
+        ("s3://models/vad/silero_vad.onnx", "s3://models/vad", None),
+        ("s3://models/speech/", "s3://models/speech/", None),
+        ("file:///srv/models/", "file:///srv/./models/", None),
+        ("s3://models/vad/silero_vad.onnx", "s3://models/", "the model's own folder"),
+        ("s3://models/speech/", "s3://models/speech/vad/", "the model's own folder"),
+        ("s3://models/speech/", "s3://other/speech/", "the model's own folder"),
+    ],
+)
+def test_beside_the_originals_writes_into_the_models_own_folder(model, output, error):
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["model"]["uri"] = model
+    doc["spec"]["output"] = {"uri": output, "besideOriginals": True}
+    if error is None:
+        assert parse_job(doc).spec.output.besideOriginals
+        return
+    with pytest.raises(InvalidSpec) as err:
+        parse_job(doc)
+    assert error in str(err.value) and "besideOriginals" in str(err.value)
+
+
+def test_beside_the_originals_still_keeps_promotion_and_data_apart():
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["model"]["uri"] = "s3://models/speech/"
+    doc["spec"]["output"] = {"uri": "s3://models/speech/", "besideOriginals": True}
+    doc["spec"]["promotion"] = {"uri": "s3://models/speech/prod/"}
+    with pytest.raises(InvalidSpec, match=r"spec\.promotion\.uri: overlaps spec\.model\.uri"):
+        parse_job(doc)
+    del doc["spec"]["promotion"]
+    doc["spec"]["validation"] = {"dataUri": "s3://models/speech/calib/"}
+    with pytest.raises(InvalidSpec, match=r"spec\.output\.uri: overlaps spec\.validation\.dataUri"):
+        parse_job(doc)

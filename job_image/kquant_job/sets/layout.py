@@ -152,16 +152,30 @@ def new_set_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
 
 
-def set_dir(set_id: str) -> str:
+def manifest_key(home: str = "") -> str:
+    """The manifest's key, relative to the prefix: ``manifest.json``, or inside ``home``
+    (``.kquant/beside-fp16/manifest.json``: a prefix shared with other people's files keeps
+    kquant's bookkeeping in its own folder)."""
+    return f"{home}{MANIFEST}"
+
+
+def sets_key(home: str = "") -> str:
+    """The folder of set folders, relative to the prefix: ``.kquant/sets/``, or
+    ``<home>sets/``."""
+    return f"{home}sets/" if home else SETS
+
+
+def set_dir(set_id: str, home: str = "") -> str:
     """The set folder, relative to the prefix (ends in '/')."""
-    return f"{SETS}{set_id}/"
+    return f"{sets_key(home)}{set_id}/"
 
 
-def set_id_of(key: str) -> str | None:
-    """The set id of a key below ``.kquant/sets/`` (relative to the prefix), else None."""
-    if not key.startswith(SETS):
+def set_id_of(key: str, home: str = "") -> str | None:
+    """The set id of a key below the sets folder (relative to the prefix), else None."""
+    sets = sets_key(home)
+    if not key.startswith(sets):
         return None
-    head = key[len(SETS) :].split("/", 1)[0]
+    head = key[len(sets) :].split("/", 1)[0]
     return head or None
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from kquant_api import Reason
 from kquant_job.errors import StorageError
-from kquant_job.sets.layout import MANIFEST, SET_KEY, SETS
+from kquant_job.sets.layout import KQUANT_DIR, SET_KEY, manifest_key
 from kquant_job.sets.state import PrefixState, owned, read_state
 from kquant_job.storage.base import ObjectInfo, Storage
 
@@ -54,6 +54,8 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
     set_id = manifest.set_id
     files = state.sets.get(set_id, {})
     for name, sha256 in sorted(manifest.files.items()):
+        if name.startswith(KQUANT_DIR):
+            continue  # a report kept in its set folder (shared prefixes): no fixed name
         uri = state.uri(name)
         info = state.storage.stat(uri)
         if info is not None and in_sync(info, set_id, files.get(name)):
@@ -62,10 +64,12 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
             if name not in outcome.foreign:
                 outcome.foreign.append(name)
             continue
-        source = state.uri(f"{SETS}{set_id}/{name}")
+        source = state.set_uri(set_id, name)
         state.storage.copy(source, uri, {SET_KEY: set_id, "sha256": sha256})
         outcome.copied.append(name)
     for name in sorted(manifest.owned_names() - set(manifest.files)):
+        if name.startswith(KQUANT_DIR):
+            continue  # inside a set folder: removed with its set, never as a fixed name
         uri = state.uri(name)
         info = state.storage.stat(uri)
         if info is None or not owned(state, name, info):
@@ -78,23 +82,23 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
                 raise  # replaced since the stat: no longer ours to remove
 
 
-def sync_mirrors(storage: Storage, prefix: str) -> MirrorOutcome:
+def sync_mirrors(storage: Storage, prefix: str, home: str = "") -> MirrorOutcome:
     """Bring the fixed names under ``prefix`` in step with its manifest (see the module
     docstring); at most MAX_ROUNDS rounds while other writers keep switching it. Raises
     the storage's errors; a rerun resumes where an interrupted sync stopped."""
     outcome = MirrorOutcome()
     for _ in range(MAX_ROUNDS):
-        state = read_state(storage, prefix)
+        state = read_state(storage, prefix, home)
         if state.manifest is None or state.manifest.set_id is None:
             return outcome
         outcome.set_id = state.manifest.set_id
         if outcome.set_id not in state.sets:
             raise StorageError(
-                f"{prefix}manifest.json names set {outcome.set_id}, whose folder is gone",
+                f"{prefix}{manifest_key(home)} names set {outcome.set_id}, whose folder is gone",
                 reason=Reason.StorageUnavailable,
             )
         _sync_once(state, outcome)
-        again = storage.stat(state.uri(MANIFEST))
+        again = storage.stat(state.uri(manifest_key(home)))
         if again is None or again.etag == state.etag:
             break
     if outcome.foreign:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from kquant_job.sets.layout import (
     build_manifest,
     build_marker,
     dumps,
+    manifest_key,
     new_set_id,
     set_dir,
 )
@@ -87,6 +89,12 @@ class Target:
     promotion; an output with ``overwrite: true``). Without it (a fresh output) the prefix
     must hold nothing but kquant's own bookkeeping and, at most, a set of this very job and
     generation (an earlier run of it that was interrupted).
+
+    ``home`` (shared prefixes): the prefix also holds other people's files (the originals,
+    when converted models are written beside them), so kquant's manifest and set folders live
+    in ``home`` (``.kquant/beside-fp16/``), the report gets no fixed name, objects kquant did
+    not write are expected (never touched; a fixed name or folder of the set holding one is
+    ForeignObject) and only kquant's own unfinished writes are reclaimed.
     """
 
     def __init__(
@@ -98,18 +106,22 @@ class Target:
         replace: bool,
         field_name: str,
         retention: Retention | None = None,
+        home: str = "",
     ) -> None:
         self.storage, self.prefix, self.writer = storage, as_prefix(prefix_uri), writer
-        self.replace, self.field_name = replace, field_name
+        self.replace, self.field_name, self.home = replace, field_name, home
         self.retention = retention or Retention.from_env()
         self.base_etag: str | None = None
+
+    def _state(self) -> PrefixState:
+        return read_state(self.storage, self.prefix, self.home)
 
     def preflight(self) -> None:
         """Read the prefix and refuse what publishing would refuse: OutputExists (a fresh
         output that holds objects, or another job's set), Superseded (a newer generation of
         this job published here), ForeignObject (a manifest.json that is not kquant's).
         Remembers the manifest's etag for the commit."""
-        state = read_state(self.storage, self.prefix)
+        state = self._state()
         self._check(state)
         self.base_etag = state.etag
 
@@ -130,7 +142,7 @@ class Target:
                 "set spec.output.overwrite: true to replace it, or choose a new prefix",
                 reason=Reason.OutputExists,
             )
-        foreign = foreign_objects(state)
+        foreign = [] if self.home else foreign_objects(state)
         if foreign:
             raise StorageError(
                 f"output {self.prefix} already holds objects kquant did not write (e.g. "
@@ -138,15 +150,30 @@ class Target:
                 reason=Reason.OutputExists,
             )
 
-    def _check_names(self, state: PrefixState, names: list[str]) -> None:
-        for name in names:
+    def _check_names(
+        self, state: PrefixState, names: list[str], folders: Sequence[str] = ()
+    ) -> None:
+        """Refuse (ForeignObject) a fixed name of the set, or an object inside one of
+        ``folders`` (the set's own folders, '/'-terminated), that kquant did not write."""
+        found = list(names)
+        for folder in folders:
+            found += [folder + o.key for o in self.storage.list(state.uri(folder))]
+        for name in found:
             info = self.storage.stat(state.uri(name))
-            if info is not None and not owned(state, name, info):
-                raise StorageError(
-                    f"{self.field_name} {self.prefix}: {name!r} holds an object kquant did "
-                    "not write; kquant never replaces it (move it, or choose another prefix)",
-                    reason=Reason.ForeignObject,
-                )
+            if info is None or owned(state, name, info):
+                continue
+            where = (f"folder {name.rsplit('/', 1)[0]}/ holds {name!r}, an object" if "/" in name
+                     else f"{name!r} holds an object")  # fmt: skip
+            raise StorageError(
+                f"{self.field_name} {self.prefix}: {where} kquant did not write; kquant never "
+                "replaces it or mixes files into its folder (move it, or choose another prefix)",
+                reason=Reason.ForeignObject,
+            )
+
+    def check_free(self, names: list[str], folders: Sequence[str] = ()) -> None:
+        """Read-only: raise what :meth:`publish` would raise for these fixed names (and the
+        report's, on a prefix of kquant's own) and folders: ForeignObject. For the dry run."""
+        self._check_names(self._state(), names if self.home else [*names, REPORT], folders)
 
     def _resolve(self, state: PrefixState, set_id: str) -> bool:
         """Whether the manifest now in ``state`` may be replaced by this run's commit; True
@@ -170,23 +197,29 @@ class Target:
         )
 
     def publish(
-        self, staged: Path, rels: list[str], report: dict[str, Any], fields: dict[str, Any]
+        self,
+        staged: Path,
+        rels: list[str],
+        report: dict[str, Any],
+        fields: dict[str, Any],
+        folders: Sequence[str] = (),
     ) -> PublishedSet:
         """Publish the staged files ``rels`` ('/'-separated, relative to ``staged``) with
         ``report`` as one set, per the module docstring; ``fields`` are the manifest's own
-        entries (precision, source, validation...). Call :meth:`preflight` first.
+        entries (precision, source, validation...); ``folders`` the set's own folders, which
+        must hold nothing kquant did not write. Call :meth:`preflight` first.
 
         Raises StorageError: UnsafePath (a bad or reserved path), SourceNotFound (a staged
         file missing), ForeignObject, OutputExists, Superseded, ConcurrentWrite, and the
         storage's errors."""
         names = _check_files(rels, staged, self.prefix)
-        state = read_state(self.storage, self.prefix)
+        state = self._state()
         self._resolve(state, "")  # another writer committed since preflight: who?
         self._check(state)
         reclaim(state, self.writer, self.retention)
-        self._check_names(state, [*names, REPORT])
+        self._check_names(state, names if self.home else [*names, REPORT], folders)
         set_id = new_set_id()
-        folder = join(self.prefix, set_dir(set_id))
+        folder = join(self.prefix, set_dir(set_id, self.home))
         meta = {SET_KEY: set_id}
         marker = build_marker(set_id, self.writer, "writing", now())
         self.storage.write_bytes(join(folder, MARKER), dumps(marker), if_none_match=True)
@@ -196,20 +229,21 @@ class Target:
         report_art = Artifact(
             uri=join(folder, REPORT), sha256=_sha256(report_bytes), bytes=len(report_bytes)
         )
-        entries = [_entry(set_id, rel, a) for rel, a in zip(names, artifacts, strict=True)]
+        entries = [self._entry(set_id, rel, a) for rel, a in zip(names, artifacts, strict=True)]
+        report_entry = self._entry(set_id, REPORT, report_art)
+        if self.home:  # no fixed name on a shared prefix: the report stays in its set
+            report_entry["name"] = report_entry["path"]
         files = {e["name"]: e["sha256"] for e in entries}
-        files[REPORT] = report_art.sha256
+        files[report_entry["name"]] = report_art.sha256
         try:
-            dropped = self._commit(
-                state, set_id, fields, entries, _entry(set_id, REPORT, report_art), files
-            )
+            dropped = self._commit(state, set_id, fields, entries, report_entry, files)
         except StorageError:
             self._withdraw(set_id)
             raise
-        mirrors = sync_mirrors(self.storage, self.prefix)
+        mirrors = sync_mirrors(self.storage, self.prefix, self.home)
         self._drop(dropped)
-        if self.replace:
-            left = foreign_objects(read_state(self.storage, self.prefix), limit=5)
+        if self.replace and not self.home:
+            left = foreign_objects(self._state(), limit=5)
             if left:
                 LOG.warning(
                     "left objects kquant did not write untouched under %s",
@@ -222,7 +256,8 @@ class Target:
             self.prefix,
             extra={"fields": {"artifacts": len(artifacts), "copies": len(mirrors.copied)}},
         )
-        return PublishedSet(set_id, artifacts, report_art.uri, join(self.prefix, MANIFEST), mirrors)
+        manifest_uri = join(self.prefix, manifest_key(self.home))
+        return PublishedSet(set_id, artifacts, report_art.uri, manifest_uri, mirrors)
 
     def _commit(
         self,
@@ -234,7 +269,7 @@ class Target:
         files: dict[str, str],
     ) -> list[str]:
         """Commit the set; returns the ids of the sets its history no longer keeps."""
-        uri = join(self.prefix, MANIFEST)
+        uri = join(self.prefix, manifest_key(self.home))
         dropped: list[str] = []
         for _ in range(MAX_COMMIT_TRIES):
             if self._resolve(state, set_id):
@@ -244,8 +279,10 @@ class Target:
             dropped = [s for s in before if s and s not in {h.set_id for h in history}]
             doc = build_manifest(fields, set_id, self.writer, artifacts, report, history)
             data = dumps(doc)
-            self.storage.write_bytes(join(self.prefix, set_dir(set_id) + MANIFEST), data)
-            self._verify(set_id, [*files, MANIFEST, MARKER])
+            self.storage.write_bytes(join(self.prefix, set_dir(set_id, self.home) + MANIFEST), data)
+            folder = set_dir(set_id, self.home)
+            rels = [e["path"].removeprefix(folder) for e in [*artifacts, report]]
+            self._verify(set_id, [*rels, MANIFEST, MARKER])
             LOG.info("committing set %s", set_id, extra={"fields": {"prefix": self.prefix}})
             try:
                 if self.base_etag is None:
@@ -257,14 +294,14 @@ class Target:
             except StorageError as exc:
                 if exc.reason is not Reason.ConcurrentWrite:
                     raise
-            state = read_state(self.storage, self.prefix)  # who wrote it? (maybe us: a retry)
+            state = self._state()  # who wrote it? (maybe us: a retry)
         raise StorageError(
             f"{self.field_name} {self.prefix}: the manifest kept changing while committing",
             reason=Reason.ConcurrentWrite,
         )
 
     def _verify(self, set_id: str, rels: list[str]) -> None:
-        folder = join(self.prefix, set_dir(set_id))
+        folder = join(self.prefix, set_dir(set_id, self.home))
         present = {o.key for o in self.storage.list(folder)}
         missing = sorted(set(rels) - present)
         if missing:
@@ -278,7 +315,7 @@ class Target:
         """Remove this run's uncommitted set folder after a failed commit (best effort: a
         rerun reclaims what is left)."""
         try:
-            state = read_state(self.storage, self.prefix)
+            state = self._state()
             if state.manifest is None or state.manifest.set_id != set_id:
                 delete_set(state, set_id)
         except StorageError as exc:
@@ -289,18 +326,22 @@ class Target:
         another writer's set in progress), after the fixed names stopped using them."""
         if not dropped:
             return
-        state = read_state(self.storage, self.prefix)
+        state = self._state()
         kept = {h.set_id for h in state.manifest.history} if state.manifest else set()
         for set_id in dropped:
             if set_id not in kept and set_id in state.sets:
                 delete_set(state, set_id)
+
+    def _entry(self, set_id: str, rel: str, art: Artifact) -> dict[str, Any]:
+        path = set_dir(set_id, self.home) + rel
+        return {"name": rel, "path": path, "sha256": art.sha256, "bytes": art.bytes}
 
     def publish_failure(self, report: dict[str, Any]) -> str:
         """Write ``report`` for a failed run into a set folder of its own (marker state
         ``failed``), touching nothing else: the prefix's manifest and copies stay as they
         were. Returns the report's URI. Raises the storage's errors."""
         set_id = new_set_id()
-        folder = join(self.prefix, set_dir(set_id))
+        folder = join(self.prefix, set_dir(set_id, self.home))
         marker = build_marker(set_id, self.writer, "failed", now())
         self.storage.write_bytes(join(folder, MARKER), dumps(marker), if_none_match=True)
         uri = join(folder, REPORT)
@@ -318,10 +359,6 @@ def _history(
     """The new manifest's history: this set, then the retained ones it replaces."""
     older = [h for h in (current.history if current else ()) if h.set_id != set_id]
     return [HistoryEntry(set_id, writer, files), *older[: retention.keep_sets - 1]]
-
-
-def _entry(set_id: str, rel: str, art: Artifact) -> dict[str, Any]:
-    return {"name": rel, "path": set_dir(set_id) + rel, "sha256": art.sha256, "bytes": art.bytes}
 
 
 def _sha256(data: bytes) -> str:

@@ -22,18 +22,21 @@ from kquant_api import Reason
 from kquant_job.errors import StorageError
 from kquant_job.sets.layout import (
     KQUANT_DIR,
-    MANIFEST,
     MARKER,
     MAX_MANIFEST_BYTES,
     SET_KEY,
-    SETS,
     Manifest,
     Retention,
     Writer,
+    manifest_key,
     parse_manifest,
     parse_time,
+    set_dir,
+    set_id_of,
+    sets_key,
 )
 from kquant_job.storage.base import ObjectInfo, Storage, join
+from kquant_job.storage.paths import TEMP_SUFFIX
 
 LOG = logging.getLogger("kquant.publish")
 # An unfinished write outside set folders (a fixed-name copy or a manifest write in progress)
@@ -51,18 +54,24 @@ class PrefixState:
     manifest: Manifest | None
     etag: str | None
     sets: dict[str, dict[str, ObjectInfo]] = field(default_factory=dict)
+    home: str = ""
 
     def uri(self, key: str) -> str:
         """The URI of ``key`` (relative to the prefix)."""
         return join(self.prefix, key)
 
+    def set_uri(self, set_id: str, rel: str = "") -> str:
+        """The URI of ``rel`` in a set folder (the folder itself for '')."""
+        return self.uri(set_dir(set_id, self.home) + rel)
 
-def read_state(storage: Storage, prefix: str) -> PrefixState:
-    """Read ``prefix`` (ending in '/'): its manifest and its set folders.
+
+def read_state(storage: Storage, prefix: str, home: str = "") -> PrefixState:
+    """Read ``prefix`` (ending in '/'): its manifest and its set folders (in ``home``, see
+    :func:`kquant_job.sets.layout.manifest_key`).
 
     Raises StorageError(ForeignObject) when ``manifest.json`` is not kquant's, and the
     storage's errors (SourceNotFound for a missing bucket...)."""
-    uri = join(prefix, MANIFEST)
+    uri = join(prefix, manifest_key(home))
     try:
         got = storage.read_bytes(uri, MAX_MANIFEST_BYTES)
     except StorageError as exc:
@@ -74,11 +83,11 @@ def read_state(storage: Storage, prefix: str) -> PrefixState:
         ) from None
     manifest = parse_manifest(got[0], uri) if got else None
     sets: dict[str, dict[str, ObjectInfo]] = {}
-    for obj in storage.list(join(prefix, SETS)):
+    for obj in storage.list(join(prefix, sets_key(home))):
         set_id, _, rel = obj.key.partition("/")
         if rel:
             sets.setdefault(set_id, {})[rel] = obj
-    return PrefixState(storage, prefix, manifest, got[1] if got else None, sets)
+    return PrefixState(storage, prefix, manifest, got[1] if got else None, sets, home)
 
 
 def owned(state: PrefixState, name: str, info: ObjectInfo) -> bool:
@@ -109,7 +118,9 @@ def foreign_objects(state: PrefixState, limit: int = 3) -> list[str]:
     found = []
     owned_names = state.manifest.owned_names() if state.manifest else set()
     for obj in state.storage.list(state.prefix, limit=FOREIGN_SCAN):
-        if obj.key.startswith(KQUANT_DIR) or (obj.key == MANIFEST and state.manifest):
+        if obj.key.startswith(KQUANT_DIR) or (
+            obj.key == manifest_key(state.home) and state.manifest
+        ):
             continue
         if obj.key in owned_names:
             info = state.storage.stat(state.uri(obj.key))
@@ -124,7 +135,7 @@ def foreign_objects(state: PrefixState, limit: int = 3) -> list[str]:
 def _marker(state: PrefixState, set_id: str) -> dict | None:
     if MARKER not in state.sets.get(set_id, {}):
         return None
-    got = state.storage.read_bytes(state.uri(f"{SETS}{set_id}/{MARKER}"), 1024 * 1024)
+    got = state.storage.read_bytes(state.set_uri(set_id, MARKER), 1024 * 1024)
     try:
         doc = json.loads(got[0]) if got else None
     except (UnicodeDecodeError, ValueError):
@@ -156,12 +167,22 @@ def delete_set(state: PrefixState, set_id: str) -> int:
     objects = state.sets.get(set_id, {})
     keys = sorted(objects, key=lambda rel: rel == MARKER)
     for rel in keys:
-        state.storage.delete(state.uri(f"{SETS}{set_id}/{rel}"), if_match=objects[rel].etag)
-    folder = state.uri(f"{SETS}{set_id}/")
+        state.storage.delete(state.set_uri(set_id, rel), if_match=objects[rel].etag)
+    folder = state.set_uri(set_id)
     for upload in state.storage.list_uploads(folder):
         state.storage.abort_upload(folder, upload)
     state.sets.pop(set_id, None)
     return len(keys)
+
+
+def _ours(state: PrefixState, key: str) -> bool:
+    """Whether an unfinished write outside the set folders may be kquant's: anywhere on a
+    prefix of kquant's own; on a shared one (a ``home`` folder), only a local temporary file
+    (named by kquant), the manifest, or a fixed name kquant placed."""
+    if not state.home or key.endswith(TEMP_SUFFIX):
+        return True
+    owned_names = state.manifest.owned_names() if state.manifest else set()
+    return key == manifest_key(state.home) or key in owned_names
 
 
 def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[str]:
@@ -182,13 +203,15 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
             count = delete_set(state, set_id)
             removed.append(f"{set_id}: {why} ({count} objects)")
     for upload in state.storage.list_uploads(state.prefix):
-        set_id = upload.key[len(SETS) :].split("/", 1)[0] if upload.key.startswith(SETS) else None
+        set_id = set_id_of(upload.key, state.home)
         if set_id is not None:
             # A writer creates its marker before any upload: an upload without one belongs
             # to a set that was reclaimed (asked now, not from the listing above).
             orphan = set_id not in state.sets and not state.storage.stat(
-                state.uri(f"{SETS}{set_id}/{MARKER}")
+                state.set_uri(set_id, MARKER)
             )
+        elif not _ours(state, upload.key):
+            orphan = False  # a prefix shared with other people: their uploads are theirs
         else:  # a fixed-name copy or a manifest write in progress, or a dead writer's
             age = now - upload.initiated if upload.initiated is not None else 0.0
             orphan = upload.writer_alive is False or age > TEMP_GRACE_SECONDS

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +79,13 @@ class Storage(ABC):
         ``limit``, only the first ``limit`` keys in key order."""
 
     @abstractmethod
-    def download(self, uri: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
+    def download(
+        self,
+        uri: str,
+        dest_dir: Path,
+        max_bytes: int | None = None,
+        skip: Callable[[str], bool] | None = None,
+    ) -> Path:
         """Fetch an object (into ``dest_dir/<basename>``) or a prefix (into ``dest_dir``,
         mirroring the keys) and return the local file or directory.
 
@@ -87,7 +93,8 @@ class Storage(ABC):
         when a key would land outside ``dest_dir`` (``..``, absolute keys) or two keys
         collide, StorageError(SourceTooLarge) when the object or the prefix's objects add up
         to more than ``max_bytes``. Nothing is written outside ``dest_dir``, and nothing at
-        all before these checks pass.
+        all before these checks pass. ``skip`` (a prefix only) leaves out the keys (relative
+        to the prefix) for which it returns True: they are neither checked nor fetched.
         """
 
     @abstractmethod

@@ -18,7 +18,7 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from kquant_api import Artifact, Reason
@@ -101,7 +101,13 @@ class FileStorage(Storage):
         except OSError as exc:
             raise os_error(exc, prefix_uri, "list") from None
 
-    def download(self, uri: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
+    def download(
+        self,
+        uri: str,
+        dest_dir: Path,
+        max_bytes: int | None = None,
+        skip: Callable[[str], bool] | None = None,
+    ) -> Path:
         """Copy a file to ``dest_dir/<name>``, or a directory (``uri`` ending in '/') into
         ``dest_dir`` mirroring its tree; returns the file or ``dest_dir``.
 
@@ -128,6 +134,7 @@ class FileStorage(Storage):
             pairs = _walk(src, uri)
         except OSError as exc:
             raise os_error(exc, uri, "list") from None
+        pairs = [(key, path) for key, path in pairs if not (skip and skip(key))]
         if not pairs:
             raise StorageError(f"no files under {uri}", reason=Reason.SourceNotFound)
         check_keys([key for key, _ in pairs], uri)

@@ -176,7 +176,13 @@ class S3Storage(Storage):
             raise classify(exc, prefix_uri) from None
         return sorted(found, key=lambda o: o.key)
 
-    def download(self, uri: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
+    def download(
+        self,
+        uri: str,
+        dest_dir: Path,
+        max_bytes: int | None = None,
+        skip: Callable[[str], bool] | None = None,
+    ) -> Path:
         """Fetch an object to ``dest_dir/<basename>``, or a prefix into ``dest_dir`` mirroring
         its keys; returns the file or ``dest_dir``.
 
@@ -195,7 +201,7 @@ class S3Storage(Storage):
             target = local_target(dest_dir, info.key, uri)
             self._get(uri, target, info.size)
             return target
-        objects = self.list(uri)
+        objects = [o for o in self.list(uri) if not (skip and skip(o.key))]
         if not objects:
             raise StorageError(f"no objects under {uri}", reason=Reason.SourceNotFound)
         check_keys([o.key for o in objects], uri)
