@@ -40,11 +40,13 @@ class Reason(str, Enum):
     CorruptModel = "CorruptModel"
     UnsafeModel = "UnsafeModel"  # a pickle that needs code execution to load (refused)
     ConversionFailed = "ConversionFailed"
+    AlreadyQuantized = "AlreadyQuantized"  # INT8 asked of a model that already is INT8
     ModelCrashed = "ModelCrashed"  # the sandboxed conversion process died of a signal
     MemoryLimitExceeded = "MemoryLimitExceeded"  # the sandbox's memory bound, or an OOM kill
     TimeLimitExceeded = "TimeLimitExceeded"  # the sandbox's time bound
     # ValidationFailed class
     ValidationFailed = "ValidationFailed"
+    NoGain = "NoGain"  # within tolerance, but not smaller or slower than the original
     # the worker's own environment (a retry on another node may help)
     WorkDirUnusable = "WorkDirUnusable"  # the work directory cannot be created or written
     SandboxUnavailable = "SandboxUnavailable"  # model code cannot be confined as required
@@ -87,10 +89,12 @@ REASON_EXIT_CODE: dict[Reason, ExitCode] = {
     Reason.CorruptModel: ExitCode.PASS,
     Reason.UnsafeModel: ExitCode.PASS,
     Reason.ConversionFailed: ExitCode.PASS,
+    Reason.AlreadyQuantized: ExitCode.PASS,
     Reason.ModelCrashed: ExitCode.PASS,
     Reason.MemoryLimitExceeded: ExitCode.PASS,
     Reason.TimeLimitExceeded: ExitCode.PASS,
     Reason.ValidationFailed: ExitCode.VALIDATION,
+    Reason.NoGain: ExitCode.VALIDATION,
     Reason.WorkDirUnusable: ExitCode.INTERNAL,
     Reason.SandboxUnavailable: ExitCode.INTERNAL,
     Reason.InternalError: ExitCode.INTERNAL,

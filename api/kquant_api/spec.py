@@ -235,6 +235,7 @@ _INT8_FIELDS = (
     "opTypesToQuantize",
     "nodesToExclude",
     "calibration",
+    "requireGain",
 )
 _STATIC_FIELDS = ("activationType", "quantFormat", "calibration")
 _FP16_FIELDS = ("keepIoTypes", "opBlockList", "replaceOpBlockList", "nodeBlockList", "repair")
@@ -318,6 +319,13 @@ class QuantizationConfig(_Model):
     )
     calibration: Calibration | None = Field(
         None, description="int8 static: calibration data (required in static mode)."
+    )
+    requireGain: bool | None = Field(
+        None,
+        description="int8: publish only a result that pays off: at most 0.9x the "
+        "original's size, and at most 1.2x its median latency on the execution provider "
+        "the job validates on; otherwise the job ends with reason NoGain, saying what was "
+        "measured. Default true; false publishes it with a note.",
     )
     # fp16 / bf16 (PyTorch formats)
     keepFp32: list[str] | None = Field(

@@ -31,6 +31,7 @@ from kquant_job import logs
 from kquant_job.beside import home_for, looks_converted
 from kquant_job.budget import check_budget, room, work_factor
 from kquant_job.errors import InvalidSpec, KquantError, PassError, ValidationFailed
+from kquant_job.gain import gain_shortfalls
 from kquant_job.report import build_report, failure_report, manifest_fields, now
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_stage
@@ -315,6 +316,14 @@ def _publish(
         if passed
         else "tolerance exceeded: " + "; ".join(violations)
     )
+    shortfalls = gain_shortfalls(spec.quantization, original, quantized, summary) if passed else []
+    if shortfalls:
+        passed, reason = False, Reason.NoGain
+        message = (
+            f"the {spec.quantization.precision.value} result is within tolerance but pays "
+            f"nothing: {'; '.join(shortfalls)}; nothing published (quantization.requireGain: "
+            "false publishes it anyway)"
+        )
     if reason is Reason.Converted:
         message += "; not validated (spec.validation.enabled: false)"
     files = [
@@ -391,6 +400,7 @@ def _publish(
             report_uri = out.publish_failure(report)
         raise ValidationFailed(
             message,
+            reason=reason,
             report_uri=report_uri,
             summary=summary,
             originalBytes=original,

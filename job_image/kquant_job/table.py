@@ -36,6 +36,16 @@ def model_notes(model: ModelOutcome) -> list[str]:
     if last.get("attempt") not in (None, "requested") and details.get("probePassed", True):
         first = attempts[0]
         missed = (first.get("probe") or {}).get("violations") or [first.get("error", "")]
+        kept = (details.get("recovery") or {}).get("keptFloat") or []
+        if last.get("attempt") == "nodeRecovery":
+            shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+            notes.append(
+                f"{model.source}: INT8 kept {len(kept)} node(s) float ({shown}), found by "
+                "ranking nodes by the error each adds, after every fallback missed the "
+                f"tolerance ({missed[0] if missed else 'see the report'}); strict: true "
+                "publishes the requested configuration only"
+            )
+            return notes
         notes.append(
             f"{model.source}: INT8 fell back to {last['attempt']} ({_settings(last)}): the "
             f"requested configuration failed ({missed[0] if missed else 'see the report'}); "

@@ -50,6 +50,7 @@ KNOBS: dict[str, Any] = {
     "reduceRange": True,
     "opTypesToQuantize": ["MatMul"],
     "nodesToExclude": ["n0"],
+    "requireGain": False,
     "calibration": {"uri": "s3://datasets/calib/", "samples": 8},
     "keepIoTypes": False,
     "opBlockList": ["Resize"],

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from onnx import ModelProto, TensorProto
 
 from kquant_api import Reason
 from kquant_job.errors import KquantError, PassError
-from kquant_job.passes.base import PassContext, PassResult
+from kquant_job.passes.base import PassContext, PassResult, ProbeResult
 from kquant_job.passes.int8_common import Int8Settings, cpu_int8_kernels, describe_error
+from kquant_job.passes.int8_recovery import Recovery, recover, score
 from kquant_job.passes.onnx_common import (
     data_file_for,
     inner_nodes,
@@ -68,6 +70,23 @@ def count_quantized(model: ModelProto) -> dict[str, Any]:
     }
 
 
+def refuse_quantized(model: ModelProto, name: str) -> None:
+    """Raise PassError(AlreadyQuantized) when ``model`` already holds quantized nodes (QDQ
+    pairs, integer ops, dynamic quantization): quantizing it again would publish the same
+    precision under an INT8 name, with a second rounding of its float parts."""
+    counts = count_quantized(model)
+    if counts["quantizedNodes"]:
+        ops = ", ".join(f"{op} x{n}" for op, n in list(counts["quantizedOps"].items())[:4])
+        raise PassError(
+            f"{name} is already quantized ({counts['quantizedNodes']} quantized nodes: {ops}; "
+            f"{counts['int8Initializers']} 8-bit initializers): INT8 again would publish "
+            "the same precision under a new name. Use it as it is, or convert its float "
+            "original; in a model folder, quantization.exclude keeps it as it is",
+            reason=Reason.AlreadyQuantized,
+            **counts,
+        )
+
+
 def load_error(path: Path) -> str | None:
     """None when onnxruntime (CPU) loads ``path``, else its message."""
     import onnxruntime as ort
@@ -84,6 +103,29 @@ def load_error(path: Path) -> str | None:
 Quantize = Callable[[Int8Settings, Path], None]
 
 
+def _produce(
+    quantize: Quantize, settings: Int8Settings, candidate: Path, model_in: Path
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Quantize into ``candidate`` and check it loads and quantized something: (its counts,
+    None), or (None, why not)."""
+    candidate.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with working_directory(candidate.parent):
+            quantize(settings, candidate)
+    except KquantError:
+        raise
+    except Exception as exc:
+        return None, f"onnxruntime could not quantize {model_in.name}: {describe_error(exc)}"
+    failure = load_error(candidate)
+    if failure:
+        return None, f"onnxruntime cannot load the quantized {model_in.name}: {failure}"
+    counts = count_quantized(load_model(candidate, load_external_data=False))
+    if counts["quantizedNodes"] == 0:
+        # The float model under an INT8 name is never a candidate.
+        return None, "no node was quantized"
+    return counts, None
+
+
 def run_attempts(
     pass_name: str,
     model_in: Path,
@@ -92,9 +134,16 @@ def run_attempts(
     out_path: Path,
     ctx: PassContext,
     details: dict[str, Any],
+    recoverable: list[str] | None = None,
 ) -> PassResult:
     """Quantize with each step's settings until a candidate loads and passes ``ctx.probe``
     (only the first step is tried without a probe), then move it to ``out_path``.
+
+    When every step misses the probe and ``recoverable`` (the quantizable node names, in
+    graph order) is given, the nodes that break the tolerance are found and left float
+    (:func:`~kquant_job.passes.int8_recovery.recover`, starting from the step whose
+    candidate came closest): a last attempt ``nodeRecovery``, its ranking in
+    ``details["recovery"]``.
 
     Every attempt is recorded in ``details["attempts"]``. When a probe is given and no
     candidate passes, the last one that loaded and quantized something is returned with
@@ -106,32 +155,18 @@ def run_attempts(
     attempts: list[dict[str, Any]] = []
     chosen: tuple[Path, dict[str, Any]] | None = None
     passed = False
+    closest: tuple[float, Int8Settings] | None = None
     for i, (label, settings) in enumerate(steps if ctx.probe else steps[:1], start=1):
         candidate = ctx.work_dir / f"{pass_name}-{i}" / out_path.name
-        candidate.parent.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {"attempt": label, **settings.describe()}
         attempts.append(record)
-        try:
-            with working_directory(candidate.parent):
-                quantize(settings, candidate)
-        except KquantError:
-            raise
-        except Exception as exc:
-            record["error"] = (
-                f"onnxruntime could not quantize {model_in.name}: {describe_error(exc)}"
-            )
-            ctx.log.warning("%s attempt %s: %s", pass_name, label, record["error"])
+        counts, error = _produce(quantize, settings, candidate, model_in)
+        if counts is None:
+            record["error"] = error
+            if error != "no node was quantized":
+                ctx.log.warning("%s attempt %s: %s", pass_name, label, error)
             continue
-        failure = load_error(candidate)
-        if failure:
-            record["error"] = f"onnxruntime cannot load the quantized {model_in.name}: {failure}"
-            continue
-        counts = count_quantized(load_model(candidate, load_external_data=False))
         record.update(counts)
-        if counts["quantizedNodes"] == 0:
-            # The float model under an INT8 name is never a candidate.
-            record["error"] = "no node was quantized"
-            continue
         chosen = (candidate, counts)
         if ctx.probe is None:
             break
@@ -142,6 +177,16 @@ def run_attempts(
         if result.ok:
             passed = True
             break
+        if closest is None or score(result) < closest[0]:
+            closest = (score(result), settings)
+    if ctx.probe is not None and not passed and recoverable and closest is not None:
+        found = _recover(pass_name, model_in, closest[1], recoverable, quantize, out_path, ctx)
+        details["recovery"] = found.describe()
+        if found.settings is not None and found.path is not None:
+            record = {"attempt": "nodeRecovery", **found.settings.describe(), **found.counts}
+            record["probe"] = {"ok": True, "violations": []}
+            attempts.append(record)
+            chosen, passed = (found.path, found.counts), True
     details["attempts"] = attempts
     details["cpuInt8Kernels"] = cpu_int8_kernels()
     if chosen is None:
@@ -162,6 +207,58 @@ def run_attempts(
         ctx.log.warning("%s: %s", pass_name, warning)
     _publish(candidate, out_path)
     return PassResult(output=out_path, details=details)
+
+
+@dataclass
+class _Found:
+    """A recovery and, when it passed, its candidate file and counts."""
+
+    recovery: Recovery
+    path: Path | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Int8Settings | None:
+        return self.recovery.settings
+
+    def describe(self) -> dict[str, Any]:
+        return self.recovery.describe()
+
+
+def _recover(
+    pass_name: str,
+    model_in: Path,
+    base: Int8Settings,
+    nodes: list[str],
+    quantize: Quantize,
+    out_path: Path,
+    ctx: PassContext,
+) -> _Found:
+    """Run :func:`recover` with candidates under the work directory; the passing one's file."""
+    assert ctx.probe is not None
+    probe = ctx.probe
+    made: dict[Int8Settings, tuple[Path, dict[str, Any]]] = {}
+
+    def try_(settings: Int8Settings, label: str) -> ProbeResult | None:
+        candidate = ctx.work_dir / f"{pass_name}-recovery" / label / out_path.name
+        counts, _ = _produce(quantize, settings, candidate, model_in)
+        if counts is None:
+            return None
+        made[settings] = (candidate, counts)
+        return probe(candidate)
+
+    ctx.log.info("%s: every fallback missed the tolerance; ranking nodes", pass_name)
+    found = _Found(recover(base, nodes, try_))
+    if found.settings is not None:
+        key = replace(found.settings, nodes_to_quantize=())
+        found.path, found.counts = made[key]
+        ctx.log.info(
+            "%s: %d node(s) left float pass the tolerance (%d probes)",
+            pass_name,
+            len(found.recovery.kept_float),
+            found.recovery.probes,
+        )
+    return found
 
 
 def _publish(candidate: Path, out_path: Path) -> None:

@@ -77,7 +77,9 @@ def describe_error(exc: BaseException, limit: int = 500) -> str:
 class Int8Settings:
     """The parameter group that static and dynamic INT8 share, in onnxruntime's terms.
 
-    ``op_types`` empty means every op type onnxruntime can quantize in that mode.
+    ``op_types`` empty means every op type onnxruntime can quantize in that mode;
+    ``nodes_to_quantize`` empty means every node not excluded (set only while ranking nodes,
+    see :mod:`kquant_job.passes.int8_recovery`).
     """
 
     weight_type: QuantType = QuantType.QInt8
@@ -85,6 +87,7 @@ class Int8Settings:
     reduce_range: bool = False
     op_types: tuple[str, ...] = ()
     nodes_to_exclude: tuple[str, ...] = ()
+    nodes_to_quantize: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: QuantizationConfig) -> Int8Settings:
@@ -106,6 +109,7 @@ class Int8Settings:
             "reduce_range": self.reduce_range,
             "op_types_to_quantize": list(self.op_types) or None,
             "nodes_to_exclude": list(self.nodes_to_exclude) or None,
+            "nodes_to_quantize": list(self.nodes_to_quantize) or None,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -116,6 +120,7 @@ class Int8Settings:
             "reduceRange": self.reduce_range,
             "opTypesToQuantize": list(self.op_types),
             "nodesToExclude": list(self.nodes_to_exclude),
+            **({"nodesToQuantize": list(self.nodes_to_quantize)} if self.nodes_to_quantize else {}),
         }
 
 
@@ -174,6 +179,28 @@ def output_layers(model: ModelProto, op_types: set[str], depth: int = 4) -> tupl
     found = list(dict.fromkeys(found))
     weighted = [n.name for n in model.graph.node if n.op_type in op_types]
     return () if set(found) >= set(weighted) else tuple(found)
+
+
+def quantizable_nodes(
+    model: ModelProto,
+    settings: Int8Settings,
+    supported: frozenset[str],
+    present: set[str],
+    include_subgraphs: bool = True,
+) -> list[str]:
+    """Names of the weighted nodes (Conv, MatMul, Gemm, LSTM...) that ``settings`` would
+    quantize, in graph order (subgraphs too, unless ``include_subgraphs`` is false: static
+    quantization does not reach them): the nodes accuracy recovery ranks. Unnamed nodes
+    cannot be excluded by name and are left out."""
+    effective = (set(settings.op_types) or set(supported)) & present & WEIGHTED_OP_TYPES
+    graph = model.graph
+    pairs = iter_nodes(graph) if include_subgraphs else ((graph, n) for n in graph.node)
+    names = [
+        node.name
+        for _, node in pairs
+        if node.op_type in effective and node.name and node.name not in settings.nodes_to_exclude
+    ]
+    return list(dict.fromkeys(names))
 
 
 def unknown_names(

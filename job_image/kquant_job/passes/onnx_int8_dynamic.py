@@ -15,12 +15,13 @@ from typing import Any, ClassVar
 from kquant_api import ModelFormat, QuantizationConfig
 from kquant_api.spec import Preprocess
 from kquant_job.passes.base import PassContext, PassResult
-from kquant_job.passes.int8_attempts import run_attempts
+from kquant_job.passes.int8_attempts import refuse_quantized, run_attempts
 from kquant_job.passes.int8_common import (
     WEIGHTED_OP_TYPES,
     Int8Settings,
     fallback_ladder,
     output_layers,
+    quantizable_nodes,
     unknown_names,
 )
 from kquant_job.passes.int8_prepare import (
@@ -29,6 +30,7 @@ from kquant_job.passes.int8_prepare import (
     prepare,
     save_localized,
 )
+from kquant_job.passes.onnx_common import iter_nodes
 from kquant_job.passes.onnx_options import extra_options
 
 
@@ -54,6 +56,7 @@ class OnnxInt8DynamicPass:
         Details: pre-processing status, ``attempts``, ``quantizedNodes`` (+ per op type,
         inside subgraphs, int8 initializers), ``probePassed`` when a probe was given,
         ``warnings``. Raises PassError(CorruptModel) for an unreadable model,
+        PassError(AlreadyQuantized) for a model that already holds quantized nodes,
         PassError(ConversionFailed) naming the file and onnxruntime's message when no
         candidate could be produced and loaded.
         """
@@ -64,6 +67,7 @@ class OnnxInt8DynamicPass:
         supported = frozenset(IntegerOpsRegistry) | {"Gemm"}
         options = extra_options(config)
         prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
+        refuse_quantized(prepared.model, model_in.name)
         details: dict[str, Any] = {"mode": "dynamic", **prepared.details}
         if options:
             details["extraOptions"] = dict(options)
@@ -81,11 +85,16 @@ class OnnxInt8DynamicPass:
         if config.strict:  # the requested configuration only
             steps = steps[:1]
 
+        gemms = {n.name for _, n in iter_nodes(prepared.model.graph) if n.op_type == "Gemm"}
+
         def quantize(s: Int8Settings, out: Path) -> None:
             kwargs = s.ort_kwargs()
             types = kwargs["op_types_to_quantize"]
             if types and "Gemm" in types and "MatMul" not in types:
                 types.append("MatMul")  # what Gemm has become by the time ops are matched
+            for key in ("nodes_to_exclude", "nodes_to_quantize"):
+                if kwargs[key]:  # a Gemm named X is matched as the MatMul X_MatMul
+                    kwargs[key] += [f"{n}_MatMul" for n in kwargs[key] if n in gemms]
             quantize_dynamic(
                 prepared.path,
                 out,
@@ -94,4 +103,9 @@ class OnnxInt8DynamicPass:
                 **kwargs,
             )
 
-        return run_attempts(self.name, model_in, steps, quantize, out_path, ctx, details)
+        nodes = (
+            None
+            if config.strict
+            else quantizable_nodes(prepared.model, settings, supported, present)
+        )
+        return run_attempts(self.name, model_in, steps, quantize, out_path, ctx, details, nodes)

@@ -31,13 +31,14 @@ from kquant_api import (
 from kquant_api.spec import Preprocess
 from kquant_job.errors import InvalidSpec, PassError
 from kquant_job.passes.base import PassContext, PassResult
-from kquant_job.passes.int8_attempts import run_attempts
+from kquant_job.passes.int8_attempts import refuse_quantized, run_attempts
 from kquant_job.passes.int8_common import (
     WEIGHTED_OP_TYPES,
     Int8Settings,
     fallback_ladder,
     ort_quant_type,
     output_layers,
+    quantizable_nodes,
     unknown_names,
 )
 from kquant_job.passes.int8_prepare import (
@@ -113,7 +114,8 @@ class OnnxInt8StaticPass:
         ``calibration`` {method, samples used, files available}. Raises InvalidSpec when
         there are no calibration files, a file does not fit the model's inputs, or the
         types are a combination onnxruntime refuses (QInt8 activations with QUInt8
-        weights); PassError(CorruptModel) for an unreadable model; PassError
+        weights); PassError(CorruptModel) for an unreadable model; PassError(AlreadyQuantized)
+        for a model that already holds quantized nodes; PassError
         (ConversionFailed) naming the file and onnxruntime's message when no candidate was
         produced and loaded.
         """
@@ -142,6 +144,7 @@ class OnnxInt8StaticPass:
 
         options = extra_options(config)
         prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
+        refuse_quantized(prepared.model, model_in.name)
         signature = model_signature(prepared.model)
         load_calibration_feed(files[0], signature)  # a wrong dataset fails before any work
         details: dict[str, Any] = {
@@ -197,4 +200,9 @@ class OnnxInt8StaticPass:
                 **s.ort_kwargs(),
             )
 
-        return run_attempts(self.name, model_in, steps, quantize, out_path, ctx, details)
+        nodes = (
+            None
+            if config.strict
+            else quantizable_nodes(prepared.model, settings, supported, present, False)
+        )
+        return run_attempts(self.name, model_in, steps, quantize, out_path, ctx, details, nodes)

@@ -1,0 +1,45 @@
+"""Whether a result pays off: an INT8 model that is not smaller, or slower, than its original
+is no gain, however accurate (measured on the corpus: an INT8 model with every layer left float
+but one Gemm came out 1.00x the size; a small one 1.5x larger, its scales and zero points
+outweighing the weights saved; one 3.8x slower on the CPU).
+"""
+
+from __future__ import annotations
+
+from kquant_api import Precision, QuantizationConfig, ValidationSummary
+
+# INT8 weights are a quarter of FP32's bytes: a result above 0.9x barely quantized anything.
+MAX_SIZE_RATIO = 0.9
+# Medians of 20 runs of a sub-millisecond model move by up to ~10 % between runs on a busy
+# machine; 1.2x is a slowdown no measurement noise explains.
+MAX_LATENCY_RATIO = 1.2
+
+
+def gain_shortfalls(
+    config: QuantizationConfig,
+    original_bytes: int,
+    quantized_bytes: int,
+    summary: ValidationSummary | None,
+) -> list[str]:
+    """What makes this result no gain, one phrase each (empty: it pays off, or the check does
+    not apply). Applies to precision int8 unless ``requireGain`` is false. Sizes in bytes;
+    latency from ``summary.latencyMs`` (medians, ms, on ``summary.device``), checked only
+    when validation measured it."""
+    if config.precision is not Precision.int8 or config.requireGain is False:
+        return []
+    found = []
+    if original_bytes and quantized_bytes > MAX_SIZE_RATIO * original_bytes:
+        found.append(
+            f"{quantized_bytes / original_bytes:.2f}x the original's size ({quantized_bytes} "
+            f"vs {original_bytes} bytes; at most {MAX_SIZE_RATIO}x pays off)"
+        )
+    latency = summary.latencyMs if summary else None
+    if summary and latency and latency.original > 0:
+        ratio = latency.quantized / latency.original
+        if ratio > MAX_LATENCY_RATIO:
+            found.append(
+                f"{ratio:.2f}x the original's latency on {summary.device} "
+                f"({latency.quantized:.3g} vs {latency.original:.3g} ms median; at most "
+                f"{MAX_LATENCY_RATIO}x)"
+            )
+    return found

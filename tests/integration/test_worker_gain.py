@@ -1,0 +1,91 @@
+"""INT8 that is worth having, end to end through the worker process: an INT8 result within
+tolerance but larger (or slower) than its original ends in NoGain and publishes nothing
+unless ``requireGain: false``; an already quantized model is refused as AlreadyQuantized;
+both leave their report.json and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from conftest import silero_dir
+from corpus import build_corpus
+from worker_helpers import manifest, run_worker
+
+# values of the size the corpus feeds it (normal(0, 0.5)): its Loop's tanh stays in range
+SMALL_INPUTS = {"inputs": {"x": {"low": -0.5, "high": 0.5}}}
+
+
+def _report(run) -> dict:
+    return json.loads(Path(run.result["reportUri"].removeprefix("file://")).read_text())
+
+
+def _control_flow(tmp_path: Path) -> Path:
+    """The corpus' Loop/If graph: two 8x8 weights, so INT8's scales, zero points and
+    DynamicQuantizeLinear nodes outweigh the bytes saved (2.1x the FP32 file)."""
+    model = tmp_path / "m" / "control_flow.onnx"
+    model.parent.mkdir(parents=True)
+    shutil.copyfile(build_corpus()["control_flow"].path, model)
+    return model
+
+
+def test_a_larger_int8_result_is_no_gain_and_not_published(tmp_path: Path) -> None:
+    model = _control_flow(tmp_path)
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", {"precision": "int8"},
+                   endpoint=None, validation=SMALL_INPUTS)  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert (run.code, run.result["reason"]) == (40, "NoGain"), run.log
+    assert "x the original's size" in run.result["message"]
+    assert "requireGain: false" in run.result["message"]
+    assert run.result["validation"]["passed"] is True  # accurate, just not worth it
+    assert run.result["quantizedBytes"] > run.result["originalBytes"]
+    report = _report(run)
+    assert report["outcome"]["reason"] == "NoGain" and report["outcome"]["phase"] == "Failed"
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".kquant"]  # the failure's set only
+
+
+def test_require_gain_false_publishes_it_with_a_note(tmp_path: Path) -> None:
+    model = _control_flow(tmp_path)
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/",
+                   {"precision": "int8", "requireGain": False}, endpoint=None,
+                   validation=SMALL_INPUTS)  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert (run.code, run.result["reason"]) == (0, "Validated"), run.log
+    assert any(n.startswith("not smaller than the original") for n in run.result["notes"])
+    assert (tmp_path / "out" / "control_flow_int8.onnx").is_file()
+
+
+def test_an_int8_result_that_pays_off_is_published(tmp_path: Path) -> None:
+    model = tmp_path / "m" / "silero_vad.onnx"
+    model.parent.mkdir(parents=True)
+    shutil.copyfile(silero_dir() / "silero_vad.onnx", model)
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", {"precision": "int8"},
+                   endpoint=None, validation={"latencyRuns": 20})  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert (run.code, run.result["reason"]) == (0, "Validated"), run.log
+    assert run.result["quantizedBytes"] <= 0.9 * run.result["originalBytes"]
+
+
+def test_an_already_quantized_model_is_refused(tmp_path: Path) -> None:
+    from kquant_api import QuantizationConfig
+    from kquant_job.passes import PassContext
+    from kquant_job.passes.onnx_int8_dynamic import OnnxInt8DynamicPass
+
+    model = tmp_path / "m" / "silero_vad_int8.onnx"
+    (tmp_path / "scratch").mkdir()
+    config = QuantizationConfig(precision="int8")  # INT8 by kquant, as a user kept it
+    ctx = PassContext(work_dir=tmp_path / "scratch")
+    OnnxInt8DynamicPass().run(silero_dir() / "silero_vad.onnx", config, model, ctx)
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", {"precision": "int8"},
+                   endpoint=None)  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert (run.code, run.result["reason"]) == (30, "AlreadyQuantized"), run.log
+    message = run.result["message"]
+    assert "silero_vad_int8.onnx is already quantized" in message
+    assert "DynamicQuantizeLinear" in message or "MatMulInteger" in message
+    assert _report(run)["outcome"]["reason"] == "AlreadyQuantized"
+    assert not (tmp_path / "out" / "manifest.json").exists()

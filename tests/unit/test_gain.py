@@ -1,0 +1,51 @@
+"""The NoGain rule (kquant_job.gain): an INT8 result larger than 0.9x or slower than 1.2x its
+original is no gain; requireGain: false and the float precisions are never checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from kquant_api import QuantizationConfig, ValidationSummary
+from kquant_job.gain import gain_shortfalls
+
+INT8 = QuantizationConfig(precision="int8")
+
+
+def summary(original_ms: float, quantized_ms: float) -> ValidationSummary:
+    return ValidationSummary(
+        passed=True,
+        samples=4,
+        device="cpu",
+        latencyMs={"original": original_ms, "quantized": quantized_ms},
+    )
+
+
+@pytest.mark.parametrize(
+    ("original", "quantized", "ms", "expected"),
+    [
+        (1000, 760, (1.0, 0.97), []),  # Silero VAD's INT8: 0.76x, a little faster
+        (1000, 900, (1.0, 1.2), []),  # both at their bound
+        (1000, 1000, (1.0, 1.0), ["1.00x the original's size"]),  # one Gemm left INT8
+        (1000, 1050, (1.0, 3.8), ["1.05x the original's size", "3.80x the original's latency"]),
+        (1000, 500, (2.0, 2.6), ["1.30x the original's latency on cpu"]),
+    ],
+)
+def test_int8_results_that_pay_nothing_are_named(
+    original: int, quantized: int, ms: tuple[float, float], expected: list[str]
+) -> None:
+    found = gain_shortfalls(INT8, original, quantized, summary(*ms))
+    assert len(found) == len(expected)
+    for text, start in zip(found, expected, strict=True):
+        assert text.startswith(start), text
+
+
+def test_without_latency_only_the_size_counts() -> None:
+    assert gain_shortfalls(INT8, 1000, 500, None) == []
+    assert gain_shortfalls(INT8, 1000, 950, None)[0].startswith("0.95x the original's size")
+
+
+def test_require_gain_false_and_float_precisions_are_not_checked() -> None:
+    off = QuantizationConfig(precision="int8", requireGain=False)
+    assert gain_shortfalls(off, 1000, 2000, summary(1.0, 5.0)) == []
+    fp16 = QuantizationConfig(precision="fp16")  # FP16 on a CPU is slower, and expected to be
+    assert gain_shortfalls(fp16, 1000, 2000, summary(1.0, 5.0)) == []
