@@ -13,6 +13,7 @@ from kquant_api.result import (
     LatencyMs,
     Reason,
     ValidationSummary,
+    VariantResult,
 )
 from kquant_api.spec import (
     API_VERSION,
@@ -22,6 +23,7 @@ from kquant_api.spec import (
     Calibration,
     Int8Mode,
     ModelFormat,
+    Objective,
     Precision,
     QuantFormat,
     QuantizationConfig,
@@ -57,6 +59,7 @@ __all__ = [
     "JobResult",
     "LatencyMs",
     "ModelFormat",
+    "Objective",
     "Phase",
     "Precision",
     "QuantFormat",
@@ -70,4 +73,5 @@ __all__ = [
     "Tolerance",
     "ValidationConfig",
     "ValidationSummary",
+    "VariantResult",
 ]

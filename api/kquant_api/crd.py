@@ -118,9 +118,9 @@ def _rule(rule: str, message: str) -> dict[str, str]:
     return {"rule": rule, "message": message}
 
 
-def _quantization_rules() -> list[dict[str, str]]:
-    """CEL twins of QuantizationConfig._combinations; ``self`` is spec.quantization."""
-    at = "spec.quantization"
+def _quantization_rules(at: str = "spec.quantization") -> list[dict[str, str]]:
+    """CEL twins of QuantizationConfig._combinations; ``self`` is spec.quantization (or one
+    of spec.variants, ``at`` = ``spec.variants[]``)."""
     static = "has(self.mode) && self.mode == 'static'"
     # One rule per (field, wrong precision): a CEL message is fixed text, and it names the
     # precision as the worker's message does.
@@ -174,7 +174,7 @@ _URI_PATHS = {
         "self.validation.dataUri",
     ),
     "spec.quantization.calibration.uri": (
-        "has(self.quantization.calibration)",
+        "has(self.quantization) && has(self.quantization.calibration)",
         "self.quantization.calibration.uri",
     ),
 }
@@ -226,6 +226,24 @@ def _spec_rules() -> list[dict[str, str]]:
               "spec.validation.enabled: true"),
         *_overlap_rules(),
         _beside_rule(),
+        *_variants_rules(),
+    ]  # fmt: skip
+
+
+def _variants_rules() -> list[dict[str, str]]:
+    """CEL twins of QuantizationJobSpec._conversions (names made unique by defaults are the
+    worker's to check: CEL cannot compute a default)."""
+    named = "self.variants.filter(w, has(w.name) && w.name == v.name).size() == 1"
+    return [
+        _rule("has(self.quantization) != has(self.variants)",
+              "spec.quantization: give spec.quantization (one conversion) or spec.variants "
+              "(several), exactly one of them"),
+        _rule("!has(self.selection) || has(self.variants)",
+              "spec.selection: only with spec.variants"),
+        _rule(f"!has(self.variants) || !({_BESIDE})",
+              "spec.variants: not supported with spec.output.besideOriginals"),
+        _rule(f"!has(self.variants) || self.variants.all(v, !has(v.name) || {named})",
+              "spec.variants: a name is given to more than one variant (each needs its own)"),
     ]  # fmt: skip
 
 
@@ -265,6 +283,9 @@ def spec_schema() -> dict[str, Any]:
     )
     _at(spec, "output.uri")["x-kubernetes-validations"].append(file_rule)
     _at(spec, "quantization")["x-kubernetes-validations"] = _quantization_rules()
+    _at(spec, "variants")["items"]["x-kubernetes-validations"] = _quantization_rules(
+        "spec.variants[]"
+    )
     spec["x-kubernetes-validations"] = _spec_rules()
     return spec
 
@@ -306,7 +327,10 @@ def build_crd() -> dict[str, Any]:
     }  # fmt: skip
     columns = [
         _column("Phase", "string", ".status.phase", "Lifecycle phase."),
-        _column("Precision", "string", ".spec.quantization.precision", "Target precision."),
+        _column("Precision", "string", ".status.result.precision",
+                "Precision of the published (chosen) conversion."),
+        _column("Chosen", "string", ".status.result.chosen",
+                "spec.variants: the variant chosen by the objective."),
         _column("Reduction (%)", "number", ".status.result.reductionPercent",
                 "Size reduction of the converted model, percent."),
         _column("Max abs error", "number", ".status.result.validation.maxAbsError",

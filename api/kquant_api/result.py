@@ -149,6 +149,18 @@ class ValidationSummary(_Compact):
     )
 
 
+class VariantResult(_Compact):
+    name: str = Field(description="The variant's name (its output names' suffix).")
+    precision: str = Field(description="Its precision (fp16, bf16, int8).")
+    passed: bool = Field(description="Converted, within tolerance and worth publishing.")
+    reason: str = Field(description="Validated, Converted, or why it failed (a Reason).")
+    message: str | None = Field(None, description="Why it failed, shortened.")
+    quantizedBytes: int | None = Field(None, description="Size of its output, bytes.")
+    latencyMs: LatencyMs | None = Field(None, description="Median latencies, ms.")
+    cosineSimilarity: float | None = Field(None, description="Its worst-output cosine.")
+    meanAbsError: float | None = Field(None, description="Its largest per-output mean abs error.")
+
+
 class JobResult(_Compact):
     """Compact outcome of one worker run (the termination message)."""
 
@@ -169,6 +181,12 @@ class JobResult(_Compact):
         description="Where the result departs from what was asked, or what to know about it: "
         "an INT8 fallback, an FP16 repair, a result slower or larger than the original.",
     )
+    chosen: str | None = Field(
+        None, description="spec.variants: the variant chosen (and promoted) by the objective."
+    )
+    variants: list[VariantResult] = Field(
+        default_factory=list, description="spec.variants: every variant's outcome, compared."
+    )
     # For a person's table only (per-model and per-output rows); never serialized.
     _rows: list[tuple[str, str]] = PrivateAttr(default_factory=list)
 
@@ -180,9 +198,15 @@ class JobResult(_Compact):
     def to_json(self) -> str:
         """Compact JSON, at most MAX_RESULT_BYTES bytes (artifacts, then message, trimmed)."""
         data: dict[str, Any] = self.model_dump(mode="json", exclude_none=True)
-        if not data.get("notes"):
-            data.pop("notes", None)
+        for key in ("notes", "variants"):
+            if not data.get(key):
+                data.pop(key, None)
         text = _dumps(data)
+        for variant in data.get("variants", []):  # the report has every message in full
+            if len(text) <= MAX_RESULT_BYTES:
+                break
+            variant.pop("message", None)
+            text = _dumps(data)
         while len(text) > MAX_RESULT_BYTES and data.get("notes"):
             data["notes"].pop()
             text = _dumps(data)

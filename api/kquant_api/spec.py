@@ -120,6 +120,21 @@ class CalibrateMethod(str, Enum):
     Percentile = "Percentile"
 
 
+class Objective(str, Enum):
+    """How the best passing variant is chosen: ``smallest`` (fewest bytes), ``fastest``
+    (lowest median latency on the execution provider the job validates on) or
+    ``mostAccurate`` (highest worst-output cosine similarity, then lowest mean abs error)."""
+
+    smallest = "smallest"
+    fastest = "fastest"
+    mostAccurate = "mostAccurate"
+
+
+# A variant's name: a file-name suffix (silero_vad_<name>.onnx), as transformers.js names its
+# variants (fp16, q8, int8, q4, q4f16).
+NAME_PATTERN = "^[a-z0-9][a-z0-9_]{0,31}$"
+
+
 class ModelSource(_Model):
     uri: str = Field(
         description="Model location: s3://bucket/key for one object, s3://bucket/prefix/ "
@@ -251,6 +266,13 @@ DEFAULT_EXCLUDE = ("hift.pt",)
 class QuantizationConfig(_Model):
     precision: Precision = Field(
         description="Target precision: fp16, bf16 (PyTorch formats only) or int8."
+    )
+    name: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="The output names' suffix (silero_vad_<name>.onnx) and, in "
+        "spec.variants, the variant's name (unique there). Default: the precision (fp16, "
+        "bf16, int8); in spec.variants int8 static defaults to int8_static.",
     )
     # fp16 (ONNX)
     keepIoTypes: bool | None = Field(
@@ -394,6 +416,11 @@ class QuantizationConfig(_Model):
                     "(a prefix of .npz samples)"
                 )
         return self
+
+    @property
+    def label(self) -> str:
+        """The output names' suffix: ``name``, else the precision."""
+        return self.name or self.precision.value
 
     @property
     def int8_mode(self) -> Int8Mode:
@@ -545,11 +572,38 @@ class PromotionConfig(_Model):
         return self
 
 
+class Selection(_Model):
+    objective: Objective = Field(
+        Objective.smallest,
+        description="Which passing variant is chosen (and promoted): smallest (default), "
+        "fastest or mostAccurate.",
+    )
+
+
+MAX_VARIANTS = 8
+
+
 class QuantizationJobSpec(_Model):
     model: ModelSource = Field(description="The source model.")
     output: OutputTarget = Field(description="Where the converted set is published.")
     storage: StorageConfig | None = Field(None, description="S3 connection settings.")
-    quantization: QuantizationConfig = Field(description="What conversion to run.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="What conversion to run (one; spec.variants for several)."
+    )
+    variants: list[QuantizationConfig] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_VARIANTS,
+        description="Several candidate conversions instead of spec.quantization, each with "
+        "its own knobs and name (e.g. [{precision: fp16}, {precision: int8}, {precision: "
+        "int8, mode: static, calibration: ...}]): all are converted and validated on the "
+        "same samples, each passing one is published under its own name "
+        "(model_fp16.onnx, model_int8.onnx; a folder under <name>/), and the best by "
+        "spec.selection is chosen and promoted.",
+    )
+    selection: Selection | None = Field(
+        None, description="With spec.variants: how the best passing variant is chosen."
+    )
     validation: ValidationConfig = Field(
         default_factory=ValidationConfig, description="How the result is checked."
     )
@@ -575,6 +629,51 @@ class QuantizationJobSpec(_Model):
     backoffLimit: int | None = Field(
         None, ge=0, description="Retries of the worker pod on retriable failures (default 1)."
     )
+
+    @model_validator(mode="after")
+    def _conversions(self) -> QuantizationJobSpec:
+        if (self.quantization is None) == (self.variants is None):
+            raise ValueError(
+                "spec.quantization: give spec.quantization (one conversion) or spec.variants "
+                "(several), exactly one of them"
+            )
+        if self.selection is not None and self.variants is None:
+            raise ValueError("spec.selection: only with spec.variants")
+        if self.variants is None:
+            q = self.quantization
+            if self.output.besideOriginals and q and q.name and q.name != q.precision.value:
+                raise ValueError(
+                    "spec.quantization.name: beside the originals the names end in _<precision>"
+                    f" (_{q.precision.value}), which kquant recognises as its own outputs"
+                )
+            return self
+        if self.output.besideOriginals:
+            raise ValueError(
+                "spec.variants: not supported with spec.output.besideOriginals (one "
+                "conversion beside the originals per job)"
+            )
+        for variant in self.variants:
+            if variant.name is None:
+                static = (
+                    variant.precision is Precision.int8 and variant.int8_mode is Int8Mode.static
+                )
+                variant.name = variant.precision.value + ("_static" if static else "")
+        names = [v.label for v in self.variants]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"spec.variants: the name {twice[0]!r} is given to more than one variant "
+                "(set name: on each, e.g. int8_pc for a per-channel INT8)"
+            )
+        return self
+
+    @property
+    def conversions(self) -> list[QuantizationConfig]:
+        """spec.variants, or [spec.quantization]."""
+        if self.variants:
+            return list(self.variants)
+        assert self.quantization is not None
+        return [self.quantization]
 
     @model_validator(mode="after")
     def _paths(self) -> QuantizationJobSpec:
@@ -611,14 +710,18 @@ class QuantizationJobSpec(_Model):
         reads = {"spec.model.uri": self.model.uri}
         if self.validation.dataUri:
             reads["spec.validation.dataUri"] = self.validation.dataUri
-        if self.quantization.calibration:
+        if self.quantization and self.quantization.calibration:
             reads["spec.quantization.calibration.uri"] = self.quantization.calibration.uri
+        for i, variant in enumerate(self.variants or []):
+            if variant.calibration:
+                reads[f"spec.variants[{i}].calibration.uri"] = variant.calibration.uri
         return reads
 
     @property
     def tolerance(self) -> Tolerance:
-        """The effective tolerance: the spec's, else the precision's default."""
-        return self.validation.tolerance or DEFAULT_TOLERANCE[self.quantization.precision]
+        """The effective tolerance: the spec's, else the precision's default (the first
+        variant's, for spec.variants: each variant runs as a job of its own)."""
+        return self.validation.tolerance or DEFAULT_TOLERANCE[self.conversions[0].precision]
 
 
 class ObjectMeta(BaseModel):
@@ -654,5 +757,9 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        loc = list(err["loc"])
+        at = loc.index("variants") + 1 if "variants" in loc else len(loc)
+        if at < len(loc):  # a variant's own check names spec.quantization: say which one
+            msg = msg.replace("spec.quantization.", f"spec.variants[{loc[at]}].", 1)
         lines.append(msg if msg.startswith("spec.") else f"{path}: {msg}")
     return "; ".join(lines)

@@ -13,7 +13,7 @@ from enum import Enum
 
 from pydantic import Field
 
-from kquant_api.result import Artifact, ValidationSummary
+from kquant_api.result import Artifact, ValidationSummary, VariantResult
 from kquant_api.spec import _Model
 
 
@@ -63,6 +63,9 @@ class ResultStatus(_Model):
         default_factory=list, description="Published artifacts (URI, sha256, bytes)."
     )
     artifactsTruncated: int = Field(0, description="Artifacts left out of the status.")
+    precision: str | None = Field(
+        None, description="Precision of the published conversion (the chosen variant's)."
+    )
     originalBytes: int | None = Field(None, description="Size of the source model, bytes.")
     quantizedBytes: int | None = Field(None, description="Size of the converted model, bytes.")
     reductionPercent: float | None = Field(
@@ -76,6 +79,12 @@ class ResultStatus(_Model):
         default_factory=list,
         description="Where the result departs from what was asked (an INT8 fallback, an FP16 "
         "repair) or is worse than the original (slower, larger).",
+    )
+    chosen: str | None = Field(
+        None, description="spec.variants: the variant chosen (and promoted) by the objective."
+    )
+    variants: list[VariantResult] = Field(
+        default_factory=list, description="spec.variants: every variant's outcome, compared."
     )
 
 

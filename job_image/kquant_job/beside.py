@@ -29,6 +29,13 @@ from pathlib import PurePosixPath
 from kquant_job.formats import Plan
 
 PRECISION_SUFFIX = {"fp16": "_fp16", "bf16": "_bf16", "int8": "_int8"}
+
+
+def suffix_for(label: str) -> str:
+    """The output name suffix for a precision or a conversion's name: ``_<label>``."""
+    return PRECISION_SUFFIX.get(label, f"_{label}")
+
+
 _CONVERTED = re.compile(r"_(fp16|bf16|int8)$")
 KQUANT_DIR = ".kquant/"
 
@@ -74,7 +81,7 @@ def sibling_name(rel: str, precision: str) -> str:
     """``dir/silero_vad.onnx`` -> ``dir/silero_vad_fp16.onnx``; a folder ``dir/SenseVoice``
     -> ``dir/SenseVoice_fp16``."""
     path = PurePosixPath(rel)
-    return str(path.with_name(f"{path.stem}{PRECISION_SUFFIX[precision]}{path.suffix}"))
+    return str(path.with_name(f"{path.stem}{suffix_for(precision)}{path.suffix}"))
 
 
 def plan_names(plan: Plan, precision: str, single_file: bool, beside: bool) -> OutputNames:
@@ -88,7 +95,7 @@ def plan_names(plan: Plan, precision: str, single_file: bool, beside: bool) -> O
     model_files = {m.rel for m in plan.models} | set(plan.kept) | set(plan.external_data)
     every = sorted(model_files | set(plan.copies))
     units = _model_folders(every, model_files)
-    suffix = PRECISION_SUFFIX[precision]
+    suffix = suffix_for(precision)
     names.folders = sorted(f"{u}{suffix}/" for u in units)
     for rel in sorted({m.rel for m in plan.models} | set(plan.copies)):
         unit = next((u for u in units if rel.startswith(u + "/")), None)

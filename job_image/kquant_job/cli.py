@@ -36,20 +36,22 @@ def _default_result_file() -> Path | None:
 
 def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
     """The compact result of a failed run: reason, message, the failure's report.json when
-    one was written; a ValidationFailed keeps its metrics."""
+    one was written; a ValidationFailed keeps its metrics; a spec.variants run its
+    comparison (``variants`` and the table's rows)."""
     detail = exc.detail if isinstance(exc, ValidationFailed) else {}
     result = JobResult(
         phase="Failed",
         reason=exc.reason,
         message=str(exc),
-        precision=job.spec.quantization.precision.value if job else None,
+        precision=job.spec.quantization.precision.value if job and job.spec.quantization else None,
         originalBytes=detail.get("originalBytes"),
         quantizedBytes=detail.get("quantizedBytes"),
         validation=detail.get("summary"),
         reportUri=exc.detail.get("report_uri"),
         notes=detail.get("notes") or [],
+        variants=exc.detail.get("variants") or [],
     )
-    result._rows = list(detail.get("rows") or [])
+    result._rows = list(exc.detail.get("rows") or [])
     return result
 
 

@@ -174,31 +174,40 @@ def _format_torch(m: dict[str, Any]) -> str:
 
 def format_plan(name: str, dry: dict[str, Any]) -> str:
     """The human form of a dry run (:func:`kquant_job.preview.dry_run`'s result)."""
-    plan = dry["plan"]
     lines = [f"  job: {name} (dry run: nothing converted, nothing written)",
              f"  output: {dry['output']}"]  # fmt: skip
     if dry.get("promotion"):
         lines.append(f"  promotion: {dry['promotion']}")
+    if dry.get("variants"):
+        for label, plan in dry["variants"].items():
+            lines.append(f"  variant {label}:")
+            lines += _plan_lines(plan, "    ")
+    else:
+        lines += _plan_lines(dry["plan"], "  ")
+    return "\n".join(lines)
+
+
+def _plan_lines(plan: dict[str, Any], at: str) -> list[str]:
+    lines = []
     for m in plan["models"]:
-        lines.append(f"  convert {m['source']} ({m['format']}, {_mb(m['bytes'])}) -> "
+        lines.append(f"{at}convert {m['source']} ({m['format']}, {_mb(m['bytes'])}) -> "
                      f"{m['output']} with {m['pass']}")  # fmt: skip
         v = m["validation"]
         if v is None:
-            lines.append("    validation: off")
+            lines.append(f"{at}  validation: off")
         elif isinstance(v["inputs"], dict):
             found = "; ".join(f"{k} {x}" for k, x in v["inputs"].items())
-            lines.append(f"    validation inputs (found by kquant): {found}")
+            lines.append(f"{at}  validation inputs (found by kquant): {found}")
         else:
-            lines.append(f"    validation inputs: {v['inputs']}")
+            lines.append(f"{at}  validation inputs: {v['inputs']}")
     for rel, out in plan["copies"].items():
-        lines.append(f"  copy {rel}" + (f" -> {out}" if out != rel else ""))
+        lines.append(f"{at}copy {rel}" + (f" -> {out}" if out != rel else ""))
     for rel, kept in plan["kept"].items():
         where = f" (copied to {kept['output']})" if kept["output"] not in (None, rel) else ""
         published = "" if kept["output"] else " (not published)"
-        lines.append(f"  keep {rel} as it is{where}{published}: {kept['why']}")
+        lines.append(f"{at}keep {rel} as it is{where}{published}: {kept['why']}")
     if plan["left"]:
-        lines.append(f"  leave alone: {', '.join(plan['left'])}")
-
+        lines.append(f"{at}leave alone: {', '.join(plan['left'])}")
     for warning in plan["warnings"]:
-        lines.append(f"  WARNING {warning}")
-    return "\n".join(lines)
+        lines.append(f"{at}WARNING {warning}")
+    return lines

@@ -24,25 +24,22 @@ from kquant_api import (
     QuantizationJob,
     QuantizationJobSpec,
     Reason,
-    ValidationSummary,
 )
 from kquant_api.uris import find_overlaps, location, model_folder
 from kquant_job import logs
 from kquant_job.beside import home_for, looks_converted
 from kquant_job.budget import check_budget, room, work_factor
 from kquant_job.errors import InvalidSpec, KquantError, PassError, ValidationFailed
-from kquant_job.gain import gain_shortfalls
+from kquant_job.judge import assess, providers_of, source_entry
 from kquant_job.report import build_report, failure_report, manifest_fields, now
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_stage
 from kquant_job.sets import Target, Writer, as_prefix
-from kquant_job.stage import ModelOutcome, StageInput, StageOutcome
+from kquant_job.stage import StageInput, StageOutcome
 from kquant_job.storage import Storage, is_prefix, join, open_storage
 from kquant_job.storage.file import to_path
-from kquant_job.table import result_notes, table_rows
 
 LOG = logging.getLogger("kquant")
-MAX_INPUTS_TEXT = 400  # characters of the chosen inputs in the result (under its 4 KiB)
 
 
 @dataclass
@@ -75,7 +72,9 @@ def _stored_bytes(run: JobRun, uri: str, skip: Callable[[str], bool] | None = No
     return info.size if info else 0
 
 
-def _fetch_npz(run: JobRun, uri: str | None, name: str, max_bytes: int) -> list[Path]:
+def fetch_npz(run: JobRun, uri: str | None, name: str, max_bytes: int) -> list[Path]:
+    """Fetch the ``.npz`` samples at ``uri`` (a file or a prefix) into ``run.work / name``;
+    the local files, sorted ([] when ``uri`` is None). Raises the download's StorageErrors."""
     if not uri:
         return []
     local = run.store(uri).download(uri, run.work / name, max_bytes=max_bytes)
@@ -122,7 +121,7 @@ def open_targets(run: JobRun) -> tuple[Target, Target | None]:
         name=run.job.metadata.name,
         source=spec.model.uri,
         output=out_prefix,
-        precision=spec.quantization.precision.value,
+        conversions=", ".join(c.label for c in spec.conversions),
     )
     check_resolved_overlaps(spec)
     writer = Writer.of(run.job)
@@ -132,7 +131,7 @@ def open_targets(run: JobRun) -> tuple[Target, Target | None]:
         writer,
         replace=spec.output.overwrite,
         field_name="spec.output.uri",
-        home=home_for(spec.quantization.precision.value) if beside else "",
+        home=home_for(spec.conversions[0].precision.value) if beside else "",
     )
     out.preflight()
     promo = None
@@ -196,20 +195,22 @@ def fetch_inputs(run: JobRun) -> StageInput:
     # Beside the originals the model's folder is also the output: earlier outputs and
     # kquant's own folder are not originals.
     skip = looks_converted if spec.output.besideOriginals else None
-    calib = spec.quantization.calibration
-    samples = [u for u in (spec.validation.dataUri, calib.uri if calib else None) if u]
+    # One conversion's calibration is fetched here; each variant fetches its own.
+    calib = spec.quantization.calibration if spec.quantization else None
+    calibs = [c.calibration.uri for c in spec.conversions if c.calibration]
+    samples = list(dict.fromkeys(u for u in (spec.validation.dataUri, *calibs) if u))
     space = room(work)
     check_budget(
         space,
-        work_factor(spec.quantization, spec.model.format),
+        sum(work_factor(c, spec.model.format) for c in spec.conversions),
         (spec.model.uri, _stored_bytes(run, spec.model.uri, skip)),
         {uri: _stored_bytes(run, uri) for uri in samples},
     )
     with logs.stage("fetch", run.timings, uri=spec.model.uri):
         store = run.store(spec.model.uri)
         local = store.download(spec.model.uri, work / "source", space, skip)
-        data_files = _fetch_npz(run, spec.validation.dataUri, "validation-data", space)
-        calib_files = _fetch_npz(run, calib.uri if calib else None, "calibration", space)
+        data_files = fetch_npz(run, spec.validation.dataUri, "validation-data", space)
+        calib_files = fetch_npz(run, calib.uri if calib else None, "calibration", space)
     box = work / "sandbox"
     return StageInput(
         source=local,
@@ -224,6 +225,10 @@ def fetch_inputs(run: JobRun) -> StageInput:
 
 def _run(run: JobRun, out: Target, promo: Target | None, started: str) -> JobResult:
     io = fetch_inputs(run)
+    if run.job.spec.variants:
+        from kquant_job.pipeline_variants import run_variants
+
+        return run_variants(run, io, out, promo, started)
     done = run_stage(run.job, io, run.work, run.limits)
     stage, run.sandbox = done["stage"], done["sandbox"]
     run.timings.update(stage.timings)
@@ -252,43 +257,6 @@ def staged_files(staged: Path) -> list[str]:
     return sorted(found)
 
 
-def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
-    """One summary over all models: worst error, lowest cosine, summed latency."""
-    summaries = [
-        ValidationSummary.model_validate(m.validation["summary"])
-        for m in converted
-        if m.validation is not None
-    ]
-    if not summaries:
-        return None
-    if len(summaries) == 1:
-        return summaries[0]
-
-    def worst(attr: str, fn: Any) -> float | None:
-        values = [getattr(s, attr) for s in summaries if getattr(s, attr) is not None]
-        return fn(values) if values else None
-
-    latency = None
-    if all(s.latencyMs for s in summaries):
-        latency = {
-            "original": sum(s.latencyMs.original for s in summaries),  # type: ignore[union-attr]
-            "quantized": sum(s.latencyMs.quantized for s in summaries),  # type: ignore[union-attr]
-        }
-    kinds = {s.kind for s in summaries}
-    inputs = "; ".join(s.inputs for s in summaries if s.inputs)[:MAX_INPUTS_TEXT] or None
-    return ValidationSummary(
-        passed=all(s.passed for s in summaries),
-        samples=min(s.samples for s in summaries),
-        kind=kinds.pop() if len(kinds) == 1 else "mixed",
-        device=summaries[0].device,
-        maxAbsError=worst("maxAbsError", max),
-        meanAbsError=worst("meanAbsError", max),
-        cosineSimilarity=worst("cosineSimilarity", min),
-        latencyMs=latency,
-        inputs=inputs,
-    )
-
-
 def _publish(
     run: JobRun,
     stage: StageOutcome,
@@ -297,105 +265,26 @@ def _publish(
     promo: Target | None,
     started: str,
 ) -> JobResult:
-    spec, job, converted = run.job.spec, run.job, stage.models
+    job, converted = run.job, stage.models
     rels = staged_files(staged)
-    summary = _summary(converted)
-    passed = summary is None or summary.passed
-    original = sum(m.original_bytes for m in converted)
-    quantized = sum(m.quantized_bytes for m in converted)
-    violations = [
-        f"{m.source}: {v}" for m in converted if m.validation for v in m.validation["violations"]
-    ]
-    if summary is None:  # nothing was compared: spec.validation.enabled is false
-        reason = Reason.Converted
-    else:
-        reason = Reason.Validated if passed else Reason.ValidationFailed
-    message = (
-        f"converted {len(converted)} model(s) to {spec.quantization.precision.value}; "
-        f"{original} -> {quantized} bytes"
-        if passed
-        else "tolerance exceeded: " + "; ".join(violations)
-    )
-    shortfalls = gain_shortfalls(spec.quantization, original, quantized, summary) if passed else []
-    if shortfalls:
-        passed, reason = False, Reason.NoGain
-        message = (
-            f"the {spec.quantization.precision.value} result is within tolerance but pays "
-            f"nothing: {'; '.join(shortfalls)}; nothing published (quantization.requireGain: "
-            "false publishes it anyway)"
-        )
-    if reason is Reason.Converted:
-        message += "; not validated (spec.validation.enabled: false)"
-    files = [
-        {
-            "path": f,
-            "action": "converted",
-            "bytes": (staged / f).stat().st_size,
-            "source": m.source,
-        }
-        for m in converted
-        for f in m.out_files
-    ] + [
-        {
-            "path": c,
-            "action": "kept" if c in stage.kept else "copied",
-            "bytes": (staged / c).stat().st_size,
-            **({"why": stage.kept[c]} if c in stage.kept else {}),
-        }
-        for c in stage.copies
-    ]
-    models = [
-        {
-            "path": m.source,
-            "output": m.out_rel,
-            "format": m.format,
-            "pass": m.pass_name,
-            "originalBytes": m.original_bytes,
-            "quantizedBytes": m.quantized_bytes,
-            "details": m.details,
-            "validation": (
-                {"kind": m.validation["kind"], **m.validation["report"]}
-                if m.validation
-                else {"skipped": True}
-            ),
-        }
-        for m in converted
-    ]
-    sizes = {
-        "originalBytes": original,
-        "quantizedBytes": quantized,
-        "reductionPercent": round(100.0 * (1 - quantized / original), 2) if original else 0,
-    }
-    outcome = {
-        "phase": "Succeeded" if passed else "Failed",
-        "reason": reason.value,
-        "message": message,
-        "notes": result_notes(converted, summary),
-    }
-    source: dict[str, Any] = {"uri": spec.model.uri, "files": len(converted) + len(stage.copies)}
-    if stage.left:
-        source["leftAlone"] = stage.left  # beside the originals: not part of the set
-    providers = next((m.providers for m in converted if m.providers), [])
-
+    judged = assess(job, stage, staged)
+    summary, reason, message = judged.summary, judged.reason, judged.message
     # Built once, before publishing: the output and the promotion get the same bytes.
     report = build_report(
         job,
         started=started,
-        source=source,
-        files=files,
-        models=models,
-        sizes=sizes,
+        source=source_entry(job, stage),
+        files=judged.files,
+        models=judged.models,
+        sizes=judged.sizes,
         timings=dict(run.timings),
-        outcome=outcome,
-        providers=providers,
+        outcome=judged.outcome,
+        providers=providers_of(stage),
         sandbox=run.sandbox,
     )
-
-    notes = result_notes(converted, summary)
-    for note in notes:
+    for note in judged.notes:
         LOG.warning(note)
-    rows = table_rows(converted, spec.tolerance, spec.validation.tolerance is not None)
-    if not passed:
+    if not judged.passed:
         with logs.stage("publish", run.timings, uri=out.prefix, only="report.json"):
             report_uri = out.publish_failure(report)
         raise ValidationFailed(
@@ -403,10 +292,10 @@ def _publish(
             reason=reason,
             report_uri=report_uri,
             summary=summary,
-            originalBytes=original,
-            quantizedBytes=quantized,
-            notes=notes,
-            rows=rows,
+            originalBytes=judged.original,
+            quantizedBytes=judged.quantized,
+            notes=judged.notes,
+            rows=judged.rows,
         )
 
     validation = (
@@ -423,19 +312,21 @@ def _publish(
     set_folder = published.report_uri.rsplit("/", 1)[0]
     converted_uris = {join(set_folder, f) for m in converted for f in m.out_files}
     artifacts = sorted(published.artifacts, key=lambda a: (a.uri not in converted_uris, a.uri))
+    config = job.spec.quantization
+    assert config is not None
     result = JobResult(
         phase="Succeeded",
         reason=reason,
         message=message,
-        precision=spec.quantization.precision.value,
-        originalBytes=original,
-        quantizedBytes=quantized,
+        precision=config.precision.value,
+        originalBytes=judged.original,
+        quantizedBytes=judged.quantized,
         validation=summary,
         artifacts=[Artifact(uri=a.uri, sha256=a.sha256, bytes=a.bytes) for a in artifacts],
         reportUri=published.report_uri,
         manifestUri=published.manifest_uri,
         promotedUri=promoted,
-        notes=notes,
+        notes=judged.notes,
     )
-    result._rows = rows
+    result._rows = judged.rows
     return result

@@ -20,11 +20,13 @@ from kquant_job.pipeline import JobRun, fetch_inputs, open_targets
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_plan, run_task
 from kquant_job.storage import open_storage
+from kquant_job.variants import variant_jobs
 
 
 def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
     """The plan of ``job`` (work files in ``work``), publishing nothing: ``{"output",
-    "promotion", "plan"}``, ``plan`` as :func:`kquant_job.stage.plan_stage` returns it.
+    "promotion", "plan"}``, ``plan`` as :func:`kquant_job.stage.plan_stage` returns it (the
+    first variant's; with spec.variants also ``"variants"``: each variant's plan by name).
     Raises what a run raises before converting: InvalidSpec, the preflight's StorageErrors
     (OutputExists, ForeignObject, Superseded), the fetch's (SourceNotFound, SourceTooLarge,
     UnsafePath), PassError for a model that does not load or run, and ForeignObject for an
@@ -32,11 +34,21 @@ def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
     run = JobRun(job, work, Limits.from_env())
     out, promo = open_targets(run)
     io = fetch_inputs(run)
-    plan = run_plan(job, io, work, run.limits)
-    names = [m["output"] for m in plan["models"]] + list(plan["copies"].values())
-    names += [k["output"] for k in plan["kept"].values() if k["output"]]
-    out.check_free(names, plan["folders"])
-    return {"output": out.prefix, "promotion": promo.prefix if promo else None, "plan": plan}
+    plans = {label: run_plan(vjob, io, work, run.limits) for label, vjob in variant_jobs(job)}
+    names, folders = [], []
+    for label, plan in plans.items():
+        own = [m["output"] for m in plan["models"]] + list(plan["copies"].values())
+        own += [k["output"] for k in plan["kept"].values() if k["output"]]
+        # spec.variants: a folder model's variants go under <name>/
+        prefix = f"{label}/" if job.spec.variants and not io.source.is_file() else ""
+        names += [prefix + n for n in own]
+        folders += plan["folders"]
+    out.check_free(names, folders)
+    dry = {"output": out.prefix, "promotion": promo.prefix if promo else None}
+    dry["plan"] = next(iter(plans.values()))
+    if job.spec.variants:
+        dry["variants"] = plans
+    return dry
 
 
 def inspect_uri(

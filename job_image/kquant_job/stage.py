@@ -158,8 +158,9 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
 
 def _names(job: QuantizationJob, plan: Plan, io: StageInput) -> OutputNames:
     spec = job.spec
-    precision, single = spec.quantization.precision.value, io.source.is_file()
-    return plan_names(plan, precision, single, spec.output.besideOriginals)
+    config = spec.quantization
+    assert config is not None  # one conversion per stage: variants run one stage each
+    return plan_names(plan, config.label, io.source.is_file(), spec.output.besideOriginals)
 
 
 def _plan(job: QuantizationJob, io: StageInput) -> Plan:

@@ -112,10 +112,14 @@ def _result_status(result: JobResult) -> dict[str, Any]:
             "manifestUri",
             "promotedUri",
             "notes",
+            "precision",
+            "chosen",
+            "variants",
         },
     )
-    if not data.get("notes"):
-        data.pop("notes", None)
+    for key in ("notes", "variants"):
+        if not data.get(key):
+            data.pop(key, None)
     if result.originalBytes and result.quantizedBytes is not None:
         data["reductionPercent"] = round(
             100 * (1 - result.quantizedBytes / result.originalBytes), 2

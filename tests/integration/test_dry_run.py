@@ -63,6 +63,20 @@ def test_a_single_file_plan_names_its_output(tmp_path, silero_onnx):
     assert not out.exists()
 
 
+def test_a_dry_run_of_variants_plans_each(tmp_path, silero_onnx):
+    out = tmp_path / "out"
+    doc = job(f"file://{silero_onnx}", out)
+    del doc["spec"]["quantization"]
+    doc["spec"]["variants"] = [{"precision": "fp16"}, {"precision": "int8", "name": "q8"}]
+    run = run_worker(doc, tmp_path, extra_args=("--dry-run",))
+    assert run.code == 0, run.log
+    fp16, q8 = run.log.split("  variant fp16:", 1)[1].split("  variant q8:", 1)
+    assert "-> silero_vad_fp16.onnx with onnx-fp16" in fp16
+    assert "-> silero_vad_q8.onnx with onnx-int8-dynamic" in q8
+    assert "input [1, 576] speech (16 kHz clip)" in q8
+    assert not out.exists()
+
+
 def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, silero_onnx):
     out = tmp_path / "out"
     out.mkdir()

@@ -74,7 +74,12 @@ def test_crd_names_version_subresource_and_columns():
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: (c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Precision", "Reduction (%)", "Max abs error", "Ready", "Age"]
+    assert list(columns) == [
+        "Phase", "Precision", "Chosen", "Reduction (%)", "Max abs error", "Ready", "Age"
+    ]  # fmt: skip
+    # the published precision, also of a chosen variant (spec.variants has no one precision)
+    assert columns["Precision"] == ("string", ".status.result.precision")
+    assert columns["Chosen"] == ("string", ".status.result.chosen")
     assert columns["Age"] == ("date", ".metadata.creationTimestamp")
 
 

@@ -115,6 +115,11 @@ def rejection_cases() -> list[Any]:
             message = f"{at}.{f}: static-only setting given with mode dynamic"
             cases.append((job({"precision": "int8", **mode, f: KNOBS[f]}), message))
     cases.append((job({"precision": "int8", "mode": "static"}), f"{at}.calibration: required"))
+    # the same rules on each of spec.variants: "spec.variants[0]." in the worker's words,
+    # "spec.variants[]." in the CRD's (a CEL message is fixed text)
+    cases += [
+        (as_variants(doc), "spec.variants[", words.removeprefix(f"{at}")) for doc, words in cases
+    ]
     for dotted in URI_FIELDS:
         cases.append((with_uri(dotted, "gs://bucket/key"), f"spec.{dotted}: unsupported"))
         cases.append((with_uri(dotted, "s3:///key"), f"spec.{dotted}", "names no bucket"))
@@ -149,7 +154,24 @@ def rejection_cases() -> list[Any]:
         (job({**static, "calibration": {"uri": "s3://prod/c/"}}, promotion={"uri": "s3://prod/"}),
          "spec.promotion.uri: overlaps spec.quantization.calibration.uri"),
     ]  # fmt: skip
+    two = [{"precision": "fp16", "name": "a"}, {"precision": "int8", "name": "a"}]
+    cases += [
+        ({**job(), "spec": {**job()["spec"], "variants": [{"precision": "fp16"}]}},
+         "spec.quantization: give spec.quantization (one conversion) or spec.variants"),
+        (job(selection={"objective": "fastest"}), "spec.selection: only with spec.variants"),
+        (as_variants(job(output={"uri": "s3://models/vad/", "besideOriginals": True})),
+         "spec.variants: not supported with spec.output.besideOriginals"),
+        (as_variants(job(), two), "spec.variants: ", "is given to more than one variant"),
+    ]  # fmt: skip
     return [pytest.param(doc, words, id=words[0][:60]) for doc, *words in cases]
+
+
+def as_variants(doc: dict[str, Any], variants: list[dict[str, Any]] | None = None) -> dict:
+    """``doc`` with its spec.quantization moved into spec.variants (or ``variants``)."""
+    doc = copy.deepcopy(doc)
+    quantization = doc["spec"].pop("quantization")
+    doc["spec"]["variants"] = variants or [quantization]
+    return doc
 
 
 # --- manifests against the CRD and the worker ------------------------------------------------

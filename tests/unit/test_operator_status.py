@@ -13,6 +13,7 @@ from kquant_api import (
     QuantizationJobStatus,
     Reason,
     ValidationSummary,
+    VariantResult,
 )
 from kquant_operator.status import (
     derive_status,
@@ -156,6 +157,30 @@ def test_succeeded_with_the_worker_result():
     assert res["validation"] == result.validation.model_dump(exclude_none=True)
     assert res["promotedUri"] == result.promotedUri
     assert res["manifestUri"] == result.manifestUri
+
+
+def test_a_variants_run_carries_its_comparison_and_choice():
+    cr = qjob()
+    result = _validated()
+    result.chosen = "fp16"
+    result.variants = [
+        VariantResult(name="fp16", precision="fp16", passed=True, reason="Validated",
+                      quantizedBytes=QUANTIZED, cosineSimilarity=0.99999),
+        VariantResult(name="int8", precision="int8", passed=False, reason="NoGain",
+                      message="0.99x the original's size", quantizedBytes=ORIGINAL - 10),
+    ]  # fmt: skip
+    j = job(cr, startTime=T_START, completionTime=T_END, succeeded=1,
+            conditions=[condition("Complete", "CompletionsReached", "done")])  # fmt: skip
+    done = pod(j, phase="Succeeded", state=terminated(0, result.to_json()))
+    status = derive_status(cr, j, [done], now=NOW)
+    _assert_consistent(status, cr)
+    res = status["result"]
+    assert (res["chosen"], res["precision"]) == (
+        "fp16",
+        "fp16",
+    )  # printer columns Chosen, Precision
+    assert [v["name"] for v in res["variants"]] == ["fp16", "int8"]
+    assert res["variants"][1] == result.variants[1].model_dump(exclude_none=True)
 
 
 def _failed_job(cr: dict, reason: str, message: str) -> dict:

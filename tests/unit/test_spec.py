@@ -185,3 +185,78 @@ def test_beside_the_originals_still_keeps_promotion_and_data_apart():
     doc["spec"]["validation"] = {"dataUri": "s3://models/speech/calib/"}
     with pytest.raises(InvalidSpec, match=r"spec\.output\.uri: overlaps spec\.validation\.dataUri"):
         parse_job(doc)
+
+
+def with_variants(variants: list, **spec) -> dict:
+    doc = copy.deepcopy(BASE)
+    del doc["spec"]["quantization"]
+    doc["spec"]["variants"] = variants
+    doc["spec"].update(spec)
+    return doc
+
+
+CALIB = {"uri": "s3://datasets/calib/"}
+
+
+def test_variants_get_default_names_and_their_own_tolerances():
+    parsed = QuantizationJob.model_validate(with_variants([
+        {"precision": "fp16"}, {"precision": "int8"},
+        {"precision": "int8", "mode": "static", "calibration": CALIB}, {"precision": "int8",
+         "name": "int8_pc", "perChannel": True},
+    ]))  # fmt: skip
+    assert [v.label for v in parsed.spec.conversions] == ["fp16", "int8", "int8_static", "int8_pc"]
+    assert parsed.spec.selection is None and parsed.spec.quantization is None
+    assert "spec.variants[2].calibration.uri" in parsed.spec.read_uris()
+    from kquant_job.variants import variant_jobs
+
+    jobs = dict(variant_jobs(parsed))
+    assert jobs["int8_static"].spec.quantization.calibration.uri == CALIB["uri"]
+    assert jobs["int8"].spec.tolerance == DEFAULT_TOLERANCE[Precision.int8]
+    assert jobs["fp16"].spec.tolerance == DEFAULT_TOLERANCE[Precision.fp16]
+    assert all(j.spec.variants is None for j in jobs.values())
+
+
+@pytest.mark.parametrize(
+    ("doc", "needle"),
+    [
+        (with_variants([{"precision": "int8"}, {"precision": "int8", "perChannel": True}]),
+         "spec.variants: the name 'int8' is given to more than one variant"),
+        (with_variants([{"precision": "fp16", "name": "a"}, {"precision": "int8", "name": "a"}]),
+         "the name 'a' is given to more than one variant"),
+        (with_variants([{"precision": "fp16"}], quantization={"precision": "fp16"}),
+         "exactly one of them"),
+        (with_variants([{"precision": "fp16"}], selection={"objective": "cheapest"}),
+         "selection.objective"),
+        (with_variants([{"precision": "int8", "mode": "static"}]),
+         "spec.variants[0].calibration: required with mode static"),
+        (with_variants([{"precision": "fp16", "weightType": "QInt8"}]),
+         "spec.variants[0].weightType: int8 setting given with precision fp16"),
+        (with_variants([{"precision": "fp16", "name": "FP16!"}]), "String should match pattern"),
+        (with_variants([{"precision": "fp16"}] * 9), "at most 8 items"),
+        (with_variants([{"precision": "int8", "calibration": {"uri": "s3://models/vad-fp16/c/"},
+                         "mode": "static"}]),
+         "spec.output.uri: overlaps spec.variants[0].calibration.uri"),
+    ],
+)  # fmt: skip
+def test_bad_variants_are_rejected_naming_the_variant(doc: dict, needle: str):
+    with pytest.raises(InvalidSpec) as info:
+        parse_job(doc)
+    assert needle in str(info.value)
+
+
+def test_selection_needs_variants_and_neither_conversion_is_refused():
+    doc = job()
+    doc["spec"]["selection"] = {"objective": "fastest"}
+    with pytest.raises(InvalidSpec, match=r"spec\.selection: only with spec\.variants"):
+        parse_job(doc)
+    doc = job()
+    del doc["spec"]["quantization"]
+    with pytest.raises(InvalidSpec, match="exactly one of them"):
+        parse_job(doc)
+
+
+def test_variants_beside_the_originals_are_refused():
+    doc = with_variants([{"precision": "fp16"}, {"precision": "int8"}])
+    doc["spec"]["output"] = {"uri": "s3://models/vad/", "besideOriginals": True}
+    with pytest.raises(InvalidSpec, match=r"not supported with spec\.output\.besideOriginals"):
+        parse_job(doc)
