@@ -26,6 +26,8 @@ import yaml
 from kquant_api.spec import (
     _FLOAT_FIELDS,
     _FP16_FIELDS,
+    _GAIN_FIELDS,
+    _INT4_FIELDS,
     _INT8_FIELDS,
     _STATIC_FIELDS,
     API_VERSION,
@@ -127,18 +129,32 @@ def _quantization_rules(at: str = "spec.quantization") -> list[dict[str, str]]:
     rules = [
         _rule(f"self.precision != '{p}' || !has(self.{f})",
               f"{at}.{f}: int8 setting given with precision {p}")
-        for f in _INT8_FIELDS for p in ("fp16", "bf16")
+        for f in _INT8_FIELDS for p in ("fp16", "bf16", "int4")
+    ]  # fmt: skip
+    rules += [
+        _rule(f"self.precision != '{p}' || !has(self.{f})",
+              f"{at}.{f}: int4 setting given with precision {p}")
+        for f in _INT4_FIELDS for p in ("fp16", "bf16", "int8")
+    ]  # fmt: skip
+    rules += [
+        _rule(f"self.precision != '{p}' || !has(self.{f})",
+              f"{at}.{f}: int8/int4 setting given with precision {p}")
+        for f in _GAIN_FIELDS for p in ("fp16", "bf16")
     ]  # fmt: skip
     rules += [
         _rule(f"self.precision != '{p}' || !has(self.{f})",
               f"{at}.{f}: fp16 setting given with precision {p}")
-        for f in _FP16_FIELDS for p in ("int8", "bf16")
+        for f in _FP16_FIELDS for p in ("int8", "bf16", "int4")
     ]  # fmt: skip
     rules += [
-        _rule(f"self.precision != 'int8' || !has(self.{f})",
-              f"{at}.{f}: fp16/bf16 setting given with precision int8")
-        for f in _FLOAT_FIELDS
+        _rule(f"self.precision != '{p}' || !has(self.{f})",
+              f"{at}.{f}: fp16/bf16 setting given with precision {p}")
+        for f in _FLOAT_FIELDS for p in ("int8", "int4")
     ]  # fmt: skip
+    rules.append(
+        _rule("!has(self.blockSize) || self.blockSize in [16, 32, 64, 128, 256]",
+              f"{at}.blockSize: is not a power of two")
+    )  # fmt: skip
     rules += [
         _rule(f"self.precision != 'int8' || ({static}) || !has(self.{f})",
               f"{at}.{f}: static-only setting given with mode dynamic (set mode: static, "

@@ -36,7 +36,7 @@ def suffix_for(label: str) -> str:
     return PRECISION_SUFFIX.get(label, f"_{label}")
 
 
-_CONVERTED = re.compile(r"_(fp16|bf16|int8)$")
+_CONVERTED = re.compile(r"_(fp16|bf16|int8|q4|q4f16)$")
 KQUANT_DIR = ".kquant/"
 
 

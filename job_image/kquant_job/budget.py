@@ -30,7 +30,7 @@ WORK_BYTES_ENV = "KQUANT_WORK_BYTES"
 # Peak work-directory bytes per source byte (samples counted apart), by precision: the ONNX
 # passes' (the larger) unless the spec declares a PyTorch format; bf16 applies to PyTorch only.
 TORCH_FACTOR = 2.0
-WORK_FACTORS = {"fp16": 3.0, "bf16": TORCH_FACTOR, "int8": 5.0}
+WORK_FACTORS = {"fp16": 3.0, "bf16": TORCH_FACTOR, "int8": 5.0, "int4": 4.0}
 
 
 def work_factor(config: QuantizationConfig, declared: ModelFormat) -> float:

@@ -16,7 +16,14 @@ import yaml
 from crd_apiserver import ROOT, admit, load_schema, rules
 
 from kquant_api.crd import URI_FIELDS
-from kquant_api.spec import _FLOAT_FIELDS, _FP16_FIELDS, _INT8_FIELDS, _STATIC_FIELDS
+from kquant_api.spec import (
+    _FLOAT_FIELDS,
+    _FP16_FIELDS,
+    _GAIN_FIELDS,
+    _INT4_FIELDS,
+    _INT8_FIELDS,
+    _STATIC_FIELDS,
+)
 from kquant_job.errors import InvalidSpec
 from kquant_job.manifest import parse_job
 
@@ -51,6 +58,11 @@ KNOBS: dict[str, Any] = {
     "opTypesToQuantize": ["MatMul"],
     "nodesToExclude": ["n0"],
     "requireGain": False,
+    "blockSize": 64,
+    "symmetric": False,
+    "accuracyLevel": 4,
+    "algorithm": "hqq",
+    "floatPrecision": "fp16",
     "calibration": {"uri": "s3://datasets/calib/", "samples": 8},
     "keepIoTypes": False,
     "opBlockList": ["Resize"],
@@ -100,15 +112,24 @@ def rejection_cases() -> list[Any]:
     at = "spec.quantization"
     cases = [
         (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: int8 setting given with "
-         f"precision {p}") for f in _INT8_FIELDS for p in ("fp16", "bf16")
+         f"precision {p}") for f in _INT8_FIELDS for p in ("fp16", "bf16", "int4")
     ]  # fmt: skip
+    cases += [
+        (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: int4 setting given with "
+         f"precision {p}") for f in _INT4_FIELDS for p in ("fp16", "bf16", "int8")
+    ]  # fmt: skip
+    cases += [
+        (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: int8/int4 setting given with "
+         f"precision {p}") for f in _GAIN_FIELDS for p in ("fp16", "bf16")
+    ]  # fmt: skip
+    cases.append((job({"precision": "int4", "blockSize": 48}), "is not a power of two"))
     cases += [
         (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: fp16 setting given with "
-         f"precision {p}") for f in _FP16_FIELDS for p in ("int8", "bf16")
+         f"precision {p}") for f in _FP16_FIELDS for p in ("int8", "bf16", "int4")
     ]  # fmt: skip
     cases += [
-        (job({"precision": "int8", f: KNOBS[f]}), f"{at}.{f}: fp16/bf16 setting given with "
-         "precision int8") for f in _FLOAT_FIELDS
+        (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: fp16/bf16 setting given with "
+         f"precision {p}") for f in _FLOAT_FIELDS for p in ("int8", "int4")
     ]  # fmt: skip
     for f in _STATIC_FIELDS:
         for mode in ({}, {"mode": "dynamic"}):

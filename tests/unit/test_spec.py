@@ -260,3 +260,26 @@ def test_variants_beside_the_originals_are_refused():
     doc["spec"]["output"] = {"uri": "s3://models/vad/", "besideOriginals": True}
     with pytest.raises(InvalidSpec, match=r"not supported with spec\.output\.besideOriginals"):
         parse_job(doc)
+
+
+def test_int4_names_follow_transformers_js_and_refuse_foreign_knobs():
+    from kquant_api import QuantizationConfig
+
+    assert QuantizationConfig(precision="int4").label == "q4"
+    assert QuantizationConfig(precision="int4", floatPrecision="fp16").label == "q4f16"
+    parsed = QuantizationJob.model_validate(
+        with_variants([{"precision": "int4"}, {"precision": "int4", "floatPrecision": "fp16"}])
+    )
+    assert [v.label for v in parsed.spec.conversions] == ["q4", "q4f16"]
+    given = "setting given with precision"
+    for knobs, needle in [
+        ({"precision": "int8", "blockSize": 32}, f"blockSize: int4 {given} int8"),
+        ({"precision": "int4", "perChannel": True}, f"perChannel: int8 {given} int4"),
+        ({"precision": "int4", "keepFp32": []}, f"keepFp32: fp16/bf16 {given} int4"),
+        ({"precision": "fp16", "requireGain": True}, "requireGain: int8/int4 setting given"),
+        ({"precision": "int4", "blockSize": 48}, "48 is not a power of two"),
+        ({"precision": "int4", "accuracyLevel": 5}, "accuracyLevel"),
+    ]:  # fmt: skip
+        with pytest.raises(InvalidSpec) as info:
+            parse_job(job(**knobs))
+        assert needle in str(info.value), knobs

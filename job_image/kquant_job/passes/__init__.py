@@ -7,6 +7,8 @@
 | torchscript | torch_script           | torch_int8_dynamic (CPU) | --                 |
 | safetensors | safetensors_cast       | -- (no code to quantize) | --                 |
 
+int4 (weight-only, MatMul weights in 4 bits): onnx_int4, ONNX only.
+
 Pass modules are imported on selection, so torch is imported only by the PyTorch passes.
 """
 
@@ -34,6 +36,15 @@ def select_pass(fmt: ModelFormat, config: QuantizationConfig) -> Pass:
 
     Raises PassError(UnsupportedFormat) when no pass applies, saying why.
     """
+    if config.precision is Precision.int4:
+        if fmt is not ModelFormat.onnx:
+            raise _unsupported(
+                f"int4 weight-only quantization applies to ONNX models (MatMulNBits); for a "
+                f"{fmt.value} model use fp16, bf16 or int8 (or export it to ONNX)"
+            )
+        from kquant_job.passes.onnx_int4 import OnnxInt4Pass
+
+        return OnnxInt4Pass()
     if fmt is ModelFormat.onnx:
         if config.precision is Precision.bf16:
             raise _unsupported(

@@ -43,6 +43,9 @@ QUANTIZED_OP_TYPES = frozenset(
         "QGemm",
         "QAttention",
         "QEmbedLayerNormalization",
+        "MatMulNBits",  # int4 (or 2/8-bit) weight-only
+        "MatMulBnb4",
+        "GatherBlockQuantized",
     }
 )
 _INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
