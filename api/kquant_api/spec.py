@@ -500,6 +500,29 @@ class QuantizationConfig(_Model):
         return list(DEFAULT_KEEP_FP32) if self.keepFp32 is None else list(self.keepFp32)
 
 
+class DecisionKind(str, Enum):
+    """How an output is read: ``threshold`` (value > threshold: speech / non-speech) or
+    ``argmax`` (the index of the largest value along ``axis``: top-1 class, CTC token)."""
+
+    threshold = "threshold"
+    argmax = "argmax"
+
+
+class DecisionRule(_Model):
+    kind: DecisionKind = Field(DecisionKind.threshold, description="threshold or argmax.")
+    threshold: float = Field(0.5, description="threshold: a value above it is positive.")
+    axis: int = Field(-1, description="argmax: the axis of the classes.")
+    minAgreement: float = Field(
+        0.99, ge=0, le=1, description="Smallest share of decisions the models must agree on."
+    )
+    maxBoundaryShift: int | None = Field(
+        None,
+        ge=0,
+        description="threshold: largest shift of a segment's start or end, in decisions "
+        "(frames). The segment counts must match in any case.",
+    )
+
+
 class Tolerance(_Model):
     maxAbsError: float | None = Field(
         None, ge=0, description="Largest allowed |original - quantized| over every output value."
@@ -509,6 +532,14 @@ class Tolerance(_Model):
     )
     minCosineSimilarity: float | None = Field(
         None, ge=-1, le=1, description="Smallest allowed cosine similarity per output."
+    )
+    decisions: dict[str, DecisionRule] | None = Field(
+        None,
+        description="Bounds on what consumers decide from outputs, by output name: e.g. "
+        "{output: {threshold: 0.5, minAgreement: 0.99, maxBoundaryShift: 1}} for a VAD's "
+        "speech decision and the segments it yields, {logits: {kind: argmax}} for a "
+        "classifier's top-1 or a CTC model's token per frame. Used when validating, when "
+        "choosing a variant and by the repair and fallback probes.",
     )
 
 

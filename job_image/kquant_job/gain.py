@@ -16,6 +16,8 @@ MAX_LATENCY_RATIO = 1.2
 # ...and a slowdown under 0.1 ms per run is timer and scheduling noise on a sub-millisecond
 # model (measured: the same 0.1 ms model at 0.87x and 1.23x in two runs of 3 timings each).
 MIN_SLOWDOWN_MS = 0.1
+# Medians of fewer timed runs (validation.latencyRuns) are reported but decide nothing.
+MIN_LATENCY_RUNS = 10
 
 
 def gain_shortfalls(
@@ -23,12 +25,13 @@ def gain_shortfalls(
     original_bytes: int,
     quantized_bytes: int,
     summary: ValidationSummary | None,
+    latency_runs: int = 20,
 ) -> list[str]:
     """What makes this result no gain, one phrase each (empty: it pays off, or the check does
     not apply). Applies to precisions int8 and int4 unless ``requireGain`` is false. Sizes in bytes;
     latency from ``summary.latencyMs`` (medians, ms, on ``summary.device``), checked only
-    when validation measured it; slower means above MAX_LATENCY_RATIO and by more than
-    MIN_SLOWDOWN_MS."""
+    when validation measured it over at least MIN_LATENCY_RUNS runs (``latency_runs``);
+    slower means above MAX_LATENCY_RATIO and by more than MIN_SLOWDOWN_MS."""
     if config.precision not in (Precision.int8, Precision.int4) or config.requireGain is False:
         return []
     found = []
@@ -38,7 +41,7 @@ def gain_shortfalls(
             f"vs {original_bytes} bytes; at most {MAX_SIZE_RATIO}x pays off)"
         )
     latency = summary.latencyMs if summary else None
-    if summary and latency and latency.original > 0:
+    if summary and latency and latency.original > 0 and latency_runs >= MIN_LATENCY_RUNS:
         ratio = latency.quantized / latency.original
         if ratio > MAX_LATENCY_RATIO and latency.quantized - latency.original > MIN_SLOWDOWN_MS:
             found.append(

@@ -120,7 +120,8 @@ def assess(job: QuantizationJob, stage: StageOutcome, staged: Path) -> Assessed:
         if passed
         else "tolerance exceeded: " + "; ".join(violations)
     )
-    shortfalls = gain_shortfalls(config, original, quantized, summary) if passed else []
+    runs = spec.validation.latencyRuns
+    shortfalls = gain_shortfalls(config, original, quantized, summary, runs) if passed else []
     if shortfalls:
         passed, reason = False, Reason.NoGain
         message = (

@@ -80,6 +80,19 @@ def result_notes(models: list[ModelOutcome], summary: ValidationSummary | None) 
     return notes
 
 
+def _decision(metrics: dict[str, Any]) -> str:
+    """ ", decisions agree 0.9990 (segments 4 -> 4, boundaries within 1)" when measured."""
+    if "decisionAgreement" not in metrics:
+        return ""
+    text = f", decisions agree {metrics['decisionAgreement']:.4f}"
+    if "segmentsOriginal" in metrics:
+        text += f" (segments {metrics['segmentsOriginal']} -> {metrics['segmentsConverted']}"
+        if "maxBoundaryShift" in metrics:
+            text += f", boundaries within {metrics['maxBoundaryShift']}"
+        text += ")"
+    return text
+
+
 def _g(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
@@ -94,7 +107,7 @@ def _output_rows(model: ModelOutcome, indent: str) -> list[tuple[str, str]]:
                 f"{indent}output {name}",
                 f"max abs {_g(outputs[name].get('maxAbsError'))}, mean abs "
                 f"{_g(outputs[name].get('meanAbsError'))}, cosine "
-                f"{_g(outputs[name].get('cosineSimilarity'))}",
+                f"{_g(outputs[name].get('cosineSimilarity'))}{_decision(outputs[name])}",
             )
             for name in ranked[:MAX_OUTPUT_ROWS]
         ]
@@ -140,10 +153,17 @@ def table_rows(
                 worst = (cosine, f"{model.source}: {name}" if several else name)
     if worst is not None:
         rows.append(("worst output", f"{worst[1]} (cosine {worst[0]:.6f})"))
-    bounds = tolerance.model_dump(exclude_none=True)
-    if bounds:
-        text = ", ".join(
-            f"{k} {'>=' if k.startswith('min') else '<='} {v:g}" for k, v in bounds.items()
+    bounds = tolerance.model_dump(mode="json", exclude_none=True)
+    rules = bounds.pop("decisions", {})
+    parts = [f"{k} {'>=' if k.startswith('min') else '<='} {v:g}" for k, v in bounds.items()]
+    for name, rule in rules.items():
+        how = f"> {rule['threshold']:g}" if rule["kind"] == "threshold" else "argmax"
+        shift = rule.get("maxBoundaryShift")
+        parts.append(
+            f"decisions on {name} ({how}) agree >= {rule['minAgreement']:g}"
+            + (f", boundaries within {shift}" if shift is not None else "")
         )
+    if parts:
+        text = ", ".join(parts)
         rows.append(("tolerance", f"{text} ({'spec' if spec_tolerance else 'default'})"))
     return rows

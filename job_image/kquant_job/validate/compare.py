@@ -19,6 +19,7 @@ import numpy as np
 from kquant_api import LatencyMs, Tolerance, ValidationConfig, ValidationSummary
 from kquant_job.errors import InvalidSpec
 from kquant_job.passes.base import ProbeResult
+from kquant_job.validate.decisions import compare_decisions
 from kquant_job.validate.inputs import Feed
 from kquant_job.validate.metrics import OutputMetrics, check_tolerance, compare_output
 from kquant_job.validate.runtime import (
@@ -36,9 +37,12 @@ __all__ = ["Reference", "ValidationOutcome", "run_stream", "select_providers", "
 Outputs = list[dict[str, np.ndarray]]
 
 
-def compare_outputs(original: Outputs, converted: Outputs) -> list[OutputMetrics]:
+def compare_outputs(
+    original: Outputs, converted: Outputs, decisions: dict[str, Any] | None = None
+) -> list[OutputMetrics]:
     """Metrics per original output (in the original's order) over the samples both lists
-    hold; an output the converted model lacks is reported ``missing``."""
+    hold; an output the converted model lacks is reported ``missing``. ``decisions`` (output
+    name -> DecisionRule) adds decision metrics to those outputs."""
     if not original:
         return []
     n = min(len(original), len(converted))
@@ -47,9 +51,12 @@ def compare_outputs(original: Outputs, converted: Outputs) -> list[OutputMetrics
         if not converted or name not in converted[0]:
             metrics.append(OutputMetrics(name=name, exact=False, missing=True))
             continue
-        metrics.append(
-            compare_output(name, [o[name] for o in original[:n]], [c[name] for c in converted[:n]])
-        )
+        a, b = [o[name] for o in original[:n]], [c[name] for c in converted[:n]]
+        m = compare_output(name, a, b)
+        rule = (decisions or {}).get(name)
+        if rule is not None and not m.shapeMismatches:
+            m.decision = compare_decisions(rule, a, b)
+        metrics.append(m)
     return metrics
 
 
@@ -99,8 +106,9 @@ class Reference:
         """Check ``candidate`` on the first ``max_samples`` samples (a stream prefix when
         feedback is set). Never raises: a load or run failure gives ``ok=False`` with the
         runtime's message in ``error``; a broken tolerance gives ``ok=False`` with
-        ``violations``."""
-        n = min(max_samples, len(self.feeds))
+        ``violations``. With decision rules every sample is used: decisions (speech
+        segments) may first change past a stream's first samples."""
+        n = len(self.feeds) if self.tolerance.decisions else min(max_samples, len(self.feeds))
         try:
             session = make_session(candidate, self.providers)
         except Exception as exc:
@@ -109,7 +117,7 @@ class Reference:
             outputs = run_stream(session, self.feeds[:n], self.cfg.feedback)
         except Exception as exc:
             return ProbeResult(ok=False, error=f"run failed: {short(exc)}")
-        metrics = compare_outputs(self.outputs[:n], outputs)
+        metrics = compare_outputs(self.outputs[:n], outputs, self.tolerance.decisions)
         violations = check_tolerance(metrics, self.tolerance)
         return ProbeResult(
             ok=not violations,
@@ -229,7 +237,7 @@ def validate_onnx(
             error=error,
             **common,
         )
-    metrics = compare_outputs(ref.outputs, outputs)
+    metrics = compare_outputs(ref.outputs, outputs, tolerance.decisions)
     violations = check_tolerance(metrics, tolerance)
     latency = {
         "original": median_latency_ms(ref.session, ref.feeds[0], cfg.latencyRuns, cfg.warmupRuns),

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kquant_api import Tolerance
+from kquant_job.validate.decisions import DecisionMetrics, decision_violations
 
 
 @dataclass
@@ -50,14 +51,23 @@ class OutputMetrics:
     shapeMismatches: int = 0
     missing: bool = False  # the converted model has no such output
     worstSample: int | None = None  # sample index holding the largest error
+    decision: DecisionMetrics | None = None  # when the tolerance has a rule for this output
 
     def to_dict(self) -> dict[str, float]:
-        """camelCase numbers for report.json and ProbeResult.metrics; None fields omitted."""
+        """camelCase numbers for report.json and ProbeResult.metrics; None fields omitted.
+        Decision metrics are flattened: ``decisionAgreement``, ``segmentsOriginal``,
+        ``segmentsConverted``, ``maxBoundaryShift``."""
         out: dict[str, float] = {}
         for key, value in self.__dict__.items():
-            if key == "name" or value is None:
+            if key in ("name", "decision") or value is None:
                 continue
             out[key] = float(value) if isinstance(value, float) else int(value)
+        if self.decision is not None:
+            out["decisionAgreement"] = self.decision.agreement
+            for key in ("segmentsOriginal", "segmentsConverted", "maxBoundaryShift"):
+                value = getattr(self.decision, key)
+                if value is not None:
+                    out[key] = int(value)
         return out
 
 
@@ -142,8 +152,16 @@ def check_tolerance(metrics: Sequence[OutputMetrics], tolerance: Tolerance) -> l
     the float bounds apply only where the tolerance sets them.
     """
     out: list[str] = []
+    rules = tolerance.decisions or {}
+    names = [m.name for m in metrics]
+    for name in rules:
+        if metrics and name not in names:
+            out.append(f"decision rule for output {name!r}: the model has no such output "
+                       f"(outputs: {', '.join(names)})")  # fmt: skip
     for m in metrics:
         tag = f"output {m.name!r}"
+        if m.decision is not None and m.name in rules:
+            out += decision_violations(tag, rules[m.name], m.decision)
         if m.missing:
             out.append(f"{tag}: missing from the converted model")
             continue

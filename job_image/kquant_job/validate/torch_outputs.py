@@ -227,7 +227,7 @@ class TorchScriptValidator:
             return ValidationOutcome(
                 passed=False, metrics={}, violations=[error], error=error, **common
             )
-        metrics = compare_outputs(self.outputs, outputs)
+        metrics = compare_outputs(self.outputs, outputs, self.tolerance.decisions)
         violations = check_tolerance(metrics, self.tolerance)
         first = self.samples[0]
         latency = {

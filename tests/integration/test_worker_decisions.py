@@ -1,0 +1,66 @@
+"""Tolerances on decisions, end to end on Silero VAD and real speech: a numeric bound loose
+enough to pass INT8's broken speech probability is caught by the speech / non-speech
+decision and its segments; the INT8 fallback ladder, probed with the same rule, goes on to a
+configuration that keeps the decisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import silero_dir
+from worker_helpers import VARIANTS, manifest, run_worker, speech_feeds
+
+from kquant_job.audio import write_feeds
+
+SILERO = next(v for v in VARIANTS if v.file == "silero_vad.onnx")
+LOOSE = {"maxMeanAbsError": 1.0}  # passes anything a probability can do
+VAD = {"output": {"threshold": 0.5, "minAgreement": 0.99, "maxBoundaryShift": 1}}
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    write_feeds(speech_feeds(SILERO, 96), root)
+    return root
+
+
+def run(tmp_path: Path, speech: Path, quantization: dict, tolerance: dict):
+    model = tmp_path / "m" / "silero_vad.onnx"
+    model.parent.mkdir(parents=True)
+    shutil.copyfile(silero_dir() / "silero_vad.onnx", model)
+    validation = {"dataUri": f"file://{speech}/", "samples": 96,
+                  "feedback": {"stateN": "state"}, "tolerance": tolerance}  # fmt: skip
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", quantization, endpoint=None,
+                   validation=validation)  # fmt: skip
+    return run_worker(job, tmp_path / "run", dict(os.environ))
+
+
+def test_a_loose_numeric_bound_passes_what_the_decisions_refuse(tmp_path, speech):
+    strict = {"precision": "int8", "strict": True}  # every op INT8: Silero's convs break
+    numeric = run(tmp_path / "a", speech, strict, LOOSE)
+    assert numeric.code == 0, numeric.log
+    decided = run(tmp_path / "b", speech, strict, {**LOOSE, "decisions": VAD})
+    assert (decided.code, decided.result["reason"]) == (40, "ValidationFailed"), decided.log
+    assert "output 'output': decisions (threshold at 0.5) agree on" in decided.result["message"]
+    report = json.loads(Path(decided.result["reportUri"].removeprefix("file://")).read_text())
+    output = report["models"][0]["validation"]["outputs"]["output"]
+    assert output["decisionAgreement"] < 0.99
+    assert "segmentsOriginal" in output and "segmentsConverted" in output
+
+
+def test_the_fallback_ladder_is_probed_with_the_decisions(tmp_path, speech):
+    done = run(tmp_path, speech, {"precision": "int8"}, {**LOOSE, "decisions": VAD})
+    assert done.code == 0, done.log
+    report = json.loads(Path(tmp_path / "out" / "report.json").read_text())
+    details = report["models"][0]["details"]
+    first = details["attempts"][0]
+    assert not first["probe"]["ok"]  # the requested configuration flips decisions
+    assert any("decisions" in v for v in first["probe"]["violations"])
+    output = report["models"][0]["validation"]["outputs"]["output"]
+    assert output["decisionAgreement"] >= 0.99
+    assert output["segmentsOriginal"] == output["segmentsConverted"]
+    assert "decisions agree" in done.log
