@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kquant_api import QuantizationJob, Reason, ValidationSummary
+from kquant_api import Artifact, JobResult, QuantizationJob, Reason, ValidationSummary
 from kquant_job.gain import gain_shortfalls
 from kquant_job.stage import ModelOutcome, StageOutcome
 from kquant_job.table import result_notes, table_rows
@@ -170,6 +170,38 @@ def assess(job: QuantizationJob, stage: StageOutcome, staged: Path) -> Assessed:
     rows = table_rows(converted, spec.tolerance, spec.validation.tolerance is not None)
     return Assessed(job, stage, summary, passed, reason, message, original, quantized,
                     files, models, notes, rows)  # fmt: skip
+
+
+def success_result(
+    judged: Assessed,
+    message: str,
+    artifacts: list[Any],
+    report_uri: str,
+    manifest_uri: str,
+    promoted: str | None,
+    **extra: Any,
+) -> JobResult:
+    """The compact result of a published conversion: ``judged``'s verdict, sizes,
+    validation and notes, the published ``artifacts`` (sets.PublishedArtifact, in order),
+    where the report and manifest went, the promotion prefix, and ``extra`` fields
+    (``chosen``, ``variants``)."""
+    config = judged.job.spec.quantization
+    assert config is not None
+    return JobResult(
+        phase="Succeeded",
+        reason=judged.reason,
+        message=message,
+        precision=config.precision.value,
+        originalBytes=judged.original,
+        quantizedBytes=judged.quantized,
+        validation=judged.summary,
+        artifacts=[Artifact(uri=a.uri, sha256=a.sha256, bytes=a.bytes) for a in artifacts],
+        reportUri=report_uri,
+        manifestUri=manifest_uri,
+        promotedUri=promoted,
+        notes=judged.notes,
+        **extra,
+    )
 
 
 def source_entry(job: QuantizationJob, stage: StageOutcome) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from kquant_api import (
-    Artifact,
     JobResult,
     QuantizationJob,
     QuantizationJobSpec,
@@ -30,7 +29,7 @@ from kquant_job import logs
 from kquant_job.beside import home_for, looks_converted
 from kquant_job.budget import check_budget, room, work_factor
 from kquant_job.errors import InvalidSpec, KquantError, PassError, ValidationFailed
-from kquant_job.judge import assess, providers_of, source_entry
+from kquant_job.judge import assess, providers_of, source_entry, success_result
 from kquant_job.report import build_report, failure_report, manifest_fields, now
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_stage
@@ -312,21 +311,8 @@ def _publish(
     set_folder = published.report_uri.rsplit("/", 1)[0]
     converted_uris = {join(set_folder, f) for m in converted for f in m.out_files}
     artifacts = sorted(published.artifacts, key=lambda a: (a.uri not in converted_uris, a.uri))
-    config = job.spec.quantization
-    assert config is not None
-    result = JobResult(
-        phase="Succeeded",
-        reason=reason,
-        message=message,
-        precision=config.precision.value,
-        originalBytes=judged.original,
-        quantizedBytes=judged.quantized,
-        validation=summary,
-        artifacts=[Artifact(uri=a.uri, sha256=a.sha256, bytes=a.bytes) for a in artifacts],
-        reportUri=published.report_uri,
-        manifestUri=published.manifest_uri,
-        promotedUri=promoted,
-        notes=judged.notes,
+    result = success_result(
+        judged, message, artifacts, published.report_uri, published.manifest_uri, promoted
     )
     result._rows = judged.rows
     return result

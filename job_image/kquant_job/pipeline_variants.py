@@ -15,7 +15,6 @@ from typing import Any
 
 from kquant_api import (
     REASON_EXIT_CODE,
-    Artifact,
     ExitCode,
     JobResult,
     Objective,
@@ -27,7 +26,7 @@ from kquant_api import (
 from kquant_job import logs
 from kquant_job.budget import room
 from kquant_job.errors import PassError, ValidationFailed
-from kquant_job.judge import assess, providers_of, source_entry
+from kquant_job.judge import assess, providers_of, source_entry, success_result
 from kquant_job.pipeline import JobRun, fetch_npz, staged_files
 from kquant_job.report import build_report, manifest_fields
 from kquant_job.sandbox.runner import run_stage
@@ -275,23 +274,9 @@ def _publish_variants(
         published.artifacts,
         key=lambda a: (a.uri.removeprefix(set_folder + "/") not in first, a.uri),
     )
-    config = judged.job.spec.quantization
-    assert config is not None
-    result = JobResult(
-        phase="Succeeded",
-        reason=judged.reason,
-        message=message,
-        precision=config.precision.value,
-        originalBytes=judged.original,
-        quantizedBytes=judged.quantized,
-        validation=summary,
-        artifacts=[Artifact(uri=a.uri, sha256=a.sha256, bytes=a.bytes) for a in artifacts],
-        reportUri=published.report_uri,
-        manifestUri=published.manifest_uri,
-        promotedUri=promoted,
-        notes=judged.notes,
-        chosen=chosen.entry.name,
-        variants=entries,
-    )
+    result = success_result(
+        judged, message, artifacts, published.report_uri, published.manifest_uri, promoted,
+        chosen=chosen.entry.name, variants=entries,
+    )  # fmt: skip
     result._rows = rows
     return result

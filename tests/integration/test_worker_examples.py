@@ -19,6 +19,7 @@ from worker_helpers import (
     sha256,
     speech_feeds,
     upload_dir,
+    upload_example_model,
 )
 
 from kquant_job.audio import write_feeds
@@ -158,14 +159,7 @@ def test_s3_example_runs_against_an_s3_server(example, s3_server, worker_env, tm
     spec = job["spec"]
     spec["storage"]["endpoint"] = s3_server.endpoint  # the example's MinIO -> moto
     client = s3_server.client()
-    for name in ("models", "datasets"):
-        if name not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-            client.create_bucket(Bucket=name)
-    client.upload_file(
-        str(silero_dir() / "silero_vad.onnx"),
-        "models",
-        spec["model"]["uri"].removeprefix("s3://models/"),
-    )
+    upload_example_model(client, spec)
     variant = next(v for v in VARIANTS if v.file == "silero_vad.onnx")
     eval_dir = write_feeds(speech_feeds(variant, spec["validation"]["samples"]), tmp_path / "eval")[
         0

@@ -165,16 +165,13 @@ def test_a_folder_gets_one_subfolder_per_variant(tmp_path: Path) -> None:
 def test_the_variants_example_promotes_the_best_silero_variant(s3_server, worker_env, tmp_path):
     import yaml
     from worker_helpers import upload_dir as upload
+    from worker_helpers import upload_example_model
 
     job = yaml.safe_load((EXAMPLES / "silero-vad-variants.yaml").read_text())
     spec = job["spec"]
     spec["storage"]["endpoint"] = s3_server.endpoint  # the example's MinIO -> moto
     client = s3_server.client()
-    for name in ("models", "datasets"):
-        if name not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-            client.create_bucket(Bucket=name)
-    key = spec["model"]["uri"].removeprefix("s3://models/")
-    client.upload_file(str(silero_dir() / "silero_vad.onnx"), "models", key)
+    upload_example_model(client, spec)
     frames = write_feeds(speech_feeds(SILERO, spec["validation"]["samples"]), tmp_path / "eval")
     upload(client, "datasets", "vad-eval/", frames[0].parent)
     run = run_worker(job, tmp_path, worker_env)

@@ -62,6 +62,16 @@ def speech_feeds(variant: Variant, frames: int, *, threaded: bool = False) -> li
     return feeds
 
 
+def upload_example_model(client: Any, spec: dict[str, Any]) -> None:
+    """For an example manifest on moto: its ``models`` and ``datasets`` buckets, and Silero
+    VAD's ONNX file at its ``spec.model.uri`` (under ``s3://models/``)."""
+    for name in ("models", "datasets"):
+        if name not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+            client.create_bucket(Bucket=name)
+    key = spec["model"]["uri"].removeprefix("s3://models/")
+    client.upload_file(str(silero_dir() / "silero_vad.onnx"), "models", key)
+
+
 def upload_dir(client: Any, bucket: str, prefix: str, local: Path) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():

@@ -1,0 +1,110 @@
+"""The variant table for the corpus: every model of tests/corpus through fp16, int8 dynamic,
+int8 static and int4 (q4), each checked like the worker checks it (onnxruntime CPU, 4
+generated samples, the precision's default tolerance, the NoGain rule), and the variant a
+job with ``selection.objective: smallest`` would choose.
+
+Columns per variant: verdict (``ok``, ``tol`` = misses the tolerance, ``nogain`` = within
+tolerance but not worth publishing, or the failure's reason), size and median latency as
+ratios of the original's (measured in this run, 50 timed runs each), worst-output cosine.
+The last lines count, over the corpus, how often INT8 dynamic was published with a real size
+reduction, and how often any published INT8 result is larger, slower or a no-op (the
+issue's goals: >= 85 %, and none). Prints figures only.
+
+    .venv/bin/python bench/bench_variants.py [model ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from corpus import CORPUS_NAMES, CorpusModel, build_corpus, feeds_for
+from corpus.runs import SAMPLES, calibration_files, reference
+
+from kquant_api import DEFAULT_TOLERANCE, ModelFormat, QuantizationConfig, ValidationSummary
+from kquant_job.errors import KquantError
+from kquant_job.gain import gain_shortfalls
+from kquant_job.passes import PassContext, select_pass
+from kquant_job.validate import Reference
+from kquant_job.validate.runtime import make_session, median_latency_ms
+
+VARIANTS = {
+    "fp16": {"precision": "fp16"},
+    "int8": {"precision": "int8"},
+    "int8_static": {"precision": "int8", "mode": "static",
+                    "calibration": {"uri": "file:///calibration/", "samples": SAMPLES}},
+    "q4": {"precision": "int4"},
+}  # fmt: skip
+RUNS = 50
+
+
+def _latency(path: Path, feed: dict) -> float:
+    return median_latency_ms(make_session(path, ["CPUExecutionProvider"]), feed, RUNS, 5)
+
+
+def run_variant(model: CorpusModel, name: str, work: Path) -> dict:
+    """One variant of one model: its verdict, ratios and cosine."""
+    config = QuantizationConfig.model_validate(VARIANTS[name])
+    base = reference(model, "fp16" if name == "fp16" else "int8-dynamic")
+    tolerance = DEFAULT_TOLERANCE[config.precision]
+    ref = Reference(model.path, base.feeds, base.cfg, tolerance, providers=["CPUExecutionProvider"])
+    files = calibration_files(model, work / "calibration") if name == "int8_static" else []
+    ctx = PassContext(work_dir=work / "scratch", probe=ref.probe, calibration_files=files)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    out = work / "out" / f"{model.name}_{name}.onnx"
+    try:
+        select_pass(ModelFormat.onnx, config).run(model.path, config, out, ctx)
+    except KquantError as exc:
+        return {"verdict": exc.reason.value}
+    probe = ref.probe(out)
+    feed = feeds_for(model, 1)[0]
+    original, converted = _latency(model.path, feed), _latency(out, feed)
+    size = out.stat().st_size / model.path.stat().st_size
+    cosines = [m.get("cosineSimilarity") for m in probe.metrics.values()]
+    cosine = min((c for c in cosines if c is not None), default=None)
+    latency = {"original": original, "quantized": converted}
+    summary = ValidationSummary(passed=probe.ok, samples=SAMPLES, device="cpu", latencyMs=latency)
+    short = gain_shortfalls(config, model.path.stat().st_size, out.stat().st_size, summary, RUNS)
+    verdict = "tol" if not probe.ok else ("nogain" if short else "ok")
+    return {"verdict": verdict, "size": size, "latency": converted / original, "cosine": cosine,
+            "bytes": out.stat().st_size}  # fmt: skip
+
+
+def _cell(r: dict) -> str:
+    if "size" not in r:
+        return f"{r['verdict'][:22]:<22}"
+    cos = f"{r['cosine']:.4f}" if r["cosine"] is not None else "  n/a "
+    return f"{r['verdict']:<6} {r['size']:.2f}x {r['latency']:.2f}x {cos}"[:22].ljust(22)
+
+
+def main(names: list[str]) -> None:
+    corpus = build_corpus()
+    header = f"{'model':<24}" + "".join(f"{v:<24}" for v in VARIANTS) + "chosen (smallest)"
+    print(header)
+    print("-" * len(header))
+    int8_real, int8_bad = 0, 0
+    with tempfile.TemporaryDirectory(prefix="kquant-variants-") as tmp:
+        for name in names:
+            model = corpus[name]
+            rows = {v: run_variant(model, v, Path(tmp) / name / v) for v in VARIANTS}
+            passing = {v: r for v, r in rows.items() if r["verdict"] == "ok"}
+            chosen = min(passing, key=lambda v: passing[v]["bytes"]) if passing else "none"
+            print(f"{name:<24}" + "".join(f"{_cell(r)}  " for r in rows.values()) + chosen)
+            dyn = rows["int8"]
+            int8_real += dyn["verdict"] == "ok"
+            for v in ("int8", "int8_static"):
+                r = rows[v]
+                # a published INT8 result (ok) that is larger, slower or a no-op
+                int8_bad += r["verdict"] == "ok" and (r["size"] >= 1.0 or r["latency"] > 1.2)
+    print()
+    print(f"INT8 dynamic published with a real size reduction: {int8_real}/{len(names)} "
+          f"({100 * int8_real / len(names):.0f} %)")  # fmt: skip
+    print(f"published INT8 results larger, slower or a no-op: {int8_bad}")
+    print("columns: verdict, size ratio, latency ratio (CPU), worst-output cosine")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(CORPUS_NAMES))
