@@ -13,6 +13,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 CHUNK = 65536  # bytes read per recv(); what a ``cut_when`` predicate sees at most
@@ -64,10 +65,16 @@ class FaultProxy:
         if self._acceptor.is_alive():
             self._acceptor.join()
         self._listener.close()
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(timeout=5)
+        # A connection thread registered while the acceptor wound down is joined too; on a
+        # loaded machine one join round of 5 s was not always enough (seen in a full run).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with self._lock:
+                threads = [t for t in self._threads if t.is_alive()]
+            if not threads:
+                break
+            for thread in threads:
+                thread.join(timeout=5)
 
     def __enter__(self) -> FaultProxy:
         return self.start()
