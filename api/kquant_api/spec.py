@@ -62,13 +62,17 @@ def _check_uri(value: str, field: str, *, allow_plain_path: bool = True) -> str:
 
 
 class ModelFormat(str, Enum):
-    """Serialized model format. ``auto`` detects it from the file content."""
+    """Serialized model format. ``auto`` detects it from the file content. ``transformers``:
+    a Hugging Face folder (config.json naming a transformers class, safetensors weights),
+    exported to ONNX before conversion; ``auto`` picks it for int8 and int4 on such a folder
+    (those need the model's code), and keeps the safetensors cast for fp16 and bf16."""
 
     auto = "auto"
     onnx = "onnx"
     torchscript = "torchscript"
     pytorch = "pytorch"
     safetensors = "safetensors"
+    transformers = "transformers"
 
 
 class Precision(str, Enum):
@@ -158,7 +162,9 @@ class ModelSource(_Model):
         "(trailing slash) for a model directory, or file:// / a plain path for local runs."
     )
     format: ModelFormat = Field(
-        ModelFormat.auto, description="Model format; auto detects it from the file content."
+        ModelFormat.auto,
+        description="Model format; auto detects it from the file content. transformers: a "
+        "Hugging Face folder (config.json, safetensors weights) exported to ONNX first.",
     )
 
     @model_validator(mode="after")

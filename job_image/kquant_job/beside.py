@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from kquant_api import ModelFormat
 from kquant_job.formats import Plan
 
 PRECISION_SUFFIX = {"fp16": "_fp16", "bf16": "_bf16", "int8": "_int8"}
@@ -85,7 +86,17 @@ def sibling_name(rel: str, precision: str) -> str:
 
 
 def plan_names(plan: Plan, precision: str, single_file: bool, beside: bool) -> OutputNames:
-    """The output names of a plan (see the module docstring)."""
+    """The output names of a plan (see the module docstring). A Hugging Face folder's
+    weights become ONNX (:mod:`kquant_job.passes.transformers_export`): their output name
+    ends in ``.onnx`` (``model.safetensors`` -> ``model.onnx``)."""
+    names = _plan_names(plan, precision, single_file, beside)
+    exported = {m.rel for m in plan.models if m.format is ModelFormat.transformers}
+    for rel in exported & set(names.models):
+        names.models[rel] = str(PurePosixPath(names.models[rel]).with_suffix(".onnx"))
+    return names
+
+
+def _plan_names(plan: Plan, precision: str, single_file: bool, beside: bool) -> OutputNames:
     names = OutputNames()
     if not beside:
         names.models = {m.rel: output_name(m.rel, precision, single_file) for m in plan.models}

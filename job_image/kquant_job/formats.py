@@ -221,11 +221,49 @@ def _relative(root: Path, files: set[Path]) -> list[str]:
     return sorted(f.relative_to(base).as_posix() for f in files if base in f.parents)
 
 
+def plan_hf_folder(local: Path, declared: ModelFormat, needs_code: bool) -> Plan | None:
+    """The plan of a Hugging Face folder (:mod:`kquant_job.hf_folder`) exported to ONNX: one
+    model (its first weight file, format ``transformers``), its other weight files rewritten
+    by the export, every other file (config.json, tokenizer, preprocessor) copied. None when
+    the folder is not taken as one: ``declared`` is neither ``transformers`` nor ``auto``,
+    or ``auto`` and the conversion does not need the model's code (``needs_code``: int8,
+    int4). Raises PassError(UnsupportedFormat) with the folder's refusal, or when
+    ``transformers`` is declared for something else."""
+    from kquant_job.hf_folder import read_hf_folder
+
+    wanted = declared is ModelFormat.transformers or (
+        declared is ModelFormat.auto and needs_code and local.is_dir()
+    )
+    if not wanted:
+        return None
+    hf = read_hf_folder(local) if local.is_dir() else None
+    if hf is None:
+        if declared is ModelFormat.transformers:
+            raise PassError(
+                "spec.model.format transformers: the source is no Hugging Face folder (a "
+                "prefix holding config.json that names architectures, and its weights)",
+                reason=Reason.UnsupportedFormat,
+            )
+        return None
+    if hf.refusal:
+        raise PassError(hf.refusal, reason=Reason.UnsupportedFormat)
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    weights = hf.weight_files
+    main = next(w for w in hf.weights if w.endswith(".safetensors"))
+    return Plan(
+        root=local,
+        models=[ModelFile(main, ModelFormat.transformers, [w for w in weights if w != main])],
+        copies=[f for f in files if f not in weights],
+        external_data=[w for w in weights if w != main],
+    )
+
+
 def plan_model(
     local: Path,
     declared: ModelFormat = ModelFormat.auto,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    needs_code: bool = False,
 ) -> Plan:
     """Plan the conversion of a fetched model: one file, or a directory walked recursively.
 
@@ -236,7 +274,13 @@ def plan_model(
     ``kept``. A single file is converted whatever the patterns say. Raises
     PassError(UnsupportedFormat) when nothing to convert is found, PassError(CorruptModel)
     for an unreadable model.
+
+    A Hugging Face folder is one model when ``transformers`` is declared, or ``auto`` with a
+    conversion that ``needs_code`` (:func:`plan_hf_folder`).
     """
+    hf_plan = plan_hf_folder(local, declared, needs_code)
+    if hf_plan is not None:
+        return hf_plan
     if local.is_file():
         fmt = check_model_file(local, declared, local.name)
         model = ModelFile(local.name, fmt)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kquant_api import ModelFormat, QuantizationJob
+from kquant_api import ModelFormat, Precision, QuantizationJob
 from kquant_job import logs
 from kquant_job.beside import OutputNames, plan_names
 from kquant_job.errors import InvalidSpec
@@ -167,7 +167,8 @@ def _plan(job: QuantizationJob, io: StageInput) -> Plan:
     """The plan of the fetched model, with the spec's names checked against it."""
     spec = job.spec
     include, exclude = spec.quantization.include, spec.quantization.exclude
-    plan = plan_model(io.source, spec.model.format, include, exclude)
+    needs_code = spec.quantization.precision in (Precision.int8, Precision.int4)
+    plan = plan_model(io.source, spec.model.format, include, exclude, needs_code)
     _check_model_keys(spec.validation.models, plan)
     onnx_models = [plan.root / m.rel for m in plan.models if m.format is ModelFormat.onnx]
     check_names(spec.quantization, onnx_models)
@@ -175,9 +176,15 @@ def _plan(job: QuantizationJob, io: StageInput) -> Plan:
 
 
 def _validator(
-    job: QuantizationJob, model: ModelFile, src: Path, io: StageInput, many: bool
+    job: QuantizationJob,
+    model: ModelFile,
+    src: Path,
+    io: StageInput,
+    many: bool,
+    fmt: ModelFormat | None = None,
 ) -> Any:
-    """The model's validator (None when validation is off), its inputs logged."""
+    """The model's validator (None when validation is off), its inputs logged; ``fmt``: the
+    format of ``src`` when it is not the model's (an exported Hugging Face folder)."""
     from kquant_job.validate.validators import make_validator
 
     spec = job.spec
@@ -187,7 +194,7 @@ def _validator(
     if io.data:
         logs.info(f"validation data for {model.rel}", files=len(samples))
     own = spec.model_copy(update={"validation": spec.validation.for_model(model.rel)})
-    validator = make_validator(model.format, src, own, samples)
+    validator = make_validator(fmt or model.format, src, own, samples)
     if validator.chosen:
         logs.info(
             f"validation inputs for {model.rel} (found in {validator.chosen['tries']} tries)",
@@ -212,8 +219,11 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
     models = []
     for model in plan.models:
         src = plan.root / model.rel
-        validator = _validator(job, model, src, io, many)
+        exported = model.format is ModelFormat.transformers
+        validator = None if exported else _validator(job, model, src, io, many)
         validation = None
+        if exported and job.spec.validation.enabled:
+            validation = {"kind": "outputs", "inputs": "found on the ONNX export, when run"}
         if validator is not None:
             if validator.chosen:
                 inputs: Any = validator.chosen["inputs"]
@@ -226,7 +236,7 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
             {
                 "source": model.rel,
                 "format": model.format.value,
-                "pass": select_pass(model.format, cfg).name,
+                "pass": _pass_name(model.format, select_pass(model.format, cfg).name),
                 "output": names.models[model.rel],
                 "bytes": _bytes(plan.root, [model.rel, *model.external]),
                 "external": list(model.external),
@@ -251,12 +261,15 @@ def _convert_all(
     results = []
     with logs.stage("convert", timings, models=len(plan.models)):
         for i, model in enumerate(plan.models):
-            src = plan.root / model.rel
-            pass_ = select_pass(model.format, cfg)
+            src, fmt, export = plan.root / model.rel, model.format, None
+            if fmt is ModelFormat.transformers:
+                src, export = _export(cfg, plan.root, io.scratch / f"{i}-export", timings)
+                fmt = ModelFormat.onnx
+            pass_ = select_pass(fmt, cfg)
             out_rel = names.models[model.rel]
             out_path = staged / out_rel
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            validator = _validator(job, model, src, io, many)
+            validator = _validator(job, model, src, io, many, fmt)
             ctx = PassContext(
                 work_dir=io.scratch / str(i),
                 probe=validator.probe if validator else None,
@@ -272,6 +285,8 @@ def _convert_all(
                 bytes=src.stat().st_size,
             )
             result = pass_.run(src, cfg, out_path, ctx)
+            if export is not None:
+                result.details["export"] = export
             out_files = sorted(files_under(staged) - before)
             outcome = ModelOutcome(
                 source=model.rel,
@@ -281,12 +296,38 @@ def _convert_all(
                 out_files=out_files,
                 original_bytes=_bytes(plan.root, [model.rel, *model.external]),
                 quantized_bytes=_bytes(staged, out_files),
-                pass_name=pass_.name,
+                pass_name=_pass_name(model.format, pass_.name),
                 details=result.details,
                 providers=list(validator.providers) if validator else [],
             )
             results.append(_Converted(outcome, validator))
     return results
+
+
+def _pass_name(fmt: ModelFormat, name: str) -> str:
+    """The pass's name, prefixed with the export for a Hugging Face folder."""
+    return f"transformers_export+{name}" if fmt is ModelFormat.transformers else name
+
+
+def _export(
+    cfg: Any, root: Path, work: Path, timings: dict[str, float]
+) -> tuple[Path, dict[str, Any]]:
+    """Export the Hugging Face folder ``root`` to ``work/model.onnx`` (checked against
+    PyTorch), and check the spec's op and node names against the export. Returns the export
+    and its report entry. Raises PassError (UnsupportedFormat, ConversionFailed) and
+    InvalidSpec."""
+    from kquant_job.hf_folder import read_hf_folder
+    from kquant_job.passes.transformers_export import export_onnx
+
+    hf = read_hf_folder(root)
+    assert hf is not None  # the plan took the folder as one
+    onnx_path = work / "model.onnx"
+    with logs.stage("export", timings, architecture=hf.architecture):
+        export = export_onnx(root, hf, onnx_path)
+    cosines = {k: round(v["cosineSimilarity"], 7) for k, v in export["fidelity"].items()}
+    logs.info("the export matches PyTorch (cosine per output)", **cosines)
+    check_names(cfg, [onnx_path])
+    return onnx_path, export
 
 
 def _validate_all(converted: list[_Converted], staged: Path) -> None:

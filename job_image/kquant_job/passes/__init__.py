@@ -9,6 +9,9 @@
 
 int4 (weight-only, MatMul weights in 4 bits): onnx_int4, ONNX only.
 
+transformers (a Hugging Face folder): exported to ONNX (transformers_export), then the
+ONNX row applies.
+
 Pass modules are imported on selection, so torch is imported only by the PyTorch passes.
 """
 
@@ -36,6 +39,8 @@ def select_pass(fmt: ModelFormat, config: QuantizationConfig) -> Pass:
 
     Raises PassError(UnsupportedFormat) when no pass applies, saying why.
     """
+    if fmt is ModelFormat.transformers:  # exported to ONNX first (transformers_export)
+        return select_pass(ModelFormat.onnx, config)
     if config.precision is Precision.int4:
         if fmt is not ModelFormat.onnx:
             raise _unsupported(
