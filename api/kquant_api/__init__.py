@@ -19,11 +19,13 @@ from kquant_api.spec import (
     API_VERSION,
     DEFAULT_TOLERANCE,
     KIND,
+    Bounds,
     CalibrateMethod,
     Calibration,
     Int8Mode,
     ModelFormat,
     Objective,
+    OutputKind,
     Precision,
     QuantFormat,
     QuantizationConfig,
@@ -32,6 +34,7 @@ from kquant_api.spec import (
     QuantType,
     Tolerance,
     ValidationConfig,
+    output_kind,
 )
 from kquant_api.status import (
     Condition,
@@ -49,6 +52,7 @@ __all__ = [
     "NON_RETRIABLE_EXIT_CODES",
     "REASON_EXIT_CODE",
     "Artifact",
+    "Bounds",
     "CalibrateMethod",
     "Calibration",
     "Condition",
@@ -60,6 +64,7 @@ __all__ = [
     "LatencyMs",
     "ModelFormat",
     "Objective",
+    "OutputKind",
     "Phase",
     "Precision",
     "QuantFormat",
@@ -74,4 +79,5 @@ __all__ = [
     "ValidationConfig",
     "ValidationSummary",
     "VariantResult",
+    "output_kind",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kquant_api import Tolerance, ValidationSummary
+from kquant_api import Bounds, Tolerance, ValidationSummary, output_kind
 from kquant_job.stage import ModelOutcome
 
 MAX_OUTPUT_ROWS = 6  # per model; the rest are summed up in one row
@@ -126,6 +126,34 @@ def _output_rows(model: ModelOutcome, indent: str) -> list[tuple[str, str]]:
     return []
 
 
+def _bounds_text(bounds: dict[str, float]) -> str:
+    return ", ".join(
+        f"{k} {'>=' if k.startswith('min') else '<='} {v:g}" for k, v in bounds.items()
+    )
+
+
+def _per_output_parts(models: list[ModelOutcome], tolerance: Tolerance) -> list[str]:
+    """The bounds of outputs that differ from the top-level ones (an output kind's default,
+    or the spec's per-output bounds), for the outputs these models have."""
+    top = Bounds(**{k: getattr(tolerance, k) for k in Bounds.model_fields})
+    parts: dict[tuple[str, str], list[str]] = {}
+    for model in models:
+        outputs = (model.validation or {}).get("report", {}).get("outputs", {})
+        for name in outputs:
+            own = tolerance.bounds_for(name)
+            if own == top:
+                continue
+            kind = output_kind(name)
+            own_bounds = name in (tolerance.outputs or {})
+            label = f"{kind.value} outputs" if kind and not own_bounds else "output"
+            text = _bounds_text(own.model_dump(mode="json", exclude_none=True))
+            parts.setdefault((label, text), []).append(name)
+    return [
+        f"{label} {', '.join(dict.fromkeys(names))}: {text}"
+        for (label, text), names in parts.items()
+    ]
+
+
 def table_rows(
     models: list[ModelOutcome], tolerance: Tolerance, spec_tolerance: bool
 ) -> list[tuple[str, str]]:
@@ -155,7 +183,9 @@ def table_rows(
         rows.append(("worst output", f"{worst[1]} (cosine {worst[0]:.6f})"))
     bounds = tolerance.model_dump(mode="json", exclude_none=True)
     rules = bounds.pop("decisions", {})
-    parts = [f"{k} {'>=' if k.startswith('min') else '<='} {v:g}" for k, v in bounds.items()]
+    bounds.pop("outputs", None), bounds.pop("outputKinds", None)
+    parts = [_bounds_text(bounds)] if bounds else []
+    parts += _per_output_parts(models, tolerance)
     for name, rule in rules.items():
         how = f"> {rule['threshold']:g}" if rule["kind"] == "threshold" else "argmax"
         shift = rule.get("maxBoundaryShift")

@@ -149,14 +149,17 @@ def check_tolerance(metrics: Sequence[OutputMetrics], tolerance: Tolerance) -> l
     ``"output 'stateN': maxAbsError 0.031 > 0.01"``; empty when everything holds.
 
     Missing outputs, shape mismatches, new NaN/Inf and integer mismatches always violate;
-    the float bounds apply only where the tolerance sets them.
+    the float bounds apply only where the tolerance sets them, per output as
+    :meth:`Tolerance.bounds_for` merges them (its kind's bounds, then its own).
     """
     out: list[str] = []
     rules = tolerance.decisions or {}
     names = [m.name for m in metrics]
-    for name in rules:
+    named = [("decision rule", n) for n in rules]
+    named += [("bounds", n) for n in tolerance.outputs or {}]
+    for what, name in named:
         if metrics and name not in names:
-            out.append(f"decision rule for output {name!r}: the model has no such output "
+            out.append(f"{what} for output {name!r}: the model has no such output "
                        f"(outputs: {', '.join(names)})")  # fmt: skip
     for m in metrics:
         tag = f"output {m.name!r}"
@@ -182,9 +185,10 @@ def check_tolerance(metrics: Sequence[OutputMetrics], tolerance: Tolerance) -> l
                     f"(integer/bool outputs must match exactly)"
                 )
             continue
-        _bound(out, tag, "maxAbsError", m.maxAbsError, tolerance.maxAbsError, ">")
-        _bound(out, tag, "meanAbsError", m.meanAbsError, tolerance.maxMeanAbsError, ">")
-        _bound(out, tag, "cosineSimilarity", m.cosineSimilarity, tolerance.minCosineSimilarity, "<")
+        bounds = tolerance.bounds_for(m.name)
+        _bound(out, tag, "maxAbsError", m.maxAbsError, bounds.maxAbsError, ">")
+        _bound(out, tag, "meanAbsError", m.meanAbsError, bounds.maxMeanAbsError, ">")
+        _bound(out, tag, "cosineSimilarity", m.cosineSimilarity, bounds.minCosineSimilarity, "<")
     return out
 
 
