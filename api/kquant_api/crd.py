@@ -230,6 +230,16 @@ def _overlap_rules() -> list[dict[str, str]]:
                   f"{'write' if r in WRITE_FIELDS else 'read'}s; use prefixes that do not "
                   "contain each other")
         )  # fmt: skip
+    for w in WRITE_FIELDS:  # each variant's calibration data is read too
+        wg, wp = _URI_PATHS[w]
+        calib = "v.calibration.uri"
+        each = f"self.variants.all(v, !has(v.calibration) || !({_overlap(wp, calib)}))"
+        guard = " && ".join(g for g in (wg, "has(self.variants)") if g != "true")
+        rules.append(
+            _rule(f"!({guard}) || {each}",
+                  f"{w}: overlaps spec.variants[].calibration.uri: kquant would write where "
+                  "this job also reads; use prefixes that do not contain each other")
+        )  # fmt: skip
     return rules
 
 

@@ -175,6 +175,17 @@ def rejection_cases() -> list[Any]:
         (job({**static, "calibration": {"uri": "s3://prod/c/"}}, promotion={"uri": "s3://prod/"}),
          "spec.promotion.uri: overlaps spec.quantization.calibration.uri"),
     ]  # fmt: skip
+    calibrated = [
+        {"precision": "fp16"},
+        {**static, "calibration": {"uri": "s3://models/vad-out/c/"}},
+    ]
+    cases += [
+        (as_variants(job(), calibrated), "spec.output.uri: overlaps spec.variants[",
+         "calibration.uri"),
+        (as_variants(job(promotion={"uri": "s3://prod/"}),
+                     [{**static, "calibration": {"uri": "s3://prod/c/"}}]),
+         "spec.promotion.uri: overlaps spec.variants[", "calibration.uri"),
+    ]  # fmt: skip
     two = [{"precision": "fp16", "name": "a"}, {"precision": "int8", "name": "a"}]
     cases += [
         ({**job(), "spec": {**job()["spec"], "variants": [{"precision": "fp16"}]}},
