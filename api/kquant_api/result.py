@@ -124,6 +124,11 @@ class Artifact(_Compact):
 class LatencyMs(_Compact):
     original: float = Field(description="Median latency of the original model, ms.")
     quantized: float = Field(description="Median latency of the converted model, ms.")
+    runs: int | None = Field(
+        None,
+        description="Timed runs of each model (latencyRuns, or fewer when "
+        "validation.latencyBudgetMs ran out).",
+    )
 
 
 class ValidationSummary(_Compact):

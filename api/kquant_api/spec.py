@@ -724,6 +724,14 @@ class ValidationConfig(_Model):
         20, ge=1, le=10_000, description="Timed runs per model (median reported, in ms)."
     )
     warmupRuns: int = Field(3, ge=0, le=1000, description="Untimed runs before timing.")
+    latencyBudgetMs: float = Field(
+        5000,
+        gt=0,
+        le=600_000,
+        description="Wall time the timed runs of the original and the converted model may "
+        "take together, per model file, ms: the two run in alternation until latencyRuns "
+        "pairs or until this is spent (at least one pair); the result says how many it took.",
+    )
 
     @model_validator(mode="after")
     def _uri(self) -> ValidationConfig:

@@ -132,7 +132,8 @@ def _table(result: JobResult, name: str) -> str:
         if v.latencyMs:
             o, q = v.latencyMs.original, v.latencyMs.quantized
             ratio = f" ({q / o:.2f}x)" if o > 0 else ""
-            rows.append(("latency (median)", f"{o:.3f} ms -> {q:.3f} ms{ratio}"))
+            runs = f", {v.latencyMs.runs} runs each" if v.latencyMs.runs else ""
+            rows.append(("latency (median)", f"{o:.3f} ms -> {q:.3f} ms{ratio}{runs}"))
     rows += result._rows
     rows += [("NOTE", note) for note in result.notes]
     if result.manifestUri:

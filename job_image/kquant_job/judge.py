@@ -41,6 +41,9 @@ def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
             "original": sum(s.latencyMs.original for s in summaries),  # type: ignore[union-attr]
             "quantized": sum(s.latencyMs.quantized for s in summaries),  # type: ignore[union-attr]
         }
+        runs = [s.latencyMs.runs for s in summaries if s.latencyMs and s.latencyMs.runs]
+        if runs:
+            latency["runs"] = min(runs)
     kinds = {s.kind for s in summaries}
     inputs = "; ".join(s.inputs for s in summaries if s.inputs)[:MAX_INPUTS_TEXT] or None
     return ValidationSummary(
@@ -120,7 +123,8 @@ def assess(job: QuantizationJob, stage: StageOutcome, staged: Path) -> Assessed:
         if passed
         else "tolerance exceeded: " + "; ".join(violations)
     )
-    runs = spec.validation.latencyRuns
+    measured = summary.latencyMs if summary else None
+    runs = measured.runs if measured and measured.runs else spec.validation.latencyRuns
     shortfalls = gain_shortfalls(config, original, quantized, summary, runs) if passed else []
     if shortfalls:
         passed, reason = False, Reason.NoGain

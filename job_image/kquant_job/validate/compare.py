@@ -25,10 +25,11 @@ from kquant_job.validate.metrics import OutputMetrics, check_tolerance, compare_
 from kquant_job.validate.runtime import (
     device_of,
     make_session,
-    median_latency_ms,
     model_bytes,
+    paired_latency_ms,
     run_stream,
     select_providers,
+    session_call,
     short,
 )
 
@@ -130,10 +131,10 @@ class Reference:
 class ValidationOutcome:
     """The full comparison of one converted model with its original.
 
-    ``latency_ms``: ``{"original": ms, "quantized": ms}`` medians (None when the converted
-    model did not run); sizes in bytes include external data files; ``error`` holds the
-    runtime's message when the converted model failed to load or run (then ``passed`` is
-    False and ``violations`` says so).
+    ``latency_ms``: ``{"original": ms, "quantized": ms, "runs": n}``, medians over n timed
+    runs each (None when the converted model did not run); sizes in bytes include external
+    data files; ``error`` holds the runtime's message when the converted model failed to
+    load or run (then ``passed`` is False and ``violations`` says so).
     """
 
     passed: bool
@@ -145,7 +146,7 @@ class ValidationOutcome:
     tolerance: Tolerance
     original_bytes: int
     quantized_bytes: int
-    latency_ms: dict[str, float] | None = None
+    latency_ms: dict[str, float] | None = None  # original, quantized (ms), runs
     feedback: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
@@ -207,8 +208,9 @@ def validate_onnx(
 
     ``reference`` (optional) reuses a :class:`Reference` already built for ``original``, so
     the original is not run twice; its feeds and providers are then used and ``feeds`` and
-    ``providers`` are ignored. Latency: median of ``cfg.latencyRuns``
-    runs after ``cfg.warmupRuns`` on the first feed, per model.
+    ``providers`` are ignored. Latency: medians of both models timed in
+    alternation on the first feed (:func:`paired_latency_ms`: ``cfg.latencyRuns`` pairs
+    after ``cfg.warmupRuns``, within ``cfg.latencyBudgetMs``).
 
     Raises what :class:`Reference` raises for the original. Problems of the converted model
     (load or run failure, tolerance) never raise: they give ``passed=False``.
@@ -239,10 +241,13 @@ def validate_onnx(
         )
     metrics = compare_outputs(ref.outputs, outputs, tolerance.decisions)
     violations = check_tolerance(metrics, tolerance)
-    latency = {
-        "original": median_latency_ms(ref.session, ref.feeds[0], cfg.latencyRuns, cfg.warmupRuns),
-        "quantized": median_latency_ms(session, ref.feeds[0], cfg.latencyRuns, cfg.warmupRuns),
-    }
+    latency = paired_latency_ms(
+        session_call(ref.session, ref.feeds[0]),
+        session_call(session, ref.feeds[0]),
+        cfg.latencyRuns,
+        cfg.warmupRuns,
+        cfg.latencyBudgetMs,
+    )
     return ValidationOutcome(
         passed=not violations,
         provider=session.get_providers()[0],

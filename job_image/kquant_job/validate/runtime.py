@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,43 @@ def median_latency_ms(session: Any, feed: Feed, runs: int, warmup: int) -> float
         session.run(None, inputs)
         times.append((time.perf_counter() - start) * 1000.0)
     return float(statistics.median(times))
+
+
+def paired_latency_ms(
+    original: Callable[[], object],
+    converted: Callable[[], object],
+    runs: int,
+    warmup: int,
+    budget_ms: float,
+) -> dict[str, float]:
+    """Median wall time (ms, ``time.perf_counter``) of two calls timed in alternation, so
+    that drift (clock boost, a noisy neighbour) weighs on both alike: ``warmup`` untimed
+    calls of each, then pairs until ``runs`` pairs or until the timed pairs have spent
+    ``budget_ms`` (at least one pair). Returns ``{"original", "quantized"}`` medians and
+    ``"runs"``, the pairs timed. The median resists outliers such as a first CUDA kernel
+    compile or a scheduler hiccup."""
+    for _ in range(warmup):
+        original()
+        converted()
+    times: tuple[list[float], list[float]] = ([], [])
+    spent = 0.0
+    while len(times[0]) < runs and (not times[0] or spent < budget_ms):
+        for call, out in ((original, times[0]), (converted, times[1])):
+            start = time.perf_counter()
+            call()
+            out.append((time.perf_counter() - start) * 1000.0)
+            spent += out[-1]
+    return {
+        "original": float(statistics.median(times[0])),
+        "quantized": float(statistics.median(times[1])),
+        "runs": len(times[0]),
+    }
+
+
+def session_call(session: Any, feed: Feed) -> Callable[[], object]:
+    """A call running ``session`` on ``feed`` (adapted to its input names once)."""
+    inputs = adapt_feed(session, feed)
+    return lambda: session.run(None, inputs)
 
 
 def model_bytes(path: Path) -> int:

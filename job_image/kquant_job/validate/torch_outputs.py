@@ -24,9 +24,7 @@ CPU-only); else CPU.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from kquant_job.errors import InvalidSpec
 from kquant_job.validate.compare import ValidationOutcome, compare_outputs
 from kquant_job.validate.inputs import read_npz
 from kquant_job.validate.metrics import check_tolerance
+from kquant_job.validate.runtime import paired_latency_ms
 
 Args = dict[str, Any]
 _SCALARS = {"int": np.int64, "float": np.float64, "bool": np.bool_}
@@ -152,21 +151,20 @@ def run_script(
     return results
 
 
-def latency_ms(module: Any, sample: Args, runs: int, warmup: int, device: str) -> float:
-    """Median wall time of one ``module(**sample)`` call in ms (CUDA synchronized)."""
+def module_call(module: Any, sample: Args, device: str) -> Callable[[], None]:
+    """One ``module(**sample)`` call on ``device``, in inference mode, CUDA synchronized
+    (so its wall time is the work's, not the launch's)."""
     import torch
 
     args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            start = time.perf_counter()
+
+    def call() -> None:
+        with torch.inference_mode():
             module(**args)
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000.0)
-    return float(statistics.median(times))
+        sync()
+
+    return call
 
 
 class TorchScriptValidator:
@@ -230,12 +228,13 @@ class TorchScriptValidator:
         metrics = compare_outputs(self.outputs, outputs, self.tolerance.decisions)
         violations = check_tolerance(metrics, self.tolerance)
         first = self.samples[0]
-        latency = {
-            "original": latency_ms(
-                self.module, first, cfg.latencyRuns, cfg.warmupRuns, self.device
-            ),
-            "quantized": latency_ms(module, first, cfg.latencyRuns, cfg.warmupRuns, self.device),
-        }
+        latency = paired_latency_ms(
+            module_call(self.module, first, self.device),
+            module_call(module, first, self.device),
+            cfg.latencyRuns,
+            cfg.warmupRuns,
+            cfg.latencyBudgetMs,
+        )
         return ValidationOutcome(
             passed=not violations,
             metrics={m.name: m for m in metrics},
