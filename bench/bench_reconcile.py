@@ -29,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -146,10 +147,11 @@ async def main(args: argparse.Namespace) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KQUANT_")}
         env["KUBECONFIG"] = str(write_kubeconfig(tmp / "kubeconfig", str(emulator.url)))
         log = (tmp / "operator.log").open("w")
-        kopf = Path(sys.executable).parent / "kopf"
+        # --profile: the operator's event loop thread under cProfile (pstats file)
+        profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
         operator = await asyncio.create_subprocess_exec(
-            str(kopf), "run", "-m", "kquant_operator", "--standalone", "--all-namespaces",
-            env=env, stdout=log, stderr=log,
+            sys.executable, *profile, "-m", "kopf", "run", "-m", "kquant_operator",
+            "--standalone", "--all-namespaces", env=env, stdout=log, stderr=log,
         )  # fmt: skip
         clock = Clock()
         watches = [
@@ -177,8 +179,12 @@ async def main(args: argparse.Namespace) -> None:
                 table += rows(f"paced {args.interval:g} ms", clock, paced)
                 rss, cpu = peak_rss_mib(operator.pid), cpu_seconds(operator.pid)
         finally:
-            operator.terminate()
-            await operator.wait()
+            operator.send_signal(signal.SIGINT)  # kopf exits cleanly: cProfile writes its file
+            try:
+                await asyncio.wait_for(operator.wait(), 30)
+            except TimeoutError:
+                operator.kill()
+                await operator.wait()
             for task in watches:
                 task.cancel()
             log.close()
@@ -197,4 +203,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200, help="QuantizationJobs per round")
     parser.add_argument("--interval", type=float, default=50, help="paced round: ms between CRs")
+    parser.add_argument("--profile", help="write a cProfile of the operator to this file")
     asyncio.run(main(parser.parse_args()))
