@@ -221,6 +221,14 @@ def _owner(job: kopf.Body) -> dict[str, Any] | None:
     return None
 
 
+def _may_have_pods(job: dict[str, Any]) -> bool:
+    """Whether the Job's status shows any pod (active, ready, terminating, succeeded,
+    failed) or any condition: a Job just created has none, and its pods need no listing."""
+    st = job.get("status") or {}
+    counts = ("active", "ready", "terminating", "succeeded", "failed")
+    return bool(st.get("conditions")) or any(st.get(k) for k in counts)
+
+
 async def job_event(
     event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
@@ -239,9 +247,12 @@ async def job_event(
                 return  # the owner is gone (or was re-created): the collector takes the Job
             if labels.get(LABEL_GENERATION) != str(qmeta.get("generation")):
                 return  # an older generation's Job, being replaced
-            selector = ",".join(f"{k}={labels[k]}" for k in (LABEL_NAME, LABEL_GENERATION))
-            pods = await kube.list(path("", "v1", "pods", namespace), selector)
-            await _write_status(kube, qjob, derive_status(qjob, to_plain(body), pods))
+            job = event.get("object") or to_plain(body)  # the raw object: no view to copy
+            pods = []
+            if _may_have_pods(job):
+                selector = ",".join(f"{k}={labels[k]}" for k in (LABEL_NAME, LABEL_GENERATION))
+                pods = await kube.list(path("", "v1", "pods", namespace), selector)
+            await _write_status(kube, qjob, derive_status(qjob, job, pods))
             return
         except ApiError as exc:
             if exc.status == 404:
