@@ -265,6 +265,8 @@ def _convert_all(
             if fmt is ModelFormat.transformers:
                 src, export = _export(cfg, plan.root, io.scratch / f"{i}-export", timings)
                 fmt = ModelFormat.onnx
+            elif _spills(fmt, cfg, model, src):
+                src = _spill(src, io.scratch / f"{i}-spilled")
             pass_ = select_pass(fmt, cfg)
             out_rel = names.models[model.rel]
             out_path = staged / out_rel
@@ -302,6 +304,31 @@ def _convert_all(
             )
             results.append(_Converted(outcome, validator))
     return results
+
+
+def _spills(fmt: ModelFormat, cfg: Any, model: ModelFile, src: Path) -> bool:
+    """Whether an FP16 conversion first moves the model's embedded weights to a data file:
+    an ONNX file past SPILL_BYTES without external data."""
+    from kquant_job.passes.onnx_fp16 import SPILL_BYTES
+
+    return (
+        fmt is ModelFormat.onnx
+        and cfg.precision is Precision.fp16
+        and not model.external
+        and src.stat().st_size > SPILL_BYTES
+    )
+
+
+def _spill(src: Path, folder: Path) -> Path:
+    """A copy of the ONNX model ``src`` with its weights in a data file beside it, in
+    ``folder``. Every later step (the reference session, the activation ranges, the FP16
+    pass) then reads the weights from that file, tensor by tensor, instead of each holding
+    the embedded copy (bench/bench_job.py; the figures are in the README)."""
+    from kquant_job.passes.onnx_common import load_model, save_model
+
+    logs.info(f"moving the embedded weights of {src.name} to a data file", bytes=src.stat().st_size)
+    save_model(load_model(src), folder / src.name, size_limit=0)
+    return folder / src.name
 
 
 def _pass_name(fmt: ModelFormat, name: str) -> str:

@@ -39,13 +39,14 @@ Probe = Callable[[Path], ProbeResult]
 class PassContext:
     """What a pass may use besides its input: a scratch directory, an optional probe (None
     when validation is disabled), the original's activation ranges on the validation
-    samples (``{value name: max |x|}``, measured on call; None when validation is disabled
-    or the model cannot run), local calibration samples (``.npz`` files) for static
+    samples (``{value name: max |x|}``, measured on call, optionally on a given copy of the
+    original with the same values; None when validation is disabled or the model cannot
+    run), local calibration samples (``.npz`` files) for static
     quantization, and a logger."""
 
     work_dir: Path
     probe: Probe | None = None
-    activation_ranges: Callable[[], dict[str, float]] | None = None
+    activation_ranges: Callable[..., dict[str, float]] | None = None
     calibration_files: list[Path] = field(default_factory=list)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kquant"))
 

@@ -105,7 +105,10 @@ class OnnxFp16Pass:
         scratch = ctx.work_dir / "onnx-fp16"
         base, base_dir, named, out_of_range, range_nodes = _prepare(model_in, scratch)
         nodes |= range_nodes
-        fp32_activations, activation_nodes, measured = _activation_block(base, ctx)
+        # Spilled weights: the ranges are measured on that copy (a session reads its data
+        # file; an embedded model would be held three times: proto, bytes, session).
+        spilled = base_dir / "model.onnx" if base_dir != model_in.parent else None
+        fp32_activations, activation_nodes, measured = _activation_block(base, ctx, spilled)
         nodes |= activation_nodes
         # ONNX honours keepFp32 only when set: its default names PyTorch statistics, and an
         # FP32 BatchNormalization between FP16 convolutions would stop Conv+BN fusion.
@@ -200,15 +203,18 @@ def _prepare(
     return base, base_dir, named, out_of_range, range_nodes
 
 
-def _activation_block(base: ModelProto, ctx: PassContext) -> tuple[dict[str, float], set[str], str]:
+def _activation_block(
+    base: ModelProto, ctx: PassContext, copy: Path | None = None
+) -> tuple[dict[str, float], set[str], str]:
     """Activations beyond the FP16 headroom and the nodes to keep FP32 for them (step 0),
     and what happened: ``measured``, ``not measured`` (no ranges in ``ctx``: validation off)
-    or ``failed: <error>`` (then the ladder's probe is the only check)."""
+    or ``failed: <error>`` (then the ladder's probe is the only check). ``copy``: the
+    original with its weights in a data file, measured instead of the original."""
     if ctx.activation_ranges is None:
         return {}, set(), "not measured"
     LOG.info("fp16: measuring activation ranges on the validation samples")
     try:
-        ranges = ctx.activation_ranges()
+        ranges = ctx.activation_ranges(copy) if copy else ctx.activation_ranges()
     except Exception as exc:
         LOG.warning("fp16: activation ranges not measured", extra={"fields": {"error": str(exc)}})
         return {}, set(), f"failed: {' '.join(str(exc).split())[:300]}"

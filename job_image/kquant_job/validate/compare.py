@@ -95,13 +95,18 @@ class Reference:
                 f"({exc}); set spec.validation.inputs / dimensions or check dataUri"
             ) from exc
 
-    def activation_ranges(self, max_samples: int = 8) -> dict[str, float]:
+    def activation_ranges(
+        self, model: Path | None = None, max_samples: int = 8
+    ) -> dict[str, float]:
         """``{value name: max |x|}`` of the original's FP32 values on the first
-        ``max_samples`` samples (:func:`kquant_job.validate.ranges.activation_ranges`)."""
+        ``max_samples`` samples (:func:`kquant_job.validate.ranges.activation_ranges`),
+        measured on ``model`` when given: a copy of the original holding the same values
+        (its weights moved to a data file, which a session reads tensor by tensor)."""
         from kquant_job.validate.ranges import activation_ranges
 
         n = min(max_samples, len(self.feeds))
-        return activation_ranges(self.original, self.feeds[:n], self.cfg.feedback, self.providers)
+        source = model or self.original
+        return activation_ranges(source, self.feeds[:n], self.cfg.feedback, self.providers)
 
     def probe(self, candidate: Path, max_samples: int = 8) -> ProbeResult:
         """Check ``candidate`` on the first ``max_samples`` samples (a stream prefix when

@@ -1,0 +1,43 @@
+"""An FP16 conversion of an ONNX file with large embedded weights first moves them to a data
+file in the scratch folder: the reference session, the activation ranges and the FP16 pass
+then read them tensor by tensor. The result is the same single file, validated the same."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from corpus import build_corpus
+from test_zero_config import minimal_job
+
+import kquant_job.passes.onnx_fp16 as onnx_fp16
+from kquant_job.stage import StageInput, convert_and_validate
+
+
+def _run(model: Path, work: Path):
+    io = StageInput(model, [], work / "data", [], work / "calib", work / "staged", work / "s")
+    return convert_and_validate(minimal_job(model), io)
+
+
+def test_spilled_weights_give_the_same_validated_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "m" / "bert_tiny.onnx"
+    model.parent.mkdir()
+    shutil.copyfile(build_corpus()["bert_tiny"].path, model)
+    plain = _run(model, tmp_path / "plain").models[0]
+    assert not (tmp_path / "plain" / "s" / "0-spilled").exists()  # small: below the bound
+    monkeypatch.setattr(onnx_fp16, "SPILL_BYTES", 1024)
+    spilled = _run(model, tmp_path / "spilled").models[0]
+    copy = tmp_path / "spilled" / "s" / "0-spilled"
+    assert sorted(p.name for p in copy.iterdir()) == ["bert_tiny.onnx", "bert_tiny.onnx.data"]
+    assert spilled.out_files == plain.out_files == ["bert_tiny_fp16.onnx"]  # no data file
+    assert spilled.validation["passed"] and plain.validation["passed"]
+    # the same values measured, the same conversion: the same errors
+    for key in ("maxAbsError", "meanAbsError", "cosineSimilarity"):
+        assert spilled.validation["summary"][key] == pytest.approx(
+            plain.validation["summary"][key], rel=1e-6
+        )
+    assert spilled.details["activationRanges"] == "measured"
+    assert spilled.original_bytes == plain.original_bytes == model.stat().st_size
