@@ -265,7 +265,8 @@ def _convert_all(
             if fmt is ModelFormat.transformers:
                 src, export = _export(cfg, plan.root, io.scratch / f"{i}-export", timings)
                 fmt = ModelFormat.onnx
-            elif _spills(fmt, cfg, model, src):
+            spilled = export is None and _spills(fmt, cfg, model, src)
+            if spilled:
                 src = _spill(src, io.scratch / f"{i}-spilled")
             pass_ = select_pass(fmt, cfg)
             out_rel = names.models[model.rel]
@@ -287,6 +288,8 @@ def _convert_all(
                 bytes=src.stat().st_size,
             )
             result = pass_.run(src, cfg, out_path, ctx)
+            if spilled:
+                _embed_again(out_path)
             if export is not None:
                 result.details["export"] = export
             out_files = sorted(files_under(staged) - before)
@@ -307,16 +310,29 @@ def _convert_all(
 
 
 def _spills(fmt: ModelFormat, cfg: Any, model: ModelFile, src: Path) -> bool:
-    """Whether an FP16 conversion first moves the model's embedded weights to a data file:
-    an ONNX file past SPILL_BYTES without external data."""
+    """Whether an FP16 or INT8 conversion first moves the model's embedded weights to a data
+    file: an ONNX file past SPILL_BYTES without external data."""
     from kquant_job.passes.onnx_fp16 import SPILL_BYTES
 
     return (
         fmt is ModelFormat.onnx
-        and cfg.precision is Precision.fp16
+        and cfg.precision in (Precision.fp16, Precision.int8)
         and not model.external
         and src.stat().st_size > SPILL_BYTES
     )
+
+
+def _embed_again(out_path: Path) -> None:
+    """Put a converted model's weights back into its file when the pass wrote them to a data
+    file only because its (spilled) input had one: the user gave one file and gets one
+    file, unless it reaches protobuf's 2 GiB limit."""
+    from kquant_job.passes.onnx_common import PROTOBUF_LIMIT, data_file_for, load_model, save_model
+
+    data = data_file_for(out_path)
+    if not data.exists() or out_path.stat().st_size + data.stat().st_size >= PROTOBUF_LIMIT:
+        return
+    save_model(load_model(out_path), out_path)  # loads the data, then removes its file
+    data.unlink(missing_ok=True)
 
 
 def _spill(src: Path, folder: Path) -> Path:

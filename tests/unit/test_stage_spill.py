@@ -12,6 +12,7 @@ from corpus import build_corpus
 from test_zero_config import minimal_job
 
 import kquant_job.passes.onnx_fp16 as onnx_fp16
+from kquant_api import QuantizationJob
 from kquant_job.stage import StageInput, convert_and_validate
 
 
@@ -41,3 +42,22 @@ def test_spilled_weights_give_the_same_validated_file(
         )
     assert spilled.details["activationRanges"] == "measured"
     assert spilled.original_bytes == plain.original_bytes == model.stat().st_size
+
+
+def test_int8_of_spilled_weights_is_one_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "m" / "bert_tiny.onnx"
+    model.parent.mkdir()
+    shutil.copyfile(build_corpus()["bert_tiny"].path, model)
+    monkeypatch.setattr(onnx_fp16, "SPILL_BYTES", 1024)
+    doc = minimal_job(model).model_dump(mode="json", exclude_none=True)
+    doc["spec"]["quantization"] = {"precision": "int8", "requireGain": False}
+    job = QuantizationJob.model_validate(doc)
+    work = tmp_path / "w"
+    io = StageInput(model, [], work / "data", [], work / "calib", work / "staged", work / "s")
+    out = convert_and_validate(job, io).models[0]
+    assert (work / "s" / "0-spilled" / "bert_tiny.onnx.data").is_file()  # the pass read this
+    assert out.out_files == ["bert_tiny_int8.onnx"]  # and wrote one file again
+    assert out.validation["passed"], out.validation["violations"]
+    assert out.details["quantizedOps"]
