@@ -6,8 +6,10 @@ what the conversion writes beside them (converted copies, onnxruntime's pre-proc
 copies, candidates). The conversion's share is a factor of the source size, measured per
 method by ``bench/bench_workdir.py`` (peak bytes of the work directory / source bytes, 40 and
 100 MiB models, onnxruntime 1.31): ONNX INT8 4.0x (the source plus three pre-processed FP32
-copies, dynamic and static alike), ONNX FP16 1.5x-2.5x (a copy of the FP32 weights beside
-larger models), PyTorch and TorchScript FP16/BF16 1.5x, TorchScript INT8 1.25x.
+copies, dynamic and static alike; static with node recovery 4.3x, since the attempt loop
+keeps at most three candidates on disk, where it once kept all of them: 36x), ONNX FP16
+1.5x-2.5x (a copy of the FP32 weights beside larger models), PyTorch and TorchScript
+FP16/BF16 1.5x, TorchScript INT8 1.25x.
 :data:`WORK_FACTORS` adds headroom for extra attempts of the repair ladders. A Hugging Face
 folder exported to ONNX adds its FP32 export (1x); ``auto`` on such a folder stays within the
 INT8 factor's headroom (4.0x measured + 1x export <= 5x).

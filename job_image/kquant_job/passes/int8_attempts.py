@@ -165,11 +165,14 @@ def run_attempts(
         attempts.append(record)
         counts, error = _produce(quantize, settings, candidate, model_in)
         if counts is None:
+            _discard(candidate)
             record["error"] = error
             if error != "no node was quantized":
                 ctx.log.warning("%s attempt %s: %s", pass_name, label, error)
             continue
         record.update(counts)
+        if chosen is not None:
+            _discard(chosen[0])  # one candidate on disk at a time: the last that loaded
         chosen = (candidate, counts)
         if ctx.probe is None:
             break
@@ -189,6 +192,8 @@ def run_attempts(
             record = {"attempt": "nodeRecovery", **found.settings.describe(), **found.counts}
             record["probe"] = {"ok": True, "violations": []}
             attempts.append(record)
+            if chosen is not None:
+                _discard(chosen[0])
             chosen, passed = (found.path, found.counts), True
     details["attempts"] = attempts
     details["cpuInt8Kernels"] = cpu_int8_kernels()
@@ -246,15 +251,32 @@ def _recover(
         candidate = ctx.work_dir / f"{pass_name}-recovery" / label / out_path.name
         counts, _ = _produce(quantize, settings, candidate, model_in)
         if counts is None:
+            _discard(candidate)
             return None
-        made[settings] = (candidate, counts)
-        return probe(candidate)
+        result = probe(candidate)
+        # Only a passing candidate with every group but the float ones can be chosen; the
+        # ranking's one-group candidates and failing ones leave the disk at once.
+        if settings.nodes_to_quantize or not result.ok:
+            _discard(candidate)
+        else:  # bisection passes with ever fewer float groups: the newest passing is best
+            for path, _ in made.values():
+                _discard(path)
+            made.clear()
+            made[settings] = (candidate, counts)
+        return result
 
     ctx.log.info("%s: every fallback missed the tolerance; ranking nodes", pass_name)
     found = _Found(recover(base, nodes, try_))
     if found.settings is not None:
         key = replace(found.settings, nodes_to_quantize=())
-        found.path, found.counts = made[key]
+        if key not in made:  # not the newest passing one after all: make it again
+            candidate = ctx.work_dir / f"{pass_name}-recovery" / "chosen" / out_path.name
+            counts, _ = _produce(quantize, key, candidate, model_in)
+            made[key] = (candidate, counts or {})
+        found.path, found.counts = made.pop(key)
+    for path, _ in made.values():
+        _discard(path)
+    if found.settings is not None:
         ctx.log.info(
             "%s: %d node(s) left float pass the tolerance (%d probes)",
             pass_name,
@@ -262,6 +284,13 @@ def _recover(
             found.recovery.probes,
         )
     return found
+
+
+def _discard(candidate: Path) -> None:
+    """Remove a candidate's folder (the model, its data file, onnxruntime's temporary files):
+    a ladder of 100 MiB candidates kept them all, 36x the source on disk (bench_workdir,
+    static INT8 with node recovery) against a budget of 5x."""
+    shutil.rmtree(candidate.parent, ignore_errors=True)
 
 
 def _publish(candidate: Path, out_path: Path) -> None:
