@@ -16,17 +16,27 @@ from kquant_api import QuantizationJob
 from kquant_job.stage import StageInput, convert_and_validate
 
 
-def _run(model: Path, work: Path):
+def _bert_tiny(tmp_path: Path) -> Path:
+    model = tmp_path / "m" / "bert_tiny.onnx"
+    model.parent.mkdir()
+    shutil.copyfile(build_corpus()["bert_tiny"].path, model)
+    return model
+
+
+def _run(model: Path, work: Path, quantization: dict | None = None):
+    job = minimal_job(model)
+    if quantization:
+        doc = job.model_dump(mode="json", exclude_none=True)
+        doc["spec"]["quantization"] = quantization
+        job = QuantizationJob.model_validate(doc)
     io = StageInput(model, [], work / "data", [], work / "calib", work / "staged", work / "s")
-    return convert_and_validate(minimal_job(model), io)
+    return convert_and_validate(job, io)
 
 
 def test_spilled_weights_give_the_same_validated_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tmp_path / "m" / "bert_tiny.onnx"
-    model.parent.mkdir()
-    shutil.copyfile(build_corpus()["bert_tiny"].path, model)
+    model = _bert_tiny(tmp_path)
     plain = _run(model, tmp_path / "plain").models[0]
     assert not (tmp_path / "plain" / "s" / "0-spilled").exists()  # small: below the bound
     monkeypatch.setattr(onnx_fp16, "SPILL_BYTES", 1024)
@@ -47,16 +57,10 @@ def test_spilled_weights_give_the_same_validated_file(
 def test_int8_of_spilled_weights_is_one_file_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tmp_path / "m" / "bert_tiny.onnx"
-    model.parent.mkdir()
-    shutil.copyfile(build_corpus()["bert_tiny"].path, model)
+    model = _bert_tiny(tmp_path)
     monkeypatch.setattr(onnx_fp16, "SPILL_BYTES", 1024)
-    doc = minimal_job(model).model_dump(mode="json", exclude_none=True)
-    doc["spec"]["quantization"] = {"precision": "int8", "requireGain": False}
-    job = QuantizationJob.model_validate(doc)
     work = tmp_path / "w"
-    io = StageInput(model, [], work / "data", [], work / "calib", work / "staged", work / "s")
-    out = convert_and_validate(job, io).models[0]
+    out = _run(model, work, {"precision": "int8", "requireGain": False}).models[0]
     assert (work / "s" / "0-spilled" / "bert_tiny.onnx.data").is_file()  # the pass read this
     assert out.out_files == ["bert_tiny_int8.onnx"]  # and wrote one file again
     assert out.validation["passed"], out.validation["violations"]
