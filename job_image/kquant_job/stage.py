@@ -17,6 +17,7 @@ from kquant_job.errors import InvalidSpec
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
 from kquant_job.passes.onnx_options import check_names
+from kquant_job.stage_prep import embed_again, export_folder, pass_label, spill, spills
 
 
 @dataclass
@@ -236,7 +237,7 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
             {
                 "source": model.rel,
                 "format": model.format.value,
-                "pass": _pass_name(model.format, select_pass(model.format, cfg).name),
+                "pass": pass_label(model.format, select_pass(model.format, cfg).name),
                 "output": names.models[model.rel],
                 "bytes": _bytes(plan.root, [model.rel, *model.external]),
                 "external": list(model.external),
@@ -263,11 +264,11 @@ def _convert_all(
         for i, model in enumerate(plan.models):
             src, fmt, export = plan.root / model.rel, model.format, None
             if fmt is ModelFormat.transformers:
-                src, export = _export(cfg, plan.root, io.scratch / f"{i}-export", timings)
+                src, export = export_folder(cfg, plan.root, io.scratch / f"{i}-export", timings)
                 fmt = ModelFormat.onnx
-            spilled = export is None and _spills(fmt, cfg, model, src)
+            spilled = export is None and spills(fmt, cfg, model, src)
             if spilled:
-                src = _spill(src, io.scratch / f"{i}-spilled")
+                src = spill(src, io.scratch / f"{i}-spilled")
             pass_ = select_pass(fmt, cfg)
             out_rel = names.models[model.rel]
             out_path = staged / out_rel
@@ -289,7 +290,7 @@ def _convert_all(
             )
             result = pass_.run(src, cfg, out_path, ctx)
             if spilled:
-                _embed_again(out_path)
+                embed_again(out_path)
             if export is not None:
                 result.details["export"] = export
             out_files = sorted(files_under(staged) - before)
@@ -301,76 +302,12 @@ def _convert_all(
                 out_files=out_files,
                 original_bytes=_bytes(plan.root, [model.rel, *model.external]),
                 quantized_bytes=_bytes(staged, out_files),
-                pass_name=_pass_name(model.format, pass_.name),
+                pass_name=pass_label(model.format, pass_.name),
                 details=result.details,
                 providers=list(validator.providers) if validator else [],
             )
             results.append(_Converted(outcome, validator))
     return results
-
-
-def _spills(fmt: ModelFormat, cfg: Any, model: ModelFile, src: Path) -> bool:
-    """Whether an FP16 or INT8 conversion first moves the model's embedded weights to a data
-    file: an ONNX file past SPILL_BYTES without external data."""
-    from kquant_job.passes.onnx_fp16 import SPILL_BYTES
-
-    return (
-        fmt is ModelFormat.onnx
-        and cfg.precision in (Precision.fp16, Precision.int8)
-        and not model.external
-        and src.stat().st_size > SPILL_BYTES
-    )
-
-
-def _embed_again(out_path: Path) -> None:
-    """Put a converted model's weights back into its file when the pass wrote them to a data
-    file only because its (spilled) input had one: the user gave one file and gets one
-    file, unless it reaches protobuf's 2 GiB limit."""
-    from kquant_job.passes.onnx_common import PROTOBUF_LIMIT, data_file_for, load_model, save_model
-
-    data = data_file_for(out_path)
-    if not data.exists() or out_path.stat().st_size + data.stat().st_size >= PROTOBUF_LIMIT:
-        return
-    save_model(load_model(out_path), out_path)  # loads the data, then removes its file
-    data.unlink(missing_ok=True)
-
-
-def _spill(src: Path, folder: Path) -> Path:
-    """A copy of the ONNX model ``src`` with its weights in a data file beside it, in
-    ``folder``. Every later step (the reference session, the activation ranges, the FP16
-    pass) then reads the weights from that file, tensor by tensor, instead of each holding
-    the embedded copy (bench/bench_job.py; the figures are in the README)."""
-    from kquant_job.passes.onnx_common import load_model, save_model
-
-    logs.info(f"moving the embedded weights of {src.name} to a data file", bytes=src.stat().st_size)
-    save_model(load_model(src), folder / src.name, size_limit=0)
-    return folder / src.name
-
-
-def _pass_name(fmt: ModelFormat, name: str) -> str:
-    """The pass's name, prefixed with the export for a Hugging Face folder."""
-    return f"transformers_export+{name}" if fmt is ModelFormat.transformers else name
-
-
-def _export(
-    cfg: Any, root: Path, work: Path, timings: dict[str, float]
-) -> tuple[Path, dict[str, Any]]:
-    """Export the Hugging Face folder ``root`` to ``work/model.onnx`` (checked against
-    PyTorch), and check the spec's op and node names against the export. Returns the export
-    and its report entry. Raises PassError (UnsupportedFormat, ConversionFailed) and
-    InvalidSpec."""
-    from kquant_job.hf_folder import read_hf_folder
-    from kquant_job.passes.transformers_export import export_onnx
-
-    hf = read_hf_folder(root)
-    assert hf is not None  # the plan took the folder as one
-    onnx_path = work / "model.onnx"
-    with logs.stage("export", timings, architecture=hf.architecture):
-        export = export_onnx(root, hf, onnx_path)
-    cosines = {k: round(v["cosineSimilarity"], 7) for k, v in export["fidelity"].items()}
-    logs.info("the export matches PyTorch (cosine per output)", **cosines)
-    check_names(cfg, [onnx_path])
-    return onnx_path, export
 
 
 def _validate_all(converted: list[_Converted], staged: Path) -> None:
