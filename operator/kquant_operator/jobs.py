@@ -183,6 +183,8 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
         # failure still gets its reason and report (TimeLimitExceeded)
         {"name": "KQUANT_SANDBOX_TIMEOUT_SECONDS", "value": str(sandbox_timeout(deadline))},
     ]
+    # the cluster's S3 transfer tuning (a MinIO or Ceph may want other part sizes than S3)
+    env += [{"name": k, "value": v} for k, v in sorted(settings.worker_s3_transfer.items())]
     if spec.storage and spec.storage.secretRef:
         secret = spec.storage.secretRef.name
         for key, optional in (

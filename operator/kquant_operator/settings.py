@@ -21,6 +21,8 @@ KQUANT_BACKOFF_LIMIT                Job backoffLimit when the spec has none (1)
 KQUANT_WORK_VOLUME_SIZE             /work emptyDir sizeLimit, a quantity (``50Gi``)
 KQUANT_TMP_VOLUME_SIZE              /tmp emptyDir sizeLimit, a quantity (``1Gi``)
 KQUANT_LIVENESS_PORT                port of the operator's liveness endpoint (8080)
+KQUANT_S3_*                         the worker's S3 transfer settings (S3_TRANSFER_VARIABLES),
+                                    passed to every Job's container (the worker's defaults)
 ==================================  =======================================================
 """
 
@@ -44,6 +46,17 @@ _QUANTITY = re.compile(
 # RFC 1123 label (namespaces are labels), at most 63 characters.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _RESOURCE_KEYS = ("limits", "requests", "claims")
+# The worker's transfer knobs (kquant_job.storage.s3_transfer), each a positive number. The
+# operator checks them at start-up so a typo fails the Deployment, not every Job.
+S3_TRANSFER_VARIABLES = (
+    "KQUANT_S3_MAX_ATTEMPTS",
+    "KQUANT_S3_RETRY_SECONDS",
+    "KQUANT_S3_CONNECT_TIMEOUT",
+    "KQUANT_S3_READ_TIMEOUT",
+    "KQUANT_S3_MULTIPART_THRESHOLD_MIB",
+    "KQUANT_S3_MULTIPART_CHUNKSIZE_MIB",
+    "KQUANT_S3_MAX_CONCURRENCY",
+)
 
 
 def normalize_resources(value: Any, where: str) -> dict[str, Any]:
@@ -108,6 +121,7 @@ class OperatorSettings:
     work_volume_size: str = "50Gi"
     tmp_volume_size: str = "1Gi"
     liveness_port: int = 8080
+    worker_s3_transfer: dict[str, str] = field(default_factory=dict)
 
     @property
     def cluster_wide(self) -> bool:
@@ -165,7 +179,28 @@ class OperatorSettings:
                 text("KQUANT_TMP_VOLUME_SIZE", d.tmp_volume_size), "KQUANT_TMP_VOLUME_SIZE"
             ),
             liveness_port=_int(env, "KQUANT_LIVENESS_PORT", 8080, 1, 65535),
+            worker_s3_transfer=_s3_transfer(env),
         )
+
+
+def _s3_transfer(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``KQUANT_S3_*`` variables that are set, checked: known names, positive numbers."""
+    out: dict[str, str] = {}
+    for name in sorted(k for k in env if k.startswith("KQUANT_S3_")):
+        if name not in S3_TRANSFER_VARIABLES:
+            known = ", ".join(S3_TRANSFER_VARIABLES)
+            raise ValueError(f"{name}: not a worker transfer setting (known: {known})")
+        raw = env[name]
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not (value > 0 and value != float("inf")):
+            raise ValueError(f"{name}: expected a positive number, got {raw!r}")
+        out[name] = raw
+    return out
 
 
 def _json(env: Mapping[str, str], name: str, default: Any) -> Any:

@@ -134,6 +134,7 @@ def test_worker_defaults_reach_the_operator():
         "backoffLimit": 0,
         "workVolumeSize": "200Gi",
         "tmpVolumeSize": "2Gi",
+        "s3Transfer": {"multipartChunksizeMiB": 64, "maxConcurrency": 4, "readTimeout": 2.5},
     }
     docs = render({"worker": worker})
     validate_all(docs)
@@ -149,6 +150,12 @@ def test_worker_defaults_reach_the_operator():
         0,
     )
     assert (s.work_volume_size, s.tmp_volume_size) == ("200Gi", "2Gi")
+    assert s.worker_s3_transfer == {
+        "KQUANT_S3_MULTIPART_CHUNKSIZE_MIB": "64",
+        "KQUANT_S3_MAX_CONCURRENCY": "4",
+        "KQUANT_S3_READ_TIMEOUT": "2.5",
+    }
+    assert not any(k.startswith("KQUANT_S3_") for k in env(render()))  # unset: worker defaults
 
 
 def test_operator_pod_values_change_the_deployment():
@@ -223,6 +230,9 @@ def test_replicas_turn_on_kopf_peering(namespaces):
         {"livenessPort": 70000},
         {"unknownKey": True},
         {"worker": {"nodeSelector": {"gpu": 1}}},
+        {"worker": {"s3Transfer": {"partSize": 64}}},
+        {"worker": {"s3Transfer": {"maxConcurrency": 0}}},
+        {"worker": {"s3Transfer": {"readTimeout": "slow"}}},
     ],
 )
 def test_bad_values_are_refused(values):

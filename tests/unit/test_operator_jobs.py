@@ -14,6 +14,7 @@ from operator_objects import CR_UID, qjob
 
 from kquant_api import NON_RETRIABLE_EXIT_CODES, QuantizationJob
 from kquant_job.manifest import load_jobs
+from kquant_job.storage.s3_transfer import MIB, TransferSettings
 from kquant_operator.jobs import (
     InvalidQuantizationJob,
     build_job,
@@ -157,6 +158,17 @@ def test_spec_travels_as_json_and_round_trips_through_the_worker(monkeypatch):
     (loaded,) = load_jobs("-", spec_env="KQUANT_JOB")
     assert loaded.spec == parse_qjob(cr).spec
     assert _env(job)["KQUANT_WORK_DIR"] == {"name": "KQUANT_WORK_DIR", "value": "/work"}
+
+
+def test_s3_transfer_settings_reach_the_worker_and_parse_there():
+    assert not [k for k in _env(build_job(qjob(), SETTINGS)) if k.startswith("KQUANT_S3_")]
+    settings = OperatorSettings.from_env(
+        {"KQUANT_S3_MULTIPART_CHUNKSIZE_MIB": "64", "KQUANT_S3_MAX_CONCURRENCY": "4"}
+    )
+    env = {k: v["value"] for k, v in _env(build_job(qjob(), settings)).items() if "value" in v}
+    worker = TransferSettings.from_env(env)
+    assert (worker.multipart_chunksize, worker.max_concurrency) == (64 * MIB, 4)
+    assert worker.read_timeout == TransferSettings().read_timeout
 
 
 def test_credentials_only_by_secret_key_ref():
@@ -395,6 +407,9 @@ def test_settings_from_environment():
         ("KQUANT_BACKOFF_LIMIT", "-1"),
         ("KQUANT_WORK_VOLUME_SIZE", "lots"),
         ("KQUANT_LIVENESS_PORT", "70000"),
+        ("KQUANT_S3_MAX_CONCURRENCY", "0"),
+        ("KQUANT_S3_READ_TIMEOUT", "inf"),
+        ("KQUANT_S3_PART_SIZE", "64"),  # a typo of a known name fails at start-up
     ],
 )
 def test_bad_settings_name_the_variable(name, value):

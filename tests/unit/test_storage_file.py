@@ -84,6 +84,17 @@ def test_atomic_target_publishes_only_on_success(tmp_path):
     assert _files(tmp_path) == ["d/f.bin"] and target.read_bytes() == b"whole"
 
 
+def test_uploads_are_fsynced_and_downloads_into_the_work_directory_are_not(tmp_path, monkeypatch):
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    src = _write(tmp_path / "src/m.onnx", b"model")
+    fs.download(f"file://{src}", tmp_path / "work")
+    assert synced == [] and (tmp_path / "work/m.onnx").read_bytes() == b"model"
+    fs.upload(src, f"file://{tmp_path}/out/m.onnx")
+    assert len(synced) >= 2  # the file, then its directory entry
+
+
 def test_download_object_and_missing_sources(tmp_path):
     src = _write(tmp_path / "src/m.onnx", b"model")
     got = fs.download(f"file://{src}", tmp_path / "dest")

@@ -41,6 +41,28 @@ def test_settings_defaults_and_environment():
     assert cfg.max_request_concurrency == 4
 
 
+@pytest.mark.parametrize(
+    ("size_mib", "threads", "part_mib"),
+    [
+        (10, 8, 16),  # below the chunk size: the chunk size (one request under the threshold)
+        (200, 8, 25),  # one ranged GET per thread
+        (400, 8, 50),
+        (4000, 8, 64),  # capped: 63 parts of 64 MiB, 8 at a time
+        (400, 4, 64),
+    ],
+)
+def test_download_parts_one_per_thread_within_bounds(size_mib, threads, part_mib):
+    settings = TransferSettings(max_concurrency=threads)
+    cfg = settings.download_config(size_mib * MIB)
+    assert cfg.multipart_chunksize == part_mib * MIB
+    assert (cfg.max_request_concurrency, cfg.multipart_threshold) == (threads, 16 * MIB)
+
+
+def test_download_parts_never_below_the_chunk_size():
+    cfg = TransferSettings(multipart_chunksize=32 * MIB).download_config(100 * MIB)
+    assert cfg.multipart_chunksize == 32 * MIB
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "many", "nan", "inf"])
 def test_bad_setting_is_invalid_spec_naming_the_variable(value):
     with pytest.raises(InvalidSpec, match="KQUANT_S3_MAX_ATTEMPTS"):

@@ -45,11 +45,14 @@ class Upload:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 8 MiB chunks (memory stays flat for any size)."""
+    """Hex SHA-256 of a file, read into one reused 8 MiB buffer (memory stays flat for any
+    size; no allocation per block). Raises OSError when the file cannot be read."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 

@@ -299,11 +299,14 @@ def _size(path: Path, uri: str) -> int:
 def _copy(
     src: Path, target: Path, uri: str, action: str, *, hashed: bool = False
 ) -> tuple[str, int]:
-    """Copy ``src`` to ``target`` through a temporary file; returns (hex sha256 or '', bytes)."""
+    """Copy ``src`` to ``target`` through a temporary file; returns (hex sha256 or '', bytes).
+    Uploads are durable (fsynced); downloads land in the work directory and are not (see
+    :func:`atomic_target`)."""
     digest = hashlib.sha256() if hashed else None
     size = 0
+    durable = action != "download"
     try:
-        with src.open("rb") as fin, atomic_target(target) as tmp, tmp.open("wb") as fout:
+        with src.open("rb") as fin, atomic_target(target, durable) as tmp, tmp.open("wb") as fout:
             while block := fin.read(CHUNK):
                 if digest is not None:
                     digest.update(block)

@@ -371,13 +371,13 @@ class S3Storage(Storage):
     def _get(self, uri: str, target: Path, size: int) -> None:
         bucket, key = parse_uri(uri)
         try:
-            with atomic_target(target) as tmp:
+            with atomic_target(target, durable=False) as tmp:
                 self.client.download_file(
                     bucket,
                     key,
                     str(tmp),
                     Callback=progress("download", uri, size),
-                    Config=self.transfer,
+                    Config=self.settings.download_config(size),
                 )
         except Exception as exc:
             raise _failure(exc, uri, "download") from None
