@@ -106,6 +106,47 @@ def test_multipart_object_round_trip_and_progress_log(s3_env, bucket, tmp_path, 
     assert len(done) == 2 and all(r["bytes"] == len(data) for r in done)
 
 
+def _count_heads(storage: S3Storage) -> list[str]:
+    heads: list[str] = []
+    storage.client.meta.events.register(
+        "provide-client-params.s3.HeadObject", lambda params, **kw: heads.append(params["Key"])
+    )
+    return heads
+
+
+def test_downloads_reuse_the_size_and_etag_they_already_know(s3_env, bucket, tmp_path):
+    storage = _storage(s3_env.endpoint)
+    for rel in ("a.onnx", "sub/b.bin"):
+        storage.upload(_write(tmp_path / "src" / rel, os.urandom(1000)), f"s3://{bucket}/m/{rel}")
+    heads = _count_heads(storage)
+    storage.download(f"s3://{bucket}/m/a.onnx", tmp_path / "one")
+    assert heads == ["m/a.onnx"]  # our stat; s3transfer makes none of its own
+    heads.clear()
+    storage.download(f"s3://{bucket}/m/", tmp_path / "all")
+    assert heads == [] and _files(tmp_path / "all") == ["a.onnx", "sub/b.bin"]  # the listing
+
+
+def test_an_object_replaced_during_download_is_fetched_again_whole(
+    s3_env, bucket, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("KQUANT_S3_MULTIPART_THRESHOLD_MIB", "5")
+    monkeypatch.setenv("KQUANT_S3_MULTIPART_CHUNKSIZE_MIB", "5")  # ranged GETs, each If-Match
+    storage = _storage(s3_env.endpoint)
+    uri = f"s3://{bucket}/m/model.onnx"
+    storage.upload(_write(tmp_path / "v1.bin", os.urandom(11 * 1024 * 1024)), uri)
+    stale = storage.stat(uri)
+    v2 = os.urandom(12 * 1024 * 1024)
+    storage.upload(_write(tmp_path / "v2.bin", v2), uri)  # replaced after the stat
+    real_stat = storage.stat
+    calls = iter([stale])
+    monkeypatch.setattr(storage, "stat", lambda u: next(calls, None) or real_stat(u))
+
+    got = storage.download(uri, tmp_path / "dest")
+
+    assert got.read_bytes() == v2  # one version whole, never parts of both
+    assert _files(tmp_path / "dest") == ["model.onnx"]
+
+
 def test_missing_object_prefix_and_bucket_are_source_not_found(s3_env, bucket, tmp_path):
     storage = _storage(s3_env.endpoint)
     uri = f"s3://{bucket}/nope/model.onnx"

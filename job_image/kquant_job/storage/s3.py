@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.subscribers import BaseSubscriber
 
 from kquant_api import Artifact, Reason
 from kquant_api.spec import StorageConfig
@@ -199,7 +201,7 @@ class S3Storage(Storage):
                 raise StorageError(f"no object at {uri}{hint}", reason=Reason.SourceNotFound)
             check_size(uri, info.size, max_bytes)
             target = local_target(dest_dir, info.key, uri)
-            self._get(uri, target, info.size)
+            self._fetch(uri, target, info, max_bytes)
             return target
         objects = [o for o in self.list(uri) if not (skip and skip(o.key))]
         if not objects:
@@ -208,7 +210,7 @@ class S3Storage(Storage):
         check_size(uri, sum(o.size for o in objects), max_bytes)
         plan = [(o, local_target(dest_dir, o.key, uri)) for o in objects]
         for obj, target in plan:
-            self._get(join(uri, obj.key), target, obj.size)
+            self._fetch(join(uri, obj.key), target, obj, None)
         return dest_dir
 
     def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
@@ -367,20 +369,58 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError) as exc:
             raise classify(exc, uri) from None
 
-    @retrying
-    def _get(self, uri: str, target: Path, size: int) -> None:
-        bucket, key = parse_uri(uri)
+    def _fetch(self, uri: str, target: Path, info: ObjectInfo, max_bytes: int | None) -> None:
+        """Download the object ``info`` (from a HeadObject or a listing) describes. Its size
+        and ETag spare s3transfer a HeadObject, and every ranged GET carries If-Match, so
+        the parts all come from that one version. When the object was replaced since (412),
+        it is looked up again (size bound re-checked) and fetched once more; a second
+        replacement raises StorageError(ConcurrentWrite)."""
         try:
-            with atomic_target(target, durable=False) as tmp:
-                self.client.download_file(
-                    bucket,
-                    key,
-                    str(tmp),
-                    Callback=progress("download", uri, size),
-                    Config=self.settings.download_config(size),
-                )
+            self._get(uri, target, info)
+            return
+        except StorageError as exc:
+            if exc.reason is not Reason.ConcurrentWrite:
+                raise
+        LOG.info(
+            "object replaced while downloading; fetching it again", extra={"fields": {"uri": uri}}
+        )
+        fresh = self.stat(uri)
+        if fresh is None:
+            raise StorageError(
+                f"no object at {uri} (removed while downloading)", reason=Reason.SourceNotFound
+            )
+        check_size(uri, fresh.size, max_bytes)
+        self._get(uri, target, fresh)
+
+    @retrying
+    def _get(self, uri: str, target: Path, info: ObjectInfo) -> None:
+        bucket, key = parse_uri(uri)
+        subscribers: list[BaseSubscriber] = [_KnownObject(info.size, info.etag)]
+        callback = progress("download", uri, info.size)
+        if callback is not None:
+            subscribers.append(ProgressCallbackInvoker(callback))
+        config = self.settings.download_config(info.size)
+        try:
+            # the manager exits (its threads stop writing) before a failed file is removed
+            with (
+                atomic_target(target, durable=False) as tmp,
+                create_transfer_manager(self.client, config) as manager,
+            ):
+                manager.download(bucket, key, str(tmp), subscribers=subscribers).result()
         except Exception as exc:
             raise _failure(exc, uri, "download") from None
+
+
+class _KnownObject(BaseSubscriber):
+    """Gives s3transfer the size and ETag already known, in place of its own HeadObject."""
+
+    def __init__(self, size: int, etag: str | None) -> None:
+        self.size, self.etag = size, etag
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self.size)
+        if self.etag:
+            future.meta.provide_object_etag(self.etag)
 
 
 def _is_bucket_error(exc: ClientError | BotoCoreError) -> bool:
