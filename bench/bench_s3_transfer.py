@@ -161,7 +161,8 @@ def main() -> None:
 
 def run(endpoint: str, label: str, size: int, repeat: int) -> None:
     client = boto3.client("s3", endpoint_url=endpoint)
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+    exists = (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists)
+    with contextlib.suppress(*exists):
         client.create_bucket(Bucket=BUCKET)
     config = StorageConfig(endpoint=endpoint)
     with tempfile.TemporaryDirectory(prefix="kquant-bench-") as tmp:

@@ -207,7 +207,13 @@ def fetch_inputs(run: JobRun) -> StageInput:
     )
     with logs.stage("fetch", run.timings, uri=spec.model.uri):
         store = run.store(spec.model.uri)
-        local = store.download(spec.model.uri, work / "source", space, skip)
+        # A local source is read where it lies (read-only in the sandbox), not copied; with
+        # besideOriginals the folder is also the output, so a copy without kquant's files.
+        local = None if skip else store.read_in_place(spec.model.uri)
+        if local is not None:
+            LOG.info("reading the source in place", extra={"fields": {"path": str(local)}})
+        else:
+            local = store.download(spec.model.uri, work / "source", space, skip)
         data_files = fetch_npz(run, spec.validation.dataUri, "validation-data", space)
         calib_files = fetch_npz(run, calib.uri if calib else None, "calibration", space)
     box = work / "sandbox"

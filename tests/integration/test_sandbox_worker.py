@@ -68,6 +68,25 @@ def test_a_model_writing_outside_its_work_directory_is_stopped(tmp_path):
     assert "outside its sandbox" in run.result["message"]
 
 
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_source_read_in_place_cannot_be_changed_by_its_model(tmp_path, folder):
+    # A file:// source is not copied: the sandbox may read it where it lies, never write.
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "config.yaml").write_bytes(b"sample_rate: 16000\n")
+    model = models / "writer.pt"
+    victim = models / "config.yaml" if folder else model
+    file_writer_jit(model, victim, 16)
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    source = f"file://{models}/" if folder else f"file://{model}"
+    spec = manifest(source, f"file://{tmp_path}/out/", {"precision": "fp16"}, endpoint=None,
+                    validation=INPUTS)  # fmt: skip
+    run = run_worker(spec, tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+    assert "reading the source in place" in run.log
+
+
 def test_a_model_reading_credentials_outside_its_sandbox_gets_nothing(tmp_path):
     creds = tmp_path / "credentials"
     creds.write_text(f"[default]\naws_secret_access_key = {SECRET}\n")

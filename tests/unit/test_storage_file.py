@@ -169,6 +169,32 @@ def test_prefix_download_refuses_unsafe_entries_before_writing(tmp_path, make):
     assert not dest.exists()
 
 
+@pytest.mark.parametrize("make", [_outside_file, _outside_dir, _dotdot, _dangling, _loop, _fifo])
+def test_read_in_place_refuses_what_a_download_refuses(tmp_path, make):
+    outside = tmp_path / "outside"
+    _write(outside / "secret.txt", b"not yours")
+    src = tmp_path / "model"
+    _write(src / "a.onnx", b"a")
+    _write(src / "sub/z.onnx", b"z")
+    make(src, outside)
+    assert _reason(lambda: fs.read_in_place(f"{src}/")).reason is Reason.UnsafePath
+
+
+def test_read_in_place_gives_the_resolved_path_and_copies_nothing(tmp_path):
+    src = _write(tmp_path / "models/m.onnx", b"model")
+    os.symlink(src, tmp_path / "link.onnx")
+    before = _files(tmp_path)
+    assert fs.read_in_place(f"file://{tmp_path}/link.onnx") == src.resolve()
+    assert fs.read_in_place(f"file://{tmp_path}/models/") == (tmp_path / "models").resolve()
+    assert _files(tmp_path) == before
+    os.mkfifo(tmp_path / "pipe.onnx")
+    assert _reason(lambda: fs.read_in_place(f"{tmp_path}/pipe.onnx")).reason is Reason.UnsafePath
+    for missing in (f"{tmp_path}/none.onnx", f"{tmp_path}/none/", f"{tmp_path}/models"):
+        assert _reason(lambda u=missing: fs.read_in_place(u)).reason is Reason.SourceNotFound
+    (tmp_path / "empty").mkdir()
+    assert _reason(lambda: fs.read_in_place(f"{tmp_path}/empty/")).reason is Reason.SourceNotFound
+
+
 def test_stat_list_delete(tmp_path):
     _write(tmp_path / "p/a.bin", b"12345")
     assert fs.stat(f"{tmp_path}/p/a.bin").size == 5

@@ -156,7 +156,7 @@ def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) 
         "job": job.model_dump(mode="json", by_alias=True, exclude_none=True),
         "io": _io_request(io),
     }
-    result, sandbox = run_task(request, io.staged.parent, work, limits)
+    result, sandbox = run_task(request, io.staged.parent, _reads(work, io), limits)
     return {"stage": stage_outcome(result), "sandbox": sandbox}
 
 
@@ -179,25 +179,37 @@ def run_plan(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) -
         "job": job.model_dump(mode="json", by_alias=True, exclude_none=True),
         "io": _io_request(io),
     }
-    result, _ = run_task(request, io.staged.parent, work, limits, what="planning")
+    result, _ = run_task(request, io.staged.parent, _reads(work, io), limits, what="planning")
     if not isinstance(result, dict):
         raise KquantError("malformed sandbox outcome", reason=Reason.InternalError)
     return result
 
 
+def _reads(work: Path, io: StageInput) -> list[Path]:
+    """What a stage may read: the work directory, and a source read in place outside it."""
+    work = work.resolve()
+    return [work] if io.source.resolve().is_relative_to(work) else [work, io.source.resolve()]
+
+
 def run_task(
-    task: dict[str, Any], box: Path, read: Path, limits: Limits, what: str = "conversion"
+    task: dict[str, Any],
+    box: Path,
+    read: Path | list[Path],
+    limits: Limits,
+    what: str = "conversion",
 ) -> tuple[Any, dict[str, Any]]:
     """Run one request (``task``: its ``task`` name and arguments, see
-    :mod:`kquant_job.sandbox.child`) in a sandboxed child that may read ``read`` and write
-    ``box`` (created); return the task's result and what the sandbox enforced. ``what`` names
-    the activity in error messages. Raises as :func:`run_stage`."""
-    box, read = box.resolve(), read.resolve()  # the child runs in ``box``
+    :mod:`kquant_job.sandbox.child`) in a sandboxed child that may read ``read`` (a path or
+    several: files or directories) and write ``box`` (created); return the task's result and
+    what the sandbox enforced. ``what`` names the activity in error messages. Raises as
+    :func:`run_stage`."""
+    reads = [p.resolve() for p in ([read] if isinstance(read, Path) else read)]
+    box = box.resolve()  # the child runs in ``box``
     for sub in ("home", "tmp"):
         (box / sub).mkdir(parents=True, exist_ok=True)
     request = {
         **task,
-        "read": [str(read)],
+        "read": [str(p) for p in reads],
         "write": [str(box)],
         "memoryBytes": limits.memory_bytes,
         "requireLandlock": limits.require_landlock,

@@ -100,6 +100,12 @@ class Storage(ABC):
         to the prefix) for which it returns True: they are neither checked nor fetched.
         """
 
+    def read_in_place(self, uri: str) -> Path | None:
+        """The local path a job may read ``uri`` at instead of a downloaded copy, after the
+        checks :meth:`download` makes (raising what it raises, but SourceTooLarge: nothing
+        is copied), or None when the store has no local path (S3)."""
+        return None
+
     @abstractmethod
     def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
         """Store the local file ``src`` at object ``uri`` with ``metadata`` (plus ``sha256``,

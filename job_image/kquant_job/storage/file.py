@@ -144,6 +144,34 @@ class FileStorage(Storage):
             _copy(path, target, uri, "download")
         return dest_dir
 
+    def read_in_place(self, uri: str) -> Path | None:
+        """The resolved file or directory at ``uri``, checked as :meth:`download` checks it
+        (a directory's symlinks stay inside it; no special files; SourceNotFound when missing
+        or empty), for the sandbox to read where it lies: no copy. The sandbox's child gets
+        read-only access to that path alone (Landlock), so reading in place cannot change the
+        user's files."""
+        src = to_path(uri)
+        if not is_prefix(uri):
+            if src.is_dir():
+                raise StorageError(
+                    f"{uri} is a directory; end the URI with '/' to fetch it as a prefix",
+                    reason=Reason.SourceNotFound,
+                )
+            _size(src, uri)  # SourceNotFound when missing
+            if not src.is_file():
+                raise StorageError(f"{uri} is not a regular file", reason=Reason.UnsafePath)
+            return src.resolve()
+        if not src.is_dir():
+            raise StorageError(f"no directory at {uri}", reason=Reason.SourceNotFound)
+        try:
+            pairs = _walk(src, uri)
+        except OSError as exc:
+            raise os_error(exc, uri, "list") from None
+        if not pairs:
+            raise StorageError(f"no files under {uri}", reason=Reason.SourceNotFound)
+        check_keys([key for key, _ in pairs], uri)
+        return src.resolve()
+
     def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
         """Copy ``src`` to ``uri`` atomically (parents created), hashing while copying. A
         prefix ``uri`` receives ``src``'s name. ``metadata`` is not kept (a file has none).
