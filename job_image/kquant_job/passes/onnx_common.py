@@ -101,13 +101,16 @@ def data_file_for(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def save_model(model: ModelProto, path: Path, *, size_limit: int = PROTOBUF_LIMIT) -> list[Path]:
+def save_model(
+    model: ModelProto, path: Path, *, size_limit: int = PROTOBUF_LIMIT, inline: bool = False
+) -> list[Path]:
     """Write ``model`` to ``path``; returns the files written (model first, then its data).
 
-    When the serialized model reaches ``size_limit`` bytes (default 2 GiB, protobuf's limit)
-    every tensor of at least 1 KiB goes to one data file ``<file name>.data`` beside it
-    (location relative, tensors in graph order, so the bytes are deterministic). That moves
-    the tensor bytes out of ``model``: afterwards it only references the data file.
+    When the serialized model reaches ``size_limit`` bytes (default 2 GiB, protobuf's limit;
+    0: always) every tensor of at least 1 KiB goes to one data file ``<file name>.data``
+    beside it (location relative, tensors in graph order, so the bytes are deterministic).
+    That moves the tensor bytes out of ``model``: afterwards it only references the data
+    file. ``inline``: the caller knows the model is under the limit; one file, unsized.
 
     The model file is written under a temporary name and renamed, so a reader never sees a
     half-written model at ``path``. A stale data file from an earlier save is removed first
@@ -117,7 +120,8 @@ def save_model(model: ModelProto, path: Path, *, size_limit: int = PROTOBUF_LIMI
     data_path = data_file_for(path)
     data_path.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    external = _byte_size(model) >= size_limit
+    # Sizing a message serializes it (0.9 s for 400 MB): not needed when any size will do.
+    external = not inline and (size_limit <= 0 or _byte_size(model) >= size_limit)
     try:
         if external:
             onnx.save_model(

@@ -120,7 +120,8 @@ def save_streaming(
             tensor.raw_data = _read(tensor, source_dir)
             del tensor.external_data[:]
             tensor.data_location = TensorProto.DEFAULT
-        return save_model(model, path)
+        # ``total`` already bounds the size: no second sizing inside save_model
+        return save_model(model, path, inline=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_path = data_file_for(path)
     tmp_data = data_path.with_name(f".{data_path.name}.tmp")

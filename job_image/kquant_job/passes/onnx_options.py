@@ -13,7 +13,6 @@ from typing import Any
 
 from kquant_api import Int8Mode, Precision, QuantizationConfig
 from kquant_job.errors import InvalidSpec
-from kquant_job.passes.onnx_common import iter_nodes, load_model
 
 # "    ActivationSymmetric = True/False: ..." in the extra_options part of the docstrings
 _OPTION = re.compile(r"^\s+([A-Z][A-Za-z0-9]+) = ", re.MULTILINE)
@@ -48,28 +47,30 @@ def extra_options(config: QuantizationConfig) -> dict[str, Any]:
 def check_names(config: QuantizationConfig, models: list[Path]) -> None:
     """Every op type (opBlockList, opTypesToQuantize) and node name (nodeBlockList,
     nodesToExclude) the spec lists must occur in one of the ONNX ``models`` of the job.
-    Raises InvalidSpec naming the field, the name and what the models hold."""
-    if not models:
+    Raises InvalidSpec naming the field, the name and what the models hold. Nothing is
+    loaded when the spec names nothing (a parse of a 400 MB embedded model takes 0.6 s)."""
+    fields: list[tuple[str, list[str] | None, str]] = []
+    if config.precision is Precision.fp16:
+        fields = [("opBlockList", config.opBlockList, "op type"),
+                  ("nodeBlockList", config.nodeBlockList, "node")]  # fmt: skip
+    elif config.precision is Precision.int8:
+        fields = [("opTypesToQuantize", config.opTypesToQuantize, "op type"),
+                  ("nodesToExclude", config.nodesToExclude, "node")]  # fmt: skip
+    if not models or not any(listed for _, listed, _ in fields):
         return
     ops: set[str] = set()
     names: set[str] = set()
     for path in models:
+        # onnx is imported here, not at module level: the worker's parent imports this
+        # module (through stage.py's outcome types) and never loads onnx itself.
+        from kquant_job.passes.onnx_common import iter_nodes, load_model
+
         graph = load_model(path, load_external_data=False).graph
         for _, node in iter_nodes(graph):
             ops.add(node.op_type)
             names.add(node.name)
-    fields: list[tuple[str, list[str] | None, set[str], str]] = []
-    if config.precision is Precision.fp16:
-        fields = [
-            ("opBlockList", config.opBlockList, ops, "op type"),
-            ("nodeBlockList", config.nodeBlockList, names, "node"),
-        ]
-    elif config.precision is Precision.int8:
-        fields = [
-            ("opTypesToQuantize", config.opTypesToQuantize, ops, "op type"),
-            ("nodesToExclude", config.nodesToExclude, names, "node"),
-        ]
-    for field, listed, present, what in fields:
+    for field, listed, what in fields:
+        present = ops if what == "op type" else names
         for name in listed or []:
             if name not in present:
                 shown = ", ".join(sorted(ops)) if what == "op type" else _some(names)
