@@ -134,8 +134,7 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
     used. Returns the model to quantize and details: ``preprocess`` "applied" | "skipped",
     plus ``preprocessSkipped`` (steps left out) and ``preprocessError`` when something failed.
     """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    quant_pre_process = _import_quant_pre_process()
     out = work_dir / "preprocessed.onnx"
     extra: dict[str, Any] = {}
     if external:
@@ -169,6 +168,26 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
             details["preprocessError"] = "; ".join(errors)
         return out, details
     return model_in, {"preprocess": "skipped", "preprocessError": "; ".join(dict.fromkeys(errors))}
+
+
+def _import_quant_pre_process() -> Any:
+    """onnxruntime's ``quant_pre_process``, imported without torch when torch is not loaded
+    yet. ``onnxruntime.tools/__init__.py`` imports its PyTorch export helpers whenever torch
+    is installed (the worker image has it for .pt models), which cost an ONNX INT8 job 1.6 s
+    and torch's memory for nothing; ``find_spec`` reports a module set to None in
+    ``sys.modules`` as absent, so the helpers are skipped. The entry is removed afterwards:
+    a later ``import torch`` works as usual."""
+    import sys
+
+    if "torch" not in sys.modules and "onnxruntime.tools" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        try:  # quant_pre_process imports this package lazily, on its first call
+            import onnxruntime.tools.symbolic_shape_infer  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    return quant_pre_process
 
 
 @dataclass
