@@ -67,7 +67,8 @@ class Reference:
     ``providers`` defaults to :func:`select_providers` ("auto"). Raises PassError(CorruptModel)
     when the original does not load, InvalidSpec when there are no feeds, when it cannot run
     on them (wrong shapes or values: fix spec.validation.inputs/dimensions or the data) or
-    when the feedback names are not the model's.
+    when the feedback names are not the model's. ``session``: a session of ``original`` on
+    ``providers`` already made (it is used, not made again).
     """
 
     def __init__(
@@ -77,6 +78,8 @@ class Reference:
         cfg: ValidationConfig,
         tolerance: Tolerance,
         providers: Sequence[str] | None = None,
+        *,
+        session: Any | None = None,
     ) -> None:
         self.original = Path(original)
         self.feeds = list(feeds)
@@ -85,7 +88,7 @@ class Reference:
         if not self.feeds:
             raise InvalidSpec(f"no validation samples for {self.original.name}")
         self.providers = list(providers) if providers else select_providers()[0]
-        self.session = make_session(self.original, self.providers)
+        self.session = session or make_session(self.original, self.providers)
         self.device = device_of(self.session)
         try:
             self.outputs: Outputs = run_stream(self.session, self.feeds, cfg.feedback)

@@ -79,7 +79,7 @@ def prepare_feeds(model_path: Path, cfg: ValidationConfig, data_files: list[Path
 
 
 def resolve_feeds(
-    model_path: Path, cfg: ValidationConfig, data_files: list[Path]
+    model_path: Path, cfg: ValidationConfig, data_files: list[Path], session: Any | None = None
 ) -> tuple[list[Feed], ValidationConfig, dict[str, Any] | None]:
     """Feeds for validating ``model_path``, the validation config to use with them (its
     ``feedback`` filled in when discovered) and what was chosen (None with data files).
@@ -93,14 +93,15 @@ def resolve_feeds(
     Raises InvalidSpec when a file is unreadable, lacks an input, or holds an array of the
     wrong kind (float/int/bool), rank or fixed dimension; when an override names no input;
     when the original runs on none of the inputs tried (the message says what to add).
-    Raises PassError(CorruptModel) when onnxruntime cannot load the model.
+    Raises PassError(CorruptModel) when onnxruntime cannot load the model. ``session``: a
+    CPU session of the model already made (discovery runs on the CPU), else one is made.
     """
     import onnx
 
     from kquant_job.validate.compare import make_session
     from kquant_job.validate.discover import discover
 
-    session = make_session(model_path, ["CPUExecutionProvider"])
+    session = session or make_session(model_path, ["CPUExecutionProvider"])
     signature = [(i.name, i.shape, numpy_dtype(i.type)) for i in session.get_inputs()]
     if data_files:
         files = sorted(data_files, key=lambda p: p.name)[: cfg.samples]
