@@ -1,0 +1,62 @@
+"""INT8 pre-processing: symbolic shape inference is tried on the graph alone first, so a
+model it fails on is not loaded with its weights for a doomed attempt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from kquant_job.passes import int8_prepare
+from kquant_job.passes.int8_prepare import preprocess
+
+
+def _external(src: Path, folder: Path) -> Path:
+    folder.mkdir()
+    out = folder / "model.onnx"
+    onnx.save(onnx.load(str(src)), str(out), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)  # fmt: skip
+    return out
+
+
+def test_a_graph_symbolic_inference_fails_on_is_preprocessed_as_before(
+    silero_onnx, tmp_path, monkeypatch
+):
+    model = _external(silero_onnx, tmp_path / "m")
+    failure = int8_prepare._symbolic_failure(model)
+    assert failure  # Silero VAD's If branches have untyped outputs
+
+    calls: list[bool] = []
+    real = int8_prepare._import_quant_pre_process()
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["skip_symbolic_shape"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(int8_prepare, "_import_quant_pre_process", lambda: counting)
+    (tmp_path / "a").mkdir()
+    out, details = preprocess(model, tmp_path / "a", external=True)
+    assert calls == [True]  # the doomed full attempt is not made
+    assert out.exists() and details["preprocessSkipped"][0] == "symbolicShapeInference"
+
+    calls.clear()
+    monkeypatch.setattr(int8_prepare, "_symbolic_failure", lambda path: None)
+    (tmp_path / "b").mkdir()
+    _, before = preprocess(model, tmp_path / "b", external=True)
+    assert calls == [False, True]  # the old order: full attempt, then without symbolic
+    assert details == before  # the same report either way
+
+
+@pytest.mark.parametrize("opset", [10])
+def test_old_opsets_are_left_to_quant_pre_process(tmp_path, opset):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    assert int8_prepare._symbolic_failure(path) is None
