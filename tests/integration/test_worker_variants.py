@@ -106,8 +106,8 @@ def test_every_passing_variant_is_published_and_the_smallest_promoted(
         assert row in table, row
 
 
-@pytest.mark.parametrize(("objective", "chosen"), [("fastest", "int8"), ("mostAccurate", "fp16")])
-def test_the_objective_chooses(objective: str, chosen: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("objective", "chosen"), [("fastest", None), ("mostAccurate", "fp16")])
+def test_the_objective_chooses(objective: str, chosen: str | None, tmp_path: Path) -> None:
     model = tmp_path / "m" / "silero_vad.onnx"
     model.parent.mkdir(parents=True)
     shutil.copyfile(silero_dir() / "silero_vad.onnx", model)
@@ -119,9 +119,13 @@ def test_the_objective_chooses(objective: str, chosen: str, tmp_path: Path) -> N
     run = run_worker(job, tmp_path / "run", dict(os.environ))
     assert run.code == 0, run.log
     entries = {v["name"]: v for v in run.result["variants"]}
-    if objective == "fastest":  # on a CPU FP16 has no kernels of its own: INT8 is faster
+    if objective == "fastest":
+        # The lowest measured latency wins. Which one that is on this CPU is not asserted:
+        # Silero's two variants run within 0.05 ms of each other, measured in two processes
+        # (the test flaked one run in three when it expected INT8).
         latency = {n: e["latencyMs"]["quantized"] for n, e in entries.items()}
-        assert min(latency, key=latency.get) == chosen, latency
+        chosen = min(latency, key=latency.get)
+        assert "fastest passing" in run.log, run.log
     else:
         cosine = {n: e["cosineSimilarity"] for n, e in entries.items()}
         assert max(cosine, key=cosine.get) == chosen, cosine
