@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -155,14 +156,20 @@ def _fifo(src: Path, outside: Path) -> None:
     os.mkfifo(src / "pipe")
 
 
-@pytest.mark.parametrize("make", [_outside_file, _outside_dir, _dotdot, _dangling, _loop, _fifo])
-def test_prefix_download_refuses_unsafe_entries_before_writing(tmp_path, make):
+def _unsafe_tree(tmp_path: Path, make: Callable[[Path, Path], None]) -> Path:
+    """A model folder with two files and the unsafe entry ``make`` adds; a secret outside."""
     outside = tmp_path / "outside"
     _write(outside / "secret.txt", b"not yours")
     src = tmp_path / "model"
     _write(src / "a.onnx", b"a")
     _write(src / "sub/z.onnx", b"z")
     make(src, outside)
+    return src
+
+
+@pytest.mark.parametrize("make", [_outside_file, _outside_dir, _dotdot, _dangling, _loop, _fifo])
+def test_prefix_download_refuses_unsafe_entries_before_writing(tmp_path, make):
+    src = _unsafe_tree(tmp_path, make)
     dest = tmp_path / "dest"
     err = _reason(lambda: fs.download(f"{src}/", dest))
     assert err.reason is Reason.UnsafePath
@@ -171,12 +178,7 @@ def test_prefix_download_refuses_unsafe_entries_before_writing(tmp_path, make):
 
 @pytest.mark.parametrize("make", [_outside_file, _outside_dir, _dotdot, _dangling, _loop, _fifo])
 def test_read_in_place_refuses_what_a_download_refuses(tmp_path, make):
-    outside = tmp_path / "outside"
-    _write(outside / "secret.txt", b"not yours")
-    src = tmp_path / "model"
-    _write(src / "a.onnx", b"a")
-    _write(src / "sub/z.onnx", b"z")
-    make(src, outside)
+    src = _unsafe_tree(tmp_path, make)
     assert _reason(lambda: fs.read_in_place(f"{src}/")).reason is Reason.UnsafePath
 
 

@@ -117,27 +117,12 @@ class FileStorage(Storage):
         raises StorageError(SourceNotFound); more than ``max_bytes`` in all,
         StorageError(SourceTooLarge) before anything is copied.
         """
-        src = to_path(uri)
-        if not is_prefix(uri):
-            if src.is_dir():
-                raise StorageError(
-                    f"{uri} is a directory; end the URI with '/' to fetch it as a prefix",
-                    reason=Reason.SourceNotFound,
-                )
+        src, pairs = _checked_source(uri, skip)
+        if pairs is None:
             check_size(uri, _size(src, uri), max_bytes)
             target = dest_dir / src.name
             _copy(src, target, uri, "download")
             return target
-        if not src.is_dir():
-            raise StorageError(f"no directory at {uri}", reason=Reason.SourceNotFound)
-        try:
-            pairs = _walk(src, uri)
-        except OSError as exc:
-            raise os_error(exc, uri, "list") from None
-        pairs = [(key, path) for key, path in pairs if not (skip and skip(key))]
-        if not pairs:
-            raise StorageError(f"no files under {uri}", reason=Reason.SourceNotFound)
-        check_keys([key for key, _ in pairs], uri)
         check_size(uri, sum(_size(path, uri) for _, path in pairs), max_bytes)
         plan = [(path, local_target(dest_dir, key, uri)) for key, path in pairs]
         for path, target in plan:
@@ -150,26 +135,11 @@ class FileStorage(Storage):
         or empty), for the sandbox to read where it lies: no copy. The sandbox's child gets
         read-only access to that path alone (Landlock), so reading in place cannot change the
         user's files."""
-        src = to_path(uri)
-        if not is_prefix(uri):
-            if src.is_dir():
-                raise StorageError(
-                    f"{uri} is a directory; end the URI with '/' to fetch it as a prefix",
-                    reason=Reason.SourceNotFound,
-                )
+        src, pairs = _checked_source(uri, None)
+        if pairs is None:
             _size(src, uri)  # SourceNotFound when missing
             if not src.is_file():
                 raise StorageError(f"{uri} is not a regular file", reason=Reason.UnsafePath)
-            return src.resolve()
-        if not src.is_dir():
-            raise StorageError(f"no directory at {uri}", reason=Reason.SourceNotFound)
-        try:
-            pairs = _walk(src, uri)
-        except OSError as exc:
-            raise os_error(exc, uri, "list") from None
-        if not pairs:
-            raise StorageError(f"no files under {uri}", reason=Reason.SourceNotFound)
-        check_keys([key for key, _ in pairs], uri)
         return src.resolve()
 
     def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
@@ -315,6 +285,35 @@ class FileStorage(Storage):
                 reason=Reason.UnsafePath,
             )
         self.delete(join(prefix_uri, upload.key))
+
+
+def _checked_source(
+    uri: str, skip: Callable[[str], bool] | None
+) -> tuple[Path, list[tuple[str, Path]] | None]:
+    """The source path of ``uri`` and, for a prefix, its (key, file) pairs without the keys
+    ``skip`` leaves out, after the checks every read makes: an object URI naming a directory,
+    or a prefix that is missing or holds no files, raises StorageError(SourceNotFound); an
+    unsafe entry (symlink leaving the tree, loop, special file) or key raises
+    StorageError(UnsafePath)."""
+    src = to_path(uri)
+    if not is_prefix(uri):
+        if src.is_dir():
+            raise StorageError(
+                f"{uri} is a directory; end the URI with '/' to fetch it as a prefix",
+                reason=Reason.SourceNotFound,
+            )
+        return src, None
+    if not src.is_dir():
+        raise StorageError(f"no directory at {uri}", reason=Reason.SourceNotFound)
+    try:
+        pairs = _walk(src, uri)
+    except OSError as exc:
+        raise os_error(exc, uri, "list") from None
+    pairs = [(key, path) for key, path in pairs if not (skip and skip(key))]
+    if not pairs:
+        raise StorageError(f"no files under {uri}", reason=Reason.SourceNotFound)
+    check_keys([key for key, _ in pairs], uri)
+    return src, pairs
 
 
 def _size(path: Path, uri: str) -> int:
