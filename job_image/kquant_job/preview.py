@@ -68,5 +68,5 @@ def inspect_uri(
     task = {"task": "inspect", "inspect": {"path": str(local.resolve()), "opType": op_type}}
     if name:
         task["inspect"]["name"] = name
-    result, _ = run_task(task, work / "sandbox", work, Limits.from_env(), what="inspection")
+    result, _ = run_task(task, work / "sandbox", [work], Limits.from_env(), what="inspection")
     return {"uri": uri, **result}

@@ -21,7 +21,7 @@ from kquant_operator.jobs import (
     job_name,
     parse_qjob,
 )
-from kquant_operator.settings import OperatorSettings
+from kquant_operator.settings import S3_TRANSFER_VARIABLES, OperatorSettings
 
 K8S_VERSION = "1.31.0"  # first release with podFailurePolicy and DisruptionTarget GA
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -169,6 +169,8 @@ def test_s3_transfer_settings_reach_the_worker_and_parse_there():
     worker = TransferSettings.from_env(env)
     assert (worker.multipart_chunksize, worker.max_concurrency) == (64 * MIB, 4)
     assert worker.read_timeout == TransferSettings().read_timeout
+    for name in S3_TRANSFER_VARIABLES:  # the operator's list names only what the worker reads
+        assert TransferSettings.from_env({name: "3"}) != TransferSettings(), name
 
 
 def test_credentials_only_by_secret_key_ref():

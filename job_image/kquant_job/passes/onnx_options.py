@@ -58,13 +58,13 @@ def check_names(config: QuantizationConfig, models: list[Path]) -> None:
                   ("nodesToExclude", config.nodesToExclude, "node")]  # fmt: skip
     if not models or not any(listed for _, listed, _ in fields):
         return
+    # onnx is imported here, not at module level: the worker's parent imports this module
+    # (through stage.py's outcome types) and never loads onnx itself.
+    from kquant_job.passes.onnx_common import iter_nodes, load_model
+
     ops: set[str] = set()
     names: set[str] = set()
     for path in models:
-        # onnx is imported here, not at module level: the worker's parent imports this
-        # module (through stage.py's outcome types) and never loads onnx itself.
-        from kquant_job.passes.onnx_common import iter_nodes, load_model
-
         graph = load_model(path, load_external_data=False).graph
         for _, node in iter_nodes(graph):
             ops.add(node.op_type)

@@ -194,16 +194,16 @@ def _reads(work: Path, io: StageInput) -> list[Path]:
 def run_task(
     task: dict[str, Any],
     box: Path,
-    read: Path | list[Path],
+    read: list[Path],
     limits: Limits,
     what: str = "conversion",
 ) -> tuple[Any, dict[str, Any]]:
     """Run one request (``task``: its ``task`` name and arguments, see
-    :mod:`kquant_job.sandbox.child`) in a sandboxed child that may read ``read`` (a path or
-    several: files or directories) and write ``box`` (created); return the task's result and
+    :mod:`kquant_job.sandbox.child`) in a sandboxed child that may read ``read`` (files or
+    directories) and write ``box`` (created); return the task's result and
     what the sandbox enforced. ``what`` names the activity in error messages. Raises as
     :func:`run_stage`."""
-    reads = [p.resolve() for p in ([read] if isinstance(read, Path) else read)]
+    reads = [p.resolve() for p in read]
     box = box.resolve()  # the child runs in ``box``
     for sub in ("home", "tmp"):
         (box / sub).mkdir(parents=True, exist_ok=True)
