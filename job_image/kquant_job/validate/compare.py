@@ -33,6 +33,9 @@ from kquant_job.validate.runtime import (
     short,
 )
 
+# Samples the activation ranges are measured on (a stream prefix with feedback).
+RANGE_SAMPLES = 8
+
 __all__ = ["Reference", "ValidationOutcome", "run_stream", "select_providers", "validate_onnx"]
 
 Outputs = list[dict[str, np.ndarray]]
@@ -61,6 +64,13 @@ def compare_outputs(
     return metrics
 
 
+# A reference session of a model past this many bytes (file plus external data) is released
+# once its outputs are computed: the conversion would otherwise run beside it (its weights
+# held twice at the peak); the latency runs make it again (one session load, ~0.5 s for
+# BERT-base, bench/bench_job.py).
+KEEP_SESSION_BYTES = 64 * 2**20
+
+
 class Reference:
     """The original model's outputs on ``feeds``, computed once at construction.
 
@@ -68,7 +78,11 @@ class Reference:
     when the original does not load, InvalidSpec when there are no feeds, when it cannot run
     on them (wrong shapes or values: fix spec.validation.inputs/dimensions or the data) or
     when the feedback names are not the model's. ``session``: a session of ``original`` on
-    ``providers`` already made (it is used, not made again).
+    ``providers`` already made (it is used, not made again), possibly a
+    :class:`~kquant_job.validate.ranges.RangeRecorder`. ``ranges``: measure the activation
+    ranges in the same pass (a RangeRecorder is made when ``session`` is not one and the
+    model file holds at most KEEP_SESSION_BYTES: a larger embedded model would be held
+    three times, and its ranges are measured later on a copy with a data file).
     """
 
     def __init__(
@@ -80,7 +94,10 @@ class Reference:
         providers: Sequence[str] | None = None,
         *,
         session: Any | None = None,
+        ranges: bool = False,
     ) -> None:
+        from kquant_job.validate.ranges import RangeRecorder
+
         self.original = Path(original)
         self.feeds = list(feeds)
         self.cfg = cfg
@@ -88,25 +105,47 @@ class Reference:
         if not self.feeds:
             raise InvalidSpec(f"no validation samples for {self.original.name}")
         self.providers = list(providers) if providers else select_providers()[0]
-        self.session = session or make_session(self.original, self.providers)
-        self.device = device_of(self.session)
+        if session is None and ranges:
+            session = recorder_or_none(self.original, self.providers)
+        session = session or make_session(self.original, self.providers)
+        recorder = session if isinstance(session, RangeRecorder) else None
+        self.device = device_of(session)
+        if recorder is not None:
+            recorder.record(RANGE_SAMPLES)
         try:
-            self.outputs: Outputs = run_stream(self.session, self.feeds, cfg.feedback)
+            self.outputs: Outputs = run_stream(session, self.feeds, cfg.feedback)
         except RuntimeError as exc:
             raise InvalidSpec(
                 f"the original model {self.original.name} fails on the validation inputs "
                 f"({exc}); set spec.validation.inputs / dimensions or check dataUri"
             ) from exc
+        # Ranges measured in this pass; None: measured on request (activation_ranges).
+        self.ranges: dict[str, float] | None = recorder.ranges if recorder else None
+        # The session for the latency runs: a recorder's graph is unoptimized (not what a
+        # user runs) and a large model's weights would sit beside the conversion.
+        keep = recorder is None and model_bytes(self.original) <= KEEP_SESSION_BYTES
+        self._session: Any | None = session if keep else None
+
+    @property
+    def session(self) -> Any:
+        """The original's session on ``providers`` for the latency runs (made on first use
+        when the reference pass did not keep its own)."""
+        if self._session is None:
+            self._session = make_session(self.original, self.providers)
+        return self._session
 
     def activation_ranges(
-        self, model: Path | None = None, max_samples: int = 8
+        self, model: Path | None = None, max_samples: int = RANGE_SAMPLES
     ) -> dict[str, float]:
         """``{value name: max |x|}`` of the original's FP32 values on the first
-        ``max_samples`` samples (:func:`kquant_job.validate.ranges.activation_ranges`),
-        measured on ``model`` when given: a copy of the original holding the same values
-        (its weights moved to a data file, which a session reads tensor by tensor)."""
+        ``max_samples`` samples: those measured in the reference pass when it recorded them,
+        else measured now (:func:`kquant_job.validate.ranges.activation_ranges`) on ``model``
+        when given: a copy of the original holding the same values (its weights moved to a
+        data file, which a session reads tensor by tensor)."""
         from kquant_job.validate.ranges import activation_ranges
 
+        if self.ranges is not None:
+            return dict(self.ranges)
         n = min(max_samples, len(self.feeds))
         source = model or self.original
         return activation_ranges(source, self.feeds[:n], self.cfg.feedback, self.providers)
@@ -200,6 +239,21 @@ class ValidationOutcome:
         if self.error:
             report["error"] = self.error
         return report
+
+
+def recorder_or_none(original: Path, providers: Sequence[str]) -> Any | None:
+    """A :class:`~kquant_job.validate.ranges.RangeRecorder` of ``original`` on
+    ``providers``, or None when its file is past KEEP_SESSION_BYTES (embedded weights would
+    be held three times) or the instrumented copy does not load (a plain session then says
+    why, and the ranges are measured apart)."""
+    from kquant_job.validate.ranges import RangeRecorder
+
+    if Path(original).stat().st_size > KEEP_SESSION_BYTES:
+        return None
+    try:
+        return RangeRecorder(original, providers)
+    except Exception:
+        return None
 
 
 def validate_onnx(

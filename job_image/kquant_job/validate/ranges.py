@@ -47,29 +47,82 @@ def activation_ranges(
     Raises RuntimeError("sample i: ...") when onnxruntime fails on a sample, and what
     onnxruntime raises when the instrumented copy does not load.
     """
-    import onnx
-    import onnxruntime as ort
+    recorder = RangeRecorder(original, providers)
+    recorder.record(max_samples)
+    for _ in iter_stream(recorder, feeds[:max_samples], feedback):
+        pass
+    return recorder.ranges
 
-    model = onnx.load(str(original), load_external_data=False)
-    names = _float_values(model)
-    present = {o.name for o in (*model.graph.output, *model.graph.input)}  # inputs: feeds
-    for name in names:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # Unfused graph: the values measured are those the FP16 converter sees.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(Path(original).parent.resolve()))
-    session = ort.InferenceSession(
-        model.SerializeToString(), sess_options=opts, providers=list(providers)
-    )
-    del model
-    wanted = set(names)
-    ranges: dict[str, float] = {}
-    for feed, outputs in iter_stream(session, feeds[:max_samples], feedback):
-        _update(ranges, {k: v for k, v in (*feed.items(), *outputs.items()) if k in wanted})
-    return ranges
+
+class RangeRecorder:
+    """A session of the FP32 original that also measures its activation ranges: every float
+    value of the main graph is an extra output of an in-memory copy (optimizations off, so
+    the values are those the FP16 converter sees). It runs as the original does (``run``,
+    ``get_inputs`` and ``get_outputs`` show the original's outputs only), so one pass over
+    the validation samples gives the reference outputs and the ranges (the issue's "one FP32
+    pass"); ``ranges`` (``{value name: max |x|}``, finite values only) grows over the runs
+    that :meth:`record` allows. Keeps every value of one run alive at once.
+
+    Raises what onnxruntime raises when the instrumented copy does not load.
+    """
+
+    def __init__(self, original: Path, providers: Sequence[str]) -> None:
+        """``original``: an ONNX file (its external data beside it); ``providers``:
+        onnxruntime execution providers, in order."""
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(original), load_external_data=False)
+        real = [o.name for o in model.graph.output]
+        names = _float_values(model)
+        present = {o.name for o in (*model.graph.output, *model.graph.input)}  # inputs: feeds
+        for name in names:
+            if name not in present:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(Path(original).parent.resolve()))
+        self._session = ort.InferenceSession(
+            model.SerializeToString(), sess_options=opts, providers=list(providers)
+        )
+        del model
+        self._all = [o.name for o in self._session.get_outputs()]
+        self._real = real
+        self._outputs = [o for o in self._session.get_outputs() if o.name in set(real)]
+        self._wanted = set(names)
+        self._left = 0
+        self.ranges: dict[str, float] = {}
+
+    def record(self, runs: int) -> None:
+        """Measure the ranges on the next ``runs`` runs (discovery's tries are not counted)."""
+        self._left = runs
+
+    def get_inputs(self) -> list[Any]:
+        """The original's inputs (onnxruntime NodeArg)."""
+        return self._session.get_inputs()
+
+    def get_outputs(self) -> list[Any]:
+        """The original's outputs only (onnxruntime NodeArg)."""
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        """The execution providers the session runs on."""
+        return self._session.get_providers()
+
+    def run(
+        self, output_names: Sequence[str] | None, feed: dict[str, Any], options: Any = None
+    ) -> list[Any]:
+        """``session.run``: the original's outputs (``output_names``, default all), in order;
+        ``options``: onnxruntime RunOptions."""
+        values = dict(zip(self._all, self._session.run(None, feed, options), strict=True))
+        if self._left > 0:
+            self._left -= 1
+            wanted = self._wanted
+            _update(ranges=self.ranges, values={
+                k: v for k, v in (*feed.items(), *values.items()) if k in wanted
+            })  # fmt: skip
+        return [values[n] for n in (output_names or self._real)]
 
 
 def _float_values(model: Any) -> list[str]:

@@ -19,7 +19,12 @@ from typing import Any, Protocol
 
 from kquant_api import ModelFormat, Precision, QuantizationJobSpec
 from kquant_job.passes.base import Probe
-from kquant_job.validate.compare import Reference, ValidationOutcome, validate_onnx
+from kquant_job.validate.compare import (
+    Reference,
+    ValidationOutcome,
+    recorder_or_none,
+    validate_onnx,
+)
 from kquant_job.validate.inputs import resolve_feeds
 from kquant_job.validate.runtime import make_session, select_providers
 
@@ -42,16 +47,27 @@ class OnnxValidator:
 
     kind = "outputs"
 
-    def __init__(self, original: Path, spec: QuantizationJobSpec, data_files: list[Path]) -> None:
+    def __init__(
+        self,
+        original: Path,
+        spec: QuantizationJobSpec,
+        data_files: list[Path],
+        ranges: bool = False,
+    ) -> None:
+        """``ranges``: the pass reads activation ranges (FP16, q4f16), measured in the same
+        FP32 pass as the reference outputs when the model allows (:class:`Reference`)."""
         providers = select_providers()[0]
-        # Discovery runs on a CPU session; on a CPU-only machine the reference reuses it
-        # (one FP32 session less: 0.5 s for BERT-base).
-        cpu = make_session(original, ["CPUExecutionProvider"])
+        cpu_only = providers == ["CPUExecutionProvider"]
+        # Discovery runs on a CPU session; on a CPU-only machine the reference pass reuses
+        # it (one FP32 session less: 0.5 s for BERT-base), a range recorder when ranges
+        # are wanted.
+        cpu = recorder_or_none(original, providers) if ranges and cpu_only else None
+        cpu = cpu or make_session(original, ["CPUExecutionProvider"])
         feeds, self.cfg, self.chosen = resolve_feeds(original, spec.validation, data_files, cpu)
-        reuse = cpu if providers == ["CPUExecutionProvider"] else None
+        reuse = cpu if cpu_only else None
         del cpu
         self.reference = Reference(
-            original, feeds, self.cfg, spec.tolerance, providers, session=reuse
+            original, feeds, self.cfg, spec.tolerance, providers, session=reuse, ranges=ranges
         )
         self.spec = spec
         self.probe: Probe | None = self.reference.probe
@@ -75,7 +91,11 @@ def make_validator(
     on; PassError CorruptModel/UnsafeModel when it does not load).
     """
     if fmt is ModelFormat.onnx:
-        return OnnxValidator(original, spec, data_files)
+        quant = spec.quantization
+        ranges = quant.precision is Precision.fp16 or (
+            quant.precision is Precision.int4 and quant.floatPrecision == "fp16"
+        )
+        return OnnxValidator(original, spec, data_files, ranges=ranges)
     if fmt is ModelFormat.torchscript:
         from kquant_job.validate.torch_outputs import TorchScriptValidator
 

@@ -1,0 +1,110 @@
+"""One FP32 pass over the validation samples gives the reference outputs and the activation
+ranges (validate/ranges.py RangeRecorder, validate/compare.py Reference), and a large
+model's reference session is not kept beside the conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SPEECH_WAV
+
+import kquant_job.validate.compare as compare
+import kquant_job.validate.ranges as ranges_mod
+from kquant_api import DEFAULT_TOLERANCE, Precision, QuantizationJobSpec, ValidationConfig
+from kquant_job.audio import frame_feeds, read_wav
+from kquant_job.validate import Reference, validate_onnx
+from kquant_job.validate.ranges import RangeRecorder, activation_ranges
+from kquant_job.validate.runtime import make_session, run_stream
+from kquant_job.validate.validators import OnnxValidator
+
+CPU = ["CPUExecutionProvider"]
+FEEDBACK = {"stateN": "state"}
+TOL = DEFAULT_TOLERANCE[Precision.fp16]
+
+
+def _feeds(n: int) -> list[dict[str, np.ndarray]]:
+    samples, sr = read_wav(SPEECH_WAV)
+    extra = {"state": np.zeros((2, 1, 128), np.float32), "sr": np.array(sr, np.int64)}
+    return frame_feeds(samples, 512, "input", context=64, extra=extra)[:n]
+
+
+def _cfg() -> ValidationConfig:
+    return ValidationConfig(feedback=FEEDBACK, latencyRuns=3, warmupRuns=1)
+
+
+def test_the_recorder_runs_as_the_original_and_shows_only_its_outputs(silero_onnx: Path) -> None:
+    plain = make_session(silero_onnx, CPU)
+    recorder = RangeRecorder(silero_onnx, CPU)
+    assert [o.name for o in recorder.get_outputs()] == [o.name for o in plain.get_outputs()]
+    assert [i.name for i in recorder.get_inputs()] == [i.name for i in plain.get_inputs()]
+    feeds = _feeds(6)
+    want, got = run_stream(plain, feeds, FEEDBACK), run_stream(recorder, feeds, FEEDBACK)
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:  # unfused graph: the same values up to float rounding
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert recorder.ranges == {}  # nothing recorded unless asked
+
+
+def test_the_reference_pass_records_the_ranges_a_separate_pass_measures(
+    silero_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feeds = _feeds(12)
+    separate = activation_ranges(silero_onnx, feeds, FEEDBACK, CPU, max_samples=8)
+    reference = Reference(silero_onnx, feeds, _cfg(), TOL, CPU, ranges=True)
+    assert len(reference.outputs) == 12  # every sample, ranges from the first 8
+    assert reference.ranges is not None and reference.ranges.keys() == separate.keys()
+    for name, value in separate.items():
+        assert reference.ranges[name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+    def no_second_pass(*_a: object, **_k: object) -> None:
+        raise AssertionError("ranges measured twice")
+
+    monkeypatch.setattr(ranges_mod, "activation_ranges", no_second_pass)
+    assert reference.activation_ranges() == reference.ranges
+    # The unfused recorder is not the latency session: a plain one is made for it.
+    assert reference._session is None
+    assert not isinstance(reference.session, RangeRecorder)
+    outcome = validate_onnx(silero_onnx, silero_onnx, [], _cfg(), TOL, reference=reference)
+    assert outcome.passed and outcome.latency_ms["runs"] == 3
+
+
+def test_without_ranges_a_small_model_keeps_its_session_and_a_large_one_does_not(
+    silero_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feeds = _feeds(4)
+    small = Reference(silero_onnx, feeds, _cfg(), TOL, CPU)
+    assert small.ranges is None and small._session is not None
+    monkeypatch.setattr(compare, "KEEP_SESSION_BYTES", 1000)
+    large = Reference(silero_onnx, feeds, _cfg(), TOL, CPU)
+    assert large._session is None  # released: the conversion runs without it
+    outcome = validate_onnx(silero_onnx, silero_onnx, [], _cfg(), TOL, reference=large)
+    assert outcome.passed and outcome.latency_ms["original"] > 0
+    # A large embedded file gets no recorder (it would be held three times): the ranges
+    # are measured on request, on the copy the FP16 pass names.
+    spilled = Reference(silero_onnx, feeds, _cfg(), TOL, CPU, ranges=True)
+    assert spilled.ranges is None
+    assert (
+        spilled.activation_ranges().keys()
+        == activation_ranges(silero_onnx, feeds, FEEDBACK, CPU).keys()
+    )
+
+
+def test_a_validator_finds_the_same_inputs_and_feedback_on_the_recorder(
+    silero_onnx: Path,
+) -> None:
+    spec = QuantizationJobSpec.model_validate(
+        {
+            "model": {"uri": "s3://b/m.onnx"},
+            "output": {"uri": "s3://b/out/"},
+            "quantization": {"precision": "fp16"},
+            "validation": {"samples": 6},
+        }
+    )
+    recorded = OnnxValidator(silero_onnx, spec, [], ranges=True)
+    plain = OnnxValidator(silero_onnx, spec, [], ranges=False)
+    assert recorded.chosen == plain.chosen and recorded.cfg == plain.cfg
+    assert recorded.cfg.feedback  # the state loop was found through the recorder
+    assert recorded.reference.ranges and plain.reference.ranges is None
