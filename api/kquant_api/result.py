@@ -129,6 +129,13 @@ class LatencyMs(_Compact):
         description="Timed runs of each model (latencyRuns, or fewer when "
         "validation.latencyBudgetMs ran out).",
     )
+    timing: str | None = Field(
+        None,
+        description="How the runs were timed: alternated (one run of each model in turn, "
+        "so drift weighs on both alike; GPU, when absent) or sequential (the converted "
+        "model's runs, then the original's: CPU, where onnxruntime's spinning threads "
+        "would slow the other session, and a large model is not held twice).",
+    )
 
 
 class ValidationSummary(_Compact):

@@ -311,12 +311,14 @@ def _convert_all(
 
 
 def _validate_all(converted: list[_Converted], staged: Path) -> None:
+    from kquant_job.validate.runtime import release_memory
     from kquant_job.validate.validators import log_rows
 
     for item in converted:
         model = item.outcome
         if item.validator is None:
             continue
+        release_memory()  # the conversion's freed pages, before the sessions of validation
         outcome = item.validator.validate(staged / model.out_rel)
         summary = outcome.summary()
         chosen = item.validator.chosen

@@ -1,6 +1,7 @@
 """Latency within a bounded time: the original and the converted model are timed in
-alternation until latencyRuns pairs or until latencyBudgetMs is spent, and the result says
-how many runs it took; NoGain's latency rule counts the runs actually timed."""
+alternation (GPU) or one after the other (CPU) until latencyRuns runs or until
+latencyBudgetMs is spent, and the result says how many runs it took; NoGain's latency rule
+counts the runs actually timed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kquant_api import QuantizationConfig, ValidationConfig, ValidationSummary
 from kquant_job.gain import gain_shortfalls
 from kquant_job.validate import validate_onnx
 from kquant_job.validate.inputs import prepare_feeds
-from kquant_job.validate.runtime import paired_latency_ms
+from kquant_job.validate.runtime import block_latency_ms, paired_latency_ms
 
 
 def _sleeper(ms: float, log: list[str], tag: str):
@@ -38,6 +39,46 @@ def test_runs_cap_the_timing_and_one_pair_is_always_timed() -> None:
     log: list[str] = []
     assert paired_latency_ms(_sleeper(0, log, "a"), _sleeper(0, log, "b"), 7, 0, 1e9)["runs"] == 7
     assert paired_latency_ms(_sleeper(5, log, "a"), _sleeper(5, log, "b"), 50, 0, 1e-6)["runs"] == 1
+
+
+def test_a_block_stops_at_its_budget_or_its_runs() -> None:
+    log: list[str] = []
+    median, runs = block_latency_ms(_sleeper(20, log, "a"), 1000, 2, 100)
+    assert 4 <= runs <= 7 and median == pytest.approx(20, abs=8)  # ~20 ms runs in 100 ms
+    assert len(log) == 2 + runs
+    assert block_latency_ms(_sleeper(0, log, "a"), 7, 0, 1e9)[1] == 7
+    assert block_latency_ms(_sleeper(5, log, "a"), 50, 0, 1e-6)[1] == 1
+
+
+def test_cpu_validation_times_the_converted_model_first_then_the_original(
+    silero_onnx, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequential timing: every timed run of the converted model comes before the first of
+    the original, and each model gets half the budget."""
+    import kquant_job.validate.compare as compare
+    from kquant_api import DEFAULT_TOLERANCE, Precision
+
+    cfg = ValidationConfig.model_validate({"samples": 2, "latencyRuns": 5, "warmupRuns": 1})
+    feeds = prepare_feeds(silero_onnx, cfg, [])
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(silero_onnx.read_bytes())
+    order: list[str] = []
+    real = compare.session_call
+
+    def tagged(session, feed):
+        call = real(session, feed)
+        tag = "converted" if "copy.onnx" in str(session._model_path) else "original"
+
+        def run() -> object:
+            order.append(tag)
+            return call()
+
+        return run
+
+    monkeypatch.setattr(compare, "session_call", tagged)
+    outcome = validate_onnx(silero_onnx, copy, feeds, cfg, DEFAULT_TOLERANCE[Precision.fp16])
+    assert outcome.latency_ms["timing"] == "sequential" and outcome.latency_ms["runs"] == 5
+    assert order == ["converted"] * 6 + ["original"] * 6  # warm-up + 5 timed each
 
 
 def test_validation_reports_the_runs_it_timed(silero_onnx) -> None:

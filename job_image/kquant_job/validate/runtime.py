@@ -9,6 +9,7 @@ production. The first step uses the state given in the feed.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -179,6 +180,38 @@ def paired_latency_ms(
         "quantized": float(statistics.median(times[1])),
         "runs": len(times[0]),
     }
+
+
+def block_latency_ms(
+    call: Callable[[], object], runs: int, warmup: int, budget_ms: float
+) -> tuple[float, int]:
+    """Median wall time (ms, ``time.perf_counter``) of ``call`` over up to ``runs`` timed calls
+    after ``warmup`` untimed ones, stopping once the timed calls have spent ``budget_ms`` (at
+    least one); and the number timed. One model's block of a sequential measurement, for
+    models whose two sessions are not held side by side (:func:`paired_latency_ms` is the
+    drift-robust default)."""
+    for _ in range(warmup):
+        call()
+    times: list[float] = []
+    while len(times) < runs and (not times or sum(times) < budget_ms):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times)), len(times)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim(0)``;
+    a no-op elsewhere): a session released between stages otherwise leaves its pages in
+    the process, under the next stage's peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    # The process's own symbols: glibc's when linked with it (no library search, which
+    # would run ldconfig).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def session_call(session: Any, feed: Feed) -> Callable[[], object]:
