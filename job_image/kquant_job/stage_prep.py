@@ -44,12 +44,14 @@ def spill(src: Path, folder: Path) -> Path:
     """A copy of the ONNX model ``src`` with its weights in a data file beside it, in
     ``folder``. Every later step (the reference session, the activation ranges, the FP16
     pass) then reads the weights from that file, tensor by tensor, instead of each holding
-    the embedded copy (bench/bench_job.py; the figures are in the README)."""
-    from kquant_job.passes.onnx_common import load_model, save_model
+    the embedded copy (bench/bench_job.py; the figures are in the README). The move walks
+    the file (:func:`~kquant_job.passes.onnx_spill.spill_weights`): it never holds the
+    model, only its largest tensor. Raises PassError(CorruptModel) for a file that is not
+    a model."""
+    from kquant_job.passes.onnx_spill import spill_weights
 
     logs.info(f"moving the embedded weights of {src.name} to a data file", bytes=src.stat().st_size)
-    save_model(load_model(src), folder / src.name, size_limit=0)
-    return folder / src.name
+    return spill_weights(src, folder / src.name)[0]
 
 
 def pass_label(fmt: ModelFormat, name: str) -> str:
