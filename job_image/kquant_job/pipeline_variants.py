@@ -44,8 +44,12 @@ LOG = logging.getLogger("kquant")
 MESSAGE_CHARS = 300  # of a failed variant's message in the result (the report has it all)
 
 
-def _variant_io(run: JobRun, io: StageInput, label: str, config: QuantizationConfig) -> StageInput:
-    """The variant's own sandbox folders, and its own calibration samples fetched."""
+def _variant_io(
+    run: JobRun, io: StageInput, label: str, config: QuantizationConfig, shared: Path
+) -> StageInput:
+    """The variant's own sandbox folders, its own calibration samples fetched, and the
+    folder of the shared reference pass (``shared``: in the first variant's sandbox, which
+    writes it; the others read it, as the whole work directory is readable to a stage)."""
     box = run.work / f"sandbox-{label}"
     folder = f"calibration-{label}"
     files = []
@@ -57,16 +61,19 @@ def _variant_io(run: JobRun, io: StageInput, label: str, config: QuantizationCon
         calib_dir=run.work / folder,
         staged=box / "staged",
         scratch=box / "scratch",
+        shared_reference=shared,
     )
 
 
-def _run_one(run: JobRun, io: StageInput, label: str, vjob: QuantizationJob) -> VariantOutcome:
+def _run_one(
+    run: JobRun, io: StageInput, label: str, vjob: QuantizationJob, shared: Path
+) -> VariantOutcome:
     """Convert, validate and judge one variant; a PassError or ValidationFailed becomes its
     failed entry (anything else ends the job)."""
     config = vjob.spec.quantization
     assert config is not None
     precision = config.precision.value
-    vio = _variant_io(run, io, label, config)
+    vio = _variant_io(run, io, label, config, shared)
     logs.info(f"variant {label}", precision=precision)
     try:
         done = run_stage(vjob, vio, run.work, run.limits)
@@ -160,7 +167,9 @@ def run_variants(
     InvalidSpec and StorageErrors end the job at once."""
     job = run.job
     objective = job.spec.selection.objective if job.spec.selection else Objective.smallest
-    outcomes = [_run_one(run, io, label, vjob) for label, vjob in variant_jobs(job)]
+    variants = variant_jobs(job)
+    shared = run.work / f"sandbox-{variants[0][0]}" / "reference"
+    outcomes = [_run_one(run, io, label, vjob, shared) for label, vjob in variants]
     original = next((o.judged.original for o in outcomes if o.judged), 0)
     chosen = choose(outcomes, objective)
     why = why_chosen(chosen, objective, original) if chosen else ""

@@ -5,6 +5,7 @@ hands back is plain data (:class:`StageOutcome`, JSON) plus the files it staged.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,7 +116,9 @@ class StageInput:
     """Where the stage finds its inputs and puts its outputs: the fetched model ``source`` (a
     file or a directory), the ``.npz`` validation and calibration feeds and the folders they
     were fetched into (per-model sub-folders in a model directory), the ``staged`` folder for
-    the converted set and the ``scratch`` folder for working files."""
+    the converted set and the ``scratch`` folder for working files; ``shared_reference``:
+    the folder where the variants of one job share their FP32 reference pass (None
+    outside variants; :mod:`kquant_job.validate.reference_cache`)."""
 
     source: Path
     data: list[Path]
@@ -124,6 +127,7 @@ class StageInput:
     calib_dir: Path
     staged: Path
     scratch: Path
+    shared_reference: Path | None = None
 
 
 def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
@@ -195,7 +199,10 @@ def _validator(
     if io.data:
         logs.info(f"validation data for {model.rel}", files=len(samples))
     own = spec.model_copy(update={"validation": spec.validation.for_model(model.rel)})
-    validator = make_validator(fmt or model.format, src, own, samples)
+    shared = None
+    if io.shared_reference is not None:  # one folder per model file of the set
+        shared = io.shared_reference / hashlib.sha256(model.rel.encode()).hexdigest()[:16]
+    validator = make_validator(fmt or model.format, src, own, samples, shared)
     if validator.chosen:
         logs.info(
             f"validation inputs for {model.rel} (found in {validator.chosen['tries']} tries)",

@@ -96,6 +96,7 @@ def stage_input(io: dict[str, Any]) -> Any:
         calib_dir=Path(io["calibDir"]),
         staged=Path(io["staged"]),
         scratch=Path(io["scratch"]),
+        shared_reference=Path(io["sharedReference"]) if io.get("sharedReference") else None,
     )
 
 

@@ -138,6 +138,7 @@ def _io_request(io: StageInput) -> dict[str, Any]:
         "calibDir": str(io.calib_dir),
         "staged": str(io.staged),
         "scratch": str(io.scratch),
+        "sharedReference": str(io.shared_reference) if io.shared_reference else None,
     }
 
 

@@ -128,6 +128,27 @@ class Reference:
         keep = recorder is None and model_bytes(self.original) <= KEEP_SESSION_BYTES
         self._session: Any | None = session if keep else None
 
+    @classmethod
+    def from_outputs(
+        cls,
+        original: Path,
+        feeds: Sequence[Feed],
+        cfg: ValidationConfig,
+        tolerance: Tolerance,
+        providers: Sequence[str],
+        outputs: Outputs,
+        ranges: dict[str, float] | None,
+        device: str,
+    ) -> Reference:
+        """A reference from a pass already run (another variant's, read back): nothing is
+        run now; the latency session is made on first use."""
+        ref = cls.__new__(cls)
+        ref.original, ref.feeds, ref.cfg = Path(original), list(feeds), cfg
+        ref.tolerance, ref.providers = tolerance, list(providers)
+        ref.outputs, ref.ranges, ref.device = list(outputs), ranges, device
+        ref._session = None
+        return ref
+
     @property
     def sequential(self) -> bool:
         """Whether latency is timed one model after the other: on the CPU. onnxruntime's

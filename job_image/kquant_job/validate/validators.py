@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kquant_api import ModelFormat, Precision, QuantizationJobSpec
+from kquant_job import logs
 from kquant_job.passes.base import Probe
+from kquant_job.validate import reference_cache
 from kquant_job.validate.compare import (
     Reference,
     ValidationOutcome,
@@ -26,6 +28,7 @@ from kquant_job.validate.compare import (
     validate_onnx,
 )
 from kquant_job.validate.inputs import resolve_feeds
+from kquant_job.validate.reference_cache import CachedReference, cache_key
 from kquant_job.validate.runtime import make_session, select_providers
 
 
@@ -53,10 +56,42 @@ class OnnxValidator:
         spec: QuantizationJobSpec,
         data_files: list[Path],
         ranges: bool = False,
+        shared: Path | None = None,
     ) -> None:
         """``ranges``: the pass reads activation ranges (FP16, q4f16), measured in the same
-        FP32 pass as the reference outputs when the model allows (:class:`Reference`)."""
+        FP32 pass as the reference outputs when the model allows (:class:`Reference`).
+        ``shared``: a folder where another variant's reference pass may be found (and this
+        one is left when there is none: :mod:`~kquant_job.validate.reference_cache`)."""
+        self.spec = spec
         providers = select_providers()[0]
+        key = cache_key(original, spec.validation, data_files, providers) if shared else ""
+        cached = reference_cache.load(shared, key) if shared else None
+        if cached is not None:
+            logs.info("validation reference read from an earlier variant", model=original.name)
+            self.cfg, self.chosen = cached.cfg, cached.chosen
+            self.reference = Reference.from_outputs(
+                original, cached.feeds, cached.cfg, spec.tolerance, providers,
+                cached.outputs, cached.ranges, cached.device,
+            )  # fmt: skip
+        else:
+            self._run_reference(original, spec, data_files, providers, ranges)
+            if shared:
+                ref = self.reference
+                reference_cache.save(shared, key, CachedReference(
+                    ref.feeds, ref.outputs, self.cfg, self.chosen, ref.ranges, ref.device
+                ))  # fmt: skip
+        self.probe: Probe | None = self.reference.probe
+        self.activation_ranges = self.reference.activation_ranges
+        self.providers = self.reference.providers
+
+    def _run_reference(
+        self,
+        original: Path,
+        spec: QuantizationJobSpec,
+        data_files: list[Path],
+        providers: list[str],
+        ranges: bool,
+    ) -> None:
         cpu_only = providers == ["CPUExecutionProvider"]
         # Discovery runs on a CPU session; on a CPU-only machine the reference pass reuses
         # it (one FP32 session less: 0.5 s for BERT-base), a range recorder when ranges
@@ -69,10 +104,6 @@ class OnnxValidator:
         self.reference = Reference(
             original, feeds, self.cfg, spec.tolerance, providers, session=reuse, ranges=ranges
         )
-        self.spec = spec
-        self.probe: Probe | None = self.reference.probe
-        self.activation_ranges = self.reference.activation_ranges
-        self.providers = self.reference.providers
 
     def validate(self, converted: Path) -> ValidationOutcome:
         """:func:`validate_onnx` against the reference."""
@@ -83,9 +114,14 @@ class OnnxValidator:
 
 
 def make_validator(
-    fmt: ModelFormat, original: Path, spec: QuantizationJobSpec, data_files: list[Path]
+    fmt: ModelFormat,
+    original: Path,
+    spec: QuantizationJobSpec,
+    data_files: list[Path],
+    shared: Path | None = None,
 ) -> Validator:
-    """The validator for a model of format ``fmt`` at ``original``.
+    """The validator for a model of format ``fmt`` at ``original``; ``shared``: the folder
+    of the variants' shared reference pass (ONNX; None outside variants).
 
     Raises what the validators raise for the original (InvalidSpec for inputs it cannot run
     on; PassError CorruptModel/UnsafeModel when it does not load).
@@ -95,7 +131,7 @@ def make_validator(
         ranges = quant.precision is Precision.fp16 or (
             quant.precision is Precision.int4 and quant.floatPrecision == "fp16"
         )
-        return OnnxValidator(original, spec, data_files, ranges=ranges)
+        return OnnxValidator(original, spec, data_files, ranges=ranges, shared=shared)
     if fmt is ModelFormat.torchscript:
         from kquant_job.validate.torch_outputs import TorchScriptValidator
 
