@@ -170,9 +170,14 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 api, table = Api(emulator), []
                 burst = [f"burst-{i:04d}" for i in range(args.count)]
-                t0, cpu0 = time.monotonic(), cpu_seconds(operator.pid)
+                t0, cpu0, own0 = (
+                    time.monotonic(),
+                    cpu_seconds(operator.pid),
+                    cpu_seconds(os.getpid()),
+                )
                 await run_round(api, clock, burst, 0)
                 burst_s, burst_cpu = time.monotonic() - t0, cpu_seconds(operator.pid) - cpu0
+                emulator_cpu = cpu_seconds(os.getpid()) - own0
                 table += rows("burst", clock, burst)
                 paced = [f"paced-{i:04d}" for i in range(args.count)]
                 await run_round(api, clock, paced, args.interval / 1000)
@@ -194,7 +199,9 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{label:<14} {metric:<27} {n:>4} {med:>10.1f} {p99:>9.1f} {top:>9.1f}")
     print(
         f"burst round: all {args.count} final after {burst_s:.1f} s "
-        f"(operator CPU {burst_cpu:.1f} s, {os.cpu_count()} cores shared with the emulator)"
+        f"(operator CPU {burst_cpu:.1f} s, {burst_cpu / args.count * 1000:.0f} ms per CR; "
+        f"emulator, Job stand-in and this benchmark's watches, one process: {emulator_cpu:.1f} s "
+        f"CPU, {emulator_cpu / burst_s:.0%} of one core; {os.cpu_count()} cores)"
     )
     print(f"operator peak RSS (VmHWM): {rss:.1f} MiB; operator CPU time: {cpu:.1f} s")
 
