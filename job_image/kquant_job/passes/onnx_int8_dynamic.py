@@ -30,6 +30,7 @@ from kquant_job.passes.int8_prepare import (
     prepare,
     save_localized,
 )
+from kquant_job.passes.int8_shapes import light_shape_reload
 from kquant_job.passes.onnx_common import iter_nodes
 from kquant_job.passes.onnx_options import extra_options
 
@@ -95,13 +96,14 @@ class OnnxInt8DynamicPass:
             for key in ("nodes_to_exclude", "nodes_to_quantize"):
                 if kwargs[key]:  # a Gemm named X is matched as the MatMul X_MatMul
                     kwargs[key] += [f"{n}_MatMul" for n in kwargs[key] if n in gemms]
-            quantize_dynamic(
-                prepared.path,
-                out,
-                use_external_data_format=prepared.external,
-                extra_options=dict(options),
-                **kwargs,
-            )
+            with light_shape_reload():  # the same result without a reload of every weight
+                quantize_dynamic(
+                    prepared.path,
+                    out,
+                    use_external_data_format=prepared.external,
+                    extra_options=dict(options),
+                    **kwargs,
+                )
 
         nodes = (
             None

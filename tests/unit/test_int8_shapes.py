@@ -1,0 +1,47 @@
+"""onnxruntime's dynamic quantizer with kquant's shape inference (passes/int8_shapes.py)
+writes the same bytes as with its own save-and-reload, without loading the weights again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnxruntime.quantization.onnx_quantizer as onnx_quantizer
+import pytest
+from corpus import build_corpus
+from onnxruntime.quantization import quantize_dynamic
+
+from kquant_job.passes.int8_prepare import prepare, save_localized
+from kquant_job.passes.int8_shapes import (
+    light_shape_reload,
+    value_infos_only,
+    with_inferred_shapes,
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["bert_tiny", "whisper_tiny", "lstm_gru", "silero_vad", "silero_vad_op18_ifless"]
+)
+def test_the_quantized_model_is_the_same_bytes(tmp_path: Path, name: str) -> None:
+    src = build_corpus()[name].path
+    extra = {}
+    if name.startswith("silero"):  # weights in If branches: prepared as kquant INT8 does
+        prepared = prepare(src, tmp_path / "prep")
+        save_localized(prepared, tmp_path / "prep")  # the op18 export has some to move
+        src, extra = prepared.path, {"EnableSubgraph": True}
+    quantize_dynamic(src, tmp_path / "theirs.onnx", extra_options=dict(extra))
+    with light_shape_reload():
+        quantize_dynamic(src, tmp_path / "ours.onnx", extra_options=dict(extra))
+    theirs = (tmp_path / "theirs.onnx").read_bytes()
+    assert (tmp_path / "ours.onnx").read_bytes() == theirs
+    assert onnx_quantizer.save_and_reload_model_with_shape_infer is not with_inferred_shapes
+
+
+def test_the_shapes_come_without_the_weights(tmp_path: Path) -> None:
+    model = onnx.load(str(build_corpus()["bert_tiny"].path))
+    light = value_infos_only(model)
+    assert len(light.graph.value_info) > 0
+    big = [t for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert big and not any(t.raw_data for t in big)  # no weight bytes copied
+    assert light.ByteSize() < model.ByteSize() / 4
+    assert len(model.graph.value_info) == 0  # the quantizer's own model is left as it was
