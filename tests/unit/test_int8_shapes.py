@@ -45,3 +45,16 @@ def test_the_shapes_come_without_the_weights(tmp_path: Path) -> None:
     assert big and not any(t.raw_data for t in big)  # no weight bytes copied
     assert light.ByteSize() < model.ByteSize() / 4
     assert len(model.graph.value_info) == 0  # the quantizer's own model is left as it was
+
+
+def test_an_unverified_onnxruntime_keeps_its_own_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    original = onnx_quantizer.save_and_reload_model_with_shape_infer
+    monkeypatch.setattr(onnxruntime, "__version__", "9.0.0")
+    with light_shape_reload():
+        assert onnx_quantizer.save_and_reload_model_with_shape_infer is original
+    monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")
+    with light_shape_reload():
+        assert onnx_quantizer.save_and_reload_model_with_shape_infer is with_inferred_shapes
+    assert onnx_quantizer.save_and_reload_model_with_shape_infer is original
