@@ -729,8 +729,9 @@ class ValidationConfig(_Model):
         gt=0,
         le=600_000,
         description="Wall time the timed runs of the original and the converted model may "
-        "take together, per model file, ms: the two run in alternation until latencyRuns "
-        "pairs or until this is spent (at least one pair); the result says how many it took.",
+        "take together, per model file, ms: until latencyRuns runs each or until this is "
+        "spent (at least one each); on a GPU the two run in alternation, on the CPU one after "
+        "the other with half each; the result says how many it took.",
     )
 
     @model_validator(mode="after")
