@@ -58,3 +58,23 @@ def test_an_unverified_onnxruntime_keeps_its_own_path(monkeypatch: pytest.Monkey
     with light_shape_reload():
         assert onnx_quantizer.save_and_reload_model_with_shape_infer is with_inferred_shapes
     assert onnx_quantizer.save_and_reload_model_with_shape_infer is original
+
+
+@pytest.mark.parametrize(
+    ("dtype", "count", "large"),
+    [(onnx.TensorProto.FLOAT, 247, False), (onnx.TensorProto.FLOAT, 248, True),
+     (onnx.TensorProto.INT4, 1980, False), (onnx.TensorProto.INT4, 1982, True)],
+)  # fmt: skip
+def test_large_means_what_onnx_moves_to_its_data_file(dtype: int, count: int, large: bool) -> None:
+    """The size rule matches onnx.save_model's (sys.getsizeof(raw_data) >= 1024), 4-bit
+    types packed two values a byte."""
+    import sys
+
+    import numpy as np
+
+    from kquant_job.passes.int8_shapes import _large
+
+    raw = np.zeros((count + 1) // 2 if dtype == onnx.TensorProto.INT4 else count * 4, np.uint8)
+    tensor = onnx.helper.make_tensor("t", dtype, [count], raw.tobytes(), raw=True)
+    assert _large(tensor) is large
+    assert (sys.getsizeof(tensor.raw_data) >= 1024) is large

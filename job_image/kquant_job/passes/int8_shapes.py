@@ -119,7 +119,10 @@ def _large(tensor: TensorProto) -> bool:
     count = 1
     for d in tensor.dims:
         count *= d
-    return count * itemsize >= _EXTERNAL_FROM
+    # raw_data's length, without copying it out: 4-bit types pack two values a byte
+    packed = {TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)}
+    size = (count + 1) // 2 if tensor.data_type in packed else count * itemsize
+    return size >= _EXTERNAL_FROM
 
 
 def _without_bytes(tensor: TensorProto) -> TensorProto:
