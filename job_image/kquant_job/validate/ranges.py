@@ -88,8 +88,8 @@ class RangeRecorder:
         )
         del model
         self._all = [o.name for o in self._session.get_outputs()]
-        self._real = real
-        self._outputs = [o for o in self._session.get_outputs() if o.name in set(real)]
+        self._real, shown = real, set(real)
+        self._outputs = [o for o in self._session.get_outputs() if o.name in shown]
         self._wanted = set(names)
         self._left = 0
         self.ranges: dict[str, float] = {}

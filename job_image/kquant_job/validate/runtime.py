@@ -10,6 +10,7 @@ production. The first step uses the state given in the feed.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -139,16 +140,9 @@ def iter_stream(
 def median_latency_ms(session: Any, feed: Feed, runs: int, warmup: int) -> float:
     """Median wall time of ``session.run`` on ``feed`` in milliseconds over ``runs`` timed
     runs after ``warmup`` untimed ones (``time.perf_counter``; the median resists outliers
-    such as a first CUDA kernel compile or a scheduler hiccup)."""
-    inputs = adapt_feed(session, feed)
-    for _ in range(warmup):
-        session.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, inputs)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(statistics.median(times))
+    such as a first CUDA kernel compile or a scheduler hiccup): :func:`block_latency_ms`
+    without a time budget."""
+    return block_latency_ms(session_call(session, feed), runs, warmup, math.inf)[0]
 
 
 def paired_latency_ms(
@@ -187,9 +181,8 @@ def block_latency_ms(
 ) -> tuple[float, int]:
     """Median wall time (ms, ``time.perf_counter``) of ``call`` over up to ``runs`` timed calls
     after ``warmup`` untimed ones, stopping once the timed calls have spent ``budget_ms`` (at
-    least one); and the number timed. One model's block of a sequential measurement, for
-    models whose two sessions are not held side by side (:func:`paired_latency_ms` is the
-    drift-robust default)."""
+    least one); and the number timed. One model's block of a sequential measurement (the
+    CPU's, where alternating sessions slow each other; :func:`paired_latency_ms` on a GPU)."""
     for _ in range(warmup):
         call()
     times: list[float] = []
