@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         size = model_bytes(models["embedded"])
         print(f"BERT {args.layers} layers, hidden {args.hidden}: {size / 2**20:.0f} MiB FP32 "
               f"(built in {time.perf_counter() - t0:.0f} s)")  # fmt: skip
-        print(f"{'method':<7}{'weights':<10}{'job s':>7}{'floor s':>8}{'ratio':>7}"
+        print(f"{'method':<7}{'weights':<10}{'job s':>8}{'floor s':>9}{'ratio':>7}"
               f"{'job RSS':>9}{'floor RSS':>10}  stages (s)")  # fmt: skip
         singles: dict[str, float] = {}
         for method in args.methods.split(","):
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     singles[method] = wall
                 floor, floor_rss = baseline(model, method, work, kind == "external")
                 text = ", ".join(f"{k} {v / 1000:.1f}" for k, v in stages.items())
-                print(f"{method:<7}{kind:<10}{wall:>7.1f}{floor:>8.1f}{wall / floor:>6.2f}x"
+                print(f"{method:<7}{kind:<10}{wall:>8.2f}{floor:>9.2f}{wall / floor:>6.2f}x"
                       f"{rss / size:>8.2f}x{floor_rss / size:>9.2f}x  {text}")  # fmt: skip
         if len(singles) > 1:  # the same conversions as variants of one job
             wall, rss, stages = run_job(models["embedded"], "+".join(singles), work / "variants")
