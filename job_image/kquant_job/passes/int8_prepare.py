@@ -21,6 +21,7 @@ from kquant_api import Reason
 from kquant_api.spec import Preprocess
 from kquant_job.errors import PassError
 from kquant_job.passes.int8_common import WEIGHTED_OP_TYPES, describe_error
+from kquant_job.passes.int8_optimize import lean_applies, optimize_external
 from kquant_job.passes.onnx_common import (
     PROTOBUF_LIMIT,
     data_file_for,
@@ -131,8 +132,11 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
 
     When it raises, it is retried without symbolic shape inference (which fails on If
     branches without typed outputs, e.g. Silero VAD); when that raises too, the raw model is
-    used. Returns the model to quantize and details: ``preprocess`` "applied" | "skipped",
-    plus ``preprocessSkipped`` (steps left out) and ``preprocessError`` when something failed.
+    used. A model with external data whose symbolic inference fails is optimized on files
+    (:func:`~kquant_job.passes.int8_optimize.optimize_external`: the same model without its
+    weights in Python). Returns the model to quantize and details: ``preprocess`` "applied" |
+    "skipped", plus ``preprocessSkipped`` (steps left out) and ``preprocessError`` when
+    something failed.
     """
     quant_pre_process = _import_quant_pre_process()
     out = work_dir / "preprocessed.onnx"
@@ -148,6 +152,13 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
     if external and (failure := _symbolic_failure(model_in)):
         errors.append(failure)  # as the full attempt would fail, without loading the weights
         attempts = (True,)
+    if attempts == (True,) and lean_applies():
+        try:  # the same steps on files, weights never loaded (int8_optimize)
+            optimize_external(model_in, out)
+            details = {"preprocess": "applied", "preprocessSkipped": ["symbolicShapeInference"]}
+            return out, {**details, "preprocessError": "; ".join(errors)}
+        except Exception:  # the library's own path below reports what fails
+            pass
     for skip_symbolic in attempts:
         data_file_for(out).unlink(missing_ok=True)  # onnx appends to an existing data file
         with (

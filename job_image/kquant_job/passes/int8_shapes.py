@@ -54,7 +54,8 @@ def value_infos_only(model: ModelProto) -> ModelProto:
     graph.output.extend(src.output)
     graph.value_info.extend(src.value_info)
     graph.sparse_initializer.extend(src.sparse_initializer)
-    graph.initializer.extend(src.initializer)
+    # the main graph's weights are never copied; subgraphs' come with their nodes
+    graph.initializer.extend(_without_bytes(t) if _large(t) else t for t in src.initializer)
     for sub in iter_graphs(graph):  # the copy's subgraphs too, as onnx.save_model does
         for i, tensor in enumerate(sub.initializer):
             if _large(tensor):
