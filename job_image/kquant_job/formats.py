@@ -205,21 +205,31 @@ def graph_tensors(graph: object) -> list[object]:
 
 def _onnx_external_files(model: Path) -> set[Path]:
     """The files ``model``'s tensors keep their data in (resolved, existing or not)."""
+    return {(model.parent / location).resolve() for location in external_locations(model)}
+
+
+def external_locations(model: Path) -> list[str]:
+    """The ``location`` of every external-data reference of the ONNX file at ``model``, as
+    written (unchecked: may be absolute or hold ``..``), sorted, each once. Raises
+    PassError(CorruptModel) when the file does not parse. Runs in the sandbox: it parses."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    if not _may_hold_external_data(model):
-        return set()
-    proto = onnx.load(str(model), load_external_data=False)
-    files = set()
+    if not may_hold_external_data(model):
+        return []
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:
+        raise PassError(f"{model.name}: not a readable ONNX model: {exc}",
+                        reason=Reason.CorruptModel) from None  # fmt: skip
+    found = set()
     for tensor in graph_tensors(proto.graph):
         if uses_external_data(tensor):
-            location = next(e.value for e in tensor.external_data if e.key == "location")
-            files.add((model.parent / location).resolve())
-    return files
+            found.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(found)
 
 
-def _may_hold_external_data(model: Path) -> bool:
+def may_hold_external_data(model: Path) -> bool:
     """False only when no tensor of the ONNX file at ``model`` can reference external data:
     every reference is a ``StringStringEntryProto`` whose key, the UTF-8 string "location",
     lies in the file as is, so a file without those bytes has none. A byte search of a

@@ -28,6 +28,7 @@ from kquant_api.uris import find_overlaps, location, model_folder
 from kquant_job import logs
 from kquant_job.beside import home_for, looks_converted
 from kquant_job.budget import check_budget, room, work_factor
+from kquant_job.companions import companion_bytes, companion_names, fetch_companions
 from kquant_job.errors import InvalidSpec, KquantError, PassError, ValidationFailed
 from kquant_job.judge import assess, providers_of, source_entry, success_result
 from kquant_job.report import build_report, failure_report, manifest_fields, now
@@ -199,21 +200,28 @@ def fetch_inputs(run: JobRun) -> StageInput:
     calibs = [c.calibration.uri for c in spec.conversions if c.calibration]
     samples = list(dict.fromkeys(u for u in (spec.validation.dataUri, *calibs) if u))
     space = room(work)
-    check_budget(
-        space,
-        sum(work_factor(c, spec.model.format) for c in spec.conversions),
-        (spec.model.uri, _stored_bytes(run, spec.model.uri, skip)),
-        {uri: _stored_bytes(run, uri) for uri in samples},
-    )
+    factor = sum(work_factor(c, spec.model.format) for c in spec.conversions)
+    source_bytes = _stored_bytes(run, spec.model.uri, skip)
+    sample_bytes = {uri: _stored_bytes(run, uri) for uri in samples}
+    check_budget(space, factor, (spec.model.uri, source_bytes), sample_bytes)
     with logs.stage("fetch", run.timings, uri=spec.model.uri):
         store = run.store(spec.model.uri)
         # A local source is read where it lies (read-only in the sandbox), not copied; with
         # besideOriginals the folder is also the output, so a copy without kquant's files.
         local = None if skip else store.read_in_place(spec.model.uri)
+        in_place = local is not None
         if local is not None:
             LOG.info("reading the source in place", extra={"fields": {"path": str(local)}})
         else:
             local = store.download(spec.model.uri, work / "source", space, skip)
+        # an .onnx named alone brings the external-data files it names (companions.py)
+        names = companion_names(spec.model.uri, local, work, run.limits)
+        companions: tuple[Path, ...] = ()
+        if names:
+            more = companion_bytes(store, spec.model.uri, names)
+            check_budget(space, factor, (spec.model.uri, source_bytes + more), sample_bytes)
+            companions = fetch_companions(store, spec.model.uri, local, names, space, in_place)
+            logs.info("external data beside the model", files=len(names), bytes=more)
         data_files = fetch_npz(run, spec.validation.dataUri, "validation-data", space)
         calib_files = fetch_npz(run, calib.uri if calib else None, "calibration", space)
     box = work / "sandbox"
@@ -225,6 +233,7 @@ def fetch_inputs(run: JobRun) -> StageInput:
         calib_dir=work / "calibration",
         staged=box / "staged",
         scratch=box / "scratch",
+        companions=companions,
     )
 
 

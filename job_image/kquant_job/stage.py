@@ -118,7 +118,9 @@ class StageInput:
     were fetched into (per-model sub-folders in a model directory), the ``staged`` folder for
     the converted set and the ``scratch`` folder for working files; ``shared_reference``:
     the folder where the variants of one job share their FP32 reference pass (None
-    outside variants; :mod:`kquant_job.validate.reference_cache`)."""
+    outside variants; :mod:`kquant_job.validate.reference_cache`); ``companions``: the
+    external-data files of a single-file source read in place beside it (the sandbox may
+    read them; :mod:`kquant_job.companions`)."""
 
     source: Path
     data: list[Path]
@@ -128,6 +130,7 @@ class StageInput:
     staged: Path
     scratch: Path
     shared_reference: Path | None = None
+    companions: tuple[Path, ...] = ()
 
 
 def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kquant_job.formats import _may_hold_external_data, plan_model
+from kquant_job.formats import may_hold_external_data, plan_model
 
 BLOCK = 8 * 1024 * 1024  # the scan's block size
 
@@ -32,8 +32,8 @@ def _model(path: Path, external: bool) -> Path:
 def test_embedded_and_external_models_are_told_apart(tmp_path):
     embedded = _model(tmp_path / "a" / "model.onnx", external=False)
     external = _model(tmp_path / "b" / "model.onnx", external=True)
-    assert not _may_hold_external_data(embedded)
-    assert _may_hold_external_data(external)
+    assert not may_hold_external_data(embedded)
+    assert may_hold_external_data(external)
     assert plan_model(embedded).models[0].external == []
     assert plan_model(external).models[0].external == ["model.onnx.data"]
 
@@ -44,7 +44,7 @@ def test_the_key_is_found_across_block_boundaries(tmp_path, offset):
     data[offset : offset + 8] = b"location"
     path = tmp_path / "blob.onnx"
     path.write_bytes(bytes(data))
-    assert _may_hold_external_data(path)
+    assert may_hold_external_data(path)
     data[offset : offset + 8] = b"locatioN"
     path.write_bytes(bytes(data))
-    assert not _may_hold_external_data(path)
+    assert not may_hold_external_data(path)

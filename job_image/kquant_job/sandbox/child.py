@@ -102,14 +102,19 @@ def stage_input(io: dict[str, Any]) -> Any:
 
 def _run_task(request: dict[str, Any]) -> Any:
     """Run the request's ``task``: ``stage`` (convert and validate, the default), ``plan``
-    (the dry run: plan and choose validation inputs, convert nothing) or ``inspect`` (report
-    on the model files at ``inspect.path``); returns its JSON-able result."""
+    (the dry run: plan and choose validation inputs, convert nothing), ``inspect`` (report
+    on the model files at ``inspect.path``) or ``external`` (the external-data locations
+    named by the ONNX file at ``external.path``); returns its JSON-able result."""
     task = request.get("task", "stage")
     if task == "inspect":
         from kquant_job.inspect_model import inspect_path
 
         args = request["inspect"]
         return inspect_path(Path(args["path"]), args.get("opType"), args.get("name"))
+    if task == "external":
+        from kquant_job.formats import external_locations
+
+        return external_locations(Path(request["external"]["path"]))
     from kquant_job.stage import convert_and_validate, plan_stage
 
     job = QuantizationJob.model_validate(request["job"])

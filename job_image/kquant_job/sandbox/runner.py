@@ -187,9 +187,11 @@ def run_plan(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) -
 
 
 def _reads(work: Path, io: StageInput) -> list[Path]:
-    """What a stage may read: the work directory, and a source read in place outside it."""
+    """What a stage may read: the work directory, and a source (with the external-data files
+    beside it) read in place outside it."""
     work = work.resolve()
-    return [work] if io.source.resolve().is_relative_to(work) else [work, io.source.resolve()]
+    outside = [p.resolve() for p in (io.source, *io.companions)]
+    return [work, *(p for p in outside if not p.is_relative_to(work))]
 
 
 def run_task(
@@ -259,8 +261,8 @@ def run_task(
 def _absolute(value: Any) -> Any:
     if isinstance(value, Path):
         return value.resolve()
-    if isinstance(value, list):
-        return [_absolute(v) for v in value]
+    if isinstance(value, list | tuple):
+        return type(value)(_absolute(v) for v in value)
     return value
 
 
