@@ -296,6 +296,7 @@ def plan_model(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     needs_code: bool = False,
+    external: tuple[str, ...] | None = None,
 ) -> Plan:
     """Plan the conversion of a fetched model: one file, or a directory walked recursively.
 
@@ -307,6 +308,9 @@ def plan_model(
     PassError(UnsupportedFormat) when nothing to convert is found, PassError(CorruptModel)
     for an unreadable model.
 
+    ``external``: a single ONNX file's external-data locations when already known (the
+    worker read them to fetch the files: :mod:`kquant_job.companions`), else None.
+
     A Hugging Face folder is one model when ``transformers`` is declared, or ``auto`` with a
     conversion that ``needs_code`` (:func:`plan_hf_folder`).
     """
@@ -317,7 +321,12 @@ def plan_model(
         fmt = check_model_file(local, declared, local.name)
         model = ModelFile(local.name, fmt)
         if fmt is ModelFormat.onnx:
-            model.external = _relative(local.parent, _onnx_external_files(local))
+            files = (
+                _onnx_external_files(local)
+                if external is None
+                else {(local.parent / name).resolve() for name in external}
+            )
+            model.external = _relative(local.parent, files)
         return Plan(root=local.parent, models=[model])
     plan = Plan(root=local)
     files = sorted(p for p in local.rglob("*") if p.is_file())

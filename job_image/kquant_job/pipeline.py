@@ -234,6 +234,7 @@ def fetch_inputs(run: JobRun) -> StageInput:
         staged=box / "staged",
         scratch=box / "scratch",
         companions=companions,
+        external_names=None if is_prefix(spec.model.uri) else tuple(names),
     )
 
 

@@ -120,7 +120,9 @@ class StageInput:
     the folder where the variants of one job share their FP32 reference pass (None
     outside variants; :mod:`kquant_job.validate.reference_cache`); ``companions``: the
     external-data files of a single-file source read in place beside it (the sandbox may
-    read them; :mod:`kquant_job.companions`)."""
+    read them; :mod:`kquant_job.companions`); ``external_names``: for a single-file source,
+    the external-data locations the worker already read from it (None: unknown, the plan
+    reads them)."""
 
     source: Path
     data: list[Path]
@@ -131,6 +133,7 @@ class StageInput:
     scratch: Path
     shared_reference: Path | None = None
     companions: tuple[Path, ...] = ()
+    external_names: tuple[str, ...] | None = None
 
 
 def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
@@ -176,7 +179,7 @@ def _plan(job: QuantizationJob, io: StageInput) -> Plan:
     spec = job.spec
     include, exclude = spec.quantization.include, spec.quantization.exclude
     needs_code = spec.quantization.precision in (Precision.int8, Precision.int4)
-    plan = plan_model(io.source, spec.model.format, include, exclude, needs_code)
+    plan = plan_model(io.source, spec.model.format, include, exclude, needs_code, io.external_names)
     _check_model_keys(spec.validation.models, plan)
     onnx_models = [plan.root / m.rel for m in plan.models if m.format is ModelFormat.onnx]
     check_names(spec.quantization, onnx_models)

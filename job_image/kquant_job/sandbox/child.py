@@ -88,6 +88,7 @@ def stage_input(io: dict[str, Any]) -> Any:
     """The :class:`kquant_job.stage.StageInput` of a request's ``io`` object."""
     from kquant_job.stage import StageInput
 
+    names = io.get("externalNames")
     return StageInput(
         source=Path(io["source"]),
         data=[Path(p) for p in io["data"]],
@@ -97,6 +98,7 @@ def stage_input(io: dict[str, Any]) -> Any:
         staged=Path(io["staged"]),
         scratch=Path(io["scratch"]),
         shared_reference=Path(io["sharedReference"]) if io.get("sharedReference") else None,
+        external_names=None if names is None else tuple(names),
     )
 
 

@@ -139,6 +139,7 @@ def _io_request(io: StageInput) -> dict[str, Any]:
         "staged": str(io.staged),
         "scratch": str(io.scratch),
         "sharedReference": str(io.shared_reference) if io.shared_reference else None,
+        "externalNames": None if io.external_names is None else list(io.external_names),
     }
 
 
