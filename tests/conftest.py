@@ -32,6 +32,18 @@ def silero_dir() -> Path:
     return Path(spec.origin).parent / "data"
 
 
+def save_external(src: Path, folder: Path, location: str = "model.onnx.data") -> Path:
+    """``src`` saved as ``folder/model.onnx`` (``folder`` created) with every tensor in the
+    data file ``location`` beside it; returns the .onnx path."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "model.onnx"
+    onnx.save(onnx.load(str(src)), str(out), save_as_external_data=True, location=location,
+              size_threshold=0)  # fmt: skip
+    return out
+
+
 def silero_onnx_variants() -> list[Path]:
     """Every FP32 ONNX variant shipped in the silero-vad package, sorted by name."""
     return sorted(silero_dir().glob("*.onnx"))

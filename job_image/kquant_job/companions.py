@@ -96,14 +96,12 @@ def fetch_companions(
     place (``in_place``) keeps them where they are: their paths come back, for the sandbox
     to read, each a regular file that resolves inside the model's folder (a symlink out of
     it: UnsafePath). Otherwise they are downloaded beside ``local`` (at most ``max_bytes``
-    each) and () comes back. Raises what :meth:`Storage.download` raises, SourceNotFound
-    naming the model when one is missing."""
+    each; :func:`companion_bytes` checked that they exist) and () comes back. Raises what
+    :meth:`Storage.download` raises, SourceNotFound naming the model when one is missing."""
     found: list[Path] = []
     for name in names:
         target = _uri_of(uri, name)
-        if not in_place:
-            if store.stat(target) is None:
-                raise _missing(uri, name)
+        if not in_place:  # companion_bytes found it a moment ago
             store.download(target, (local.parent / name).parent, max_bytes)
             continue
         try:

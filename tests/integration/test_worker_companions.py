@@ -10,6 +10,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from conftest import save_external
 from corpus import build_corpus
 from onnx import TensorProto
 from worker_helpers import failure_report, get_bytes, list_keys, manifest, run_worker
@@ -19,11 +20,7 @@ FP16 = {"precision": "fp16"}
 
 def _external(folder: Path, location: str = "model.onnx.data") -> Path:
     """bert_tiny with every tensor in ``folder/location``; returns the .onnx path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "model.onnx"
-    onnx.save(onnx.load(str(build_corpus()["bert_tiny"].path)), str(out),
-              save_as_external_data=True, location=location, size_threshold=0)  # fmt: skip
-    return out
+    return save_external(build_corpus()["bert_tiny"].path, folder, location)
 
 
 def _relocate(model: Path, location: str) -> None:

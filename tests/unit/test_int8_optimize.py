@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import save_external
 from corpus import build_corpus
 from onnx import numpy_helper
 
@@ -15,14 +16,6 @@ from kquant_job.passes import int8_optimize, int8_prepare
 from kquant_job.passes.int8_optimize import optimize_external
 from kquant_job.passes.int8_prepare import _import_quant_pre_process, preprocess
 from kquant_job.passes.onnx_common import data_file_for, working_directory
-
-
-def _external(src: Path, folder: Path) -> Path:
-    folder.mkdir()
-    out = folder / "model.onnx"
-    onnx.save(onnx.load(str(src)), str(out), save_as_external_data=True,
-              location="model.onnx.data", size_threshold=0)  # fmt: skip
-    return out
 
 
 def _library(model: Path, out: Path) -> None:
@@ -47,7 +40,7 @@ def _assert_same_model(ours: Path, theirs: Path) -> None:
 
 @pytest.mark.parametrize("name", ["bert_tiny", "silero_vad", "whisper_tiny", "lstm_gru"])
 def test_the_same_model_as_quant_pre_process(tmp_path: Path, name: str) -> None:
-    model = _external(build_corpus()[name].path, tmp_path / "m")
+    model = save_external(build_corpus()[name].path, tmp_path / "m")
     (tmp_path / "lib").mkdir()
     _library(model, tmp_path / "lib" / "pre.onnx")
     (tmp_path / "ours").mkdir()
@@ -61,7 +54,7 @@ def test_the_same_model_as_quant_pre_process(tmp_path: Path, name: str) -> None:
 
 
 def test_a_failed_optimization_leaves_nothing(tmp_path: Path) -> None:
-    model = _external(build_corpus()["bert_tiny"].path, tmp_path / "m")
+    model = save_external(build_corpus()["bert_tiny"].path, tmp_path / "m")
     data = data_file_for(model)
     data.write_bytes(data.read_bytes()[:100])  # the weights end early
     out = tmp_path / "out" / "pre.onnx"
@@ -74,7 +67,7 @@ def test_a_failed_optimization_leaves_nothing(tmp_path: Path) -> None:
 def test_preprocess_takes_the_file_path_and_reports_as_the_library(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _external(build_corpus()["silero_vad"].path, tmp_path / "m")
+    model = save_external(build_corpus()["silero_vad"].path, tmp_path / "m")
     calls: list[bool] = []
     real = _import_quant_pre_process()
 
@@ -98,7 +91,7 @@ def test_preprocess_takes_the_file_path_and_reports_as_the_library(
 def test_an_optimization_that_fails_falls_back_to_the_library(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _external(build_corpus()["silero_vad"].path, tmp_path / "m")
+    model = save_external(build_corpus()["silero_vad"].path, tmp_path / "m")
 
     def broken(model_in: Path, out: Path) -> None:
         raise RuntimeError("no session")

@@ -3,27 +3,18 @@ model it fails on is not loaded with its weights for a doomed attempt."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 import pytest
+from conftest import save_external
 
 from kquant_job.passes import int8_prepare
 from kquant_job.passes.int8_prepare import preprocess
 
 
-def _external(src: Path, folder: Path) -> Path:
-    folder.mkdir()
-    out = folder / "model.onnx"
-    onnx.save(onnx.load(str(src)), str(out), save_as_external_data=True,
-              location="model.onnx.data", size_threshold=0)  # fmt: skip
-    return out
-
-
 def test_a_graph_symbolic_inference_fails_on_is_preprocessed_as_before(
     silero_onnx, tmp_path, monkeypatch
 ):
-    model = _external(silero_onnx, tmp_path / "m")
+    model = save_external(silero_onnx, tmp_path / "m")
     failure = int8_prepare._symbolic_failure(model)
     assert failure  # Silero VAD's If branches have untyped outputs
 
