@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from kquant_api import ModelFormat, Reason
-from kquant_job.errors import StorageError
+from kquant_job.errors import KquantError, StorageError
 from kquant_job.formats import detect_format, may_hold_external_data
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_task
@@ -48,7 +48,7 @@ def companion_names(uri: str, local: Path, work: Path, limits: Limits) -> list[s
         task, work / "sandbox-external", [work, local], limits, what="reading the model"
     )
     if not isinstance(result, list) or not all(isinstance(n, str) for n in result):
-        raise StorageError("malformed sandbox outcome", reason=Reason.InternalError)
+        raise KquantError("malformed sandbox outcome", reason=Reason.InternalError)
     return [_checked(uri, name) for name in result]
 
 

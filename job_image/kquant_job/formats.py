@@ -203,20 +203,23 @@ def graph_tensors(graph: object) -> list[object]:
     return tensors
 
 
-def _onnx_external_files(model: Path) -> set[Path]:
-    """The files ``model``'s tensors keep their data in (resolved, existing or not)."""
-    return {(model.parent / location).resolve() for location in external_locations(model)}
+def _onnx_external_files(model: Path, known: tuple[str, ...] | None = None) -> set[Path]:
+    """The files ``model``'s tensors keep their data in (resolved, existing or not), from
+    its ``known`` locations or, when None, from the model (not parsed when its bytes hold no
+    reference)."""
+    if known is None:
+        known = tuple(external_locations(model)) if may_hold_external_data(model) else ()
+    return {(model.parent / location).resolve() for location in known}
 
 
 def external_locations(model: Path) -> list[str]:
     """The ``location`` of every external-data reference of the ONNX file at ``model``, as
     written (unchecked: may be absolute or hold ``..``), sorted, each once. Raises
-    PassError(CorruptModel) when the file does not parse. Runs in the sandbox: it parses."""
+    PassError(CorruptModel) when the file does not parse. Runs in the sandbox: it parses
+    (callers skip it when :func:`may_hold_external_data` says there is nothing to find)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    if not may_hold_external_data(model):
-        return []
     try:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception as exc:
@@ -321,12 +324,7 @@ def plan_model(
         fmt = check_model_file(local, declared, local.name)
         model = ModelFile(local.name, fmt)
         if fmt is ModelFormat.onnx:
-            files = (
-                _onnx_external_files(local)
-                if external is None
-                else {(local.parent / name).resolve() for name in external}
-            )
-            model.external = _relative(local.parent, files)
+            model.external = _relative(local.parent, _onnx_external_files(local, external))
         return Plan(root=local.parent, models=[model])
     plan = Plan(root=local)
     files = sorted(p for p in local.rglob("*") if p.is_file())

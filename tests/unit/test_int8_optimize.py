@@ -12,9 +12,10 @@ from conftest import save_external
 from corpus import build_corpus
 from onnx import numpy_helper
 
-from kquant_job.passes import int8_optimize, int8_prepare
+from kquant_job.passes import int8_prepare
 from kquant_job.passes.int8_optimize import optimize_external
 from kquant_job.passes.int8_prepare import _import_quant_pre_process, preprocess
+from kquant_job.passes.int8_shapes import verified_onnxruntime
 from kquant_job.passes.onnx_common import data_file_for, working_directory
 
 
@@ -80,7 +81,7 @@ def test_preprocess_takes_the_file_path_and_reports_as_the_library(
     out, details = preprocess(model, tmp_path / "a", external=True)
     assert calls == []  # neither the doomed symbolic attempt nor the library's loads
 
-    monkeypatch.setattr(int8_prepare, "lean_applies", lambda: False)
+    monkeypatch.setattr(int8_prepare, "verified_onnxruntime", lambda: False)
     (tmp_path / "b").mkdir()
     theirs, before = preprocess(model, tmp_path / "b", external=True)
     assert calls == [True]
@@ -102,9 +103,23 @@ def test_an_optimization_that_fails_falls_back_to_the_library(
     assert details["preprocess"] == "applied" and out.exists()
 
 
-def test_an_unverified_onnxruntime_keeps_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unverified_onnxruntime_keeps_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import onnxruntime
 
-    assert int8_optimize.lean_applies()
+    model = save_external(build_corpus()["silero_vad"].path, tmp_path / "m")
+    calls: list[bool] = []
+    real = _import_quant_pre_process()
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["skip_symbolic_shape"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(int8_prepare, "_import_quant_pre_process", lambda: counting)
+    assert verified_onnxruntime()
     monkeypatch.setattr(onnxruntime, "__version__", "1.32.0")
-    assert not int8_optimize.lean_applies()
+    assert not verified_onnxruntime()
+    (tmp_path / "a").mkdir()
+    preprocess(model, tmp_path / "a", external=True)
+    assert calls == [True]  # the library's own pre-processing

@@ -27,7 +27,7 @@ def test_a_graph_symbolic_inference_fails_on_is_preprocessed_as_before(
 
     monkeypatch.setattr(int8_prepare, "_import_quant_pre_process", lambda: counting)
     # the library's path (test_int8_optimize covers the one on files that replaces it here)
-    monkeypatch.setattr(int8_prepare, "lean_applies", lambda: False)
+    monkeypatch.setattr(int8_prepare, "verified_onnxruntime", lambda: False)
     (tmp_path / "a").mkdir()
     out, details = preprocess(model, tmp_path / "a", external=True)
     assert calls == [True]  # the doomed full attempt is not made

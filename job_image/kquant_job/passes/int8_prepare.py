@@ -21,7 +21,8 @@ from kquant_api import Reason
 from kquant_api.spec import Preprocess
 from kquant_job.errors import PassError
 from kquant_job.passes.int8_common import WEIGHTED_OP_TYPES, describe_error
-from kquant_job.passes.int8_optimize import lean_applies, optimize_external
+from kquant_job.passes.int8_optimize import optimize_external
+from kquant_job.passes.int8_shapes import verified_onnxruntime
 from kquant_job.passes.onnx_common import (
     PROTOBUF_LIMIT,
     data_file_for,
@@ -152,7 +153,7 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
     if external and (failure := _symbolic_failure(model_in)):
         errors.append(failure)  # as the full attempt would fail, without loading the weights
         attempts = (True,)
-    if attempts == (True,) and lean_applies():
+    if attempts == (True,) and verified_onnxruntime():
         try:  # the same steps on files, weights never loaded (int8_optimize)
             optimize_external(model_in, out)
             details = {"preprocess": "applied", "preprocessSkipped": ["symbolicShapeInference"]}

@@ -27,7 +27,7 @@ from onnx import ModelProto, TensorProto
 
 from kquant_job.passes.onnx_common import iter_graphs
 
-__all__ = ["light_shape_reload", "value_infos_only", "with_inferred_shapes"]
+__all__ = ["light_shape_reload", "value_infos_only", "verified_onnxruntime", "with_inferred_shapes"]
 
 # onnx.save_model's default size_threshold compares sys.getsizeof(raw_data), 33 bytes more
 # than its length, with 1024: tensors of at least this many bytes go to the data file.
@@ -88,17 +88,25 @@ def with_inferred_shapes(model: ModelProto) -> ModelProto:
 VERIFIED_ONNXRUNTIME = ("1.31.",)
 
 
+def verified_onnxruntime() -> bool:
+    """Whether the installed onnxruntime is a release in :data:`VERIFIED_ONNXRUNTIME`, whose
+    quantization tools kquant's shims (this module, :mod:`~kquant_job.passes.int8_optimize`)
+    were checked against."""
+    import onnxruntime
+
+    return onnxruntime.__version__.startswith(VERIFIED_ONNXRUNTIME)
+
+
 @contextmanager
 def light_shape_reload() -> Iterator[None]:
     """For the duration of the block, onnxruntime's dynamic quantizer gets its shapes from
     :func:`with_inferred_shapes` instead of a save and reload of the whole model; a no-op
     on an onnxruntime release not in VERIFIED_ONNXRUNTIME or without the helper."""
-    import onnxruntime
     import onnxruntime.quantization.onnx_quantizer as onnx_quantizer
 
     name = "save_and_reload_model_with_shape_infer"
     original: Any = getattr(onnx_quantizer, name, None)
-    if original is None or not onnxruntime.__version__.startswith(VERIFIED_ONNXRUNTIME):
+    if original is None or not verified_onnxruntime():
         yield
         return
     setattr(onnx_quantizer, name, with_inferred_shapes)
