@@ -31,6 +31,7 @@ from kquant_job.passes.int8_prepare import (
     save_localized,
 )
 from kquant_job.passes.int8_shapes import light_shape_reload
+from kquant_job.passes.int8_slices import sliced_weight_quantization
 from kquant_job.passes.onnx_common import iter_nodes
 from kquant_job.passes.onnx_options import extra_options
 
@@ -96,7 +97,8 @@ class OnnxInt8DynamicPass:
             for key in ("nodes_to_exclude", "nodes_to_quantize"):
                 if kwargs[key]:  # a Gemm named X is matched as the MatMul X_MatMul
                     kwargs[key] += [f"{n}_MatMul" for n in kwargs[key] if n in gemms]
-            with light_shape_reload():  # the same result without a reload of every weight
+            # the same result without a reload of every weight, nor whole-tensor temporaries
+            with light_shape_reload(), sliced_weight_quantization():
                 quantize_dynamic(
                     prepared.path,
                     out,

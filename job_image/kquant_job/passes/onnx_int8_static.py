@@ -46,6 +46,7 @@ from kquant_job.passes.int8_prepare import (
     prepare,
     weighted_nodes_in_subgraphs,
 )
+from kquant_job.passes.int8_slices import sliced_weight_quantization
 from kquant_job.passes.onnx_options import extra_options
 from kquant_job.validate.inputs import load_feed
 
@@ -187,18 +188,19 @@ class OnnxInt8StaticPass:
             cache["calibration_cache_path"].unlink(missing_ok=True)  # never an earlier run's
 
         def quantize(s: Int8Settings, out: Path) -> None:
-            quantize_static(
-                prepared.path,
-                out,
-                NpzCalibrationReader(files, signature),
-                quant_format=OrtQuantFormat[fmt.value],
-                activation_type=ort_quant_type(activation),
-                calibrate_method=CalibrationMethod[method.value],
-                use_external_data_format=prepared.external,
-                extra_options=dict(options),
-                **cache,
-                **s.ort_kwargs(),
-            )
+            with sliced_weight_quantization():  # the same bytes, no whole-tensor temporaries
+                quantize_static(
+                    prepared.path,
+                    out,
+                    NpzCalibrationReader(files, signature),
+                    quant_format=OrtQuantFormat[fmt.value],
+                    activation_type=ort_quant_type(activation),
+                    calibrate_method=CalibrationMethod[method.value],
+                    use_external_data_format=prepared.external,
+                    extra_options=dict(options),
+                    **cache,
+                    **s.ort_kwargs(),
+                )
 
         nodes = (
             None
