@@ -6,6 +6,7 @@ counts the runs actually timed."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,11 +51,11 @@ def test_a_block_stops_at_its_budget_or_its_runs() -> None:
     assert block_latency_ms(_sleeper(5, log, "a"), 50, 0, 1e-6)[1] == 1
 
 
-def test_cpu_validation_times_the_converted_model_first_then_the_original(
+def test_cpu_validation_times_each_model_in_a_block_of_its_own(
     silero_onnx, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sequential timing: every timed run of the converted model comes before the first of
-    the original, and each model gets half the budget."""
+    """Sequential timing: the original's block in the reference pass, on its session, then
+    the converted model's, never interleaved; no second session of the original."""
     import kquant_job.validate.compare as compare
     from kquant_api import DEFAULT_TOLERANCE, Precision
 
@@ -75,10 +76,48 @@ def test_cpu_validation_times_the_converted_model_first_then_the_original(
 
         return run
 
+    made: list[str] = []
+    real_make = compare.make_session
+
+    def counted(path, providers):
+        made.append(Path(path).name)
+        return real_make(path, providers)
+
     monkeypatch.setattr(compare, "session_call", tagged)
+    monkeypatch.setattr(compare, "make_session", counted)
     outcome = validate_onnx(silero_onnx, copy, feeds, cfg, DEFAULT_TOLERANCE[Precision.fp16])
     assert outcome.latency_ms["timing"] == "sequential" and outcome.latency_ms["runs"] == 5
-    assert order == ["converted"] * 6 + ["original"] * 6  # warm-up + 5 timed each
+    assert order == ["original"] * 6 + ["converted"] * 6  # warm-up + 5 timed each
+    assert made == [silero_onnx.name, "copy.onnx"]  # the original's one session serves both
+
+
+def test_a_range_recorder_is_not_timed_the_original_is_timed_after(
+    silero_onnx, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reference pass that recorded activation ranges ran an unoptimized graph: the
+    original is timed on a plain session of its own, after the converted model."""
+    import kquant_job.validate.compare as compare
+    from kquant_api import DEFAULT_TOLERANCE, Precision
+
+    cfg = ValidationConfig.model_validate({"samples": 2, "latencyRuns": 3, "warmupRuns": 0})
+    feeds = prepare_feeds(silero_onnx, cfg, [])
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(silero_onnx.read_bytes())
+    tolerance = DEFAULT_TOLERANCE[Precision.fp16]
+    ref = compare.Reference(silero_onnx, feeds, cfg, tolerance, ranges=True)
+    assert ref.ranges and ref.latency is None
+    order: list[str] = []
+    real = compare.session_call
+
+    def tagged(session, feed):
+        call = real(session, feed)
+        order.append("converted" if "copy.onnx" in str(session._model_path) else "original")
+        return call
+
+    monkeypatch.setattr(compare, "session_call", tagged)
+    outcome = validate_onnx(silero_onnx, copy, feeds, cfg, tolerance, reference=ref)
+    assert order == ["converted", "original"]
+    assert outcome.latency_ms["runs"] == 3
 
 
 def test_validation_reports_the_runs_it_timed(silero_onnx) -> None:

@@ -32,10 +32,11 @@ def test_a_saved_reference_reads_back_whole(tmp_path: Path) -> None:
     feeds = [{"x": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(3, np.int64)}]
     outputs = [{"y": np.ones((2, 2), np.float16)}]
     cfg = ValidationConfig(samples=1, feedback={"y": "x"})
-    ref = CachedReference(feeds, outputs, cfg, {"tries": 1}, {"x": 5.0}, "cpu")
+    ref = CachedReference(feeds, outputs, cfg, {"tries": 1}, {"x": 5.0}, "cpu", (12.5, 7))
     assert reference_cache.save(tmp_path / "ref", "k", ref)
     back = reference_cache.load(tmp_path / "ref", "k")
     assert back is not None and back.cfg == cfg and back.chosen == {"tries": 1}
+    assert back.latency == (12.5, 7)
     assert back.ranges == {"x": 5.0} and back.device == "cpu"
     assert list(back.feeds[0]) == ["x", "n"] and back.feeds[0]["n"].dtype == np.int64
     np.testing.assert_array_equal(back.feeds[0]["x"], feeds[0]["x"])
@@ -88,3 +89,30 @@ def test_the_second_validator_reads_the_first_ones_pass(
     # Other validation settings: another key, the pass runs (and here fails on purpose)
     with pytest.raises(AssertionError, match="ran again"):
         OnnxValidator(silero_onnx, _spec("int8", samples=3), [], shared=shared)
+
+
+def test_the_originals_latency_is_timed_once_for_every_variant(
+    silero_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain reference pass on the CPU times the original's latency block; a later
+    variant reads it with the outputs and makes no session of the original at all."""
+    import kquant_job.validate.compare as compare
+
+    shared = tmp_path / "shared"
+    first = OnnxValidator(silero_onnx, _spec("int8"), [], ranges=False, shared=shared)
+    assert first.reference.latency is not None and first.reference.latency[1] == 2
+    made: list[str] = []
+    real = compare.make_session
+
+    def counted(path: Path, providers: list[str]) -> object:
+        made.append(Path(path).name)
+        return real(path, providers)
+
+    monkeypatch.setattr(compare, "make_session", counted)
+    copy = tmp_path / "converted.onnx"
+    copy.write_bytes(silero_onnx.read_bytes())
+    second = OnnxValidator(silero_onnx, _spec("int8"), [], ranges=False, shared=shared)
+    assert second.reference.latency == first.reference.latency
+    outcome = second.validate(copy)
+    assert made == ["converted.onnx"]
+    assert outcome.latency_ms["original"] == first.reference.latency[0]

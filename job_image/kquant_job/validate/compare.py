@@ -123,10 +123,19 @@ class Reference:
             ) from exc
         # Ranges measured in this pass; None: measured on request (activation_ranges).
         self.ranges: dict[str, float] | None = recorder.ranges if recorder else None
+        # On the CPU the original's latency block is timed now, on this session (a plain
+        # one: a recorder's graph is unoptimized, not what a user runs): validation then
+        # needs no second FP32 session (0.5 s for BERT-base), nor does each variant.
+        self.latency: tuple[float, int] | None = None
+        if recorder is None and self.sequential:
+            self.latency = block_latency_ms(
+                session_call(session, self.feeds[0]),
+                cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs / 2,
+            )  # fmt: skip
         # The session for the latency runs: a recorder's graph is unoptimized (not what a
         # user runs) and a large model's weights would sit beside the conversion.
         keep = recorder is None and model_bytes(self.original) <= KEEP_SESSION_BYTES
-        self._session: Any | None = session if keep else None
+        self._session: Any | None = session if keep and self.latency is None else None
 
     @classmethod
     def from_outputs(
@@ -139,13 +148,16 @@ class Reference:
         outputs: Outputs,
         ranges: dict[str, float] | None,
         device: str,
+        latency: tuple[float, int] | None = None,
     ) -> Reference:
         """A reference from a pass already run (another variant's, read back): nothing is
-        run now; the latency session is made on first use."""
+        run now; ``latency``: the original's latency block that pass timed (median ms,
+        runs), else the latency session is made on first use."""
         ref = cls.__new__(cls)
         ref.original, ref.feeds, ref.cfg = Path(original), list(feeds), cfg
         ref.tolerance, ref.providers = tolerance, list(providers)
         ref.outputs, ref.ranges, ref.device = list(outputs), ranges, device
+        ref.latency = latency
         ref._session = None
         return ref
 
@@ -310,9 +322,9 @@ def validate_onnx(
     ``providers`` are ignored. Latency: medians of both models timed in
     alternation on the first feed (:func:`paired_latency_ms`: ``cfg.latencyRuns`` pairs
     after ``cfg.warmupRuns``, within ``cfg.latencyBudgetMs``); on the CPU
-    (:attr:`Reference.sequential`) the converted model's runs first, then its session
-    released, then the original's (:func:`block_latency_ms`, half the budget each;
-    ``timing: sequential``).
+    (:attr:`Reference.sequential`) the converted model's runs, then its session released,
+    and the original's block timed by the reference pass (``Reference.latency``), else now
+    (:func:`block_latency_ms`, half the budget each; ``timing: sequential``).
 
     Raises what :class:`Reference` raises for the original. Problems of the converted model
     (load or run failure, tolerance) never raise: they give ``passed=False``.
@@ -352,10 +364,13 @@ def validate_onnx(
         quantized, q_runs = block_latency_ms(session_call(session, feed), runs, warmup, budget / 2)
         del session, outputs
         release_memory()
-        original_ms, o_runs = block_latency_ms(
-            session_call(ref.session, feed), runs, warmup, budget / 2
-        )
-        ref.release()
+        if ref.latency is not None:  # timed in the reference pass, on the same settings
+            original_ms, o_runs = ref.latency
+        else:
+            original_ms, o_runs = block_latency_ms(
+                session_call(ref.session, feed), runs, warmup, budget / 2
+            )
+            ref.release()
         latency: dict[str, Any] = {"original": original_ms, "quantized": quantized,
                                    "runs": min(q_runs, o_runs), "timing": "sequential"}  # fmt: skip
     else:

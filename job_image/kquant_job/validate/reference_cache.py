@@ -36,7 +36,8 @@ Arrays = list[dict[str, np.ndarray]]
 class CachedReference:
     """What one reference pass found: ``feeds`` and ``outputs`` (one dict of arrays per
     sample), the validation config used (its ``feedback`` filled in), the inputs chosen
-    (None with data files), ``ranges`` ({value: max |x|} or None) and ``device``."""
+    (None with data files), ``ranges`` ({value: max |x|} or None), ``device``, and
+    ``latency``: the original's latency block (median ms, runs) when the pass timed it."""
 
     feeds: Arrays
     outputs: Arrays
@@ -44,6 +45,7 @@ class CachedReference:
     chosen: dict[str, Any] | None
     ranges: dict[str, float] | None
     device: str
+    latency: tuple[float, int] | None = None
 
 
 def cache_key(
@@ -76,6 +78,7 @@ def save(folder: Path, key: str, ref: CachedReference) -> bool:
         "chosen": ref.chosen,
         "ranges": ref.ranges,
         "device": ref.device,
+        "latency": list(ref.latency) if ref.latency is not None else None,
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,7 @@ def load(folder: Path, key: str) -> CachedReference | None:
                      for i, names in enumerate(meta["feeds"])]  # fmt: skip
             outputs = [{n: npz[f"o{i}_{j}"] for j, n in enumerate(names)}
                        for i, names in enumerate(meta["outputs"])]  # fmt: skip
-        ranges = meta["ranges"]
+        ranges, latency = meta["ranges"], meta.get("latency")
         return CachedReference(
             feeds=feeds,
             outputs=outputs,
@@ -113,6 +116,7 @@ def load(folder: Path, key: str) -> CachedReference | None:
             chosen=meta["chosen"],
             ranges={str(k): float(v) for k, v in ranges.items()} if ranges is not None else None,
             device=str(meta["device"]),
+            latency=(float(latency[0]), int(latency[1])) if latency is not None else None,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         LOG.warning("shared reference pass unreadable: running it again",

@@ -71,14 +71,15 @@ class OnnxValidator:
             self.cfg, self.chosen = cached.cfg, cached.chosen
             self.reference = Reference.from_outputs(
                 original, cached.feeds, cached.cfg, spec.tolerance, providers,
-                cached.outputs, cached.ranges, cached.device,
+                cached.outputs, cached.ranges, cached.device, cached.latency,
             )  # fmt: skip
         else:
             self._run_reference(original, spec, data_files, providers, ranges)
             if shared:
                 ref = self.reference
                 reference_cache.save(shared, key, CachedReference(
-                    ref.feeds, ref.outputs, self.cfg, self.chosen, ref.ranges, ref.device
+                    ref.feeds, ref.outputs, self.cfg, self.chosen, ref.ranges, ref.device,
+                    ref.latency,
                 ))  # fmt: skip
         self.probe: Probe | None = self.reference.probe
         self.activation_ranges = self.reference.activation_ranges
