@@ -15,7 +15,8 @@ from typing import Any
 
 from kquant_api import QuantizationJob
 from kquant_api.spec import StorageConfig
-from kquant_job.budget import room
+from kquant_job.budget import check_budget, room
+from kquant_job.companions import companion_bytes, companion_names, fetch_companions
 from kquant_job.pipeline import JobRun, fetch_inputs, open_targets
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_plan, run_task
@@ -61,12 +62,20 @@ def inspect_uri(
     """Fetch the model file or folder at ``uri`` (``file://``, a path, or ``s3://`` with
     ``storage``'s endpoint settings) into ``work`` and report on it (see
     :func:`kquant_job.inspect_model.inspect_path`; ``op_type``/``name`` filter the node
-    list), in the sandbox. Raises StorageError (SourceNotFound, SourceTooLarge, UnsafePath),
-    PassError (UnsupportedFormat, CorruptModel, UnsafeModel, ModelCrashed...)."""
+    list), in the sandbox. A single ``.onnx`` brings the external-data files it names, as a
+    run does (:mod:`kquant_job.companions`). Raises StorageError (SourceNotFound,
+    SourceTooLarge, UnsafePath), PassError (UnsupportedFormat, CorruptModel, UnsafeModel,
+    ModelCrashed...)."""
     work.mkdir(parents=True, exist_ok=True)
-    local = open_storage(uri, storage).download(uri, work / "source", room(work))
+    store, space, limits = open_storage(uri, storage), room(work), Limits.from_env()
+    local = store.download(uri, work / "source", space)
+    names = companion_names(uri, local, work, limits)
+    if names:
+        more = companion_bytes(store, uri, names)
+        check_budget(space, 1.0, (uri, local.stat().st_size + more), {})
+        fetch_companions(store, uri, local, names, space, in_place=False)
     task = {"task": "inspect", "inspect": {"path": str(local.resolve()), "opType": op_type}}
     if name:
         task["inspect"]["name"] = name
-    result, _ = run_task(task, work / "sandbox", [work], Limits.from_env(), what="inspection")
+    result, _ = run_task(task, work / "sandbox", [work], limits, what="inspection")
     return {"uri": uri, **result}

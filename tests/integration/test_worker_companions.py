@@ -5,7 +5,10 @@ and says which file is missing."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -104,3 +107,45 @@ def test_a_local_data_file_that_links_out_of_the_folder_is_refused(tmp_path):
     run = run_worker(job, tmp_path / "run", dict(os.environ))
     assert run.result["reason"] == "UnsafePath", run.result
     assert "outside the model's folder" in run.result["message"]
+
+
+def _inspect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kquant_job.cli", "inspect", "--json", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_inspect_of_one_onnx_reads_its_data_files(s3_server, bucket, worker_env, tmp_path):
+    """``kquant-job inspect`` brings the data files as a run does (before: CorruptModel)."""
+    model = _external(tmp_path / "src")
+    local = _inspect(f"file://{model}", env=dict(os.environ))
+    assert local.returncode == 0, local.stderr
+    (m,) = json.loads(local.stdout)["models"]
+    weights = {
+        t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(model)).graph.initializer
+    }
+    listed = {e["name"]: e for e in m["initializers"]}
+    assert weights.keys() <= listed.keys()  # with the Constant nodes' values
+    for name, array in weights.items():  # the values were read from the data file
+        if array.dtype.kind == "f" and array.size:
+            assert listed[name]["max"] == pytest.approx(float(array.max()), rel=1e-6)
+    client = s3_server.client()
+    for path in (model, model.with_name("model.onnx.data")):
+        client.upload_file(str(path), bucket, f"m/{path.name}")
+    env = {k: v for k, v in worker_env.items() if k != "AWS_ENDPOINT_URL"}
+    remote = _inspect(f"s3://{bucket}/m/model.onnx", "--endpoint-url", s3_server.endpoint,
+                      env=env)  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["models"][0]["initializers"] == m["initializers"]
+    client.delete_object(Bucket=bucket, Key="m/model.onnx.data")
+    missing = _inspect(f"s3://{bucket}/m/model.onnx", "--endpoint-url", s3_server.endpoint,
+                       env=env)  # fmt: skip
+    assert missing.returncode != 0 and "SourceNotFound" in missing.stderr
+    assert f"s3://{bucket}/m/model.onnx.data" in missing.stderr
+
+
+def test_inspect_refuses_a_data_file_outside_the_folder(tmp_path):
+    model = _external(tmp_path / "src")
+    _relocate(model, "../secret.data")
+    (tmp_path / "secret.data").write_bytes(b"\1" * 64)
+    proc = _inspect(f"file://{model}", env=dict(os.environ))
+    assert proc.returncode != 0 and "UnsafePath" in proc.stderr
