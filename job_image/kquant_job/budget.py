@@ -12,7 +12,8 @@ keeps at most three candidates on disk, where it once kept all of them: 36x), ON
 FP16/BF16 1.5x, TorchScript INT8 1.25x.
 :data:`WORK_FACTORS` adds headroom for extra attempts of the repair ladders. A Hugging Face
 folder exported to ONNX adds its FP32 export (1x); ``auto`` on such a folder stays within the
-INT8 factor's headroom (4.0x measured + 1x export <= 5x).
+INT8 factor's headroom (4.0x measured + 1x export <= 5x). A local source read where it lies
+(not copied) takes 1x off the factor (``pipeline.fetch_inputs``).
 
 The room is the smaller of the work volume's size limit, which the operator passes as
 ``KQUANT_WORK_BYTES`` (the emptyDir ``sizeLimit``: the kubelet evicts a pod that outgrows it,

@@ -29,7 +29,7 @@ from kquant_job import logs
 from kquant_job.beside import home_for, looks_converted
 from kquant_job.budget import check_budget, room, work_factor
 from kquant_job.companions import companion_bytes, companion_names, fetch_companions
-from kquant_job.errors import InvalidSpec, KquantError, PassError, ValidationFailed
+from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError, ValidationFailed
 from kquant_job.judge import assess, providers_of, source_entry, success_result
 from kquant_job.report import build_report, failure_report, manifest_fields, now
 from kquant_job.sandbox.limits import Limits
@@ -70,6 +70,16 @@ def _stored_bytes(run: JobRun, uri: str, skip: Callable[[str], bool] | None = No
         return sum(o.size for o in store.list(uri) if not (skip and skip(o.key)))
     info = store.stat(uri)
     return info.size if info else 0
+
+
+def _readable_in_place(store: Storage, uri: str) -> bool:
+    """Whether the source at ``uri`` will be read where it lies (a local file or folder),
+    not copied into the work directory. A source that fails the check counts as copied: the
+    fetch then reports why."""
+    try:
+        return store.read_in_place(uri) is not None
+    except StorageError:
+        return False
 
 
 def fetch_npz(run: JobRun, uri: str | None, name: str, max_bytes: int) -> list[Path]:
@@ -201,6 +211,8 @@ def fetch_inputs(run: JobRun) -> StageInput:
     samples = list(dict.fromkeys(u for u in (spec.validation.dataUri, *calibs) if u))
     space = room(work)
     factor = sum(work_factor(c, spec.model.format) for c in spec.conversions)
+    if not skip and _readable_in_place(run.store(spec.model.uri), spec.model.uri):
+        factor -= 1.0  # each factor counts the source, which is read where it lies
     source_bytes = _stored_bytes(run, spec.model.uri, skip)
     sample_bytes = {uri: _stored_bytes(run, uri) for uri in samples}
     check_budget(space, factor, (spec.model.uri, source_bytes), sample_bytes)

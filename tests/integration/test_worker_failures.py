@@ -239,3 +239,21 @@ def test_source_beyond_the_work_volume_is_refused_before_fetching(
     assert "1000000 bytes" in run.result["message"] and "x 3" in run.result["message"]
     assert failure_report(client, bucket, "out/")["outcome"]["reason"] == "SourceTooLarge"
     assert not list((tmp_path / "work").rglob(SILERO))
+
+
+def test_a_source_read_in_place_is_not_counted_in_the_work_volume(
+    client, bucket, s3_server, worker_env, tmp_path
+):
+    """FP16 counts 3x the source in the work volume, the source included; a local source is
+    read where it lies, so it needs 2x: a volume of 2.5x refuses the S3 copy and runs the
+    local file."""
+    model = silero_dir() / SILERO
+    env = {**worker_env, "KQUANT_WORK_BYTES": str(int(model.stat().st_size * 2.5))}
+    client.upload_file(str(model), bucket, f"m/{SILERO}")
+    remote = run_worker(job_for(bucket, s3_server.endpoint), tmp_path / "s3", env)
+    expect_failure(remote, "SourceTooLarge", 20)
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", FP16, endpoint=None,
+                   validation=GENERATED)  # fmt: skip
+    local = run_worker(job, tmp_path / "local", env)
+    assert local.code == 0, local.log
+    assert "reading the source in place" in local.log
