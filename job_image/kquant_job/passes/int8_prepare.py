@@ -150,7 +150,7 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
         )
     errors: list[str] = []
     attempts = (False, True)
-    if external and (failure := _symbolic_failure(model_in)):
+    if external and (failure := _symbolic_failure(model_in, work_dir)):
         errors.append(failure)  # as the full attempt would fail, without loading the weights
         attempts = (True,)
     if attempts == (True,) and verified_onnxruntime():
@@ -186,12 +186,13 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
     return model_in, {"preprocess": "skipped", "preprocessError": "; ".join(dict.fromkeys(errors))}
 
 
-def _symbolic_failure(model_in: Path) -> str | None:
+def _symbolic_failure(model_in: Path, scratch: Path) -> str | None:
     """The error onnxruntime's symbolic shape inference raises on ``model_in``'s graph, run
     as ``quant_pre_process`` runs it, or None when it succeeds. The weights stay in their
     data file: shapes do not depend on them, and a failed full attempt first loads them all
     (1.9 s of a BERT-base job whose inference fails, against 0.03 s here). None as well for
-    opset 10 and below, which ``quant_pre_process`` converts before inferring."""
+    opset 10 and below, which ``quant_pre_process`` converts before inferring. What the
+    inference writes into the current directory goes to a folder in ``scratch``, removed."""
     import onnx
 
     model = onnx.load(str(model_in), load_external_data=False)
@@ -202,7 +203,9 @@ def _symbolic_failure(model_in: Path) -> str | None:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:  # the arguments are quant_pre_process's defaults
-        SymbolicShapeInference.infer_shapes(model, 2**31 - 1, False, False, 0)
+        # on failure it saves its partial model into the current directory: a scratch one
+        with working_directory(scratch):
+            SymbolicShapeInference.infer_shapes(model, 2**31 - 1, False, False, 0)
     except Exception as exc:
         return describe_error(exc)
     return None

@@ -203,16 +203,25 @@ def inner_nodes(node: NodeProto) -> Iterator[NodeProto]:
 
 @contextmanager
 def working_directory(path: Path) -> Iterator[None]:
-    """Run the block with ``path`` as the current directory.
+    """Run the block in a fresh folder inside ``path`` (created), removed afterwards with
+    whatever was written there.
 
-    onnxruntime's quantization tools write temporary files into the current directory
-    (``sym_shape_infer_temp.onnx``, UUID-named external data); this keeps them in the job's
-    scratch space instead of wherever the worker was started (a read-only root in a pod).
+    onnxruntime's quantization tools write files into the current directory: symbolic shape
+    inference saves its partial model as ``sym_shape_infer_temp.onnx`` when it fails (with
+    the model's weights as external data when they are loaded), and some steps write
+    UUID-named external data. This keeps them in the job's scratch space, not wherever the
+    worker was started (a read-only root in a pod), and not beside the job's files after
+    the step.
     """
+    import shutil
+    import tempfile
+
     previous = Path.cwd()
     path.mkdir(parents=True, exist_ok=True)
-    os.chdir(path)
+    scratch = tempfile.mkdtemp(prefix=".cwd-", dir=path)
+    os.chdir(scratch)
     try:
         yield
     finally:
         os.chdir(previous)
+        shutil.rmtree(scratch, ignore_errors=True)
