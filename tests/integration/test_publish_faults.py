@@ -10,6 +10,7 @@ folder left that the manifest does not retain.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -126,8 +127,10 @@ def prefix(client, uri: str) -> Prefix:
 
 
 def assert_clean(client, bucket: str, uri: str) -> dict:
-    """The prefix holds one consistent set and nothing but the sets its manifest retains
-    (and failure reports, in set folders of their own), and no unfinished upload."""
+    """The prefix holds one consistent set and nothing but the sets its manifest retains,
+    failure reports in set folders of their own, and the killed run's unfinished set (its
+    lease is not over: a run of the job may still be alive, so it stays until then; no
+    reader sees it), and no unfinished upload."""
     import json
 
     p = prefix(client, uri)
@@ -135,15 +138,21 @@ def assert_clean(client, bucket: str, uri: str) -> dict:
     retained = {h["set"] for h in manifest_doc["history"]}
     keys = [k.split("/", 3)[2:] for k in p.all_keys() if k.startswith(".kquant/sets/")]
     folders = {folder for folder, _ in keys}
+    leased: set[str] = set()
     for folder in folders - retained:
         inside = sorted(rel for f, rel in keys if f == folder)
         marker = json.loads(p.get(f".kquant/sets/{folder}/set.json") or b"{}")
+        if marker.get("state") == "writing":  # the killed run's, within its lease
+            assert marker["job"]["name"] == manifest_doc["job"]["name"], marker
+            leased.add(folder)
+            continue
         assert (inside, marker.get("state")) == (["report.json", "set.json"], "failed"), inside
     if p.root is not None:  # local: no temporary file left
         assert not [k for k in p.all_keys() if k.endswith(".kquant-part")]
         return manifest_doc
     uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=p.key).get("Uploads", [])
-    assert uploads == []
+    leased_keys = tuple(f"{p.key}.kquant/sets/{folder}/" for folder in leased)
+    assert [u["Key"] for u in uploads if not u["Key"].startswith(leased_keys)] == []
     return manifest_doc
 
 
@@ -243,9 +252,27 @@ def test_a_storage_cut_mid_upload_leaves_nothing_a_rerun_does_not_finish(
         assert len(left) == 1  # its abort could not get through either
         proxy.restore()
         rerun = run_worker(job, tmp_path / "rerun", {**worker_env, **parts})
-    assert rerun.code == 0, rerun.log
-    assert "unfinished upload" in rerun.log or "reclaimed" in rerun.log
+        assert rerun.code == 0, rerun.log
+        assert_clean(client, bucket, f"s3://{bucket}/out/")
+        # The cut run's set and upload stay while its lease runs (that run might still be
+        # alive, as far as the rerun can tell); once it is over, the next run removes them.
+        p = prefix(client, f"s3://{bucket}/out/")
+        kept = {h["set"] for h in read_set(p)["history"]}
+        for key in p.all_keys():
+            folder = key.split("/")[2] if key.startswith(".kquant/sets/") else None
+            if folder and folder not in kept and key.endswith("/set.json"):
+                marker = json.loads(p.get(key))
+                if marker["state"] == "writing":
+                    marker["startedAt"] = "2026-01-01T00:00:00Z"  # the lease long over
+                    client.put_object(Bucket=bucket, Key=p.key + key, Body=json.dumps(marker))
+        later = run_worker(job, tmp_path / "later", {**worker_env, **parts})
+    assert later.code == 0, later.log
+    assert "reclaimed" in later.log and "left by an earlier run" in later.log
     assert_clean(client, bucket, f"s3://{bucket}/out/")
+    assert not client.list_multipart_uploads(Bucket=bucket, Prefix="out/").get("Uploads")
+    sets = {k.split("/")[2] for k in prefix(client, f"s3://{bucket}/out/").all_keys()
+            if k.startswith(".kquant/sets/")}  # fmt: skip
+    assert sets == {h["set"] for h in read_set(prefix(client, f"s3://{bucket}/out/"))["history"]}
 
 
 def test_a_storage_cut_mid_promotion_is_repromoted_by_the_rerun(

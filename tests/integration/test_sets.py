@@ -179,15 +179,64 @@ def test_leftovers_of_this_job_are_reclaimed_and_live_sets_of_others_left(store,
         store.storage.write_bytes(store.uri(f"out/.kquant/sets/{set_id}/m.onnx"), b"partial")
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    leftover("20260101T000000Z-00000001", Writer("vad", "speech", "uid-1", 1), now)  # killed run
+    lease = Retention().live_seconds
+    past = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 2 * lease - 60))
+    leftover("20260101T000000Z-00000001", Writer("vad", "speech", "uid-1", 1), past)  # killed run
     leftover("20260101T000000Z-00000002", Writer("b", "speech", "uid-b", 1), now)  # live writer
     leftover("20200101T000000Z-00000003", Writer("c", "speech", "uid-c", 1), "2020-01-01T00:00:00Z")
     leftover("20260101T000000Z-00000004", Writer("vad", "speech", "uid-1", 0), now, "failed")
     store.storage.write_bytes(store.uri("out/.kquant/sets/20260101T000000Z-00000005/x"), b"")
+    # a run of this very job and generation started now may still commit: left alone
+    leftover("20260101T000000Z-00000006", Writer("vad", "speech", "uid-1", 1), now)
     publish(store, tmp_path, JOB, replace=False)
     out = prefix_of(store)
     folders = {k.split("/")[2] for k in out.all_keys() if k.startswith(".kquant/sets/")}
-    assert folders == {read_set(out)["set"], "20260101T000000Z-00000002"}
+    assert folders == {read_set(out)["set"], "20260101T000000Z-00000002",
+                       "20260101T000000Z-00000006"}  # fmt: skip
+
+
+def test_a_second_run_of_the_job_never_removes_the_set_the_first_commits(store, tmp_path):
+    """Two runs of one job at once: the second read the prefix while the first's set was
+    not committed yet, then the first committed. The second's clean-up leaves that set (its
+    lease is not over), so the manifest never names a missing file (before: it was removed
+    as "left by an earlier run")."""
+    from kquant_job.sets.state import read_state, reclaim
+
+    publish(store, tmp_path, JOB)  # an earlier set, so both runs replace one
+    second = Writer("vad", "speech", "uid-1", 1)
+    first = target(store, Writer("vad", "speech", "uid-1", 1))
+    staged = stage(tmp_path / "first", {"m.onnx": b"first run" * 20})
+    # the second run's view, taken while the first one's set folder is being written
+    seen = {}
+    real_verify = first._verify
+
+    def verify_then_look(set_id: str, rels: list[str]) -> None:
+        real_verify(set_id, rels)
+        seen["state"] = read_state(store.storage, store.uri("out/"))
+
+    first._verify = verify_then_look  # type: ignore[method-assign]
+    done = first.publish(staged, ["m.onnx"], {"outcome": "ok"}, {})
+    assert done.set_id in seen["state"].sets and done.set_id != seen["state"].manifest.set_id
+    assert reclaim(seen["state"], second, Retention()) == []
+    out = prefix_of(store)
+    manifest = read_set(out)  # every file it names is there, with its sha256
+    assert manifest["set"] == done.set_id and out.get("m.onnx") == b"first run" * 20
+
+
+def test_a_set_not_committed_within_its_lease_is_withdrawn(store, tmp_path):
+    publish(store, tmp_path, JOB)
+    before = {k: prefix_of(store).get(k) for k in prefix_of(store).all_keys()}
+    late = target(
+        store, Writer("vad", "speech", "uid-1", 1), retention=Retention(live_seconds=1e-9)
+    )
+    staged = stage(tmp_path / "late", {"m.onnx": b"late"})
+    with pytest.raises(StorageError) as info:
+        late.publish(staged, ["m.onnx"], {}, {})
+    assert info.value.reason is Reason.ConcurrentWrite and "KQUANT_LIVE_SET_SECONDS" in str(
+        info.value
+    )
+    out = prefix_of(store)
+    assert {k: out.get(k) for k in out.all_keys()} == before  # withdrawn, nothing else touched
 
 
 def test_a_failure_report_touches_nothing_else(store, tmp_path):

@@ -42,27 +42,36 @@ LAYOUT = 2
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a manifest is JSON text; beyond this it is not ours
 SET_KEY = "kquant-set"  # object metadata naming the set an object belongs to (S3)
 KEEP_SETS_ENV, ABANDONED_ENV = "KQUANT_KEEP_SETS", "KQUANT_ABANDONED_SET_SECONDS"
+LIVE_ENV = "KQUANT_LIVE_SET_SECONDS"
 
 
 @dataclass(frozen=True)
 class Retention:
     """How many committed sets a prefix keeps (the current one included; ``KQUANT_KEEP_SETS``,
-    default 3) and after how many seconds an unfinished set of another job counts as
-    abandoned and is removed (``KQUANT_ABANDONED_SET_SECONDS``, default 86400: longer than
-    any sane Job deadline, so a live writer is never mistaken for a dead one)."""
+    default 3); after how many seconds an unfinished set of another job counts as abandoned
+    and is removed (``KQUANT_ABANDONED_SET_SECONDS``, default 86400: longer than any sane Job
+    deadline, so a live writer is never mistaken for a dead one); and ``live_seconds``
+    (``KQUANT_LIVE_SET_SECONDS``, default 1800), the lease of a run on its set folder: a
+    run commits its set within that time of creating the folder or not at all, and another
+    run of the same job removes an uncommitted set only once it is twice that old (the
+    margin absorbs clocks that disagree by up to ``live_seconds``). Two runs of one job may
+    be alive at once (a CLI run twice, a pod replaced while its node is cut off): a set is
+    never removed while its writer may still commit it."""
 
     keep_sets: int = 3
     abandoned_seconds: float = 86400.0
+    live_seconds: float = 1800.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Retention:
-        """Read the two variables; raises InvalidSpec naming one that is not a positive
+        """Read the three variables; raises InvalidSpec naming one that is not a positive
         number (``KQUANT_KEEP_SETS``: an integer >= 1)."""
         env = os.environ if env is None else env
         d = cls()
         return cls(
             keep_sets=int(_positive(env, KEEP_SETS_ENV, d.keep_sets, integer=True)),
             abandoned_seconds=_positive(env, ABANDONED_ENV, d.abandoned_seconds),
+            live_seconds=_positive(env, LIVE_ENV, d.live_seconds),
         )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,8 @@ class Target:
         folder = join(self.prefix, set_dir(set_id, self.home))
         meta = {SET_KEY: set_id}
         marker = build_marker(set_id, self.writer, "writing", now())
+        # The lease on the folder starts before its marker exists (Retention.live_seconds).
+        lease_ends = time.monotonic() + self.retention.live_seconds
         self.storage.write_bytes(join(folder, MARKER), dumps(marker), if_none_match=True)
         artifacts = [self.storage.upload(staged / rel, join(folder, rel), meta) for rel in names]
         report_bytes = dumps(report)
@@ -236,7 +239,7 @@ class Target:
         files = {e["name"]: e["sha256"] for e in entries}
         files[report_entry["name"]] = report_art.sha256
         try:
-            dropped = self._commit(state, set_id, fields, entries, report_entry, files)
+            dropped = self._commit(state, set_id, fields, entries, report_entry, files, lease_ends)
         except StorageError:
             self._withdraw(set_id)
             raise
@@ -267,8 +270,11 @@ class Target:
         artifacts: list[dict[str, Any]],
         report: dict[str, Any],
         files: dict[str, str],
+        lease_ends: float,
     ) -> list[str]:
-        """Commit the set; returns the ids of the sets its history no longer keeps."""
+        """Commit the set; returns the ids of the sets its history no longer keeps. Past
+        ``lease_ends`` (``time.monotonic``) it does not: another run of the job may remove an
+        uncommitted set after that (ConcurrentWrite)."""
         uri = join(self.prefix, manifest_key(self.home))
         dropped: list[str] = []
         for _ in range(MAX_COMMIT_TRIES):
@@ -283,6 +289,13 @@ class Target:
             folder = set_dir(set_id, self.home)
             rels = [e["path"].removeprefix(folder) for e in [*artifacts, report]]
             self._verify(set_id, [*rels, MANIFEST, MARKER])
+            if time.monotonic() > lease_ends:
+                raise StorageError(
+                    f"{self.field_name} {self.prefix}: set {set_id} was not committed within "
+                    f"{self.retention.live_seconds:g} s of its start (KQUANT_LIVE_SET_SECONDS); "
+                    "another run of this job may remove it after that, so it is withdrawn",
+                    reason=Reason.ConcurrentWrite,
+                )
             LOG.info("committing set %s", set_id, extra={"fields": {"prefix": self.prefix}})
             try:
                 if self.base_etag is None:

@@ -151,11 +151,14 @@ def reclaim_reason(
     if marker is None:
         return "no marker: an interrupted clean-up"
     owner = Writer.from_ref(marker.get("job") or {})
-    if owner.same_generation(writer) and owner.run_id != writer.run_id:
-        return "left by an earlier run of this job"
     if marker.get("state") == "failed" and owner.same_job(writer):
-        return "the report of an earlier failed run of this job"
+        return "the report of an earlier failed run of this job"  # written as that run ended
     started = parse_time(marker.get("startedAt"))
+    # Another run of this generation may be alive beside this one: its set is removed once
+    # its lease is over (Retention.live_seconds), when it can no longer commit it.
+    lease_over = started is not None and now - started > 2 * retention.live_seconds
+    if owner.same_generation(writer) and owner.run_id != writer.run_id and lease_over:
+        return "left by an earlier run of this job"
     if started is not None and now - started > retention.abandoned_seconds:
         return f"abandoned (started {marker.get('startedAt')})"
     return None
@@ -187,8 +190,9 @@ def _ours(state: PrefixState, key: str) -> bool:
 
 def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[str]:
     """Remove what earlier runs left under the prefix that ``writer`` may remove: uncommitted
-    set folders of an earlier run of the same job and generation, failure reports of the
-    same job, set folders abandoned for longer than ``retention.abandoned_seconds``; and
+    set folders of an earlier run of the same job and generation once their lease is over
+    (twice ``retention.live_seconds``), failure reports of the same job, set folders
+    abandoned for longer than ``retention.abandoned_seconds``; and
     unfinished uploads belonging to none of the remaining sets. Committed sets (in the
     manifest's history) and the live sets of other writers are left alone. Returns one line
     per removed set, for the log."""
