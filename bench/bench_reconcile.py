@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -34,9 +35,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 import kmock
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT / "tests")]
@@ -97,6 +100,33 @@ class Clock:
             self.job_done.setdefault(name, now)
 
 
+# API requests the emulator serves during the burst, by client and kind (GET qjob, PATCH pod
+# status...), counted by the subclass below when ``Requests.on`` is set.
+class Requests:
+    on = False
+    operator: ClassVar[collections.Counter] = collections.Counter()
+    others: ClassVar[collections.Counter] = collections.Counter()
+
+    @staticmethod
+    def kind(raw: web.BaseRequest) -> str:
+        parts = [p for p in raw.path.split("/") if p]
+        if "namespaces" in parts:  # drop the namespace and the object's name
+            i = parts.index("namespaces")
+            parts = parts[i + 2 :]
+            parts = parts[:1] + parts[2:] if len(parts) > 1 else parts
+        watch = " watch" if raw.query.get("watch") else ""
+        return f"{raw.method} {'/'.join(parts)}{watch}"
+
+
+class CountingEmulator(KubeEmulator):
+    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
+        if Requests.on:
+            agent = raw_request.headers.get("User-Agent", "")
+            ours = "kopf" in agent or "OpenAPI-Generator" in agent  # kopf's and our client's
+            (Requests.operator if ours else Requests.others)[Requests.kind(raw_request)] += 1
+        return await super().__call__(raw_request)
+
+
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
@@ -143,7 +173,7 @@ def rows(label: str, clock: Clock, names: list[str]) -> list[tuple]:
 
 async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kquant-bench-"))
-    async with KubeEmulator() as emulator, kmock.Server(emulator):
+    async with CountingEmulator() as emulator, kmock.Server(emulator):
         env = {k: v for k, v in os.environ.items() if not k.startswith("KQUANT_")}
         env["KUBECONFIG"] = str(write_kubeconfig(tmp / "kubeconfig", str(emulator.url)))
         log = (tmp / "operator.log").open("w")
@@ -175,7 +205,9 @@ async def main(args: argparse.Namespace) -> None:
                     cpu_seconds(operator.pid),
                     cpu_seconds(os.getpid()),
                 )
+                Requests.on = True
                 await run_round(api, clock, burst, 0)
+                Requests.on = False
                 burst_s, burst_cpu = time.monotonic() - t0, cpu_seconds(operator.pid) - cpu0
                 emulator_cpu = cpu_seconds(os.getpid()) - own0
                 table += rows("burst", clock, burst)
@@ -204,6 +236,10 @@ async def main(args: argparse.Namespace) -> None:
         f"CPU, {emulator_cpu / burst_s:.0%} of one core; {os.cpu_count()} cores)"
     )
     print(f"operator peak RSS (VmHWM): {rss:.1f} MiB; operator CPU time: {cpu:.1f} s")
+    for who, counts in (("operator", Requests.operator), ("stand-in + benchmark", Requests.others)):
+        total = sum(counts.values())
+        top = ", ".join(f"{k} {v / args.count:.1f}" for k, v in counts.most_common(8))
+        print(f"burst requests served for the {who}: {total / args.count:.1f} per CR ({top})")
 
 
 if __name__ == "__main__":
