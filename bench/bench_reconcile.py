@@ -122,7 +122,7 @@ class CountingEmulator(KubeEmulator):
     async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
         if Requests.on:
             agent = raw_request.headers.get("User-Agent", "")
-            ours = "kopf" in agent or "OpenAPI-Generator" in agent  # kopf's and our client's
+            ours = "kopf" in agent or "kquant-operator" in agent  # kopf's and our client's
             (Requests.operator if ours else Requests.others)[Requests.kind(raw_request)] += 1
         return await super().__call__(raw_request)
 

@@ -30,9 +30,10 @@ VERBS = {
 class RecordingEmulator(KubeEmulator):
     """The emulator, noting (apiGroup, resource[/sub], verb) of every request that does not
     come from the test's own clients (``kmock/...``; kopf says ``kopf/...``, the handlers' client
-    ``python-urllib3/...``)."""
+    ``kquant-operator``), and the user agents seen."""
 
     calls: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
+    agents: set[str] = attrs.field(factory=set, init=False)
 
     async def _handle(self, request: kmock.Request) -> Any:
         agent = request.headers.get("User-Agent", "")
@@ -43,6 +44,7 @@ class RecordingEmulator(KubeEmulator):
                 verb = "patch" if request.method == "PATCH" else "update"
             plural = res.plural + (f"/{request.subresource}" if request.subresource else "")
             self.calls.add((res.group or "", plural, verb or str(request.action)))
+            self.agents.add(agent.split("/")[0])
         return await super()._handle(request)
 
 
@@ -63,6 +65,7 @@ async def test_every_request_of_the_operator_is_granted(kmock, tmp_path):
             what="generation 2's status",
         )
     calls = kmock.calls
+    assert "kquant-operator" in kmock.agents  # the handlers' client names itself
     # The run exercised what the handlers do: otherwise the subset check below proves little.
     for call in [
         ("kquant.io", "quantizationjobs", "watch"),
