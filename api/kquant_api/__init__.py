@@ -34,6 +34,7 @@ from kquant_api.spec import (
     QuantType,
     Tolerance,
     ValidationConfig,
+    effective_tolerance,
     output_kind,
 )
 from kquant_api.status import (
@@ -79,5 +80,6 @@ __all__ = [
     "ValidationConfig",
     "ValidationSummary",
     "VariantResult",
+    "effective_tolerance",
     "output_kind",
 ]

@@ -632,6 +632,39 @@ DEFAULT_TOLERANCE: dict[Precision, Tolerance] = {
 }
 
 
+def effective_tolerance(precision: Precision, given: Tolerance | None) -> Tolerance:
+    """The tolerance a conversion to ``precision`` is held to: the precision's default
+    (:data:`DEFAULT_TOLERANCE`) with every bound ``given`` sets replacing the default's,
+    field by field. A bound ``given`` leaves unset keeps its default (a spec that only
+    loosens ``maxAbsError`` still checks the default cosine and mean error: before, it
+    dropped them and a model at cosine 0.08 passed); a bound set to null drops it; a
+    top-level bound ``given`` sets also replaces that bound of the default's per-kind
+    bounds (a spec's ``minCosineSimilarity`` applies to embedding outputs too, unless its own
+    ``outputKinds`` says otherwise). ``outputs`` and ``decisions`` are ``given``'s."""
+    default = DEFAULT_TOLERANCE[precision]
+    if given is None:
+        return default
+    bound_names = set(Bounds.model_fields)
+    chosen = {k for k in given.model_fields_set if k in bound_names}  # null included
+    top = {k: getattr(default, k) for k in bound_names} | {k: getattr(given, k) for k in chosen}
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in KindBounds.model_fields:
+        base = getattr(default.outputKinds, kind, None) if default.outputKinds else None
+        merged = {k: v for k, v in (base.model_dump() if base else {}).items()
+                  if v is not None and k not in chosen}  # fmt: skip
+        own = getattr(given.outputKinds, kind, None) if given.outputKinds else None
+        if own is not None:
+            merged |= {k: getattr(own, k) for k in own.model_fields_set}
+        if merged:
+            kinds[kind] = merged
+    return Tolerance(
+        **top,
+        outputs=given.outputs,
+        outputKinds=KindBounds.model_validate(kinds) if kinds else None,
+        decisions=given.decisions,
+    )
+
+
 class InputOverride(_Model):
     shape: list[int] | None = Field(
         None, description="Concrete shape for generated values of this input."
@@ -717,8 +750,10 @@ class ValidationConfig(_Model):
     )
     tolerance: Tolerance | None = Field(
         None,
-        description="Pass/fail bounds. Default by precision: fp16 maxMeanAbsError 1e-2 and "
-        "minCosineSimilarity 0.999; bf16 3e-2 and 0.995; int8 5e-2 and 0.98; int4 1e-1 and 0.99.",
+        description="Pass/fail bounds. Each bound left unset keeps the precision's default: "
+        "fp16 maxMeanAbsError 1e-2 and minCosineSimilarity 0.999; bf16 3e-2 and 0.995; int8 "
+        "5e-2 and 0.98 (embedding outputs 0.99); int4 1e-1 and 0.99. To relax a default, set "
+        "it (e.g. minCosineSimilarity: -1 checks no cosine).",
     )
     latencyRuns: int = Field(
         20, ge=1, le=10_000, description="Timed runs per model (median reported, in ms)."
@@ -901,9 +936,10 @@ class QuantizationJobSpec(_Model):
 
     @property
     def tolerance(self) -> Tolerance:
-        """The effective tolerance: the spec's, else the precision's default (the first
-        variant's, for spec.variants: each variant runs as a job of its own)."""
-        return self.validation.tolerance or DEFAULT_TOLERANCE[self.conversions[0].precision]
+        """The effective tolerance (:func:`effective_tolerance`): the precision's default,
+        each bound the spec sets replacing the default's (the first variant's precision, for
+        spec.variants: each variant runs as a job of its own)."""
+        return effective_tolerance(self.conversions[0].precision, self.validation.tolerance)
 
 
 class ObjectMeta(BaseModel):

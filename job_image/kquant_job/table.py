@@ -195,5 +195,10 @@ def table_rows(
         )
     if parts:
         text = ", ".join(parts)
-        rows.append(("tolerance", f"{text} ({'spec' if spec_tolerance else 'default'})"))
+        rows.append(
+            (
+                "tolerance",
+                f"{text} ({'spec, defaults for the rest' if spec_tolerance else 'default'})",
+            )
+        )
     return rows

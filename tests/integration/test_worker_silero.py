@@ -106,7 +106,7 @@ def test_variant_converts_validates_and_publishes(
         # (calibrated activation ranges do not fit its STFT/encoder convs), far outside the
         # default INT8 tolerance; see test_static_int8_default_tolerance_fails_cleanly.
         # Here the bound is loosened to check the produced files themselves.
-        validation["tolerance"] = {"maxMeanAbsError": 2.0}
+        validation["tolerance"] = {"maxMeanAbsError": 2.0, "minCosineSimilarity": -1}
     job = manifest(
         f"s3://{bucket}/models/{variant.file}",
         f"s3://{bucket}/out/",

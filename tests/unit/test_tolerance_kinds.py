@@ -78,3 +78,47 @@ def test_the_table_names_the_outputs_a_kind_bound_applied_to() -> None:
     model.validation["report"]["outputs"] = {"logits": {"cosineSimilarity": 0.999}}
     rows = dict(table_rows([model], DEFAULT_TOLERANCE[Precision.int8], False))
     assert rows["tolerance"] == "maxMeanAbsError <= 0.05, minCosineSimilarity >= 0.98 (default)"
+
+
+def _effective(precision: str, tolerance: dict | None) -> Tolerance:
+    from kquant_api import QuantizationJobSpec
+
+    spec = {"model": {"uri": "s3://b/m.onnx"}, "output": {"uri": "s3://b/out/"},
+            "quantization": {"precision": precision}}  # fmt: skip
+    if tolerance is not None:
+        spec["validation"] = {"tolerance": tolerance}
+    return QuantizationJobSpec.model_validate(spec).tolerance
+
+
+def test_a_bound_the_spec_sets_replaces_the_default_and_the_others_stay() -> None:
+    """A new user loosened maxAbsError alone and an INT8 model at cosine 0.08 was published
+    as Validated: the spec's tolerance replaced the defaults whole."""
+    tol = _effective("int8", {"maxAbsError": 10})
+    assert (tol.maxAbsError, tol.maxMeanAbsError, tol.minCosineSimilarity) == (10, 5e-2, 0.98)
+    broken = [_metrics("output", cosine=0.08, mean=0.66)]
+    assert check_tolerance(broken, tol)  # the default cosine and mean bounds still apply
+    assert tol.bounds_for("last_hidden_state").minCosineSimilarity == 0.99
+    assert _effective("int8", None) == DEFAULT_TOLERANCE[Precision.int8]
+
+
+def test_a_top_level_bound_applies_to_every_kind_unless_the_kind_is_set() -> None:
+    tol = _effective("int8", {"minCosineSimilarity": 0.95})
+    assert tol.bounds_for("last_hidden_state").minCosineSimilarity == 0.95
+    assert tol.bounds_for("last_hidden_state").maxMeanAbsError == 5e-2
+    kinds = {"embedding": {"minCosineSimilarity": 0.995}}
+    own = _effective("int8", {"minCosineSimilarity": 0.95, "outputKinds": kinds})
+    assert own.bounds_for("pooler_output").minCosineSimilarity == 0.995
+    assert own.bounds_for("logits").minCosineSimilarity == 0.95
+
+
+def test_a_bound_set_to_null_or_its_loosest_value_is_dropped() -> None:
+    tol = _effective(
+        "fp16", {"minCosineSimilarity": None, "outputs": {"stateN": {"maxAbsError": 1}}}
+    )
+    assert tol.minCosineSimilarity is None and tol.maxMeanAbsError == 1e-2
+    assert tol.bounds_for("stateN").maxAbsError == 1
+    assert not check_tolerance([_metrics("output", cosine=-0.5), _metrics("stateN", 0.9)], tol)
+    loose = _effective("fp16", {"minCosineSimilarity": -1})
+    assert not check_tolerance([_metrics("output", cosine=-0.5)], loose)
+    decided = _effective("fp16", {"decisions": {"output": {"threshold": 0.5}}})
+    assert decided.decisions and decided.minCosineSimilarity == 0.999  # decisions add bounds
