@@ -40,7 +40,7 @@ class Reason(str, Enum):
     CorruptModel = "CorruptModel"
     UnsafeModel = "UnsafeModel"  # a pickle that needs code execution to load (refused)
     ConversionFailed = "ConversionFailed"
-    AlreadyQuantized = "AlreadyQuantized"  # INT8 asked of a model that already is INT8
+    AlreadyQuantized = "AlreadyQuantized"  # INT8 of an INT8 model; FP16 or INT8 of an FP16 one
     ModelCrashed = "ModelCrashed"  # the sandboxed conversion process died of a signal
     MemoryLimitExceeded = "MemoryLimitExceeded"  # the sandbox's memory bound, or an OOM kill
     TimeLimitExceeded = "TimeLimitExceeded"  # the sandbox's time bound

@@ -6,6 +6,7 @@ was."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import free_port, silero_dir
@@ -257,3 +258,23 @@ def test_a_source_read_in_place_is_not_counted_in_the_work_volume(
     local = run_worker(job, tmp_path / "local", env)
     assert local.code == 0, local.log
     assert "reading the source in place" in local.log
+
+
+@pytest.mark.parametrize("quantization", [FP16, {"precision": "int8"}])
+def test_a_model_already_in_fp16_is_refused_with_its_reason(tmp_path, quantization):
+    """A new user's FP16 model: FP16 again, or INT8 (onnxruntime's quantizers need FP32
+    weights), ended in ConversionFailed with onnxruntime's internal errors."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = tmp_path / "m" / "vad_fp16.onnx"
+    model.parent.mkdir()
+    src = onnx.load(str(silero_dir() / SILERO))
+    onnx.save(convert_float_to_float16(src, keep_io_types=True), str(model))
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", quantization, endpoint=None,
+                   validation=GENERATED)  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    expect_failure(run, "AlreadyQuantized", 30)
+    assert "already a float16 model" in run.result["message"]
+    assert "convert its FP32 original" in run.result["message"]
+    assert not list((tmp_path / "out").rglob("*.onnx"))  # nothing published

@@ -102,3 +102,28 @@ def test_node_naming_reaches_subgraphs(silero_onnx: Path) -> None:
     again = load_model(silero_onnx)
     name_unnamed_nodes(again)
     assert [n.name for _, n in iter_nodes(again.graph)] == names
+
+
+def test_a_model_mostly_in_float16_is_refused_and_fp32_ones_pass() -> None:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kquant_api import Reason
+    from kquant_job.errors import PassError
+    from kquant_job.passes.onnx_common import refuse_reduced
+
+    def model(dtypes: dict[str, type]) -> onnx.ModelProto:
+        inits = [
+            numpy_helper.from_array(np.zeros((64, 64), dt), name) for name, dt in dtypes.items()
+        ]
+        graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1])], inits)  # fmt: skip
+        return helper.make_model(graph)
+
+    refuse_reduced(model({"a": np.float32, "b": np.float16}), "mixed.onnx", "fp16")  # 2:1 FP32
+    with pytest.raises(PassError) as info:
+        refuse_reduced(model({"a": np.float16, "b": np.float16, "c": np.float16, "d": np.float32}),
+                       "m.onnx", "int8")  # fmt: skip
+    assert info.value.reason is Reason.AlreadyQuantized
+    assert "24576 of its 40960 float weight bytes are float16" in str(info.value)
+    assert "INT8 quantizers need the FP32 weights" in str(info.value)

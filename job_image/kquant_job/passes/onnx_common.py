@@ -148,6 +148,47 @@ def _byte_size(model: ModelProto) -> int:
         return PROTOBUF_LIMIT
 
 
+# Float initializer types by bytes per element (TensorProto data types).
+_FLOAT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8,
+                onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2}  # fmt: skip
+_REDUCED = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def refuse_reduced(model: ModelProto, name: str, precision: str) -> None:
+    """Raise PassError(AlreadyQuantized) when most float weight bytes of ``model`` (every
+    graph's initializers, sized from their dims: the data need not be loaded) are already
+    float16 or bfloat16, for a conversion to ``precision`` ("fp16", "int8"): FP16 again would
+    publish the same precision under a new name, and onnxruntime's INT8 quantizers need FP32
+    weights (on an FP16 model they fail inside, e.g. "Expected InsertedPrecisionFreeCast_...
+    to be an initializer")."""
+    by_type: dict[int, int] = {}
+    for graph in iter_graphs(model.graph):
+        for t in graph.initializer:
+            if t.data_type in _FLOAT_BYTES:
+                count = 1
+                for d in t.dims:
+                    count *= d
+                by_type[t.data_type] = (
+                    by_type.get(t.data_type, 0) + count * _FLOAT_BYTES[t.data_type]
+                )
+    total = sum(by_type.values())
+    reduced = {k: v for k, v in by_type.items() if k in _REDUCED}
+    if not total or sum(reduced.values()) * 2 <= total:
+        return
+    dtype = _REDUCED[max(reduced, key=lambda k: reduced[k])]
+    held = f"{sum(reduced.values())} of its {total} float weight bytes are {dtype}"
+    what = (
+        "FP16 again would publish the same precision under a new name"
+        if precision == "fp16"
+        else "onnxruntime's INT8 quantizers need the FP32 weights"
+    )
+    raise PassError(
+        f"{name} is already a {dtype} model ({held}): {what}. Use it as it is, or convert its "
+        "FP32 original; in a model folder, quantization.exclude keeps it as it is",
+        reason=Reason.AlreadyQuantized,
+    )
+
+
 def iter_graphs(graph: GraphProto) -> Iterator[GraphProto]:
     """``graph`` and, depth first in node order, every subgraph of its If/Loop/Scan (and any
     other graph-valued attribute), recursively."""

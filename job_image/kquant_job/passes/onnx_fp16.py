@@ -47,6 +47,7 @@ from kquant_job.passes.onnx_common import (
     iter_tensors,
     load_model,
     name_unnamed_nodes,
+    refuse_reduced,
     save_model,
 )
 from kquant_job.passes.onnx_fp16_ladder import Ladder, LadderFailed
@@ -104,6 +105,7 @@ class OnnxFp16Pass:
 
         scratch = ctx.work_dir / "onnx-fp16"
         base, base_dir, named, out_of_range, range_nodes = _prepare(model_in, scratch)
+        refuse_reduced(base, model_in.name, "fp16")
         nodes |= range_nodes
         # Spilled weights: the ranges are measured on that copy (a session reads its data
         # file; an embedded model would be held three times: proto, bytes, session).

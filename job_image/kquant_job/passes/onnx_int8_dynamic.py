@@ -32,7 +32,7 @@ from kquant_job.passes.int8_prepare import (
 )
 from kquant_job.passes.int8_shapes import light_shape_reload
 from kquant_job.passes.int8_slices import sliced_weight_quantization
-from kquant_job.passes.onnx_common import iter_nodes
+from kquant_job.passes.onnx_common import iter_nodes, refuse_reduced
 from kquant_job.passes.onnx_options import extra_options
 
 
@@ -70,6 +70,7 @@ class OnnxInt8DynamicPass:
         options = extra_options(config)
         prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
         refuse_quantized(prepared.model, model_in.name)
+        refuse_reduced(prepared.model, model_in.name, "int8")
         details: dict[str, Any] = {"mode": "dynamic", **prepared.details}
         if options:
             details["extraOptions"] = dict(options)

@@ -47,6 +47,7 @@ from kquant_job.passes.int8_prepare import (
     weighted_nodes_in_subgraphs,
 )
 from kquant_job.passes.int8_slices import sliced_weight_quantization
+from kquant_job.passes.onnx_common import refuse_reduced
 from kquant_job.passes.onnx_options import extra_options
 from kquant_job.validate.inputs import load_feed
 
@@ -146,6 +147,7 @@ class OnnxInt8StaticPass:
         options = extra_options(config)
         prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
         refuse_quantized(prepared.model, model_in.name)
+        refuse_reduced(prepared.model, model_in.name, "int8")
         signature = model_signature(prepared.model)
         load_calibration_feed(files[0], signature)  # a wrong dataset fails before any work
         details: dict[str, Any] = {
