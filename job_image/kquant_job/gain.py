@@ -20,6 +20,16 @@ MIN_SLOWDOWN_MS = 0.1
 MIN_LATENCY_RUNS = 10
 
 
+def slower(original_ms: float, quantized_ms: float) -> bool:
+    """Whether a converted model's median latency (ms) counts as slower than the original's:
+    above MAX_LATENCY_RATIO times it and by more than MIN_SLOWDOWN_MS."""
+    return (
+        original_ms > 0
+        and quantized_ms / original_ms > MAX_LATENCY_RATIO
+        and quantized_ms - original_ms > MIN_SLOWDOWN_MS
+    )
+
+
 def gain_shortfalls(
     config: QuantizationConfig,
     original_bytes: int,
@@ -43,7 +53,7 @@ def gain_shortfalls(
     latency = summary.latencyMs if summary else None
     if summary and latency and latency.original > 0 and latency_runs >= MIN_LATENCY_RUNS:
         ratio = latency.quantized / latency.original
-        if ratio > MAX_LATENCY_RATIO and latency.quantized - latency.original > MIN_SLOWDOWN_MS:
+        if slower(latency.original, latency.quantized):
             found.append(
                 f"{ratio:.2f}x the original's latency on {summary.device} "
                 f"({latency.quantized:.3g} vs {latency.original:.3g} ms median; at most "

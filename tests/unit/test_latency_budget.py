@@ -142,3 +142,36 @@ def test_no_gain_counts_the_runs_actually_timed() -> None:
     # 3 timed runs decide nothing, whatever latencyRuns asked for
     assert gain_shortfalls(config, 100, 50, slow, slow.latencyMs.runs) == []
     assert gain_shortfalls(config, 100, 50, slow, 20) != []
+
+
+@pytest.mark.parametrize(
+    ("second", "expected"),
+    [((0.5, 0.5), (0.5, 0.5)),  # a slowdown the second round does not show: not slower
+     ((1.0, 0.5), (1.0, 0.5))],  # confirmed: the report still says slower
+)  # fmt: skip
+def test_a_slowdown_is_timed_again_before_it_counts(
+    silero_onnx, tmp_path, monkeypatch: pytest.MonkeyPatch, second, expected
+) -> None:
+    """A new user saw the same INT8 bytes judged NoGain once (1.54x, 0.1 ms slower) and
+    Validated seven times: one sequential round on a busy machine decided the verdict."""
+    import kquant_job.validate.compare as compare
+    from kquant_api import DEFAULT_TOLERANCE, Precision
+    from kquant_job.gain import slower
+
+    cfg = ValidationConfig.model_validate({"samples": 2, "latencyRuns": 10, "warmupRuns": 0})
+    feeds = prepare_feeds(silero_onnx, cfg, [])
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(silero_onnx.read_bytes())
+    # reference pass (original), converted, then (on a slowdown) converted, original again
+    medians = iter([0.5, 1.0, *second])
+    monkeypatch.setattr(compare, "block_latency_ms", lambda *a: (next(medians), 10))
+    tol = DEFAULT_TOLERANCE[Precision.int8]
+    ref = compare.Reference(silero_onnx, feeds, cfg, tol)
+    outcome = validate_onnx(silero_onnx, copy, [], cfg, tol, reference=ref, confirm_slowdown=True)
+    got = (outcome.latency_ms["quantized"], outcome.latency_ms["original"])
+    assert got == expected and slower(got[1], got[0]) == (expected == (1.0, 0.5))
+    # without a gain rule to feed (FP16), one round
+    medians = iter([0.5, 1.0])
+    ref = compare.Reference(silero_onnx, feeds, cfg, tol)
+    outcome = validate_onnx(silero_onnx, copy, [], cfg, tol, reference=ref)
+    assert (outcome.latency_ms["quantized"], outcome.latency_ms["original"]) == (1.0, 0.5)

@@ -109,9 +109,13 @@ class OnnxValidator:
     def validate(self, converted: Path) -> ValidationOutcome:
         """:func:`validate_onnx` against the reference."""
         ref = self.reference
+        config = self.spec.conversions[0]
+        # the gain rule's precisions (kquant_job.gain): a latency verdict is confirmed
+        judged = config.precision in (Precision.int8, Precision.int4)
         return validate_onnx(
-            ref.original, converted, ref.feeds, self.cfg, self.spec.tolerance, reference=ref
-        )
+            ref.original, converted, ref.feeds, self.cfg, self.spec.tolerance, reference=ref,
+            confirm_slowdown=judged and config.requireGain is not False,
+        )  # fmt: skip
 
 
 def make_validator(
