@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kquant_api import ModelFormat, Precision, QuantizationJob
+from kquant_api import ModelFormat, Precision, QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.beside import OutputNames, plan_names
-from kquant_job.errors import InvalidSpec
+from kquant_job.errors import InvalidSpec, StorageError
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
 from kquant_job.passes.onnx_options import check_names
@@ -171,7 +171,30 @@ def _names(job: QuantizationJob, plan: Plan, io: StageInput) -> OutputNames:
     spec = job.spec
     config = spec.quantization
     assert config is not None  # one conversion per stage: variants run one stage each
-    return plan_names(plan, config.label, io.source.is_file(), spec.output.besideOriginals)
+    names = plan_names(plan, config.label, io.source.is_file(), spec.output.besideOriginals)
+    if not spec.output.besideOriginals:  # there kquant's own names live under .kquant/
+        _refuse_reserved(spec.model.uri, [*names.models.values(), *names.copies.values()])
+    return names
+
+
+# Names at the top of an output that are kquant's own (kquant_job.sets): the manifest, the
+# report and the bookkeeping folder.
+_RESERVED = ("manifest.json", "report.json")
+
+
+def _refuse_reserved(uri: str, outputs: list[str]) -> None:
+    """StorageError(UnsafePath) when a file of the model folder would be published under
+    one of kquant's own names, found when planning (before: after the conversion, when
+    publishing)."""
+    clash = sorted(o for o in outputs if o in _RESERVED or o.split("/")[0] == ".kquant")
+    if clash:
+        raise StorageError(
+            f"{uri} holds {', '.join(clash[:3])}: at the top of the output these names are "
+            "kquant's own (its manifest.json, report.json and .kquant/ folder), so the folder "
+            "cannot be published as it is. Move or rename them in the model folder (an "
+            "earlier kquant output? name the model files themselves, or their own folder)",
+            reason=Reason.UnsafePath,
+        )
 
 
 def _plan(job: QuantizationJob, io: StageInput) -> Plan:

@@ -101,3 +101,21 @@ def test_a_dry_run_of_a_model_that_does_not_run_says_why(tmp_path, silero_onnx):
                      extra_args=("--dry-run",))  # fmt: skip
     assert run.code == 10 and "InvalidSpec" in run.log
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_with_its_own_manifest_is_refused_before_converting(tmp_path):
+    """A model folder holding a manifest.json (or an earlier kquant output's .kquant/): the
+    dry run planned to copy it and the run converted, then failed to publish. Both now refuse
+    it while planning, naming the file."""
+    folder = models_dir(tmp_path)
+    (folder / "manifest.json").write_text('{"theirs": true}')
+    before = tree(folder)
+    for extra in (("--dry-run",), ()):
+        out = tmp_path / f"out{len(extra)}"
+        run = run_worker(job(f"file://{folder}/", out), tmp_path / f"w{len(extra)}",
+                         extra_args=extra)  # fmt: skip
+        assert run.code == 20 and "UnsafePath" in run.log, run.log
+        assert "holds manifest.json" in run.log and "Move or rename" in run.log
+        assert "convert: start" not in run.log  # refused while planning
+        assert not list(out.rglob("*.onnx")) and not list(out.rglob("*.jit"))
+    assert tree(folder) == before
