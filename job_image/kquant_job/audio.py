@@ -140,11 +140,21 @@ def thread_state(
     the recurrent state as in production, not a constant initial state.
 
     Raises PassError(CorruptModel) if the model does not load, InvalidSpec for feedback names
-    the model lacks, RuntimeError("sample i: ...") if a step fails.
+    the model lacks or for model inputs the feeds do not give, RuntimeError("sample i: ...")
+    if a step fails.
     """
     from kquant_job.validate.runtime import make_session, run_stream, select_providers
 
     session = make_session(Path(model_path), providers or select_providers()[0])
+    given = set(feeds[0]) if feeds else set()
+    missing = [i.name for i in session.get_inputs() if i.name not in given]
+    if feeds and missing:
+        raise InvalidSpec(
+            f"{Path(model_path).name} also needs the inputs {', '.join(missing)}, which the "
+            f"frames do not give (they give {', '.join(sorted(given))}): add them "
+            "(kquant-job frames: --zeros NAME SHAPE for a state tensor, --scalar NAME VALUE "
+            "for a number such as sr 16000)"
+        )
     outputs = run_stream(session, feeds, feedback)
     threaded = [dict(feed) for feed in feeds]
     for i in range(1, len(threaded)):

@@ -103,3 +103,15 @@ def test_frames_command_writes_fbank_features(tmp_path):
     assert cli.main(["frames", str(SPEECH_WAV), str(plain), "--features", "fbank"]) == 0
     [cam] = [np.load(p)["input"] for p in plain.glob("*.npz")]
     assert cam.shape[0] == 1 and cam.shape[2] == 80 and cam.shape[1] > 500
+
+
+def test_frames_with_a_model_missing_inputs_says_which_and_how(tmp_path, silero_onnx, capfd):
+    """A new user's `frames --model` without --zeros/--scalar ended in a traceback."""
+    folder = tmp_path / "wavs"
+    tone(folder / "one.wav", 16000, 440.0, seconds=0.2)
+    out = tmp_path / "calib"
+    args = ["frames", str(folder), str(out), "--frame-size", "512", "--model", str(silero_onnx)]
+    assert cli.main(args) == 10  # InvalidSpec, no traceback
+    message = capfd.readouterr().err
+    assert "also needs the inputs state, sr" in message and "--zeros NAME SHAPE" in message
+    assert not list(out.glob("*.npz"))
