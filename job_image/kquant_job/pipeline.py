@@ -33,7 +33,7 @@ from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError,
 from kquant_job.judge import assess, providers_of, source_entry, success_result
 from kquant_job.report import build_report, failure_report, manifest_fields, now
 from kquant_job.sandbox.limits import Limits
-from kquant_job.sandbox.runner import run_stage
+from kquant_job.sandbox.runner import run_plan, run_stage
 from kquant_job.sets import Target, Writer, as_prefix
 from kquant_job.stage import StageInput, StageOutcome
 from kquant_job.storage import Storage, is_prefix, join, open_storage
@@ -250,8 +250,33 @@ def fetch_inputs(run: JobRun) -> StageInput:
     )
 
 
+def plan_and_check(run: JobRun, io: StageInput, out: Target) -> dict[str, dict[str, Any]]:
+    """Each conversion's plan (the sandboxed plan task; by variant label) and, for the names
+    the output would get, what publishing would refuse there: ForeignObject. Raises what
+    planning raises (InvalidSpec, PassError...) and that StorageError."""
+    from kquant_job.variants import variant_jobs
+
+    job = run.job
+    plans = {label: run_plan(vjob, io, run.work, run.limits) for label, vjob in variant_jobs(job)}
+    names: list[str] = []
+    folders: list[str] = []
+    for label, plan in plans.items():
+        own = [m["output"] for m in plan["models"]] + list(plan["copies"].values())
+        own += [k["output"] for k in plan["kept"].values() if k["output"]]
+        # spec.variants: a folder model's variants go under <name>/
+        prefix = f"{label}/" if job.spec.variants and not io.source.is_file() else ""
+        names += [prefix + n for n in own]
+        folders += plan["folders"]
+    out.check_free(names, folders)
+    return plans
+
+
 def _run(run: JobRun, out: Target, promo: Target | None, started: str) -> JobResult:
     io = fetch_inputs(run)
+    if out.may_clash():
+        # Objects kquant did not write lie under the output: a name the set needs may be
+        # one of them. Found now (one planning task), not after the conversion.
+        plan_and_check(run, io, out)
     if run.job.spec.variants:
         from kquant_job.pipeline_variants import run_variants
 

@@ -17,11 +17,10 @@ from kquant_api import QuantizationJob
 from kquant_api.spec import StorageConfig
 from kquant_job.budget import check_budget, room
 from kquant_job.companions import companion_bytes, companion_names, fetch_companions
-from kquant_job.pipeline import JobRun, fetch_inputs, open_targets
+from kquant_job.pipeline import JobRun, fetch_inputs, open_targets, plan_and_check
 from kquant_job.sandbox.limits import Limits
-from kquant_job.sandbox.runner import run_plan, run_task
+from kquant_job.sandbox.runner import run_task
 from kquant_job.storage import open_storage
-from kquant_job.variants import variant_jobs
 
 
 def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
@@ -35,16 +34,7 @@ def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
     run = JobRun(job, work, Limits.from_env())
     out, promo = open_targets(run)
     io = fetch_inputs(run)
-    plans = {label: run_plan(vjob, io, work, run.limits) for label, vjob in variant_jobs(job)}
-    names, folders = [], []
-    for label, plan in plans.items():
-        own = [m["output"] for m in plan["models"]] + list(plan["copies"].values())
-        own += [k["output"] for k in plan["kept"].values() if k["output"]]
-        # spec.variants: a folder model's variants go under <name>/
-        prefix = f"{label}/" if job.spec.variants and not io.source.is_file() else ""
-        names += [prefix + n for n in own]
-        folders += plan["folders"]
-    out.check_free(names, folders)
+    plans = plan_and_check(run, io, out)
     dry = {"output": out.prefix, "promotion": promo.prefix if promo else None}
     dry["plan"] = next(iter(plans.values()))
     if job.spec.variants:

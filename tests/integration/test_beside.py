@@ -140,6 +140,7 @@ def test_a_foreign_file_in_a_model_folder_output_is_refused(tmp_path):
     run = run_worker(beside_job(f"file://{local}/", None), tmp_path)
     assert run.code == 20 and run.result["reason"] == "ForeignObject", run.log
     assert "SenseVoiceSmall_fp16/" in run.result["message"]
+    assert "convert: start" not in run.log  # found while planning, nothing converted
     assert snapshot(Prefix(root=local)) == before
 
 

@@ -278,3 +278,19 @@ def test_a_model_already_in_fp16_is_refused_with_its_reason(tmp_path, quantizati
     assert "already a float16 model" in run.result["message"]
     assert "convert its FP32 original" in run.result["message"]
     assert not list((tmp_path / "out").rglob("*.onnx"))  # nothing published
+
+
+def test_a_foreign_object_at_an_output_name_is_found_before_converting(tmp_path):
+    """overwrite: true on a prefix where someone put their own silero_vad_fp16.onnx: the run
+    ends in ForeignObject while planning, as the dry run does (before: after converting)."""
+    model = silero_dir() / SILERO
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SILERO.replace(".onnx", "_fp16.onnx")).write_bytes(b"someone's own model")
+    job = manifest(f"file://{model}", f"file://{out}/", FP16, endpoint=None,
+                   validation=GENERATED)  # fmt: skip
+    job["spec"]["output"]["overwrite"] = True
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    expect_failure(run, "ForeignObject", 20)
+    assert "convert: start" not in run.log
+    assert (out / SILERO.replace(".onnx", "_fp16.onnx")).read_bytes() == b"someone's own model"

@@ -171,6 +171,12 @@ class Target:
                 reason=Reason.ForeignObject,
             )
 
+    def may_clash(self) -> bool:
+        """Whether a name this set needs could hold an object kquant did not write: the
+        prefix holds such objects (always, beside the originals: a shared folder). Reads
+        the prefix."""
+        return bool(self.home) or bool(foreign_objects(self._state(), limit=1))
+
     def check_free(self, names: list[str], folders: Sequence[str] = ()) -> None:
         """Read-only: raise what :meth:`publish` would raise for these fixed names (and the
         report's, on a prefix of kquant's own) and folders: ForeignObject. For the dry run."""
