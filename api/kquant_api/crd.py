@@ -224,11 +224,13 @@ def _overlap_rules() -> list[dict[str, str]]:
         if (w, r) == ("spec.output.uri", "spec.model.uri"):
             guard = _NOT_BESIDE  # beside the originals, the output is the model's folder
         test = f"!({_overlap(wp, rp)})"
+        hint = (", or set spec.output.besideOriginals: true to write beside the originals"
+                if (w, r) == ("spec.output.uri", "spec.model.uri") else "")  # fmt: skip
         rules.append(
             _rule(f"!({guard}) || {test}" if guard else test,
                   f"{w}: overlaps {r}: kquant would write where this job also "
                   f"{'write' if r in WRITE_FIELDS else 'read'}s; use prefixes that do not "
-                  "contain each other")
+                  f"contain each other{hint}")
         )  # fmt: skip
     for w in WRITE_FIELDS:  # each variant's calibration data is read too
         wg, wp = _URI_PATHS[w]

@@ -65,9 +65,13 @@ def overlaps(a: str, b: str) -> bool:
 def overlap_message(write_field: str, write_uri: str, other_field: str, other_uri: str) -> str:
     """The InvalidSpec message for an overlap (the CRD's CEL rule says its first part)."""
     what = "write" if other_field in WRITE_FIELDS else "read"
+    hint = ""
+    if write_field == "spec.output.uri" and other_field == "spec.model.uri":
+        # the users' own recipe: outputs named _fp16 beside the originals
+        hint = ", or set spec.output.besideOriginals: true to write beside the originals"
     return (
         f"{write_field}: overlaps {other_field} ({write_uri} and {other_uri}): kquant would "
-        f"write where this job also {what}s; use prefixes that do not contain each other"
+        f"write where this job also {what}s; use prefixes that do not contain each other{hint}"
     )
 
 

@@ -170,7 +170,7 @@ def assess(job: QuantizationJob, stage: StageOutcome, staged: Path) -> Assessed:
         }
         for m in converted
     ]
-    notes = result_notes(converted, summary)
+    notes = result_notes(converted, summary, spec.conversions[0].precision.value)
     rows = table_rows(converted, spec.tolerance, spec.validation.tolerance is not None)
     return Assessed(job, stage, summary, passed, reason, message, original, quantized,
                     files, models, notes, rows)  # fmt: skip

@@ -61,8 +61,11 @@ def model_notes(model: ModelOutcome) -> list[str]:
     return notes
 
 
-def result_notes(models: list[ModelOutcome], summary: ValidationSummary | None) -> list[str]:
-    """Every model's notes, then the job's: not smaller, or slower, than the original."""
+def result_notes(
+    models: list[ModelOutcome], summary: ValidationSummary | None, precision: str = ""
+) -> list[str]:
+    """Every model's notes, then the job's: not smaller, or slower, than the original (for
+    ``precision`` fp16 on the CPU, with where FP16 pays off)."""
     notes = [n for m in models for n in model_notes(m)]
     original = sum(m.original_bytes for m in models)
     quantized = sum(m.quantized_bytes for m in models)
@@ -71,9 +74,8 @@ def result_notes(models: list[ModelOutcome], summary: ValidationSummary | None) 
     if summary and summary.latencyMs and summary.latencyMs.original > 0:
         ratio = summary.latencyMs.quantized / summary.latencyMs.original
         if ratio > SLOWER:
-            where = (
-                "; FP16 pays off where FP16 kernels exist: GPUs" if summary.device == "cpu" else ""
-            )
+            fp16_on_cpu = precision == "fp16" and summary.device == "cpu"
+            where = "; FP16 pays off where FP16 kernels exist: GPUs" if fp16_on_cpu else ""
             notes.append(
                 f"slower than the original on {summary.device} ({ratio:.2f}x its latency){where}"
             )

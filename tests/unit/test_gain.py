@@ -53,3 +53,16 @@ def test_require_gain_false_and_float_precisions_are_not_checked() -> None:
     assert gain_shortfalls(off, 1000, 2000, summary(1.0, 5.0)) == []
     fp16 = QuantizationConfig(precision="fp16")  # FP16 on a CPU is slower, and expected to be
     assert gain_shortfalls(fp16, 1000, 2000, summary(1.0, 5.0)) == []
+
+
+def test_the_fp16_gpu_note_is_for_fp16_only_and_a_cli_writer_has_no_generation() -> None:
+    from kquant_job.sets import Writer
+    from kquant_job.table import result_notes
+
+    slow = ValidationSummary(passed=True, samples=4, device="cpu",
+                             latencyMs={"original": 1.0, "quantized": 3.0, "runs": 20})  # fmt: skip
+    assert "GPUs" in result_notes([], slow, "fp16")[0]
+    assert "GPUs" not in result_notes([], slow, "int8")[0]  # a new user's INT8 job got it
+    cli = Writer("job").describe()
+    assert cli.startswith("job (run ") and "None" not in cli
+    assert Writer("vad", "speech", "uid-1", 2).describe().startswith("speech/vad (generation 2,")

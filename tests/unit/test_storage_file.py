@@ -275,3 +275,13 @@ def test_temporary_files_name_their_writer(tmp_path):
     (tmp_path / gone).write_bytes(b"half")
     [upload] = fs.list_uploads(f"file://{tmp_path}/")
     assert (upload.key, upload.writer_alive) == (gone, False)
+
+
+def test_a_file_named_with_a_trailing_slash_says_to_drop_it(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with pytest.raises(StorageError) as info:
+        FileStorage().download(f"file://{tmp_path}/m.onnx/", tmp_path / "dl", 10**6)
+    assert info.value.reason is Reason.SourceNotFound
+    assert "names a file, not a directory: drop the trailing '/'" in str(info.value)
+    with pytest.raises(StorageError, match="no directory at"):
+        FileStorage().download(f"file://{tmp_path}/none/", tmp_path / "dl", 10**6)

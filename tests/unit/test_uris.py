@@ -75,3 +75,13 @@ def test_the_worker_compares_resolved_local_paths(tmp_path, monkeypatch):
         check_resolved_overlaps(relative)
     apart = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": "out/"})})
     check_resolved_overlaps(apart)
+
+
+def test_an_output_overlapping_the_model_points_at_beside_originals() -> None:
+    from kquant_api.uris import overlap_message
+
+    msg = overlap_message("spec.output.uri", "s3://b/m/", "spec.model.uri", "s3://b/m/")
+    assert msg.startswith("spec.output.uri: overlaps spec.model.uri")
+    assert "besideOriginals: true" in msg
+    other = overlap_message("spec.promotion.uri", "s3://b/p/", "spec.output.uri", "s3://b/p/")
+    assert "besideOriginals" not in other

@@ -152,7 +152,9 @@ class Writer:
     def describe(self) -> str:
         """``namespace/name`` (generation g, run r) for messages."""
         who = f"{self.namespace}/{self.name}" if self.namespace else self.name
-        return f"{who} (generation {self.generation}, run {self.run_id or '?'})"
+        # a CLI run outside a cluster has no generation: not "generation None"
+        gen = f"generation {self.generation}, " if self.generation is not None else ""
+        return f"{who} ({gen}run {self.run_id or '?'})"
 
 
 def new_set_id(now: datetime | None = None) -> str:

@@ -304,6 +304,11 @@ def _checked_source(
             )
         return src, None
     if not src.is_dir():
+        if src.is_file():  # "model.onnx/": a file named as a folder
+            raise StorageError(
+                f"{uri} names a file, not a directory: drop the trailing '/' to fetch the file",
+                reason=Reason.SourceNotFound,
+            )
         raise StorageError(f"no directory at {uri}", reason=Reason.SourceNotFound)
     try:
         pairs = _walk(src, uri)
