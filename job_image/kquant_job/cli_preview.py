@@ -124,6 +124,8 @@ def format_model(m: dict[str, Any], show_nodes: bool) -> str:
     lines.append(f"  {'FP16:':<10} {_fp16_line(m['fp16KeepsFp32'])}")
     if show_nodes:
         lines.append(f"  nodes ({m['nodesListed']} listed):")
+        if not m["nodesListed"]:  # a misspelt op type, or a name that is not there
+            lines.append(f"    no node matches; op types here: {', '.join(sorted(m['opTypes']))}")
         for n in m["nodes"]:
             where = "  (in a subgraph)" if n["inSubgraph"] else ""
             lines.append(f"    #{n['index']} {n['name'] or '(unnamed)'} {n['opType']} "

@@ -152,6 +152,9 @@ def test_the_human_report_names_the_signature_and_the_listed_nodes(silero_onnx):
     listed = [line for line in proc.stdout.splitlines() if line.strip().startswith("#")]
     assert listed and all(" LSTM " in line for line in listed)
     assert "sandbox: confined" in proc.stderr or "NOT confined" in proc.stderr
+    misspelt = inspect(str(silero_onnx), "--op-type", "LTSM")
+    assert misspelt.returncode == 0 and "nodes (0 listed)" in misspelt.stdout
+    assert "no node matches; op types here: " in misspelt.stdout and "LSTM" in misspelt.stdout
 
 
 def test_inspect_reads_from_s3(s3_server, bucket, tmp_path, silero_onnx, worker_env):

@@ -285,3 +285,15 @@ def test_a_file_named_with_a_trailing_slash_says_to_drop_it(tmp_path: Path) -> N
     assert "names a file, not a directory: drop the trailing '/'" in str(info.value)
     with pytest.raises(StorageError, match="no directory at"):
         FileStorage().download(f"file://{tmp_path}/none/", tmp_path / "dl", 10**6)
+
+
+def test_a_missing_relative_path_shows_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user ran a spec with a relative path from another folder: the message said
+    'cannot stat m/vad.onnx' without saying against which directory it resolved."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError) as info:
+        FileStorage().download("m/vad.onnx", tmp_path / "dl", 10**6)
+    assert info.value.reason is Reason.SourceNotFound
+    assert f"({tmp_path / 'm' / 'vad.onnx'})" in str(info.value)

@@ -194,7 +194,10 @@ def os_error(exc: OSError, uri: str, action: str) -> StorageError:
         reason = Reason.AccessDenied
     else:
         reason = Reason.StorageUnavailable
-    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != uri else ""
+    name = os.fsdecode(exc.filename) if exc.filename is not None else ""
+    # a relative path resolves against the working directory, not the spec file: show it
+    shown = os.path.abspath(name) if name and not os.path.isabs(name) else name
+    where = f" ({shown})" if shown and shown != uri else ""
     return StorageError(f"cannot {action} {uri}: {exc.strerror or exc}{where}", reason=reason)
 
 
