@@ -188,11 +188,14 @@ def test_leftovers_of_this_job_are_reclaimed_and_live_sets_of_others_left(store,
     store.storage.write_bytes(store.uri("out/.kquant/sets/20260101T000000Z-00000005/x"), b"")
     # a run of this very job and generation started now may still commit: left alone
     leftover("20260101T000000Z-00000006", Writer("vad", "speech", "uid-1", 1), now)
+    # a folder created now whose marker is still being written (a local temporary file)
+    young = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-00000007"
+    store.storage.write_bytes(store.uri(f"out/.kquant/sets/{young}/.set.json.x.kquant-part"), b"")
     publish(store, tmp_path, JOB, replace=False)
     out = prefix_of(store)
     folders = {k.split("/")[2] for k in out.all_keys() if k.startswith(".kquant/sets/")}
     assert folders == {read_set(out)["set"], "20260101T000000Z-00000002",
-                       "20260101T000000Z-00000006"}  # fmt: skip
+                       "20260101T000000Z-00000006", young}  # fmt: skip
 
 
 def test_a_second_run_of_the_job_never_removes_the_set_the_first_commits(store, tmp_path):

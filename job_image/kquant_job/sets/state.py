@@ -144,12 +144,15 @@ def _marker(state: PrefixState, set_id: str) -> dict | None:
 
 
 def reclaim_reason(
-    marker: dict | None, writer: Writer, retention: Retention, now: float
+    marker: dict | None, writer: Writer, retention: Retention, now: float, set_id: str = ""
 ) -> str | None:
     """Why an uncommitted set folder (not in the manifest's history) may be removed by
-    ``writer``, or None to leave it (another live writer's set, perhaps)."""
+    ``writer``, or None to leave it (another live writer's set, perhaps). ``set_id`` begins
+    with the folder's creation time (:func:`~kquant_job.sets.layout.new_set_id`)."""
     if marker is None:
-        return "no marker: an interrupted clean-up"
+        # A writer may be creating its marker right now (a local write goes through a
+        # temporary file in the folder): a folder without one is left while its lease runs.
+        return "no marker: an interrupted clean-up" if _lease_over(set_id, retention, now) else None
     owner = Writer.from_ref(marker.get("job") or {})
     if marker.get("state") == "failed" and owner.same_job(writer):
         return "the report of an earlier failed run of this job"  # written as that run ended
@@ -162,6 +165,15 @@ def reclaim_reason(
     if started is not None and now - started > retention.abandoned_seconds:
         return f"abandoned (started {marker.get('startedAt')})"
     return None
+
+
+def _lease_over(set_id: str, retention: Retention, now: float) -> bool:
+    """Whether the set folder ``set_id`` is older than twice ``retention.live_seconds``, by
+    the creation time its id begins with (``20261207T043411Z-...``,
+    :func:`~kquant_job.sets.layout.new_set_id`); True for an id that does not parse."""
+    c = set_id
+    born = parse_time(f"{c[0:4]}-{c[4:6]}-{c[6:8]}T{c[9:11]}:{c[11:13]}:{c[13:15]}Z")
+    return born is None or now - born > 2 * retention.live_seconds
 
 
 def delete_set(state: PrefixState, set_id: str) -> int:
@@ -202,7 +214,7 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
     for set_id in sorted(state.sets):
         if set_id in kept:
             continue
-        why = reclaim_reason(_marker(state, set_id), writer, retention, now)
+        why = reclaim_reason(_marker(state, set_id), writer, retention, now, set_id)
         if why:
             count = delete_set(state, set_id)
             removed.append(f"{set_id}: {why} ({count} objects)")
@@ -210,9 +222,11 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
         set_id = set_id_of(upload.key, state.home)
         if set_id is not None:
             # A writer creates its marker before any upload: an upload without one belongs
-            # to a set that was reclaimed (asked now, not from the listing above).
-            orphan = set_id not in state.sets and not state.storage.stat(
-                state.set_uri(set_id, MARKER)
+            # to a set that was reclaimed (asked now, not from the listing above), unless it
+            # is the marker's own write in progress (a local temporary file) by a live writer.
+            marked = set_id in state.sets or state.storage.stat(state.set_uri(set_id, MARKER))
+            orphan = not marked and (
+                upload.writer_alive is False or _lease_over(set_id, retention, now)
             )
         elif not _ours(state, upload.key):
             orphan = False  # a prefix shared with other people: their uploads are theirs
