@@ -8,6 +8,7 @@ when the serialized model would not fit in one protobuf message (2 GiB).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -165,12 +166,8 @@ def refuse_reduced(model: ModelProto, name: str, precision: str) -> None:
     for graph in iter_graphs(model.graph):
         for t in graph.initializer:
             if t.data_type in _FLOAT_BYTES:
-                count = 1
-                for d in t.dims:
-                    count *= d
-                by_type[t.data_type] = (
-                    by_type.get(t.data_type, 0) + count * _FLOAT_BYTES[t.data_type]
-                )
+                size = math.prod(t.dims) * _FLOAT_BYTES[t.data_type]
+                by_type[t.data_type] = by_type.get(t.data_type, 0) + size
     total = sum(by_type.values())
     reduced = {k: v for k, v in by_type.items() if k in _REDUCED}
     if not total or sum(reduced.values()) * 2 <= total:
