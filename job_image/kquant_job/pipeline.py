@@ -72,14 +72,14 @@ def _stored_bytes(run: JobRun, uri: str, skip: Callable[[str], bool] | None = No
     return info.size if info else 0
 
 
-def _readable_in_place(store: Storage, uri: str) -> bool:
-    """Whether the source at ``uri`` will be read where it lies (a local file or folder),
-    not copied into the work directory. A source that fails the check counts as copied: the
-    fetch then reports why."""
+def _in_place(store: Storage, uri: str) -> Path | None:
+    """The checked local path the source at ``uri`` will be read from where it lies (a local
+    file or folder), or None when it is copied into the work directory. A source that fails
+    the check counts as copied: the fetch then checks it again and reports why."""
     try:
-        return store.read_in_place(uri) is not None
+        return store.read_in_place(uri)
     except StorageError:
-        return False
+        return None
 
 
 def fetch_npz(run: JobRun, uri: str | None, name: str, max_bytes: int) -> list[Path]:
@@ -211,7 +211,8 @@ def fetch_inputs(run: JobRun) -> StageInput:
     samples = list(dict.fromkeys(u for u in (spec.validation.dataUri, *calibs) if u))
     space = room(work)
     factor = sum(work_factor(c, spec.model.format) for c in spec.conversions)
-    if not skip and _readable_in_place(run.store(spec.model.uri), spec.model.uri):
+    checked = None if skip else _in_place(run.store(spec.model.uri), spec.model.uri)
+    if checked is not None:
         factor -= 1.0  # each factor counts the source, which is read where it lies
     source_bytes = _stored_bytes(run, spec.model.uri, skip)
     sample_bytes = {uri: _stored_bytes(run, uri) for uri in samples}
@@ -220,7 +221,7 @@ def fetch_inputs(run: JobRun) -> StageInput:
         store = run.store(spec.model.uri)
         # A local source is read where it lies (read-only in the sandbox), not copied; with
         # besideOriginals the folder is also the output, so a copy without kquant's files.
-        local = None if skip else store.read_in_place(spec.model.uri)
+        local = checked or (None if skip else store.read_in_place(spec.model.uri))
         in_place = local is not None
         if local is not None:
             LOG.info("reading the source in place", extra={"fields": {"path": str(local)}})
