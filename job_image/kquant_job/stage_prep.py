@@ -46,8 +46,8 @@ def spill(src: Path, folder: Path) -> Path:
     pass) then reads the weights from that file, tensor by tensor, instead of each holding
     the embedded copy (bench/bench_job.py; the figures are in the README). The move walks
     the file (:func:`~kquant_job.passes.onnx_spill.spill_weights`): it never holds the
-    model, only its largest tensor. Raises PassError(CorruptModel) for a file that is not
-    a model."""
+    model nor any of its weights (the kernel copies them). Raises PassError(CorruptModel)
+    for a file that is not a model."""
     from kquant_job.passes.onnx_spill import spill_weights
 
     logs.info(f"moving the embedded weights of {src.name} to a data file", bytes=src.stat().st_size)

@@ -66,6 +66,66 @@ def test_the_files_are_those_onnx_writes(tmp_path: Path) -> None:
         np.testing.assert_array_equal(numpy_helper.to_array(t_ours), numpy_helper.to_array(t_src))
 
 
+def test_without_the_kernel_copy_the_files_are_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel refuses to copy between the files (e.g. EXDEV on kernels before
+    5.19 across file systems), the weights are read and written in chunks: the same
+    bytes."""
+    src = build_corpus()["bert_tiny"].path
+    kernel = spill_weights(src, tmp_path / "kernel" / "model.onnx")
+    calls = []
+
+    def refuse(*args: object) -> int:
+        calls.append(args)
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("os.copy_file_range", refuse)
+    chunks = spill_weights(src, tmp_path / "chunks" / "model.onnx")
+    assert calls  # the fallback ran
+    assert chunks[0].read_bytes() == kernel[0].read_bytes()
+    assert chunks[1].read_bytes() == kernel[1].read_bytes()
+
+
+def test_a_tensor_with_two_raw_data_fields_is_kept_as_it_is(tmp_path: Path) -> None:
+    """Protobuf lets a field appear twice (the last wins): such a tensor is not moved, so
+    that what readers parse stays what the file says."""
+    tensor = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    blob = tensor.SerializeToString()
+    twice = blob + b"\x4a" + bytes([0x80, 0x80, 0x01]) + np.full(4096, 2, np.float32).tobytes()
+    assert numpy_helper.to_array(TensorProto.FromString(twice))[0, 0] == 2
+    init = bytes([0x2A]) + _varint(len(twice)) + twice
+    node = helper.make_node("Identity", ["w"], ["y"]).SerializeToString()
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64]).SerializeToString()
+    graph = b"\x0a" + _varint(len(node)) + node + init + b"\x62" + _varint(len(out)) + out
+    model = helper.make_model(helper.make_graph([], "g", [], []), ir_version=8)
+    del model.graph.node[:]
+    raw = (
+        model.SerializeToString().replace(
+            b"\x3a" + _varint(model.graph.ByteSize()) + model.graph.SerializeToString(), b""
+        )
+        + b"\x3a"
+        + _varint(len(graph))
+        + graph
+    )
+    src = tmp_path / "twice.onnx"
+    src.write_bytes(raw)
+    dst, data = spill_weights(src, tmp_path / "out" / "model.onnx")
+    bare = onnx.load(str(dst), load_external_data=False)
+    assert bare.graph.initializer[0].data_location == TensorProto.DEFAULT
+    assert numpy_helper.to_array(bare.graph.initializer[0])[0, 0] == 2
+    assert data.stat().st_size == 0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
 def test_typed_and_subgraph_tensors_stay_and_the_rest_round_trips(tmp_path: Path) -> None:
     src = _with_subgraph_and_small_tensors(tmp_path / "m.onnx")
     dst, data = spill_weights(src, tmp_path / "out" / "model.onnx")
@@ -106,7 +166,8 @@ def test_bytes_that_are_not_a_model_are_corrupt_model(tmp_path: Path, damage: st
 
 def test_memory_stays_near_the_largest_tensor(tmp_path: Path) -> None:
     """40 tensors of 4 MiB (160 MiB embedded): onnx's load and save peaks at over twice the
-    model; the walk at about the largest tensor twice, plus the interpreter."""
+    model; the walk holds no weight (the kernel copies them), only the interpreter's
+    buffers."""
     tensors = [numpy_helper.from_array(np.full((1024, 1024), i, np.float32), f"w{i}")
                for i in range(40)]  # fmt: skip
     nodes = [helper.make_node("Identity", [f"w{i}"], [f"o{i}"]) for i in range(40)]
@@ -125,5 +186,5 @@ def test_memory_stays_near_the_largest_tensor(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o/m.onnx")],
                          capture_output=True, text=True, check=True)  # fmt: skip
     grown = int(out.stdout.split()[-1])
-    assert grown < 0.25 * src.stat().st_size, grown  # vs 2x for load + save
+    assert grown < 0.05 * src.stat().st_size, grown  # vs 2x for load + save
     assert (tmp_path / "o" / "m.onnx.data").stat().st_size == 40 * 4 * 2**20

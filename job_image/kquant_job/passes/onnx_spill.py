@@ -5,11 +5,14 @@ that moment (the bytes and the message), and saving it with external data then s
 it once more. :func:`spill_weights` walks the protobuf wire format instead (the encoding of
 https://protobuf.dev/programming-guides/encoding/; field numbers from onnx.proto3:
 ``ModelProto.graph`` = 7, ``GraphProto.initializer`` = 5): every field is copied as it is,
-except the main graph's initializers, each parsed alone (``TensorProto``), its ``raw_data``
-appended to the data file and replaced by an external-data reference, as
+except the main graph's initializers: each is walked in turn, its ``raw_data`` (field 9 of
+``TensorProto``) copied to the data file by the kernel (``copy_file_range``; read and written
+in chunks where the kernel cannot) and replaced by an external-data reference, as
 ``onnx.save_model(..., save_as_external_data=True, all_tensors_to_one_file=True,
-size_threshold=1024, convert_attribute=False)`` writes it. Memory: the largest tensor twice
-plus the graph without its weights. Initializers of subgraphs (If/Loop bodies) and tensors
+size_threshold=1024, convert_attribute=False)`` writes it; the tensor's other fields are
+parsed (``TensorProto``) to check them. Memory: the graph without its weights; the weights
+never pass through Python (BERT-base, 417 MiB: 1.4 s before, when each tensor was parsed
+whole and written from Python). Initializers of subgraphs (If/Loop bodies) and tensors
 stored as typed fields (``float_data``...) stay in the file, as with onnx.
 
 The walk trusts nothing: every length is checked against the bytes that enclose it.
@@ -31,6 +34,7 @@ __all__ = ["spill_weights"]
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
+_TENSOR_RAW_DATA = 9
 _BUFFER = 1 << 20
 
 
@@ -82,31 +86,74 @@ def _model(f: BinaryIO, end: int, data: BinaryIO, location: str, threshold: int)
 
 
 def _graph(f: BinaryIO, end: int, data: BinaryIO, location: str, threshold: int) -> bytes:
-    from onnx import TensorProto
-    from onnx.external_data_helper import set_external_data
-
     out = bytearray()
     while f.tell() < end:
         field, wire, header, length = _field(f, end)
-        if not (field == _GRAPH_INITIALIZER and wire == _LEN):
+        if field == _GRAPH_INITIALIZER and wire == _LEN:
+            blob = _initializer(f, f.tell() + length, data, location, threshold)
+            out += _key(field, _LEN) + _varint_bytes(len(blob)) + blob
+        else:
             out += header + _read(f, length)
-            continue
-        blob = _read(f, length)
-        try:
-            tensor = TensorProto.FromString(blob)
-        except Exception as exc:  # protobuf DecodeError
-            raise _Corrupt(f"an initializer does not parse: {exc}") from None
-        external = tensor.data_location == TensorProto.EXTERNAL
-        if not external and tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
-            offset = data.tell()
-            data.write(tensor.raw_data)
-            set_external_data(tensor, location, offset, len(tensor.raw_data))
-            tensor.ClearField("raw_data")
-            blob = tensor.SerializeToString()
-        out += _key(field, _LEN) + _varint_bytes(len(blob)) + blob
     if f.tell() != end:
         raise _Corrupt("a field runs past the graph")
     return bytes(out)
+
+
+def _initializer(f: BinaryIO, end: int, data: BinaryIO, location: str, threshold: int) -> bytes:
+    """The initializer ending at ``end``, its raw_data moved to ``data`` when it has one
+    ``raw_data`` field of at least ``threshold`` bytes and is not external already; as it
+    is otherwise."""
+    from onnx import TensorProto
+
+    start, rest, raw = f.tell(), bytearray(), []
+    while f.tell() < end:
+        field, wire, header, length = _field(f, end)
+        if field == _TENSOR_RAW_DATA and wire == _LEN:
+            raw.append((f.tell(), length))
+            f.seek(length, io.SEEK_CUR)
+        else:
+            rest += header + _read(f, length)
+    if f.tell() != end:
+        raise _Corrupt("a field runs past an initializer")
+    try:
+        tensor = TensorProto.FromString(bytes(rest))
+    except Exception as exc:  # protobuf DecodeError
+        raise _Corrupt(f"an initializer does not parse: {exc}") from None
+    moves = len(raw) == 1 and raw[0][1] >= threshold
+    if not moves or tensor.data_location == TensorProto.EXTERNAL:
+        f.seek(start)  # kept as it is
+        return _read(f, end - start)
+    offset, length = raw[0]
+    # the entries and their order of onnx's set_external_data
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", data.tell()), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    _copy_range(f, offset, length, data)
+    return tensor.SerializeToString()
+
+
+def _copy_range(f: BinaryIO, offset: int, length: int, data: BinaryIO) -> None:
+    """Append ``length`` bytes of ``f`` from ``offset`` to ``data`` (its position advances;
+    ``f``'s does not)."""
+    data.flush()
+    src, dst = f.fileno(), data.fileno()
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src, dst, length - done, offset + done)
+            if n == 0:
+                raise _Corrupt("the file ends inside a field")
+            done += n
+    except OSError:  # no kernel copy between these files (ENOSYS, EXDEV, EINVAL)
+        while done < length:
+            chunk = os.pread(src, min(_BUFFER, length - done), offset + done)
+            if not chunk:
+                raise _Corrupt("the file ends inside a field") from None
+            data.write(chunk)
+            done += len(chunk)
+    data.seek(0, io.SEEK_END)
 
 
 def _field(f: BinaryIO, end: int) -> tuple[int, int, bytes, int]:
