@@ -251,6 +251,22 @@ def may_hold_external_data(model: Path) -> bool:
     return False
 
 
+def kquant_outputs(rels: list[str]) -> list[str]:
+    """The folders ('/'-terminated) below the top of a listing that are kquant output
+    prefixes: each holds a ``.kquant/`` folder (its sets; ``manifest.json`` and the
+    fixed-name copies beside it). A model folder that holds an earlier job's output (say
+    ``models/out/`` of a job on ``models/silero.onnx``) would otherwise have that output's
+    converted copies planned as originals. The top itself is not one here: a source that is
+    an output prefix is refused when planning names (stage._refuse_reserved)."""
+    found = set()
+    for rel in rels:
+        parts = rel.split("/")
+        if ".kquant" in parts[1:-1]:
+            found.add("/".join(parts[: parts.index(".kquant", 1)]) + "/")
+    # an output nested in another is inside it already
+    return sorted(f for f in found if not any(f != o and f.startswith(o) for o in found))
+
+
 def _relative(root: Path, files: set[Path]) -> list[str]:
     base = root.resolve()
     return sorted(f.relative_to(base).as_posix() for f in files if base in f.parents)
@@ -328,9 +344,15 @@ def plan_model(
         return Plan(root=local.parent, models=[model])
     plan = Plan(root=local)
     files = sorted(p for p in local.rglob("*") if p.is_file())
+    outputs = kquant_outputs([p.relative_to(local).as_posix() for p in files])
     narrowed = []  # model files the defaults would convert and include leaves out
+    skipped: dict[str, int] = {}
     for path in files:
         rel = path.relative_to(local).as_posix()
+        inside = next((o for o in outputs if rel.startswith(o)), None)
+        if inside is not None:  # neither an original nor the user's file to copy
+            skipped[inside] = skipped.get(inside, 0) + 1
+            continue
         why = _excluded(rel, include, exclude)
         if why:
             plan.copies.append(rel)
@@ -358,6 +380,12 @@ def plan_model(
     referenced = {e for m in plan.models for e in m.external}
     plan.external_data = sorted(c for c in plan.copies if c in referenced)
     plan.copies = [c for c in plan.copies if c not in referenced]
+    for folder, count in skipped.items():
+        plan.warnings.append(
+            f"{folder} holds an earlier kquant output (a .kquant/ folder): its {count} files "
+            "are neither converted nor copied (to convert what it published, use its "
+            "prefix as the model, or move it out of the model folder)"
+        )
     if narrowed:
         plan.warnings.append(
             f"include {include} converts only the files it matches: {', '.join(narrowed)} "
@@ -365,9 +393,10 @@ def plan_model(
             "default-excluded file as well as the others, set exclude: [] instead)"
         )
     if not plan.models:
+        mentions = f"; {', '.join(skipped)} skipped: earlier kquant output" if skipped else ""
         raise PassError(
             f"no model file found in the source directory ({len(files)} files; "
-            "include/exclude patterns may leave nothing to convert)",
+            f"include/exclude patterns may leave nothing to convert{mentions})",
             reason=Reason.UnsupportedFormat,
         )
     return plan

@@ -116,3 +116,31 @@ def test_several_models_take_their_own_data_shared_data_and_their_own_settings(t
     wrong = run_worker(job, tmp_path / "wrong", dict(os.environ))
     assert (wrong.code, wrong.result["reason"]) == (10, "InvalidSpec"), wrong.log
     assert "spec.validation.models.c/*.onnx: matches no model file" in wrong.result["message"]
+
+
+def test_an_earlier_output_inside_the_model_folder_is_skipped(tmp_path):
+    """A job on models/silero.onnx published to models/out/; a later job on the folder
+    models/ converts silero.onnx and neither re-converts nor copies that output (before:
+    its silero_fp16.onnx, and the set's copy of it, were planned as originals)."""
+    src = tmp_path / "models"
+    src.mkdir()
+    (src / "silero.onnx").write_bytes((silero_dir() / "silero_vad.onnx").read_bytes())
+    first = manifest(f"file://{src}/silero.onnx", f"file://{src}/out/", {"precision": "fp16"},
+                     endpoint=None)  # fmt: skip
+    run = run_worker(first, tmp_path / "first", dict(os.environ))
+    assert run.code == 0, run.log
+    assert (src / "out" / "silero_fp16.onnx").is_file() and (src / "out" / ".kquant").is_dir()
+
+    folder = manifest(f"file://{src}/", f"file://{tmp_path}/whole/", {"precision": "fp16"},
+                      endpoint=None)  # fmt: skip
+    again = run_worker(folder, tmp_path / "again", dict(os.environ))
+    assert again.code == 0, again.log
+    assert "out/ holds an earlier kquant output" in again.log
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert [m["path"] for m in report["models"]] == ["silero.onnx"]
+    published = sorted(
+        p.relative_to(tmp_path / "whole").as_posix()
+        for p in (tmp_path / "whole").rglob("*")
+        if p.is_file() and ".kquant" not in p.parts
+    )
+    assert published == ["manifest.json", "report.json", "silero.onnx"]

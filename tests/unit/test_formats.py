@@ -92,3 +92,20 @@ def test_directory_plan_converts_models_copies_the_rest_and_skips_external_data(
     with pytest.raises(PassError) as err:
         plan_model(root, include=["*.pt"])
     assert err.value.reason is Reason.UnsupportedFormat
+
+
+def test_kquant_outputs_are_the_folders_holding_a_kquant_folder() -> None:
+    from kquant_job.formats import kquant_outputs
+
+    rels = [
+        "silero.onnx",
+        "out/manifest.json",
+        "out/silero_fp16.onnx",
+        "out/.kquant/sets/1/silero_fp16.onnx",
+        "out/.kquant/sets/1/inner/.kquant/sets/2/x.onnx",  # inside the first output
+        "a/b/.kquant/sets/3/set.json",
+        ".kquant/sets/4/set.json",  # the top: refused elsewhere, not skipped
+        "c/.kquant",  # a file named .kquant is no folder
+        "notes/my.kquant/x.onnx",
+    ]
+    assert kquant_outputs(rels) == ["a/b/", "out/"]
