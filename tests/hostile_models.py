@@ -100,6 +100,34 @@ def file_writer_jit(path: Path, target: Path, nbytes: int) -> Path:
     return _save(_FileWriter(str(target), nbytes), path)
 
 
+class _ConvertedWriter(nn.Module):
+    def __init__(self, writes: list[tuple[str, bytes]]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.targets = [t for t, _ in writes]
+        self.contents = [list(c) for _, c in writes]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if self.lin.weight.dtype == torch.float16:  # the converted copy only
+            for i in range(len(self.targets)):  # TorchScript has no zip(strict=)
+                content = self.contents[i]
+                data = torch.tensor(content, dtype=torch.uint8)
+                mapped = torch.from_file(self.targets[i], True, len(content), dtype=torch.uint8)
+                mapped.copy_(data)
+                y = y + 0 * mapped.sum().to(y.dtype)
+        return y
+
+
+def converted_writer_jit(path: Path, writes: list[tuple[str, bytes]]) -> Path:
+    """A Linear(16, 16) whose ``forward`` (float32 [1, 16] -> float32 [1, 16]), once its
+    weights are float16 (the converted copy, run by validation), writes each ``content`` over
+    the start of its ``target`` (a path relative to the process's working directory, created
+    when absent): the original passes as a model, its conversion rewrites files the sandboxed
+    stage wrote or would read."""
+    return _save(_ConvertedWriter([(str(t), bytes(c)) for t, c in writes]), path)
+
+
 class _FileReader(nn.Module):
     def __init__(self, target: str, nbytes: int) -> None:
         super().__init__()

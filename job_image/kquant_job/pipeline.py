@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,16 @@ from kquant_api import (
     JobResult,
     QuantizationJob,
     QuantizationJobSpec,
-    Reason,
 )
 from kquant_api.uris import find_overlaps, location, model_folder
 from kquant_job import logs
 from kquant_job.beside import home_for, looks_converted
 from kquant_job.budget import check_budget, room, work_factor
 from kquant_job.companions import companion_bytes, companion_names, fetch_companions
-from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError, ValidationFailed
+from kquant_job.errors import InvalidSpec, KquantError, StorageError, ValidationFailed
 from kquant_job.judge import assess, providers_of, source_entry, success_result
 from kquant_job.report import build_report, failure_report, manifest_fields, now
+from kquant_job.sandbox.accept import staged_files
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_plan, run_stage
 from kquant_job.sets import Target, Writer, as_prefix
@@ -286,28 +285,6 @@ def _run(run: JobRun, out: Target, promo: Target | None, started: str) -> JobRes
     stage, run.sandbox = done["stage"], done["sandbox"]
     run.timings.update(stage.timings)
     return _publish(run, stage, io.staged, out, promo, started)
-
-
-def staged_files(staged: Path) -> list[str]:
-    """The files the sandbox staged, '/'-separated and sorted; each must be a regular file
-    with one link (a symlink or hard link could make the upload read a file outside the
-    sandbox). Raises PassError(UnsafeModel) naming the first that is not."""
-    found = []
-    for root, dirs, files in os.walk(staged):
-        for name in dirs + files:
-            path = Path(root) / name
-            st = path.lstat()
-            if stat.S_ISDIR(st.st_mode) and not path.is_symlink():
-                continue
-            rel = path.relative_to(staged).as_posix()
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise PassError(
-                    f"the sandboxed stage left {rel!r}, which is not a plain file (a link or "
-                    "a special file): nothing is published",
-                    reason=Reason.UnsafeModel,
-                )
-            found.append(rel)
-    return sorted(found)
 
 
 def _publish(

@@ -6,19 +6,23 @@ hands back is plain data (:class:`StageOutcome`, JSON) plus the files it staged.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kquant_api import ModelFormat, Precision, QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.beside import OutputNames, plan_names
-from kquant_job.errors import InvalidSpec, StorageError
+from kquant_job.errors import InvalidSpec, PassError, StorageError
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
+from kquant_job.passes.onnx_common import data_file_for
 from kquant_job.passes.onnx_options import check_names
+from kquant_job.pinned import file_sha256, pinned_digest
 from kquant_job.stage_prep import embed_again, export_folder, pass_label, spill, spills
+
+# Formats whose files hold code that runs when they are loaded or validated.
+CODE_FORMATS = frozenset({ModelFormat.torchscript})
 
 
 @dataclass
@@ -40,14 +44,19 @@ class ModelOutcome:
     details: dict[str, Any]
     validation: dict[str, Any] | None = None
     providers: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # out file -> digest, model code ran
 
 
 @dataclass
 class StageOutcome:
-    """What the stage produced: one entry per converted model, the files copied unchanged
-    (``copies``, output paths; ``kept``: the model files among them left unconverted, with
-    the reason), the stage timings (ms), the source files left out of the set (``left``:
-    loose files beside the originals) and the set's own output folders (``folders``)."""
+    """What the stage produced: one entry per converted model, the files to copy unchanged
+    (``copies``, output paths; ``copied_from``: output path -> source path relative to the
+    source root, copied by the worker after the stage: :func:`kquant_job.pipeline.
+    accept_staged`; ``kept``: the model files among them left unconverted, with the reason),
+    the stage timings (ms), the source files left out of the set (``left``: loose files
+    beside the originals) and the set's own output folders (``folders``). ``sha256`` of a
+    model is set when the stage ran model code (TorchScript): the digest of each output
+    file as the conversion wrote it."""
 
     models: list[ModelOutcome]
     copies: list[str]
@@ -55,6 +64,7 @@ class StageOutcome:
     timings: dict[str, float]
     left: list[str] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)
+    copied_from: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -70,6 +80,7 @@ class StageOutcome:
             timings={str(k): float(v) for k, v in data["timings"].items()},
             left=[str(c) for c in data.get("left", [])],
             folders=[str(c) for c in data.get("folders", [])],
+            copied_from={str(k): str(v) for k, v in data.get("copied_from", {}).items()},
         )
 
 
@@ -153,17 +164,35 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
         logs.info("left alone beside the originals", files=len(names.left))
     staged.mkdir(parents=True, exist_ok=True)
     converted = _convert_all(job, plan, names, io, timings)
-    for rel, out in names.copies.items():
-        (staged / out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plan.root / rel, staged / out)
-    copies = list(names.copies.values())
-    if not io.source.is_file():
-        logs.info("copied", files=len(copies), bytes=_bytes(staged, copies))
     with logs.stage("validate", timings):
         _validate_all(converted, staged)
+    _refuse_strays(staged, converted)
     kept = {names.copies[r]: why for r, why in plan.kept.items() if r in names.copies}
+    copied_from = {out: rel for rel, out in names.copies.items()}
     return StageOutcome(
-        [c.outcome for c in converted], copies, kept, timings, names.left, names.folders
+        [c.outcome for c in converted], list(copied_from), kept, timings, names.left,
+        names.folders, copied_from,
+    )  # fmt: skip
+
+
+def _refuse_strays(staged: Path, converted: list[_Converted]) -> None:
+    """PassError(UnsafeModel) when ``staged`` holds a file no conversion wrote: model code
+    (TorchScript's ``torch.from_file(..., shared=True)`` creates files) wrote into the
+    output. The worker checks it again after the stage (what the stage says is only as sure
+    as the process that ran model code; :func:`kquant_job.pipeline.accept_staged`)."""
+    own = {f for c in converted for f in c.outcome.out_files}
+    strays = sorted(files_under(staged) - own)
+    if strays:
+        raise stray_files(strays)
+
+
+def stray_files(strays: list[str]) -> PassError:
+    """The error for files in the staged output that no conversion wrote."""
+    return PassError(
+        f"the output holds {', '.join(strays[:3])}{' ...' if len(strays) > 3 else ''}, which "
+        "no conversion wrote: the model's code wrote files (a model file is code; it may only "
+        "read itself); nothing is published",
+        reason=Reason.UnsafeModel,
     )
 
 
@@ -296,8 +325,12 @@ def _convert_all(
     staged = io.staged
     cfg, many = job.spec.quantization, len(plan.models) > 1
     results = []
+    # Models holding code (TorchScript) last: the other outputs are written and their digests
+    # taken before any model code runs in this process (kquant_job.pinned).
+    code = any(m.format in CODE_FORMATS for m in plan.models)
+    order = sorted(enumerate(plan.models), key=lambda im: im[1].format in CODE_FORMATS)
     with logs.stage("convert", timings, models=len(plan.models)):
-        for i, model in enumerate(plan.models):
+        for i, model in order:
             src, fmt, export = plan.root / model.rel, model.format, None
             if fmt is ModelFormat.transformers:
                 src, export = export_folder(cfg, plan.root, io.scratch / f"{i}-export", timings)
@@ -329,7 +362,7 @@ def _convert_all(
                 embed_again(out_path)
             if export is not None:
                 result.details["export"] = export
-            out_files = sorted(files_under(staged) - before)
+            out_files = _written(staged, out_rel, before)
             outcome = ModelOutcome(
                 source=model.rel,
                 format=model.format.value,
@@ -342,8 +375,31 @@ def _convert_all(
                 details=result.details,
                 providers=list(validator.providers) if validator else [],
             )
+            if code:
+                outcome.sha256 = {
+                    f: pinned_digest(staged / f) or file_sha256(staged / f) for f in out_files
+                }
             results.append(_Converted(outcome, validator))
+    results.sort(key=lambda c: [m.rel for m in plan.models].index(c.outcome.source))
     return results
+
+
+def _written(staged: Path, out_rel: str, before: set[str]) -> list[str]:
+    """The files a conversion wrote: its model file and the external data it references
+    (ONNX). Raises PassError(UnsafeModel) for any other new file (see
+    :func:`_refuse_strays`)."""
+    new = files_under(staged) - before
+    own = {out_rel} & new
+    data = data_file_for(staged / out_rel).relative_to(staged).as_posix()
+    own |= {data} & new
+    if new - own and out_rel.endswith(".onnx"):
+        from kquant_job.formats import external_locations
+
+        base = PurePosixPath(out_rel).parent
+        own |= {(base / loc).as_posix() for loc in external_locations(staged / out_rel)} & new
+    if new - own:
+        raise stray_files(sorted(new - own))
+    return sorted(own)
 
 
 def _validate_all(converted: list[_Converted], staged: Path) -> None:

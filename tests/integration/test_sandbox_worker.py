@@ -13,6 +13,7 @@ import psutil
 import pytest
 from hostile_models import (
     busy_loop_jit,
+    converted_writer_jit,
     file_reader_jit,
     file_writer_jit,
     memory_hog_jit,
@@ -85,6 +86,30 @@ def test_a_source_read_in_place_cannot_be_changed_by_its_model(tmp_path, folder)
     failed(run, tmp_path, "UnsafeModel")
     assert {p.name: p.read_bytes() for p in models.iterdir()} == before
     assert "reading the source in place" in run.log
+
+
+def test_a_conversion_whose_code_rewrites_its_own_output_publishes_nothing(tmp_path):
+    """The converted module, run by validation, overwrites the file the conversion staged
+    (its working directory is the sandbox folder): before, those bytes were published as
+    Validated. The conversion pinned them; the worker finds them changed."""
+    model = converted_writer_jit(tmp_path / "tamper.pt", [("staged/tamper_fp16.pt", bytes(64))])
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+    assert "tamper_fp16.pt changed after the conversion wrote it" in run.result["message"]
+
+
+def test_files_and_an_outcome_written_by_model_code_are_not_taken(tmp_path):
+    """The converted module drops a file beside its output and writes the success its
+    sandbox would report into that folder: the stage's outcome travels through a pipe, and
+    a file no conversion wrote ends the job."""
+    forged = json.dumps({"ok": {"models": [], "copies": [], "kept": {}, "timings": {}},
+                         "sandbox": {}}).encode()  # fmt: skip
+    writes = [("staged/injected.txt", b"INJECTED BY MODEL\n"), ("outcome.json", forged)]
+    model = converted_writer_jit(tmp_path / "inject.pt", writes)
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+    assert "injected.txt, which no conversion wrote" in run.result["message"]
+    assert not list((tmp_path / "out").rglob("injected.txt"))
 
 
 def test_a_model_reading_credentials_outside_its_sandbox_gets_nothing(tmp_path):

@@ -188,7 +188,7 @@ def test_a_signal_becomes_a_precise_reason(signum, reason, words):
     assert words in str(error) and "during convert of encoder.pt" in str(error)
 
 
-def test_an_outcome_names_its_error_class_or_is_refused(tmp_path):
+def test_an_outcome_names_its_error_class_or_is_refused():
     from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError
     from kquant_job.sandbox.runner import _outcome, error_from, stage_outcome
 
@@ -196,22 +196,17 @@ def test_an_outcome_names_its_error_class_or_is_refused(tmp_path):
     assert type(error_from("UnsafePath", "x")) is StorageError
     assert type(error_from("MemoryLimitExceeded", "x")) is PassError
     assert error_from("NoSuchReason", "x").reason.value == "InternalError"
-    (tmp_path / "outcome.json").write_text('{"error": {"reason": "CorruptModel", "message": "m"}}')
     with pytest.raises(PassError, match="m"):
-        _outcome(tmp_path, 0)
-    for bad in ("[]", "not json", '{"sandbox": {}}'):
-        (tmp_path / "outcome.json").write_text(bad)
+        _outcome(b'{"error": {"reason": "CorruptModel", "message": "m"}}', 0)
+    for bad in (b"[]", b"not json", b'{"sandbox": {}}', b"\xff\xfe"):
         with pytest.raises(KquantError) as info:
-            _outcome(tmp_path, 0)
+            _outcome(bad, 0)
         assert info.value.reason.value == "InternalError"
-    (tmp_path / "outcome.json").write_text('{"ok": {"models": 3}}')
     with pytest.raises(KquantError) as info:
-        stage_outcome(_outcome(tmp_path, 0)[0])
+        stage_outcome(_outcome(b'{"ok": {"models": 3}}', 0)[0])
     assert info.value.reason.value == "InternalError"
-    (tmp_path / "outcome.json").unlink()
-    (tmp_path / "outcome.json").symlink_to("/etc/passwd")  # never followed
     with pytest.raises(KquantError, match="without an outcome"):
-        _outcome(tmp_path, 0)
+        _outcome(b"", 0)
 
 
 def test_only_plain_files_leave_the_sandbox(tmp_path):

@@ -25,7 +25,7 @@ from kquant_api import ModelFormat, QuantizationConfig, QuantType, Reason
 from kquant_job.errors import PassError
 from kquant_job.passes.base import PassContext, PassResult
 from kquant_job.passes.torch_common import require_torch
-from kquant_job.passes.torch_script import load_script
+from kquant_job.passes.torch_script import load_script, save_script
 
 # ONNX-only knobs this pass cannot honour: listed in the report when set.
 _IGNORED = ("reduceRange", "opTypesToQuantize", "nodesToExclude")
@@ -78,7 +78,7 @@ class TorchInt8DynamicPass:
                 warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
                 quantized = quantize_dynamic_jit(module, {"": qconfig})
             done = _count(quantized, "quantized::linear_dynamic")
-            torch.jit.save(quantized, str(out_path))
+            save_script(quantized, out_path)
         except Exception as exc:
             message = " ".join(str(exc).split())[:300]
             raise PassError(

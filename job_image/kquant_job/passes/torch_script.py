@@ -28,24 +28,44 @@ from kquant_job.passes.torch_common import (
     target_dtype,
     tensor_bytes,
 )
+from kquant_job.pinned import read_pinned, write_pinned
 
 MAX_LISTED = 50
 
 
 def load_script(path: Path, display: str, map_location: str = "cpu") -> Any:
     """``torch.jit.load`` on ``map_location`` (CPU by default: a module saved on a GPU loads
-    on a CPU-only machine), after :func:`check_archive`. Raises PassError(CorruptModel) with
-    torch's message, PassError(UnsafeModel) for an archive bomb."""
+    on a CPU-only machine), after :func:`check_archive`; a file this process wrote
+    (:func:`save_script`) is loaded from its pinned bytes (:mod:`kquant_job.pinned`). Raises
+    PassError(CorruptModel) with torch's message, PassError(UnsafeModel) for an archive bomb
+    or a pinned file whose bytes changed."""
+    import io
+
     torch = require_torch()
-    check_archive(path, display)
+    pinned = read_pinned(path)
+    if pinned is None:
+        check_archive(path, display)
     try:
-        return torch.jit.load(str(path), map_location=map_location)
+        source = str(path) if pinned is None else io.BytesIO(pinned)
+        return torch.jit.load(source, map_location=map_location)
     except Exception as exc:
         message = " ".join(str(exc).split())[:300]
         raise PassError(
             f"{display}: torch.jit.load cannot read the module: {message}",
             reason=Reason.CorruptModel,
         ) from None
+
+
+def save_script(module: Any, path: Path) -> str:
+    """``torch.jit.save`` of ``module`` into memory, then written to ``path`` and pinned
+    (:func:`kquant_job.pinned.write_pinned`: model code cannot change what is published
+    unseen); returns the SHA-256 (hex). Raises what ``torch.jit.save`` raises."""
+    import io
+
+    torch = require_torch()
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return write_pinned(path, buffer.getvalue())
 
 
 def _own_tensors(module: Any) -> list[tuple[str, Any]]:
@@ -106,15 +126,22 @@ class TorchScriptPass:
         """
         from kquant_job.passes.torch_jit_cast import cast_graphs
 
-        torch = require_torch()
+        require_torch()
         dtype = target_dtype(config.precision)
         module = load_script(model_in, model_in.name)
         kept = plan_kept(module, config.keep_fp32)
         stats = cast_module(module, dtype, kept)
         try:
             graphs = cast_graphs(module)
-            torch.jit.save(module, str(out_path))
+            save_script(module, out_path)
             load_script(out_path, out_path.name)
+        except PassError as exc:
+            if exc.reason is Reason.UnsafeModel:
+                raise  # the saved bytes changed: model code, not the conversion
+            raise PassError(
+                f"{model_in.name}: the {dtype} module does not load back: {exc}",
+                reason=Reason.ConversionFailed,
+            ) from None
         except Exception as exc:
             message = " ".join(str(exc).split())[:300]
             raise PassError(

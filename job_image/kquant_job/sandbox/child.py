@@ -1,11 +1,13 @@
-"""The sandboxed process: ``python -I -B -m kquant_job.sandbox.child REQUEST LOG_FD``.
+"""The sandboxed process:
+``python -I -B -m kquant_job.sandbox.child REQUEST LOG_FD OUTCOME_FD``.
 
 It confines itself (:mod:`kquant_job.sandbox.confine`) before importing any model library,
 then runs the request's task (:func:`kquant_job.stage.convert_and_validate` by default; the
-dry run's plan, or ``inspect``) and writes ``outcome.json`` beside the request:
+dry run's plan, or ``inspect``) and sends its outcome as JSON down the pipe OUTCOME_FD:
 ``{"ok": <the task's result>, "sandbox": {...}}`` or
-``{"error": {"reason", "message", "detail"}, "sandbox": {...}}``. Logs go to LOG_FD as JSON
-lines. Exit status 0 whenever an outcome was written; a crash shows as a signal.
+``{"error": {"reason", "message", "detail"}, "sandbox": {...}}`` (a pipe: model code may
+write files in the child's folder, not into a pipe). Logs go to LOG_FD as JSON lines. Exit
+status 0 whenever an outcome was sent; a crash shows as a signal.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from kquant_job import logs
 from kquant_job.errors import KquantError
 from kquant_job.sandbox.confine import ConfinementError, confine
 
-OUTCOME = "outcome.json"
 _ALLOCATION = re.compile(
     r"can't allocate memory|cannot allocate memory|not enough memory|std::bad_alloc|"
     r"out of memory|failed to allocate|Unable to allocate",
@@ -78,10 +79,9 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _write(box: Path, outcome: dict[str, Any]) -> None:
-    tmp = box / f".{OUTCOME}.tmp"
-    tmp.write_text(json.dumps(outcome, default=str), encoding="utf-8")
-    os.replace(tmp, box / OUTCOME)
+def _send(fd: int, outcome: dict[str, Any]) -> None:
+    with os.fdopen(fd, "wb") as pipe:
+        pipe.write(json.dumps(outcome, default=str).encode("utf-8"))
 
 
 def stage_input(io: dict[str, Any]) -> Any:
@@ -126,12 +126,12 @@ def _run_task(request: dict[str, Any]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the request at ``argv[0]``, logging to the file descriptor ``argv[1]``."""
+    """Run the request at ``argv[0]``, logging to the file descriptor ``argv[1]``, sending
+    the outcome down ``argv[2]``."""
     args = sys.argv[1:] if argv is None else argv
-    request_path, log_fd = Path(args[0]), int(args[1])
+    request_path, log_fd, outcome_fd = Path(args[0]), int(args[1]), int(args[2])
     logs.setup_stream_logging(os.fdopen(log_fd, "w", buffering=1, encoding="utf-8"))
     request = json.loads(request_path.read_text(encoding="utf-8"))
-    box = request_path.parent
     memory = int(request["memoryBytes"])
     sandbox: dict[str, Any] = {}
     try:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:  # ConfinementError, or a rule the kernel refused
         message = str(exc) if isinstance(exc, ConfinementError) else f"cannot confine: {exc!r}"
-        _write(box, {"error": {"reason": "SandboxUnavailable", "message": message}})
+        _send(outcome_fd, {"error": {"reason": "SandboxUnavailable", "message": message}})
         return 0
     landlock = sandbox.get("landlock", {})
     confined = bool(landlock.get("enforced"))
@@ -158,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v for k, v in fields.items() if v is not None},
     )
     try:
-        _write(box, {"ok": _run_task(request), "sandbox": sandbox})
+        outcome: dict[str, Any] = {"ok": _run_task(request), "sandbox": sandbox}
     except BaseException as exc:  # every end writes an outcome the parent can report
         reason, message, detail = classify(exc, memory, confined)
         error = {"reason": reason.value, "message": message, "detail": detail}
-        _write(box, {"error": error, "sandbox": sandbox})
+        outcome = {"error": error, "sandbox": sandbox}
+    _send(outcome_fd, outcome)
     return 0
 
 

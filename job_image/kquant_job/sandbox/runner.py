@@ -4,14 +4,15 @@ The worker keeps storage credentials and network transfers to itself; the child 
 job, the fetched files and a folder of its own (``<work>/sandbox``), nothing else:
 
 - its environment is an allow-list (:data:`ENV_ALLOWED`): no ``AWS_*``, no token paths;
-- it inherits no file descriptor but its log pipe (and stdout/stderr, relayed line by line
-  as escaped log records, so its output cannot forge the worker's log lines);
+- it inherits no file descriptor but its log pipe and its outcome pipe (and stdout/stderr,
+  relayed line by line as escaped log records, so its output cannot forge the worker's log
+  lines);
 - this process is made non-dumpable, so a same-user process cannot read its memory or
   environment through ``/proc`` even where the kernel has no Landlock;
 - the child confines itself (:mod:`kquant_job.sandbox.confine`), and is killed with its whole
   process group at the time limit.
 
-Its end becomes a precise reason: an outcome file (success, or the error it classified), a
+Its end becomes a precise reason: its outcome (success, or the error it classified), a
 signal (SIGSEGV and friends: ModelCrashed; SIGKILL: MemoryLimitExceeded, the kernel's OOM
 killer), or the time limit (TimeLimitExceeded).
 """
@@ -33,7 +34,7 @@ from typing import IO, Any
 from kquant_api import REASON_EXIT_CODE, ExitCode, QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError, ValidationFailed
-from kquant_job.sandbox.child import OUTCOME
+from kquant_job.sandbox.accept import accept_staged
 from kquant_job.sandbox.limits import Limits
 from kquant_job.stage import StageInput, StageOutcome
 
@@ -93,6 +94,31 @@ def error_from(reason: str, message: str, detail: dict[str, Any] | None = None) 
     return cls(message, reason=why, **(detail or {}))
 
 
+class _OutcomeReader:
+    """Reads the child's outcome pipe to its end in a thread (the child never blocks on a
+    full pipe), keeping at most MAX_OUTCOME_BYTES. A pipe, not a file in the child's
+    folder: model code in the child may write files there (TorchScript's
+    ``torch.from_file(..., shared=True)`` maps any file it may write), never into a pipe
+    (which cannot be mapped), so the outcome is what the child's own code sent."""
+
+    def __init__(self, fd: int) -> None:
+        self.data = bytearray()
+        self.overflow = False
+        self._thread = threading.Thread(target=self._read, args=(fd,), daemon=True)
+        self._thread.start()
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(1 << 20):
+                if len(self.data) + len(chunk) > MAX_OUTCOME_BYTES:
+                    self.overflow = True  # drained, not kept
+                else:
+                    self.data += chunk
+
+    def join(self) -> None:
+        self._thread.join(timeout=10)
+
+
 class _Relay:
     """Reads the child's log pipe and output, re-logs each line, remembers where it was."""
 
@@ -145,7 +171,8 @@ def _io_request(io: StageInput) -> dict[str, Any]:
 
 def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) -> dict[str, Any]:
     """Run :func:`kquant_job.stage.convert_and_validate` for ``job`` in a sandboxed child
-    whose folder is ``io.staged``'s and ``io.scratch``'s parent; return
+    whose folder is ``io.staged``'s and ``io.scratch``'s parent, and accept what it staged
+    (:func:`~kquant_job.sandbox.accept.accept_staged`: the copies are made then); return
     ``{"stage": StageOutcome, "sandbox": <what was enforced>}``.
 
     Raises the error the child reported (its class and reason), PassError with ModelCrashed
@@ -159,7 +186,9 @@ def run_stage(job: QuantizationJob, io: StageInput, work: Path, limits: Limits) 
         "io": _io_request(io),
     }
     result, sandbox = run_task(request, io.staged.parent, _reads(work, io), limits)
-    return {"stage": stage_outcome(result), "sandbox": sandbox}
+    stage = stage_outcome(result)
+    accept_staged(stage, io)
+    return {"stage": stage, "sandbox": sandbox}
 
 
 def stage_outcome(result: Any) -> StageOutcome:
@@ -222,12 +251,13 @@ def run_task(
     request_path.write_text(json.dumps(request), encoding="utf-8")
     make_non_dumpable()
     read_fd, write_fd = os.pipe()
+    outcome_fd, outcome_write_fd = os.pipe()
     cmd = [sys.executable, "-I", "-B", "-m", "kquant_job.sandbox.child", str(request_path)]
     proc = subprocess.Popen(
-        [*cmd, str(write_fd)],
+        [*cmd, str(write_fd), str(outcome_write_fd)],
         env=child_env(box),
         cwd=box,
-        pass_fds=(write_fd,),
+        pass_fds=(write_fd, outcome_write_fd),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -236,6 +266,8 @@ def run_task(
         start_new_session=True,  # its own process group: killed whole at the time limit
     )
     os.close(write_fd)
+    os.close(outcome_write_fd)
+    outcome = _OutcomeReader(outcome_fd)
     relay = _Relay()
     relay.start(os.fdopen(read_fd, encoding="utf-8", errors="backslashreplace"), True)
     assert proc.stdout is not None
@@ -254,9 +286,16 @@ def run_task(
     finally:
         _kill_group(proc.pid)
     relay.join()
+    outcome.join()
     if code < 0:
         raise _signalled(-code, relay, limits, what)
-    return _outcome(box, code)
+    if outcome.overflow:
+        raise KquantError(
+            f"the sandboxed {what} sent an outcome over {MAX_OUTCOME_BYTES} bytes "
+            f"{relay.where()}; nothing was published",
+            reason=Reason.InternalError,
+        )
+    return _outcome(bytes(outcome.data), code)
 
 
 def _absolute(value: Any) -> Any:
@@ -292,15 +331,19 @@ def _signalled(signum: int, relay: _Relay, limits: Limits, what: str = "conversi
     )
 
 
-def _outcome(box: Path, code: int) -> tuple[Any, dict[str, Any]]:
-    path = box / OUTCOME
-    try:
-        if path.is_symlink() or path.stat().st_size > MAX_OUTCOME_BYTES:
-            raise OSError("not a plain outcome file")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+def _outcome(sent: bytes, code: int) -> tuple[Any, dict[str, Any]]:
+    """The child's result and sandbox entry from the bytes it sent; raises the error it
+    reported, or KquantError(InternalError) for no outcome or a malformed one."""
+    if not sent:
         raise KquantError(
-            f"the sandboxed process ended (exit status {code}) without an outcome: {exc}",
+            f"the sandboxed process ended (exit status {code}) without an outcome",
+            reason=Reason.InternalError,
+        )
+    try:
+        data = json.loads(sent.decode("utf-8"))
+    except ValueError as exc:
+        raise KquantError(
+            f"the sandboxed process ended (exit status {code}) with a malformed outcome: {exc}",
             reason=Reason.InternalError,
         ) from None
     if not isinstance(data, dict):

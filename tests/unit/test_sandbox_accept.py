@@ -1,0 +1,70 @@
+"""The worker's acceptance of a sandboxed stage's folder (sandbox/accept.py): copies made
+from the source by the worker, exactly the declared files, pinned digests checked."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from kquant_job.errors import KquantError, PassError, StorageError
+from kquant_job.sandbox.accept import accept_staged
+from kquant_job.stage import ModelOutcome, StageInput, StageOutcome
+
+
+def _setup(tmp_path: Path) -> tuple[StageInput, StageOutcome]:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "model.pt").write_bytes(b"original")
+    (src / "sub" / "config.json").write_text('{"a": 1}')
+    staged = tmp_path / "box" / "staged"
+    staged.mkdir(parents=True)
+    (staged / "model.pt").write_bytes(b"converted")
+    io = StageInput(source=src, data=[], data_dir=tmp_path, calib=[], calib_dir=tmp_path,
+                    staged=staged, scratch=tmp_path / "box" / "scratch")  # fmt: skip
+    model = ModelOutcome(
+        source="model.pt", format="torchscript", external=[], out_rel="model.pt",
+        out_files=["model.pt"], original_bytes=8, quantized_bytes=9, pass_name="p",
+        details={}, sha256={"model.pt": hashlib.sha256(b"converted").hexdigest()},
+    )  # fmt: skip
+    stage = StageOutcome(models=[model], copies=["sub/config.json"], kept={}, timings={},
+                         copied_from={"sub/config.json": "sub/config.json"})  # fmt: skip
+    return io, stage
+
+
+def test_the_worker_makes_the_copies_and_takes_the_declared_files(tmp_path: Path) -> None:
+    io, stage = _setup(tmp_path)
+    assert accept_staged(stage, io) == ["model.pt", "sub/config.json"]
+    assert (io.staged / "sub" / "config.json").read_text() == '{"a": 1}'
+
+
+def test_a_changed_converted_file_or_a_stray_file_is_refused(tmp_path: Path) -> None:
+    io, stage = _setup(tmp_path)
+    (io.staged / "model.pt").write_bytes(b"tampered!")
+    with pytest.raises(PassError, match=r"model\.pt changed after the conversion") as info:
+        accept_staged(stage, io)
+    assert info.value.reason.value == "UnsafeModel"
+    (io.staged / "model.pt").write_bytes(b"converted")
+    (io.staged / "extra.bin").write_bytes(b"x")
+    with pytest.raises(PassError, match=r"extra\.bin, which no conversion wrote"):
+        accept_staged(stage, io)
+
+
+def test_a_copy_outside_the_source_or_a_missing_file_is_refused(tmp_path: Path) -> None:
+    io, stage = _setup(tmp_path)
+    (tmp_path / "secret").write_text("s")
+    stage.copied_from = {"sub/config.json": "../secret"}
+    with pytest.raises(StorageError) as info:
+        accept_staged(stage, io)
+    assert info.value.reason.value == "UnsafePath"
+    assert not (io.staged / "sub" / "config.json").exists()
+    (tmp_path / "src" / "link.json").symlink_to(tmp_path / "secret")
+    stage.copied_from = {"sub/config.json": "link.json"}  # a link leading out of the folder
+    with pytest.raises(StorageError):
+        accept_staged(stage, io)
+    io2, stage2 = _setup(tmp_path / "again")
+    (io2.staged / "model.pt").unlink()
+    with pytest.raises(KquantError, match="did not write it") as missing:
+        accept_staged(stage2, io2)
+    assert missing.value.reason.value == "InternalError"
