@@ -16,7 +16,6 @@ from kquant_job.beside import OutputNames, plan_names
 from kquant_job.errors import InvalidSpec, PassError, StorageError
 from kquant_job.formats import ModelFile, Plan, plan_model
 from kquant_job.passes import PassContext, select_pass
-from kquant_job.passes.onnx_common import data_file_for
 from kquant_job.passes.onnx_options import check_names
 from kquant_job.pinned import file_sha256, pinned_digest
 from kquant_job.stage_prep import embed_again, export_folder, pass_label, spill, spills
@@ -388,6 +387,8 @@ def _written(staged: Path, out_rel: str, before: set[str]) -> list[str]:
     """The files a conversion wrote: its model file and the external data it references
     (ONNX). Raises PassError(UnsafeModel) for any other new file (see
     :func:`_refuse_strays`)."""
+    from kquant_job.passes.onnx_common import data_file_for  # onnx: not in the worker
+
     new = files_under(staged) - before
     own = {out_rel} & new
     data = data_file_for(staged / out_rel).relative_to(staged).as_posix()
