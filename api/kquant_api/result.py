@@ -44,6 +44,7 @@ class Reason(str, Enum):
     ModelCrashed = "ModelCrashed"  # the sandboxed conversion process died of a signal
     MemoryLimitExceeded = "MemoryLimitExceeded"  # the sandbox's memory bound, or an OOM kill
     TimeLimitExceeded = "TimeLimitExceeded"  # the sandbox's time bound
+    DiskLimitExceeded = "DiskLimitExceeded"  # the sandbox wrote past the work volume's room
     # ValidationFailed class
     ValidationFailed = "ValidationFailed"
     NoGain = "NoGain"  # within tolerance, but not smaller or slower than the original
@@ -93,6 +94,7 @@ REASON_EXIT_CODE: dict[Reason, ExitCode] = {
     Reason.ModelCrashed: ExitCode.PASS,
     Reason.MemoryLimitExceeded: ExitCode.PASS,
     Reason.TimeLimitExceeded: ExitCode.PASS,
+    Reason.DiskLimitExceeded: ExitCode.PASS,
     Reason.ValidationFailed: ExitCode.VALIDATION,
     Reason.NoGain: ExitCode.VALIDATION,
     Reason.WorkDirUnusable: ExitCode.INTERNAL,

@@ -201,7 +201,8 @@ EXIT_CODES = """exit codes (one per error class; the result file says the reason
       ForeignObject, ConcurrentWrite, Superseded, StorageRejected
   21  StorageUnavailable (retriable: the storage did not answer)
   30  conversion: UnsupportedFormat, CorruptModel, UnsafeModel, ConversionFailed,
-      AlreadyQuantized, ModelCrashed, MemoryLimitExceeded, TimeLimitExceeded
+      AlreadyQuantized, ModelCrashed, MemoryLimitExceeded, TimeLimitExceeded,
+      DiskLimitExceeded
   40  ValidationFailed, NoGain (within tolerance, but not smaller or slower)
   1   WorkDirUnusable, SandboxUnavailable, InternalError (retriable)"""
 

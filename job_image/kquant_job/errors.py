@@ -46,7 +46,8 @@ class PassError(KquantError):
     """The model could not be read or converted. Reasons: UnsupportedFormat,
     CorruptModel, UnsafeModel (a pickle refused by ``torch.load(weights_only=True)``, an
     archive bomb, model code touching what its sandbox forbids), ConversionFailed,
-    ModelCrashed, MemoryLimitExceeded, TimeLimitExceeded (the sandboxed process's end)."""
+    ModelCrashed, MemoryLimitExceeded, TimeLimitExceeded, DiskLimitExceeded (the
+    sandboxed process's end)."""
 
     reason = Reason.ConversionFailed
 

@@ -112,6 +112,16 @@ def test_files_and_an_outcome_written_by_model_code_are_not_taken(tmp_path):
     assert not list((tmp_path / "out").rglob("injected.txt"))
 
 
+def test_a_model_filling_its_folder_past_the_work_volume_ends_in_disk_limit_exceeded(tmp_path):
+    """96 MiB of real bytes written by model code into its folder's tmp/, with a work
+    volume of 64 MiB (KQUANT_WORK_BYTES): before, the job validated and a pod would have
+    been evicted by the kubelet, with no result."""
+    model = file_writer_jit(tmp_path / "hog.pt", Path("tmp/hog.bin"), 96 * 2**20)
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env(KQUANT_WORK_BYTES=str(2**26)))
+    failed(run, tmp_path, "DiskLimitExceeded")
+    assert "past the" in run.result["message"] and "KQUANT_WORK_BYTES" in run.result["message"]
+
+
 def test_a_model_reading_credentials_outside_its_sandbox_gets_nothing(tmp_path):
     creds = tmp_path / "credentials"
     creds.write_text(f"[default]\naws_secret_access_key = {SECRET}\n")

@@ -46,8 +46,17 @@ def test_a_changed_converted_file_or_a_stray_file_is_refused(tmp_path: Path) -> 
         accept_staged(stage, io)
     assert info.value.reason.value == "UnsafeModel"
     (io.staged / "model.pt").write_bytes(b"converted")
+    (io.staged / "sub" / "config.json").unlink()  # the copy the first call made
     (io.staged / "extra.bin").write_bytes(b"x")
     with pytest.raises(PassError, match=r"extra\.bin, which no conversion wrote"):
+        accept_staged(stage, io)
+
+
+def test_a_file_at_a_copy_s_name_before_the_copy_is_a_stray(tmp_path: Path) -> None:
+    io, stage = _setup(tmp_path)
+    (io.staged / "sub").mkdir()
+    (io.staged / "sub" / "config.json").write_text("written by model code")
+    with pytest.raises(PassError, match=r"sub/config\.json, which no conversion wrote"):
         accept_staged(stage, io)
 
 

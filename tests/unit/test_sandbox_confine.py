@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -252,3 +253,23 @@ def test_the_child_names_memory_and_sandbox_refusals():
         assert classify(wrapped, 2**30, False)[0].value == "InvalidSpec"  # not confined
     reason, message, detail = classify(ValueError("boom"), 2**30, True)
     assert reason.value == "InternalError" and "boom" in message and "traceback" in detail
+
+
+def test_the_disk_allowance_is_what_the_work_volume_has_left(tmp_path):
+    from kquant_job.sandbox.limits import allocated_bytes, disk_allowance
+
+    work = tmp_path / "work"
+    (work / "source").mkdir(parents=True)
+    (work / "source" / "model.onnx").write_bytes(os.urandom(3 * 2**20))
+    box = work / "sandbox"
+    box.mkdir()
+    (box / "request.json").write_bytes(os.urandom(2**20))
+    sparse = box / "sparse.bin"
+    with open(sparse, "wb") as fh:
+        fh.truncate(2**30)  # a GiB long, nothing written: no disk taken
+    assert allocated_bytes(box) < 2 * 2**20
+    source = allocated_bytes(work / "source")
+    allowance = disk_allowance(box, {"KQUANT_WORK_BYTES": str(64 * 2**20)})
+    assert allowance == 64 * 2**20 - source  # the box's own bytes count against it
+    unset = disk_allowance(box, {})
+    assert unset > allowance and unset <= shutil.disk_usage(box).free + allocated_bytes(box)

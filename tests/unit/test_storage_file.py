@@ -297,3 +297,61 @@ def test_a_missing_relative_path_shows_where_it_was_looked_for(
         FileStorage().download("m/vad.onnx", tmp_path / "dl", 10**6)
     assert info.value.reason is Reason.SourceNotFound
     assert f"({tmp_path / 'm' / 'vad.onnx'})" in str(info.value)
+
+
+def test_an_entry_swapped_for_a_symlink_after_the_walk_is_not_followed(tmp_path, monkeypatch):
+    """The folder is walked and checked, then each file copied: a file (or a folder on its
+    path) replaced by a symlink in between is refused, not read (before: the copy followed
+    it and published the file it pointed at, a race a helper's trial won)."""
+    from kquant_job.storage import file as file_storage
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the model folder")
+    src = tmp_path / "models"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"a" * 10)
+    (src / "sub" / "config.json").write_text("{}")
+    walk = file_storage._walk
+
+    def walk_then_swap(root, where):
+        pairs = walk(root, where)
+        (src / "sub" / "config.json").unlink()
+        (src / "sub" / "config.json").symlink_to(secret)
+        return pairs
+
+    monkeypatch.setattr(file_storage, "_walk", walk_then_swap)
+    store = FileStorage()
+    with pytest.raises(StorageError) as info:
+        store.download(f"file://{src}/", tmp_path / "dest")
+    assert info.value.reason.value == "UnsafePath" and "became a symlink" in str(info.value)
+    assert not any(
+        p.read_bytes() == secret.read_bytes() for p in (tmp_path / "dest").rglob("*") if p.is_file()
+    )
+
+    (src / "sub" / "config.json").unlink()
+    (src / "sub" / "config.json").write_text("{}")
+
+    def walk_then_swap_folder(root, where):
+        pairs = walk(root, where)
+        (src / "sub").rename(tmp_path / "moved")
+        (src / "sub").symlink_to(tmp_path / "moved")  # same content, reached through a link
+        return pairs
+
+    monkeypatch.setattr(file_storage, "_walk", walk_then_swap_folder)
+    with pytest.raises(StorageError) as info:
+        store.download(f"file://{src}/", tmp_path / "dest2")
+    assert info.value.reason.value == "UnsafePath"
+
+
+def test_open_beneath_opens_a_resolved_regular_file_only(tmp_path):
+    from kquant_job.storage.file import open_beneath
+
+    (tmp_path / "f").write_bytes(b"x")
+    with open_beneath((tmp_path / "f").resolve()) as fh:
+        assert fh.read() == b"x"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(StorageError):  # opened without blocking, then refused
+        open_beneath((tmp_path / "fifo").resolve())
+    (tmp_path / "link").symlink_to(tmp_path / "f")
+    with pytest.raises(OSError):
+        open_beneath(tmp_path / "link")

@@ -5,6 +5,7 @@ unless the tensor is kept FP32)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import subprocess
@@ -196,6 +197,36 @@ def test_safetensors_cast_keeps_metadata_and_kept_tensors(tmp_path):
     assert result.details["tensorsCast"] == 1 and result.details["keptCount"] == 1
     outcome = TensorValidator(src, ModelFormat.safetensors).validate(out)
     assert outcome.passed, outcome.violations
+
+
+def test_a_huge_metadata_header_is_kept_in_the_file_and_cut_in_the_report(tmp_path):
+    """A header of 3 MB of text (safetensors allows 100 MB): the converted file keeps it
+    whole, the report shows the first entries cut to 256 characters (before: all of it, and
+    a 90 MB header made the stage's outcome too large: InternalError)."""
+    for n, meta in enumerate(({"notes": "x" * 3_000_000}, {f"k{i}": str(i) for i in range(100)})):
+        src = tmp_path / f"model{n}.safetensors"
+        save_file({"w": torch.randn(4, 4)}, str(src), metadata=meta)
+        out = tmp_path / f"out{n}.safetensors"
+        details = SafetensorsCastPass().run(src, FP16, out, PassContext(tmp_path)).details
+        with safe_open(str(out), "pt") as fh:
+            assert fh.metadata() == meta
+        shown = details["metadata"]
+        assert len(shown) == min(64, len(meta))
+        size = sum(len(k) + len(v) for k, v in meta.items())  # ASCII: characters are bytes
+        assert details["metadataTruncated"] == {"entries": len(meta), "bytes": size}
+        assert len(json.dumps(details)) < 30_000
+    assert all(meta[k] == v for k, v in shown.items())  # short entries shown as they are
+    first = (
+        SafetensorsCastPass()
+        .run(
+            tmp_path / "model0.safetensors",
+            FP16,
+            tmp_path / "again.safetensors",
+            PassContext(tmp_path),
+        )
+        .details["metadata"]
+    )
+    assert len(first["notes"]) == 256 and first["notes"].endswith("...")
 
 
 def test_silero_safetensors_bf16_validates_as_tensors(tmp_path):

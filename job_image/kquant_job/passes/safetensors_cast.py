@@ -50,6 +50,28 @@ def read_safetensors(path: Path, display: str) -> tuple[dict[str, Any], dict[str
         ) from None
 
 
+# What of a file's metadata header the report shows: the header is the model author's text
+# (up to safetensors' 100 MB header limit), the report a page a person reads.
+METADATA_ENTRIES, METADATA_CHARS = 64, 256
+
+
+def report_metadata(metadata: dict[str, str] | None) -> dict[str, Any]:
+    """``{"metadata": ...}`` for the report: the first METADATA_ENTRIES entries, each key and
+    value cut to METADATA_CHARS characters, plus ``metadataTruncated`` (entries and bytes of
+    the whole header) when anything was cut. The converted file keeps the header whole."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= METADATA_CHARS else text[: METADATA_CHARS - 3] + "..."
+
+    metadata = metadata or {}
+    shown = {cut(k): cut(v) for k, v in list(metadata.items())[:METADATA_ENTRIES]}
+    out: dict[str, Any] = {"metadata": shown}
+    if shown != metadata:
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+        out["metadataTruncated"] = {"entries": len(metadata), "bytes": size}
+    return out
+
+
 class SafetensorsCastPass:
     """Cast a safetensors file to FP16 or BF16, metadata kept."""
 
@@ -70,7 +92,7 @@ class SafetensorsCastPass:
         cast = {name: caster.tensor(t, name) for name, t in tensors.items()}
         # save_file refuses tensors sharing memory; safe_open gives each its own already.
         st.save_file(cast, str(out_path), metadata=metadata)
-        details = {"container": "safetensors", "metadata": metadata or {}, **caster.details()}
+        details = {"container": "safetensors", **report_metadata(metadata), **caster.details()}
         details.pop("sharedTensors", None)
         ctx.log.info(
             "cast %d tensors of %s to %s (%d kept FP32)",

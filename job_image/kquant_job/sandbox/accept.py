@@ -19,6 +19,7 @@ from kquant_api import Reason
 from kquant_job.errors import KquantError, PassError, StorageError
 from kquant_job.pinned import changed, file_sha256
 from kquant_job.stage import StageInput, StageOutcome, stray_files
+from kquant_job.storage.file import open_beneath
 
 
 def staged_files(staged: Path) -> list[str]:
@@ -53,10 +54,18 @@ def accept_staged(stage: StageOutcome, io: StageInput) -> list[str]:
     staged = io.staged.resolve()
     for out, rel in stage.copied_from.items():
         src, dst = _inside(root, rel), _inside(staged, out)
-        if not src.is_file():
-            raise StorageError(f"{rel}: not a regular file in the source", reason=Reason.UnsafePath)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+        try:  # the source may be the user's folder, read in place: no symlink is followed
+            with open_beneath(src) as fin, open(dst, "xb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        except FileExistsError:  # the stage writes no copy: model code did
+            raise stray_files([out]) from None
+        except OSError as exc:
+            raise StorageError(
+                f"{rel}: cannot be copied from the source ({exc.strerror or exc}); was it "
+                "replaced while the job ran?",
+                reason=Reason.UnsafePath,
+            ) from None
     files = staged_files(staged)
     declared = {f for m in stage.models for f in m.out_files} | set(stage.copies)
     if strays := sorted(set(files) - declared):

@@ -81,3 +81,38 @@ def _positive(env: Mapping[str, str], name: str) -> float | None:
     if not value > 0:
         raise InvalidSpec(f"{name}={raw!r}: expected a positive number")
     return value
+
+
+def allocated_bytes(root: Path) -> int:
+    """Bytes of disk the files below ``root`` occupy (``st_blocks``: a sparse file counts what
+    it holds, not its length); entries vanishing while walked are skipped."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+def disk_allowance(box: Path, env: Mapping[str, str] | None = None) -> int:
+    """Bytes a sandboxed stage may hold in its folder ``box`` (inside the job's work
+    directory, ``box.parent``): what the work volume has left, that is ``KQUANT_WORK_BYTES``
+    (the emptyDir's sizeLimit, past which the kubelet evicts the pod) less what the rest of
+    the work directory holds (the fetched source and samples), and at most 95 % of the file
+    system's free space (the last 5 % left to the node). The budget checked before the
+    fetch (:mod:`kquant_job.budget`) keeps a conversion within it."""
+    import shutil
+
+    from kquant_job.budget import WORK_BYTES_ENV
+
+    env = os.environ if env is None else env
+    box.mkdir(parents=True, exist_ok=True)
+    mine = allocated_bytes(box)
+    free = int(shutil.disk_usage(box).free * 0.95) + mine
+    raw = env.get(WORK_BYTES_ENV, "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        others = allocated_bytes(box.parent) - mine
+        return min(free, int(raw) - others)
+    return free

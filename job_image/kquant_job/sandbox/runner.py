@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,7 +36,7 @@ from kquant_api import REASON_EXIT_CODE, ExitCode, QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError, ValidationFailed
 from kquant_job.sandbox.accept import accept_staged
-from kquant_job.sandbox.limits import Limits
+from kquant_job.sandbox.limits import Limits, allocated_bytes, disk_allowance
 from kquant_job.stage import StageInput, StageOutcome
 
 LOG = logging.getLogger("kquant")
@@ -273,16 +274,7 @@ def run_task(
     assert proc.stdout is not None
     relay.start(proc.stdout, False)
     try:
-        code = proc.wait(timeout=limits.timeout_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        relay.join()
-        raise PassError(
-            f"the {what} ran past the sandbox's time limit ({limits.timeout_seconds:g} s, "
-            f"KQUANT_SANDBOX_TIMEOUT_SECONDS) {relay.where()} and was killed",
-            reason=Reason.TimeLimitExceeded,
-        ) from None
+        code = _watch(proc, box, limits, relay, what)
     finally:
         _kill_group(proc.pid)
     relay.join()
@@ -296,6 +288,47 @@ def run_task(
             reason=Reason.InternalError,
         )
     return _outcome(bytes(outcome.data), code)
+
+
+WATCH_SECONDS = 1.0  # how often the sandbox folder's size is measured
+
+
+def _watch(proc: subprocess.Popen[str], box: Path, limits: Limits, relay: _Relay, what: str) -> int:
+    """Wait for the child's exit status, killing its process group when it runs past the
+    time limit (PassError TimeLimitExceeded) or when its folder grows past the room the work
+    volume has left for it (:func:`~kquant_job.sandbox.limits.disk_allowance`; PassError
+    DiskLimitExceeded): model code may write what it likes in its folder, and a full work
+    volume gets the pod evicted with no result at all."""
+    deadline = time.monotonic() + limits.timeout_seconds
+    allowance = disk_allowance(box)
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            code = proc.wait(timeout=max(0.0, min(WATCH_SECONDS, left)))
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is not None and allocated_bytes(box) <= allowance:
+            return code  # (measured once more: a child quicker than a poll is measured too)
+        if code is None and time.monotonic() >= deadline:
+            error = PassError(
+                f"the {what} ran past the sandbox's time limit ({limits.timeout_seconds:g} s, "
+                f"KQUANT_SANDBOX_TIMEOUT_SECONDS) {relay.where()} and was killed",
+                reason=Reason.TimeLimitExceeded,
+            )
+        elif (used := allocated_bytes(box)) > allowance:
+            error = PassError(
+                f"the {what} wrote {used} bytes into its folder {relay.where()}, past the "
+                f"{allowance} bytes the work volume has left for it (KQUANT_WORK_BYTES, or "
+                "the free space), and was stopped: model code writing files, or a conversion "
+                "larger than its estimate (raise spec.resources.limits.ephemeral-storage)",
+                reason=Reason.DiskLimitExceeded,
+            )
+        else:
+            continue
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        relay.join()
+        raise error
 
 
 def _absolute(value: Any) -> Any:

@@ -18,8 +18,10 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from kquant_api import Artifact, Reason
 from kquant_job.errors import StorageError
@@ -126,7 +128,7 @@ class FileStorage(Storage):
         check_size(uri, sum(_size(path, uri) for _, path in pairs), max_bytes)
         plan = [(path, local_target(dest_dir, key, uri)) for key, path in pairs]
         for path, target in plan:
-            _copy(path, target, uri, "download")
+            _copy(path, target, uri, "download", checked=True)
         return dest_dir
 
     def read_in_place(self, uri: str) -> Path | None:
@@ -328,23 +330,64 @@ def _size(path: Path, uri: str) -> int:
         raise os_error(exc, uri, "stat") from None
 
 
+def open_beneath(path: Path) -> BinaryIO:
+    """The regular file at ``path`` (an absolute path whose symlinks are already resolved),
+    opened for reading one component at a time from ``/`` without following any symlink
+    (``O_NOFOLLOW`` on each): a component swapped for a symlink after the path was checked
+    fails (ELOOP, ENOTDIR) instead of leading out of the checked tree, where a plain
+    ``open`` of the checked path would follow it (a race a helper's trial won within 30
+    polls while the worker copied an 800 MB file before it). Raises OSError; StorageError
+    (UnsafePath) when the file opened is not a regular file."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    parts = path.parts
+    fd = os.open("/", flags | os.O_DIRECTORY)
+    try:
+        for part in parts[1:-1]:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        # O_NONBLOCK: a FIFO swapped in does not block the open
+        leaf = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(leaf).st_mode):
+        os.close(leaf)
+        raise StorageError(f"{path}: not a regular file", reason=Reason.UnsafePath)
+    os.set_blocking(leaf, True)
+    return os.fdopen(leaf, "rb")
+
+
 def _copy(
-    src: Path, target: Path, uri: str, action: str, *, hashed: bool = False
+    src: Path,
+    target: Path,
+    uri: str,
+    action: str,
+    *,
+    hashed: bool = False,
+    checked: bool = False,
 ) -> tuple[str, int]:
     """Copy ``src`` to ``target`` through a temporary file; returns (hex sha256 or '', bytes).
     Uploads are durable (fsynced); downloads land in the work directory and are not (see
-    :func:`atomic_target`)."""
+    :func:`atomic_target`). ``checked``: ``src`` is a resolved path a walk checked, opened
+    without following symlinks (:func:`open_beneath`)."""
     digest = hashlib.sha256() if hashed else None
     size = 0
     durable = action != "download"
     try:
-        with src.open("rb") as fin, atomic_target(target, durable) as tmp, tmp.open("wb") as fout:
+        fin_cm = open_beneath(src) if checked else src.open("rb")
+        with fin_cm as fin, atomic_target(target, durable) as tmp, tmp.open("wb") as fout:
             while block := fin.read(CHUNK):
                 if digest is not None:
                     digest.update(block)
                 fout.write(block)
                 size += len(block)
     except OSError as exc:
+        if checked and exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StorageError(
+                f"cannot {action} {uri}: {src} became a symlink (or passes through one) after "
+                "the tree was checked: refused, not followed",
+                reason=Reason.UnsafePath,
+            ) from None
         raise os_error(exc, uri, action) from None
     return (digest.hexdigest() if digest else ""), size
 
