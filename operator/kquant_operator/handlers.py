@@ -43,16 +43,22 @@ from kquant_operator.jobs import (
 from kquant_operator.kube import ApiError, Kube, path
 from kquant_operator.settings import OperatorSettings
 from kquant_operator.status import (
+    TERMINAL,
+    blocked_status,
     derive_status,
     events_for,
     invalid_spec_status,
     is_finished,
+    job_existed,
+    lost_status,
+    pending_status,
     status_patch,
 )
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "quantizationjobs"
 RETRY_DELAY = 10.0  # seconds before kopf retries a handler after a transient API error
+BLOCKED_DELAY = 60.0  # seconds between tries while a Job cannot be created (name taken, 403)
 STATUS_ATTEMPTS = 8  # event handlers are not retried by kopf: retry status writes inline
 
 
@@ -131,9 +137,12 @@ async def _write_status(kube: Kube, qjob: dict[str, Any], new: dict[str, Any]) -
     return True
 
 
-async def _create_or_adopt(kube: Kube, manifest: dict[str, Any], owner_uid: str) -> bool:
-    """Create the Job; on 409 adopt the existing one if this CR owns it. True if created."""
+async def _create_or_adopt(kube: Kube, manifest: dict[str, Any], qjob: dict[str, Any]) -> bool:
+    """Create the Job; on 409 adopt the existing one if this CR owns it. True if created.
+    A Job of that name that is not this CR's is never adopted: the status says whose it
+    is, and the create is tried again later."""
     meta = manifest["metadata"]
+    jname = meta["name"]
     try:
         await kube.create(_jobs_path(meta["namespace"]), manifest)
         return True
@@ -141,18 +150,35 @@ async def _create_or_adopt(kube: Kube, manifest: dict[str, Any], owner_uid: str)
         if exc.status != 409:
             raise
     try:
-        existing = await kube.get(_jobs_path(meta["namespace"], meta["name"]))
+        existing = await kube.get(_jobs_path(meta["namespace"], jname))
     except ApiError as exc:
         if exc.status == 404:  # deleted since the 409: create it on the next try
-            raise kopf.TemporaryError(f"Job {meta['name']} vanished", delay=1.0) from None
+            raise kopf.TemporaryError(f"Job {jname} vanished", delay=1.0) from None
         raise
     owners = existing.get("metadata", {}).get("ownerReferences") or []
-    if any(ref.get("uid") == owner_uid for ref in owners):
+    if any(ref.get("uid") == qjob["metadata"]["uid"] for ref in owners):
         return False
     if any(ref.get("kind") == KIND for ref in owners):
         # A same-named CR was deleted and re-created: wait for the collector to remove its Job.
-        raise kopf.TemporaryError(f"Job {meta['name']} of a previous object is being deleted")
-    raise kopf.PermanentError(f"Job {meta['name']} exists and is not owned by this object")
+        message = f"waiting for Job {jname} of a deleted QuantizationJob of this name to be removed"
+        await _set_status(kube, qjob, pending_status(qjob, "WaitingForOldJob", message))
+        raise kopf.TemporaryError(f"Job {jname} of a previous object is being deleted", delay=5.0)
+    owner = ", ".join(f"{r.get('kind')}/{r.get('name')}" for r in owners) or "no owner"
+    message = (
+        f"a Job named {jname} exists and was not created for this QuantizationJob ({owner}); "
+        "kquant neither adopts nor deletes it: remove or rename it, and the run starts"
+    )
+    await _set_status(kube, qjob, blocked_status(qjob, "JobNameTaken", message))
+    raise kopf.TemporaryError(f"Job {jname} exists and is not owned by this object",
+                              delay=BLOCKED_DELAY)  # fmt: skip
+
+
+async def _set_status(kube: Kube, qjob: dict[str, Any], status: dict[str, Any]) -> None:
+    """Write ``status``; an API error becomes kopf's retry decision."""
+    try:
+        await _write_status(kube, qjob, status)
+    except ApiError as exc:
+        _raise_for(exc, "writing the status")
 
 
 async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
@@ -169,17 +195,37 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
         await _reject(kube, qjob, str(exc))
     manifest["metadata"]["namespace"] = meta["namespace"]
     jname = manifest["metadata"]["name"]
+    if job_existed(qjob, jname) and not await _exists(kube, meta["namespace"], jname):
+        # It ran (the status saw it start) and is gone: deleted, or removed by its TTL while
+        # the operator was down. A new Job would run the conversion again.
+        logger.warning("Job %s of generation %s is gone: not re-created", jname, meta["generation"])
+        await _set_status(kube, qjob, lost_status(qjob, jname))
+        return
     try:
-        created = await _create_or_adopt(kube, manifest, meta["uid"])
+        created = await _create_or_adopt(kube, manifest, qjob)
     except ApiError as exc:
         if exc.status in (400, 422):  # the API server rejected what the spec produced
             await _reject(kube, qjob, f"the API server rejected Job {jname}: {exc.message}")
+        if exc.status == 403:  # a quota, an admission plugin or RBAC: someone must act
+            message = f"the API server refused to create Job {jname}: {exc.message}"
+            await _set_status(kube, qjob, blocked_status(qjob, "JobForbidden", message))
+            raise kopf.TemporaryError(message, delay=BLOCKED_DELAY) from None
         _raise_for(exc, f"creating Job {jname}")
     if created:
         kopf.info(body, reason="JobCreated", message=f"created Job {jname}")
         logger.info("created Job %s", jname)
     else:
         logger.info("adopted existing Job %s", jname)
+
+
+async def _exists(kube: Kube, namespace: str, jname: str) -> bool:
+    try:
+        await kube.get(_jobs_path(namespace, jname))
+        return True
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        _raise_for(exc, f"reading Job {jname}")
 
 
 async def _reject(kube: Kube, qjob: dict[str, Any], message: str) -> NoReturn:
@@ -232,10 +278,13 @@ def _may_have_pods(job: dict[str, Any]) -> bool:
 async def job_event(
     event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
-    """A change of one of our Jobs: recompute and write the owner's status."""
+    """A change of one of our Jobs: recompute and write the owner's status. A Job of the
+    current generation deleted before its verdict was written (by a person; a finished
+    Job's TTL comes after its verdict) ends the generation in JobDeleted."""
     owner = _owner(body)
-    if event.get("type") == "DELETED" or owner is None:
+    if owner is None:
         return
+    deleted = event.get("type") == "DELETED"
     kube: Kube = memo.kube
     namespace = body["metadata"]["namespace"]
     for attempt in range(STATUS_ATTEMPTS):
@@ -247,12 +296,17 @@ async def job_event(
                 return  # the owner is gone (or was re-created): the collector takes the Job
             if labels.get(LABEL_GENERATION) != str(qmeta.get("generation")):
                 return  # an older generation's Job, being replaced
+            if deleted and is_finished(qjob):
+                return  # its verdict is written: the TTL (or a person) removed it after
             job = event.get("object") or to_plain(body)  # the raw object: no view to copy
             pods = []
             if _may_have_pods(job):
                 selector = ",".join(f"{k}={labels[k]}" for k in (LABEL_NAME, LABEL_GENERATION))
                 pods = await kube.list(path("", "v1", "pods", namespace), selector)
-            await _write_status(kube, qjob, derive_status(qjob, job, pods))
+            status = derive_status(qjob, job, pods)
+            if deleted and status.get("phase") not in TERMINAL:
+                status = lost_status(qjob, job["metadata"]["name"])
+            await _write_status(kube, qjob, status)
             return
         except ApiError as exc:
             if exc.status == 404:

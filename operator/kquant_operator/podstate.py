@@ -8,6 +8,7 @@ the kubelet copies it to ``status.containerStatuses[].state.terminated.message``
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
@@ -16,6 +17,12 @@ from kquant_api import JobResult
 from kquant_operator.jobs import LABEL_GENERATION, LABEL_NAME, WORKER_CONTAINER, label_value
 
 _JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
+# What looks like a credential in a log line (key=value, key: value, AWS access key ids).
+_SECRET = re.compile(
+    r"(?i)((?:secret|token|password|passwd|credential|api[_-]?key|access[_-]?key)[\w.-]*"
+    r"[\"']?\s*[=:]\s*[\"']?)[^\s\"',;]+|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"
+)
 # Container waiting reasons that explain why a pod does not start (kubelet's vocabulary).
 _WAITING_REASONS = (
     "ErrImagePull",
@@ -38,17 +45,22 @@ class Terminated(NamedTuple):
 
 
 def belongs(pod: dict[str, Any], job: dict[str, Any], cr_name: str, generation: int | None) -> bool:
-    """True when ``pod`` was created for ``job``: owned by its uid, labelled with its name
-    (the Job controller's labels), or labelled with this CR name and generation (our
-    template's labels). Pods of another generation's Job are never taken."""
+    """True when ``pod`` was created for ``job``. A Job read from the API server has a uid:
+    then only its own pods count, owned by that uid or labelled with it (the Job
+    controller's ``controller-uid`` labels); the pods of an earlier Job of the same name (a
+    QuantizationJob deleted and re-created while the collector lags) or any pod carrying
+    kquant's labels would otherwise pass for this run's. Without a uid (objects built by
+    hand): labelled with the Job's name, or with this CR name and generation. Pods of
+    another generation's Job are never taken."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     job_meta = job.get("metadata") or {}
     if labels.get(LABEL_GENERATION) not in (None, str(generation)):
         return False
     uid = job_meta.get("uid")
-    if uid and any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or []):
-        return True
+    if uid:
+        owned = any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or [])
+        return owned or any(labels.get(k) == uid for k in _UID_LABELS)
     if any(labels.get(k) == job_meta.get("name") for k in _JOB_NAME_LABELS):
         return True
     return labels.get(LABEL_NAME) == label_value(cr_name) and LABEL_GENERATION in labels
@@ -100,11 +112,14 @@ def latest_terminated(pods: list[dict[str, Any]]) -> Terminated | None:
 
 
 def log_tail(message: str, limit: int = 300) -> str:
-    """The last non-empty line of a non-JSON termination message, at most ``limit`` chars."""
+    """The last non-empty line of a non-JSON termination message, at most ``limit`` chars,
+    with what looks like a credential (``SECRET_KEY=...``, ``token: ...``, an AWS access
+    key id) replaced by ``***``: the line goes into the status and an Event, which more
+    people read than the pod's log."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return ""
-    last = lines[-1]
+    last = _SECRET.sub(lambda m: (m.group(1) or "") + "***", lines[-1])
     return last if len(last) <= limit else "..." + last[-(limit - 3) :]
 
 

@@ -77,11 +77,13 @@ def _status(
     reason: str,
     message: str,
     now: str,
+    *,
+    stalled: bool = False,
     **fields: Any,
 ) -> dict[str, Any]:
     if phase is Phase.Succeeded:
         flags = {"Ready": True, "Reconciling": False, "Stalled": False}
-    elif phase is Phase.Failed:
+    elif phase is Phase.Failed or stalled:
         flags = {"Ready": False, "Reconciling": False, "Stalled": True}
     else:
         flags = {"Ready": False, "Reconciling": True, "Stalled": False}
@@ -125,6 +127,49 @@ def _result_status(result: JobResult) -> dict[str, Any]:
             100 * (1 - result.quantizedBytes / result.originalBytes), 2
         )
     return data
+
+
+def lost_status(qjob: dict[str, Any], jname: str, now: str | None = None) -> dict[str, Any]:
+    """The status of a generation whose Job was deleted before its result was read (by a
+    person, or by ``ttlSecondsAfterFinished`` while the operator was down): phase Failed,
+    reason JobDeleted, Stalled. The generation is not run again on its own: its
+    conversion may have published already."""
+    qjob = to_plain(qjob)
+    message = (
+        f"Job {jname} was deleted before the operator read its result; what it did is unknown "
+        "(the output's report.json says) and it is not run again: change the spec, or delete "
+        "and re-create this QuantizationJob, to run it again"
+    )
+    return _status(qjob, Phase.Failed, "JobDeleted", message, now or _now(), jobName=jname)
+
+
+def blocked_status(
+    qjob: dict[str, Any], reason: str, message: str, now: str | None = None
+) -> dict[str, Any]:
+    """The status of a generation whose Job cannot be created for now (its name held by a
+    Job kquant did not create, a quota, an admission refusal): phase Pending, Ready False,
+    Stalled True (it needs someone's action; the operator keeps retrying)."""
+    qjob = to_plain(qjob)
+    return _status(qjob, Phase.Pending, reason, message, now or _now(), stalled=True)
+
+
+def pending_status(
+    qjob: dict[str, Any], reason: str, message: str, now: str | None = None
+) -> dict[str, Any]:
+    """Phase Pending, Reconciling True: the operator waits on something that passes by
+    itself (the collector removing a deleted object's Job)."""
+    return _status(to_plain(qjob), Phase.Pending, reason, message, now or _now())
+
+
+def job_existed(qjob: dict[str, Any], jname: str) -> bool:
+    """Whether the status says the Job ``jname`` of the current generation existed and
+    started (it names it, with a start time): a create that succeeds now means it is gone."""
+    status = qjob.get("status") or {}
+    return (
+        status.get("observedGeneration") == _meta(qjob)[1]
+        and status.get("jobName") == jname
+        and bool(status.get("startTime"))
+    )
 
 
 def invalid_spec_status(
@@ -179,6 +224,18 @@ def derive_status(
     # A worker that wrote a Succeeded result had published its set (manifest last) and
     # promoted it: a deadline that then cut its exit short changes none of that.
     published = bool(failed and result and result.phase == Phase.Succeeded.value)
+    if done and result is None:
+        # exit 0 but no readable result: whether it validated, and what it published, is
+        # unknown; GitOps must not take it for a validated model
+        tail = log_tail(last.message) if last else ""
+        message = (
+            f"Job {jname} completed, but its worker left no result in its termination "
+            "message" + (f" (it holds: {tail})" if tail else "") + ": whether it validated "
+            "and what it published are unknown (see the pod's log and the output's report.json)"
+        )
+        finished = st.get("completionTime") or done.get("lastTransitionTime")
+        return _status(qjob, Phase.Failed, "NoResult", message, now, completionTime=finished,
+                       **times)  # fmt: skip
     if (done and not (result and result.phase == Phase.Failed.value)) or published:
         reason = result.reason.value if result else "Completed"
         message = (result.message if result else "") or f"Job {jname} completed"

@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -86,7 +87,7 @@ class JobStandIn:
         self,
         emulator: KubeEmulator,
         tmp_path: Path,
-        canned: Callable[[dict], JobResult] | None = None,
+        canned: Callable[[dict], JobResult | Awaitable[JobResult]] | None = None,
     ) -> None:
         self.emulator, self.api, self.root, self.canned = emulator, Api(emulator), tmp_path, canned
         self.logs: dict[str, list[str]] = {}
@@ -282,6 +283,9 @@ class JobStandIn:
         jname, pname = job["metadata"]["name"], pod["metadata"]["name"]
         if self.canned is not None:
             result = self.canned(job)
+            if inspect.isawaitable(result):  # the pod runs until the test lets it end
+                await self._pod_status(pod, {"phase": "Running"})
+                result = await result
             return result.exit_code, result.to_json(), False
         root = self.root / pname
         mounts = {}

@@ -60,6 +60,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # Watch requests served so far per resource (never decremented: a test waits for its
     # operator's watches while an earlier operator's streams may still be closing).
     watches_started: collections.Counter = attrs.field(factory=collections.Counter, init=False)
+    # (resource, action) -> (HTTP status, reason, message) answered instead of serving.
+    refusals: dict = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -106,6 +108,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not self._serves(request):
             return await super()._handle(request)
         action = request.action
+        refusal = self.refusals.get((request.resource, action))
+        if refusal is not None:  # a quota, an admission plugin: what a test sets
+            raise error(*refusal)
         if action == kmock.action.WATCH:
             return await kmock.Response(payload=self._serve_watch)(request)
         if action == kmock.action.LIST:

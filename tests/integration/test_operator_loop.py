@@ -367,3 +367,110 @@ async def test_a_finished_run_is_not_repeated_after_its_job_expired(kmock, tmp_p
         await wait_for(lambda: "already finished: no Job" in caplog.text, what="the resume")
     assert stored(kmock, JOBS, NS) == [] and len(loop.kubelet.runs) == 1
     assert final_status(kmock, NS, "qj-1") == before
+
+
+async def test_a_job_deleted_mid_run_ends_its_generation_in_job_deleted(kmock, tmp_path):
+    """The Job of a running generation deleted by a person: the status says so (before: it
+    stayed Running for good, and an operator restart ran the conversion again)."""
+    release = asyncio.Event()
+
+    async def held(job: dict) -> JobResult:
+        await release.wait()
+        return canned(job)
+
+    async with loop_for(kmock, tmp_path, held) as loop:
+        await loop.apply(example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
+        await wait_for(
+            lambda: status_of(kmock, "qj-1").get("phase") == "Running",
+            what="the run",
+        )
+        await loop.api.delete(JOBS, NS, "qj-1-1")
+        status = await loop.final("qj-1")
+        release.set()
+    assert (status["phase"], status["reason"]) == ("Failed", "JobDeleted")
+    assert condition(status, "Stalled")["status"] == "True"
+    assert "not run again" in status["message"]
+    async with operator_running(kmock, tmp_path):  # a restart does not run it again
+        await asyncio.sleep(2)
+    assert stored(kmock, JOBS, NS) == [] and final_status(kmock, NS, "qj-1") == status
+
+
+async def test_a_foreign_job_holding_the_name_is_left_and_reported(kmock, tmp_path):
+    foreign = {"metadata": {"name": "qj-1-1"}, "spec": {"template": {"spec": {"containers": []}}}}
+    async with loop_for(kmock, tmp_path, canned) as loop:
+        await loop.api.create(JOBS, NS, foreign)
+        await loop.apply(example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
+        status = await wait_for(
+            lambda: (s := status_of(kmock, "qj-1")).get("reason") == "JobNameTaken" and s,
+            what="the blocked status",
+        )
+    assert status["phase"] == "Pending" and condition(status, "Stalled")["status"] == "True"
+    assert condition(status, "Ready")["status"] == "False"
+    assert "not created for this QuantizationJob" in status["message"]
+    [job] = stored(kmock, JOBS, NS)
+    assert not job["metadata"].get("ownerReferences")  # neither adopted nor replaced
+
+
+async def test_a_refused_job_create_is_reported_and_tried_again(kmock, tmp_path, monkeypatch):
+    """A 403 on the Job create (a ResourceQuota's "exceeded quota", an admission plugin):
+    the status says why, and the create is tried again once the refusal is gone."""
+    import kquant_operator.handlers as handlers
+
+    monkeypatch.setattr(handlers, "BLOCKED_DELAY", 1.0)
+    refusal = (403, "Forbidden", 'jobs "qj-1-1" is forbidden: exceeded quota: gpu-quota')
+    kmock.refusals[(JOBS, kmock_action_create())] = refusal
+    async with loop_for(kmock, tmp_path, canned) as loop:
+        await loop.apply(example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
+        blocked = await wait_for(
+            lambda: (s := status_of(kmock, "qj-1")).get("reason") == "JobForbidden" and s,
+            what="the refused create",
+        )
+        assert "exceeded quota" in blocked["message"]
+        assert condition(blocked, "Stalled")["status"] == "True"
+        kmock.refusals.clear()
+        status = await loop.final("qj-1")
+    assert status["reason"] == "Validated" and status["jobName"] == "qj-1-1"
+
+
+def status_of(kmock: KubeEmulator, name: str) -> dict:
+    """The CR's status as it is now (any phase)."""
+    for obj in stored(kmock, QJOBS, NS):
+        if obj["metadata"]["name"] == name:
+            return obj.get("status") or {}
+    return {}
+
+
+def kmock_action_create():
+    import kmock
+
+    return kmock.action.CREATE
+
+
+async def test_a_job_gone_while_the_operator_was_down_is_not_run_again(kmock, tmp_path):
+    """The Job ran (the status saw it start), finished and was removed by its TTL while the
+    operator was down: the restarted operator reports JobDeleted rather than creating the
+    Job again (before: a second run of the same generation)."""
+    release = asyncio.Event()
+
+    async def held(job: dict) -> JobResult:
+        await release.wait()
+        return canned(job)
+
+    def complete() -> bool:
+        jobs = stored(kmock, JOBS, NS)
+        conds = (jobs[0].get("status") or {}).get("conditions") or [] if jobs else []
+        return any(c["type"] == "Complete" for c in conds)
+
+    api = Api(kmock)
+    async with JobStandIn(kmock, tmp_path / "kubelet", held) as kubelet:
+        async with operator_running(kmock, tmp_path):
+            await api.create(QJOBS, NS, example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
+            await wait_for(lambda: status_of(kmock, "qj-1").get("phase") == "Running", what="run")
+        release.set()
+        await wait_for(complete, what="the Job's completion")
+        await api.delete(JOBS, NS, "qj-1-1")  # what the TTL controller does
+        async with operator_running(kmock, tmp_path):
+            status = await wait_for(lambda: final_status(kmock, NS, "qj-1"), what="a verdict")
+        assert len(kubelet.runs) == 1
+    assert (status["phase"], status["reason"]) == ("Failed", "JobDeleted")
+    assert stored(kmock, JOBS, NS) == []

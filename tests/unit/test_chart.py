@@ -297,6 +297,8 @@ KOPF_CALLS = {
     ("batch", "jobs", "list"),
     ("batch", "jobs", "watch"),
     ("", "events", "create"),
+    # not a call: the admission check of a Job's ownerReference with blockOwnerDeletion
+    ("kquant.io", "quantizationjobs/finalizers", "update"),
 }
 KOPF_CLUSTER_CALLS = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),

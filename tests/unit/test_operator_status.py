@@ -341,7 +341,8 @@ def test_pods_of_an_older_generation_are_ignored():
         conditions=[condition("Complete", "CompletionsReached", "Reached expected number")],
     )
     status = derive_status(cr, current, [old_pod], now=NOW)
-    assert (status["phase"], status["reason"]) == ("Succeeded", "Completed")
+    # Complete, but no pod of its own to read a result from: unknown, not Ready
+    assert (status["phase"], status["reason"]) == ("Failed", "NoResult")
     assert "result" not in status
 
 
@@ -414,3 +415,70 @@ def test_events_on_transitions_only():
     assert events_for(running, invalid) == [
         ("Warning", "Failed", "InvalidSpec: spec.model.uri: unsupported scheme 'gs'")
     ]
+
+
+def test_pods_of_an_earlier_job_of_the_same_name_are_not_this_run_s():
+    """A QuantizationJob deleted and re-created under its name while the collector lags:
+    the old Job's pod (same name, same labels, another uid) holds a Validated result; the
+    new Job failed before its pod ran. Before: Succeeded/Validated with the old artifacts."""
+    good = JobResult(phase="Succeeded", reason=Reason.Validated, message="validated")
+    cr = qjob()
+    old_job = job(cr, uid="0ld-j0b")
+    old_pod = pod(old_job, phase="Succeeded", state=terminated(0, good.to_json()))
+    deadline = condition("Failed", "DeadlineExceeded", "Job was active longer than specified")
+    current = job(cr, failed=1, conditions=[deadline])
+    status = derive_status(cr, current, [old_pod], now=NOW)
+    assert (status["phase"], status["reason"]) == ("Failed", "DeadlineExceeded")
+    assert "result" not in status
+    labelled = pod(current, suffix="h4nd", phase="Succeeded", state=terminated(0, good.to_json()))
+    labelled["metadata"]["ownerReferences"] = []  # kquant's labels, no owner, another uid
+    for key in ("batch.kubernetes.io/controller-uid", "controller-uid"):
+        labelled["metadata"]["labels"][key] = "s0mebody-else"
+    status = derive_status(cr, current, [labelled], now=NOW)
+    assert status["reason"] == "DeadlineExceeded"
+
+
+def test_a_completed_job_without_a_result_is_not_ready():
+    cr = qjob()
+    done = job(cr, succeeded=1, completionTime=T_END,
+               conditions=[condition("Complete", "CompletionsReached", "Reached")])  # fmt: skip
+    for message in ("", "INFO publish: done\nINFO exiting", '{"phase": "Succ'):
+        worker = pod(done, phase="Succeeded", state=terminated(0, message))
+        status = derive_status(cr, done, [worker], now=NOW)
+        assert (status["phase"], status["reason"]) == ("Failed", "NoResult")
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False" and "unknown" in status["message"]
+
+
+def test_a_log_tail_hides_what_looks_like_a_credential():
+    from kquant_operator.podstate import log_tail
+
+    line = (
+        "boto: AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG key AKIAIOSFODNN7EXAMPLE "
+        'token: "abc.def" password=hunter2 shape=[1, 16]'
+    )
+    tail = log_tail(line)
+    for secret in ("wJalrXUtnFEMI", "AKIAIOSFODNN7EXAMPLE", "abc.def", "hunter2"):
+        assert secret not in tail
+    assert "AWS_SECRET_ACCESS_KEY=***" in tail and "shape=[1, 16]" in tail
+
+
+def test_lost_and_blocked_statuses():
+    from kquant_operator.status import blocked_status, job_existed, lost_status
+
+    cr = qjob()
+    lost = lost_status(cr, "qj-1", now=NOW)
+    flags = {c["type"]: c["status"] for c in lost["conditions"]}
+    assert (lost["phase"], lost["reason"]) == ("Failed", "JobDeleted")
+    assert flags == {"Ready": "False", "Reconciling": "False", "Stalled": "True"}
+    blocked = blocked_status(cr, "JobForbidden", "exceeded quota", now=NOW)
+    flags = {c["type"]: c["status"] for c in blocked["conditions"]}
+    assert (
+        blocked["phase"] == "Pending" and flags["Stalled"] == "True" and flags["Ready"] == "False"
+    )
+    name = cr["metadata"]["name"]
+    running = qjob(status={"observedGeneration": 1, "jobName": f"{name}-1", "startTime": T_START})
+    assert job_existed(running, f"{name}-1")
+    waiting = qjob(status={"observedGeneration": 1, "jobName": f"{name}-1"})  # never started
+    assert not job_existed(waiting, f"{name}-1")
+    assert not job_existed(qjob(generation=2, status=running["status"]), f"{name}-2")

@@ -40,6 +40,11 @@ checks them against the code. */}}
 - apiGroups: [kquant.io]
   resources: [quantizationjobs/status]
   verbs: [patch]
+# The Job's ownerReference sets blockOwnerDeletion: where the OwnerReferencesPermission-
+# Enforcement admission plugin is on (OpenShift), creating it needs update on finalizers.
+- apiGroups: [kquant.io]
+  resources: [quantizationjobs/finalizers]
+  verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, get, list, watch, delete]
