@@ -11,7 +11,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kquant_api import ModelFormat, Precision, QuantizationJob, Reason
-from kquant_job import logs
+from kquant_api.spec import Preprocess
+from kquant_job import logs, prefetch
 from kquant_job.beside import OutputNames, plan_names
 from kquant_job.errors import InvalidSpec, PassError, StorageError
 from kquant_job.formats import ModelFile, Plan, plan_model
@@ -327,6 +328,13 @@ def _convert_all(
     # Models holding code (TorchScript) last: the other outputs are written and their digests
     # taken before any model code runs in this process (kquant_job.pinned).
     code = any(m.format in CODE_FORMATS for m in plan.models)
+    onnx_only = all(m.format is ModelFormat.onnx for m in plan.models)
+    if cfg.precision is Precision.int8 and cfg.preprocess is not Preprocess.never and onnx_only:
+        # sympy, while the reference pass runs; ONNX only: the import hides torch for a
+        # moment (int8_prepare.import_quant_pre_process), which a torch pass would miss
+        from kquant_job.passes.int8_prepare import import_quant_pre_process
+
+        prefetch.start(import_quant_pre_process)
     order = sorted(enumerate(plan.models), key=lambda im: im[1].format in CODE_FORMATS)
     with logs.stage("convert", timings, models=len(plan.models)):
         for i, model in order:

@@ -14,14 +14,14 @@ from onnx import numpy_helper
 
 from kquant_job.passes import int8_prepare
 from kquant_job.passes.int8_optimize import optimize_external
-from kquant_job.passes.int8_prepare import _import_quant_pre_process, preprocess
+from kquant_job.passes.int8_prepare import import_quant_pre_process, preprocess
 from kquant_job.passes.int8_shapes import verified_onnxruntime
 from kquant_job.passes.onnx_common import data_file_for, working_directory
 
 
 def _library(model: Path, out: Path) -> None:
     with working_directory(out.parent):
-        _import_quant_pre_process()(
+        import_quant_pre_process()(
             str(model), str(out), skip_symbolic_shape=True, save_as_external_data=True,
             all_tensors_to_one_file=True, external_data_location=data_file_for(out).name,
         )  # fmt: skip
@@ -70,13 +70,13 @@ def test_preprocess_takes_the_file_path_and_reports_as_the_library(
 ) -> None:
     model = save_external(build_corpus()["silero_vad"].path, tmp_path / "m")
     calls: list[bool] = []
-    real = _import_quant_pre_process()
+    real = import_quant_pre_process()
 
     def counting(*args, **kwargs):
         calls.append(kwargs["skip_symbolic_shape"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(int8_prepare, "_import_quant_pre_process", lambda: counting)
+    monkeypatch.setattr(int8_prepare, "import_quant_pre_process", lambda: counting)
     (tmp_path / "a").mkdir()
     out, details = preprocess(model, tmp_path / "a", external=True)
     assert calls == []  # neither the doomed symbolic attempt nor the library's loads
@@ -110,13 +110,13 @@ def test_an_unverified_onnxruntime_keeps_the_library(
 
     model = save_external(build_corpus()["silero_vad"].path, tmp_path / "m")
     calls: list[bool] = []
-    real = _import_quant_pre_process()
+    real = import_quant_pre_process()
 
     def counting(*args, **kwargs):
         calls.append(kwargs["skip_symbolic_shape"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(int8_prepare, "_import_quant_pre_process", lambda: counting)
+    monkeypatch.setattr(int8_prepare, "import_quant_pre_process", lambda: counting)
     assert verified_onnxruntime()
     monkeypatch.setattr(onnxruntime, "__version__", "1.32.0")
     assert not verified_onnxruntime()

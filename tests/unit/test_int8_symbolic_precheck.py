@@ -24,13 +24,13 @@ def test_a_graph_symbolic_inference_fails_on_is_preprocessed_as_before(
     assert not list(Path.cwd().glob("sym_shape_infer_temp*"))
 
     calls: list[bool] = []
-    real = int8_prepare._import_quant_pre_process()
+    real = int8_prepare.import_quant_pre_process()
 
     def counting(*args, **kwargs):
         calls.append(kwargs["skip_symbolic_shape"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(int8_prepare, "_import_quant_pre_process", lambda: counting)
+    monkeypatch.setattr(int8_prepare, "import_quant_pre_process", lambda: counting)
     # the library's path (test_int8_optimize covers the one on files that replaces it here)
     monkeypatch.setattr(int8_prepare, "verified_onnxruntime", lambda: False)
     (tmp_path / "a").mkdir()

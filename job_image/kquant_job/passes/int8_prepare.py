@@ -139,7 +139,7 @@ def preprocess(model_in: Path, work_dir: Path, external: bool) -> tuple[Path, di
     "skipped", plus ``preprocessSkipped`` (steps left out) and ``preprocessError`` when
     something failed.
     """
-    quant_pre_process = _import_quant_pre_process()
+    quant_pre_process = import_quant_pre_process()
     out = work_dir / "preprocessed.onnx"
     extra: dict[str, Any] = {}
     if external:
@@ -199,7 +199,7 @@ def _symbolic_failure(model_in: Path, scratch: Path) -> str | None:
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     if len(opsets) == 1 and opsets[0] <= 10:
         return None
-    _import_quant_pre_process()  # onnxruntime.tools without torch
+    import_quant_pre_process()  # onnxruntime.tools without torch
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:  # the arguments are quant_pre_process's defaults
@@ -211,7 +211,7 @@ def _symbolic_failure(model_in: Path, scratch: Path) -> str | None:
     return None
 
 
-def _import_quant_pre_process() -> Any:
+def import_quant_pre_process() -> Any:
     """onnxruntime's ``quant_pre_process``, imported without torch when torch is not loaded
     yet. ``onnxruntime.tools/__init__.py`` imports its PyTorch export helpers whenever torch
     is installed (the worker image has it for .pt models), which cost an ONNX INT8 job 1.6 s

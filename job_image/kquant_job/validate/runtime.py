@@ -21,6 +21,7 @@ import numpy as np
 
 from kquant_api import Reason
 from kquant_job.errors import InvalidSpec, PassError
+from kquant_job.prefetch import settle
 from kquant_job.validate.inputs import Feed, numpy_dtype
 
 CUDA = "CUDAExecutionProvider"
@@ -158,6 +159,7 @@ def paired_latency_ms(
     ``budget_ms`` (at least one pair). Returns ``{"original", "quantized"}`` medians and
     ``"runs"``, the pairs timed. The median resists outliers such as a first CUDA kernel
     compile or a scheduler hiccup."""
+    settle()  # no import running beside the timed calls
     for _ in range(warmup):
         original()
         converted()
@@ -183,6 +185,7 @@ def block_latency_ms(
     after ``warmup`` untimed ones, stopping once the timed calls have spent ``budget_ms`` (at
     least one); and the number timed. One model's block of a sequential measurement (the
     CPU's, where alternating sessions slow each other; :func:`paired_latency_ms` on a GPU)."""
+    settle()  # no import running beside the timed calls
     for _ in range(warmup):
         call()
     times: list[float] = []
