@@ -54,4 +54,44 @@ def test_a_directory_torch_would_read_elsewhere_is_refused(tmp_path: Path) -> No
     with pytest.raises(PassError) as info:
         check_archive(path, "m.pt")
     assert info.value.reason.value == "UnsafeModel"
-    assert f"lies at byte {offset + size}, its end record names byte {offset}" in str(info.value)
+    assert f"lies at byte {offset + size}, its end records name {offset}" in str(info.value)
+
+
+def test_a_zip64_end_record_torch_would_read_elsewhere_is_refused(tmp_path: Path) -> None:
+    """A decoy directory and zip64 end record just before the locator (what Python's zipfile
+    reads) while the locator names the first record (what torch's miniz reads): refused."""
+    import torch
+
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(4)}, path)  # torch writes zip64 end records
+    check_archive(path, "m.pt")  # as torch wrote it
+    raw = path.read_bytes()
+    locator, record = struct.Struct("<IIQI"), struct.Struct("<IQHHIIQQQQ")
+    at = len(raw) - 22 - locator.size
+    sig, disk, record_at, disks = locator.unpack(raw[at : at + locator.size])
+    fields = list(record.unpack(raw[record_at : record_at + record.size]))
+    size, offset = fields[8], fields[9]
+    directory = raw[offset : offset + size]
+    fields[9] = record_at + record.size  # the decoy directory follows the first record
+    decoy = (
+        raw[:at]  # records, directory A, record A
+        + directory
+        + record.pack(*fields)
+        + locator.pack(sig, disk, record_at, disks)  # still naming record A
+        + raw[-22:]
+    )
+    path.write_bytes(decoy)
+    with zipfile.ZipFile(path) as archive:  # Python's reader takes the decoy, silently
+        assert archive.start_dir == record_at + record.size
+    with pytest.raises(PassError, match="its zip64 locator names byte") as info:
+        check_archive(path, "m.pt")
+    assert info.value.reason.value == "UnsafeModel"
+
+
+def test_a_local_header_that_disagrees_with_the_directory_is_refused(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "m.pt", {"data.pkl": b"x" * 100}, zipfile.ZIP_STORED)
+    raw = bytearray(path.read_bytes())
+    raw[8:10] = struct.pack("<H", zipfile.ZIP_DEFLATED)  # the first local header's method
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PassError, match="local header disagrees"):
+        check_archive(path, "m.pt")

@@ -21,6 +21,7 @@ from typing import Any
 
 from kquant_api import Precision, Reason
 from kquant_job.errors import PassError
+from kquant_job.passes.zip_check import check_archive
 
 # Largest finite values; a cast of anything larger in magnitude gives Inf (fp16: values from
 # 65520 up; 65504 < |x| < 65520 round down to 65504).
@@ -83,61 +84,6 @@ def is_zip(path: Path) -> bool:
     """True for the zip container of ``torch.save`` (PyTorch >= 1.6), False for the legacy
     pickle stream."""
     return zipfile.is_zipfile(path)
-
-
-# torch.save and torch.jit.save store their records uncompressed. A compressed record that
-# inflates far beyond its stored bytes is how a 2 MB file becomes gigabytes in memory: torch's
-# reader inflates a pickle record whole before unpickling it.
-MAX_INFLATION = 100  # declared size / compressed size
-INFLATION_FLOOR = 64 * 1024 * 1024  # bytes: smaller records are harmless at any ratio
-
-
-def check_archive(path: Path, display: str) -> None:
-    """Refuse a zip archive (a ``torch.save`` checkpoint or TorchScript file) whose records
-    would inflate beyond INFLATION_FLOOR (64 MiB) and MAX_INFLATION (100x) their compressed
-    size, one record or all of them together (eight records of 60 MiB of zeros each pass a
-    per-record check), from the sizes its central directory declares, before anything is
-    inflated (zip readers, torch's included, never inflate a record past its declared size).
-
-    The directory checked must be the one torch reads: Python's zipfile finds it just before
-    the end record (taking any gap for prepended bytes), torch's reader (miniz) at the offset
-    the end record names; an archive where the two differ (a decoy directory before the end
-    record, the real one elsewhere) is refused. torch writes neither gaps nor prefixes.
-
-    Raises PassError(UnsafeModel) naming the record or the gap, PassError(CorruptModel) for
-    an unreadable zip directory."""
-    try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as fh:
-            infos = archive.infolist()
-            start = archive.start_dir
-            # zipfile's own reader of the end record (zip64 included): the offset it names
-            named = zipfile._EndRecData(fh)[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
-    except (OSError, zipfile.BadZipFile, TypeError) as exc:
-        raise _corrupt(display, exc) from None
-    if start != named:
-        raise PassError(
-            f"{display}: refused before loading: its zip directory lies at byte {start}, "
-            f"its end record names byte {named}: readers would disagree on its records "
-            "(torch writes no such archive)",
-            reason=Reason.UnsafeModel,
-        )
-    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
-    for info in packed:
-        if info.file_size > max(INFLATION_FLOOR, MAX_INFLATION * info.compress_size):
-            what = f"record {info.filename!r} declares"
-            raise _bomb(display, what, info.file_size, info.compress_size)
-    inflated, stored = sum(i.file_size for i in packed), sum(i.compress_size for i in packed)
-    if inflated > max(INFLATION_FLOOR, MAX_INFLATION * stored):
-        raise _bomb(display, f"its {len(packed)} compressed records declare", inflated, stored)
-
-
-def _bomb(display: str, what: str, inflated: int, stored: int) -> PassError:
-    return PassError(
-        f"{display}: refused before loading: {what} {inflated} bytes from {stored} "
-        f"compressed ({inflated // max(stored, 1)}x): an archive bomb (torch writes its "
-        "records uncompressed)",
-        reason=Reason.UnsafeModel,
-    )
 
 
 def load_checkpoint(path: Path, display: str) -> Any:
