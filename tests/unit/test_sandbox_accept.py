@@ -77,3 +77,11 @@ def test_a_copy_outside_the_source_or_a_missing_file_is_refused(tmp_path: Path) 
     with pytest.raises(KquantError, match="did not write it") as missing:
         accept_staged(stage2, io2)
     assert missing.value.reason.value == "InternalError"
+
+
+def test_a_file_where_a_copy_needs_a_folder_is_a_stray(tmp_path: Path) -> None:
+    io, stage = _setup(tmp_path)
+    (io.staged / "sub").write_text("a file where the copies' folder goes")
+    with pytest.raises(PassError, match=r"sub, which no conversion wrote") as info:
+        accept_staged(stage, io)
+    assert info.value.reason.value == "UnsafeModel"

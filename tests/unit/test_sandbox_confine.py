@@ -273,3 +273,35 @@ def test_the_disk_allowance_is_what_the_work_volume_has_left(tmp_path):
     assert allowance == 64 * 2**20 - source  # the box's own bytes count against it
     unset = disk_allowance(box, {})
     assert unset > allowance and unset <= shutil.disk_usage(box).free + allocated_bytes(box)
+
+
+def test_unlinked_files_a_process_still_holds_are_counted(tmp_path):
+    """Disk that no walk of the folder shows: a file mapped (or open) by the process, then
+    unlinked (model code maps a file; kquant renames its output over that name)."""
+    import mmap
+
+    from kquant_job.sandbox.limits import allocated_bytes, held_bytes
+
+    box = tmp_path / "box"
+    box.mkdir()
+    mapped_path, opened_path = box / "mapped.bin", box / "opened.bin"
+    with open(mapped_path, "wb") as fh:
+        fh.truncate(8 * 2**20)
+    with open(mapped_path, "r+b") as fh:
+        mapping = mmap.mmap(fh.fileno(), 8 * 2**20)
+    mapping[:] = b"x" * (8 * 2**20)
+    opened = open(opened_path, "wb")  # noqa: SIM115
+    opened.write(os.urandom(4 * 2**20))
+    opened.flush()
+    assert held_bytes(os.getpid(), box) == 0  # nothing unlinked yet
+    mapped_path.unlink()
+    opened_path.unlink()
+    try:
+        assert allocated_bytes(box) == 0
+        held = held_bytes(os.getpid(), box)
+        assert 12 * 2**20 <= held < 13 * 2**20
+        assert held_bytes(os.getpid(), tmp_path / "elsewhere") == 0
+    finally:
+        mapping.close()
+        opened.close()
+    assert held_bytes(os.getpid(), box) == 0

@@ -54,12 +54,13 @@ def accept_staged(stage: StageOutcome, io: StageInput) -> list[str]:
     staged = io.staged.resolve()
     for out, rel in stage.copied_from.items():
         src, dst = _inside(root, rel), _inside(staged, out)
-        dst.parent.mkdir(parents=True, exist_ok=True)
         try:  # the source may be the user's folder, read in place: no symlink is followed
+            dst.parent.mkdir(parents=True, exist_ok=True)
             with open_beneath(src) as fin, open(dst, "xb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
-        except FileExistsError:  # the stage writes no copy: model code did
-            raise stray_files([out]) from None
+        except (FileExistsError, NotADirectoryError):  # the stage writes no copy: model code did
+            taken = next((p for p in (dst, *dst.parents) if p.is_file()), dst)
+            raise stray_files([taken.relative_to(staged).as_posix()]) from None
         except OSError as exc:
             raise StorageError(
                 f"{rel}: cannot be copied from the source ({exc.strerror or exc}); was it "

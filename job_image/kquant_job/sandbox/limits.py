@@ -14,6 +14,7 @@ KQUANT_SANDBOX_REQUIRE_LANDLOCK        ``true``: refuse to run model code when t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,6 +95,39 @@ def allocated_bytes(root: Path) -> int:
             except OSError:
                 continue
     return total
+
+
+def held_bytes(pid: int, root: Path) -> int:
+    """Bytes of files below ``root`` that the process ``pid`` still holds after they were
+    unlinked (an open descriptor or a mapping, read from ``/proc/<pid>/fd`` and
+    ``/proc/<pid>/maps``): they take disk space that no walk of ``root`` shows (model code
+    maps a file, kquant renames its output over that name, the mapping fills the old inode).
+    A mapping counts its length, an open file its blocks; each inode once. 0 when the
+    process is gone or its ``/proc`` entries are closed."""
+    prefix, suffix = str(root) + os.sep, " (deleted)"
+    sizes: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or not fields[5].rstrip("\n").endswith(suffix):
+                    continue
+                if not fields[5].startswith(prefix):
+                    continue
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inode = f"{fields[3]}:{fields[4]}"
+                sizes[inode] = max(sizes.get(inode, 0), end - start)
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = f"/proc/{pid}/fd/{fd}"
+            with contextlib.suppress(OSError):
+                target = os.readlink(link)
+                if target.startswith(prefix) and target.endswith(suffix):
+                    st = os.stat(link)
+                    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+                    sizes[inode] = max(sizes.get(inode, 0), st.st_blocks * 512)
+    except OSError:
+        return sum(sizes.values())
+    return sum(sizes.values())
 
 
 def disk_allowance(box: Path, env: Mapping[str, str] | None = None) -> int:

@@ -36,7 +36,7 @@ from kquant_api import REASON_EXIT_CODE, ExitCode, QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError, ValidationFailed
 from kquant_job.sandbox.accept import accept_staged
-from kquant_job.sandbox.limits import Limits, allocated_bytes, disk_allowance
+from kquant_job.sandbox.limits import Limits, allocated_bytes, disk_allowance, held_bytes
 from kquant_job.stage import StageInput, StageOutcome
 
 LOG = logging.getLogger("kquant")
@@ -315,7 +315,7 @@ def _watch(proc: subprocess.Popen[str], box: Path, limits: Limits, relay: _Relay
                 f"KQUANT_SANDBOX_TIMEOUT_SECONDS) {relay.where()} and was killed",
                 reason=Reason.TimeLimitExceeded,
             )
-        elif (used := allocated_bytes(box)) > allowance:
+        elif (used := allocated_bytes(box) + held_bytes(proc.pid, box)) > allowance:
             error = PassError(
                 f"the {what} wrote {used} bytes into its folder {relay.where()}, past the "
                 f"{allowance} bytes the work volume has left for it (KQUANT_WORK_BYTES, or "
