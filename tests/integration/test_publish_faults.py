@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -159,11 +160,23 @@ def assert_clean(client, bucket: str, uri: str) -> dict:
     return manifest_doc
 
 
-def no_sandbox_left(folder: Path) -> bool:
-    for proc in psutil.process_iter(["cmdline"]):
-        if str(folder) in " ".join(proc.info["cmdline"] or []):
+def no_sandbox_left(folder: Path, wait: float = 5.0) -> bool:
+    """No process of ``folder``'s run is left within ``wait`` seconds: the kernel kills the
+    sandboxed child when the worker dies (PDEATHSIG), and a process with a large address
+    space takes a moment to go on a loaded machine."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = [
+            proc
+            for proc in psutil.process_iter(["cmdline", "status"])
+            if str(folder) in " ".join(proc.info["cmdline"] or [])
+            and proc.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
             return False
-    return True
+        time.sleep(0.05)
 
 
 STAGES = [
