@@ -177,3 +177,25 @@ def _tmp(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "loaded.pt"
     path.write_bytes(data)
     return path
+
+
+def test_a_user_file_named_like_an_unfinished_write_is_never_removed(tmp_path):
+    """A file of the users' that merely ends in kquant's suffix for unfinished writes
+    (``.kquant-part``), an hour old, deep in the models folder: before, a run beside the
+    originals reclaimed it as an upload of its own and deleted it."""
+    import os
+    import time
+
+    local = models_folder(tmp_path / "models")
+    notes = local / "keep" / "notes.kquant-part"
+    notes.parent.mkdir()
+    notes.write_text("the users' own notes")
+    old = time.time() - 7200
+    os.utime(notes, (old, old))
+    run = run_worker(beside_job(f"file://{local}/", None), tmp_path / "run")
+    assert (run.code, run.result["reason"]) == (20, "UnsafePath"), run.log
+    assert (
+        "keep/notes.kquant-part" in run.result["message"] and "rename it" in run.result["message"]
+    )
+    assert notes.read_text() == "the users' own notes"
+    assert "reclaimed" not in run.log

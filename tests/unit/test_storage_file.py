@@ -355,3 +355,21 @@ def test_open_beneath_opens_a_resolved_regular_file_only(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "f")
     with pytest.raises(OSError):
         open_beneath(tmp_path / "link")
+
+
+def test_only_kquant_s_own_temporary_names_are_hidden_and_reclaimable(tmp_path):
+    from kquant_job.storage.paths import temp_path, temp_target
+
+    ours = temp_path(tmp_path / "silero_vad_fp16.onnx")
+    assert temp_target(ours.name) == "silero_vad_fp16.onnx"
+    assert temp_target("notes.kquant-part") is None
+    assert temp_target(".notes.kquant-part") is None
+    ours.write_bytes(b"partial")
+    (tmp_path / "notes.kquant-part").write_text("a user's file")
+    store = FileStorage()
+    listed = [o.key for o in store.list(f"file://{tmp_path}/")]
+    assert listed == ["notes.kquant-part"]  # the user's file is an object like any other
+    assert [u.key for u in store.list_uploads(f"file://{tmp_path}/")] == [ours.name]
+    with pytest.raises(StorageError) as info:  # and a source may not carry the suffix
+        store.download(f"file://{tmp_path}/", tmp_path / "dest")
+    assert info.value.reason.value == "UnsafePath" and "rename it" in str(info.value)

@@ -36,7 +36,7 @@ from kquant_job.sets.layout import (
     sets_key,
 )
 from kquant_job.storage.base import ObjectInfo, Storage, join
-from kquant_job.storage.paths import TEMP_SUFFIX
+from kquant_job.storage.paths import TEMP_SUFFIX, temp_target
 
 LOG = logging.getLogger("kquant.publish")
 # An unfinished write outside set folders (a fixed-name copy or a manifest write in progress)
@@ -191,10 +191,17 @@ def delete_set(state: PrefixState, set_id: str) -> int:
 
 
 def _ours(state: PrefixState, key: str) -> bool:
-    """Whether an unfinished write outside the set folders may be kquant's: anywhere on a
-    prefix of kquant's own; on a shared one (a ``home`` folder), only a local temporary file
-    (named by kquant), the manifest, or a fixed name kquant placed."""
-    if not state.home or key.endswith(TEMP_SUFFIX):
+    """Whether an unfinished write outside the set folders may be kquant's: a local
+    temporary file in kquant's name format (:func:`~kquant_job.storage.paths.temp_path`),
+    never one merely ending in ``.kquant-part``; else anywhere on a prefix of kquant's own,
+    and on a shared one (a ``home`` folder) only the manifest or a fixed name kquant
+    placed."""
+    name = key.rpartition("/")[2]
+    if name.endswith(TEMP_SUFFIX):
+        # kquant's temporary files carry its whole name format (temp_path: target, host tag,
+        # pid, random): a file merely ending in the suffix is someone else's
+        return temp_target(name) is not None
+    if not state.home:
         return True
     owned_names = state.manifest.owned_names() if state.manifest else set()
     return key == manifest_key(state.home) or key in owned_names

@@ -44,6 +44,7 @@ from kquant_job.storage.paths import (
     local_target,
     os_error,
     temp_path,
+    temp_target,
     temp_writer_alive,
 )
 
@@ -271,7 +272,8 @@ class FileStorage(Storage):
             return found
         try:
             for path in root.rglob(f"*{TEMP_SUFFIX}"):
-                if path.is_file() and not path.is_symlink():
+                ours = temp_target(path.name) is not None  # not a user's "x.kquant-part"
+                if ours and path.is_file() and not path.is_symlink():
                     key = path.relative_to(root).as_posix()
                     alive = temp_writer_alive(path.name)
                     found.append(Upload(key, key, path.stat().st_mtime, alive))
@@ -281,7 +283,7 @@ class FileStorage(Storage):
 
     def abort_upload(self, prefix_uri: str, upload: Upload) -> None:
         """Remove the temporary file of ``upload``."""
-        if not upload.key.endswith(TEMP_SUFFIX):
+        if temp_target(upload.key.rsplit("/", 1)[-1]) is None:
             raise StorageError(
                 f"{upload.key!r} under {prefix_uri} is not a temporary file",
                 reason=Reason.UnsafePath,
@@ -421,7 +423,7 @@ def _walk(root: Path, where: str) -> list[tuple[str, Path]]:
                 visited.add(path)
                 stack.append((path, key + "/"))
             elif path.is_file():
-                if not name.endswith(TEMP_SUFFIX):  # a write in progress, not an object
+                if temp_target(name) is None:  # else a write in progress, not an object
                     found.append((key, path))
             else:
                 raise _refuse(where, key, "not a regular file")

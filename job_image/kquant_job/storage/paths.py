@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import socket
 import unicodedata
@@ -66,6 +67,9 @@ def check_keys(keys: Iterable[str], where: str) -> list[str]:
         if key.endswith("/"):
             continue
         check_key(key, where)
+        if key.endswith(TEMP_SUFFIX):  # kquant's own, unfinished: never a source file
+            raise _unsafe(where, key, f"ends in {TEMP_SUFFIX}, kquant's suffix for unfinished "
+                          "writes: rename it")  # fmt: skip
         norm = unicodedata.normalize("NFC", key)
         if norm in seen:
             raise _unsafe(where, key, f"collides with key {seen[norm]!r}")
@@ -107,6 +111,24 @@ def temp_path(target: Path) -> Path:
     (:func:`temp_writer_alive`)."""
     owner = f"{_host_tag()}-{os.getpid()}"
     return target.parent / f".{target.name[:80]}.{owner}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+# The whole name temp_path gives: ".<target name, 80 chars at most>.<host tag>-<pid>.<8 hex>"
+# plus the suffix. A file merely ending in the suffix (a user's "notes.kquant-part") is no
+# temporary file of kquant's: never hidden, never reclaimed.
+_TEMP_NAME = re.compile(
+    r"^\.(?P<target>.{1,80})\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[0-9a-f]{8}"
+    + re.escape(TEMP_SUFFIX)
+    + "$",
+    re.DOTALL,
+)
+
+
+def temp_target(name: str) -> str | None:
+    """The target name (cut to 80 characters, as :func:`temp_path` cuts it) of a file name
+    :func:`temp_path` made, or None for any other name."""
+    match = _TEMP_NAME.match(name)
+    return match.group("target") if match else None
 
 
 def temp_writer_alive(name: str) -> bool | None:
