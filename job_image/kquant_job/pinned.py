@@ -23,6 +23,18 @@ from kquant_job.errors import PassError
 
 _PINNED: dict[Path, str] = {}
 _BLOCK = 1 << 20
+_CODE_RAN: list[bool] = []  # set once a model holding code was loaded in this process
+
+
+def note_model_code() -> None:
+    """Record that model code was loaded (and may have run) in this process."""
+    _CODE_RAN.append(True)
+
+
+def model_code_ran() -> bool:
+    """Whether :func:`note_model_code` was called in this process: from then on a file of
+    the wrong kind in the stage's folder is model code's doing, not kquant's."""
+    return bool(_CODE_RAN)
 
 
 def write_pinned(path: Path, data: bytes) -> str:

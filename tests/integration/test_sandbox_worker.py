@@ -122,6 +122,16 @@ def test_a_model_filling_its_folder_past_the_work_volume_ends_in_disk_limit_exce
     assert "past the" in run.result["message"] and "KQUANT_WORK_BYTES" in run.result["message"]
 
 
+def test_a_file_made_by_model_code_where_the_stage_needs_a_folder_is_unsafe_model(tmp_path):
+    """The forward, run to choose validation inputs, creates a file named like the stage's
+    scratch folder: before, an InternalError (exit 1, retried by the Job on a model that
+    fails the same way every time)."""
+    model = file_writer_jit(tmp_path / "squat.pt", Path("scratch"), 1)
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+    assert "scratch" in run.result["message"]
+
+
 def test_a_model_reading_credentials_outside_its_sandbox_gets_nothing(tmp_path):
     creds = tmp_path / "credentials"
     creds.write_text(f"[default]\naws_secret_access_key = {SECRET}\n")

@@ -305,3 +305,35 @@ def test_unlinked_files_a_process_still_holds_are_counted(tmp_path):
         mapping.close()
         opened.close()
     assert held_bytes(os.getpid(), box) == 0
+
+
+def test_a_child_that_filled_its_folder_and_exited_between_polls_is_caught(tmp_path, monkeypatch):
+    """The last measure comes after the child's exit: still DiskLimitExceeded (before: the
+    kill of a group already gone raised ProcessLookupError, an InternalError)."""
+    from kquant_job.errors import PassError
+    from kquant_job.sandbox.limits import Limits
+    from kquant_job.sandbox.runner import _Relay, _watch
+
+    box = tmp_path / "work" / "sandbox"
+    box.mkdir(parents=True)
+    monkeypatch.setenv("KQUANT_WORK_BYTES", str(4 * 2**20))
+    code = f"open({str(box / 'hog.bin')!r}, 'wb').write(b'x' * (8 * 2**20))"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, text=True)
+    with pytest.raises(PassError) as info:
+        _watch(proc, box, Limits(2**30, 60.0), _Relay(), "conversion")
+    assert info.value.reason.value == "DiskLimitExceeded"
+    assert proc.returncode == 0  # it had ended on its own
+
+
+def test_a_file_where_the_stage_makes_a_folder_is_model_code_once_it_ran():
+    from kquant_job import pinned
+    from kquant_job.sandbox.child import classify
+
+    exc = NotADirectoryError(20, "Not a directory", "/work/sandbox/scratch/0")
+    assert classify(exc, 2**30, True)[0].value == "InternalError"  # no model code: a bug
+    pinned.note_model_code()
+    try:
+        reason, message, _ = classify(exc, 2**30, True)
+        assert reason.value == "UnsafeModel" and "/work/sandbox/scratch/0" in message
+    finally:
+        pinned._CODE_RAN.clear()

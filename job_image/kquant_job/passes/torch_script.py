@@ -28,7 +28,7 @@ from kquant_job.passes.torch_common import (
     target_dtype,
     tensor_bytes,
 )
-from kquant_job.pinned import read_pinned, write_pinned
+from kquant_job.pinned import note_model_code, read_pinned, write_pinned
 
 MAX_LISTED = 50
 
@@ -45,6 +45,7 @@ def load_script(path: Path, display: str, map_location: str = "cpu") -> Any:
     pinned = read_pinned(path)
     if pinned is None:
         check_archive(path, display)
+    note_model_code()  # __setstate__ runs on load, forward on use
     try:
         source = str(path) if pinned is None else io.BytesIO(pinned)
         return torch.jit.load(source, map_location=map_location)

@@ -23,6 +23,7 @@ from typing import Any
 from kquant_api import QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.errors import KquantError
+from kquant_job.pinned import model_code_ran
 from kquant_job.sandbox.confine import ConfinementError, confine
 
 _ALLOCATION = re.compile(
@@ -57,6 +58,14 @@ def classify(exc: BaseException, memory_bytes: int, confined: bool) -> tuple[Rea
             f"KQUANT_SANDBOX_MEMORY_BYTES; raise the pod's memory limit): {_short(exc)}",
             {},
         )
+    if model_code_ran() and (path := _taken_path(chain)):
+        return (
+            Reason.UnsafeModel,
+            f"{path} was not what the stage had left there (a file where it makes a folder, or "
+            "the reverse) after the model's code ran: model code writes files (a model file is "
+            f"code; it may only read itself): {_short(exc)}",
+            {},
+        )
     if confined and _DENIED.search(text):
         return (
             Reason.UnsafeModel,
@@ -68,6 +77,16 @@ def classify(exc: BaseException, memory_bytes: int, confined: bool) -> tuple[Rea
         return exc.reason, str(exc), _jsonable(exc.detail)
     trace = "".join(traceback.format_exception(exc)[-3:])
     return Reason.InternalError, f"{type(exc).__name__}: {exc}", {"traceback": trace}
+
+
+def _taken_path(chain: list[BaseException]) -> str | None:
+    """The path of a FileExistsError, NotADirectoryError or IsADirectoryError in ``chain``
+    (the stage found a file or folder of the wrong kind at a path it owns), else None."""
+    kinds = (FileExistsError, NotADirectoryError, IsADirectoryError)
+    for exc in chain:
+        if isinstance(exc, kinds) and exc.filename is not None:
+            return os.fsdecode(exc.filename)
+    return None
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:

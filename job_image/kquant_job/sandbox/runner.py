@@ -325,7 +325,7 @@ def _watch(proc: subprocess.Popen[str], box: Path, limits: Limits, relay: _Relay
             )
         else:
             continue
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid)  # (gone already when the last measure came after its exit)
         proc.wait()
         relay.join()
         raise error
