@@ -144,6 +144,8 @@ def _table(result: JobResult, name: str) -> str:
         rows.append(("promoted", result.promotedUri))
     if result.phase != "Succeeded":
         rows.append(("message", result.message))
+    # rows quote the model (its output and tensor names): one line each, escapes shown
+    rows = [(logs.printable(str(k)), logs.printable(str(v))) for k, v in rows]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

@@ -17,6 +17,7 @@ from typing import Any
 from kquant_api import REASON_EXIT_CODE
 from kquant_api.spec import StorageConfig
 from kquant_job.errors import KquantError
+from kquant_job.logs import printable
 
 LOG = logging.getLogger("kquant")
 LARGEST = 10  # initializers / tensors listed by the human report
@@ -132,7 +133,7 @@ def format_model(m: dict[str, Any], show_nodes: bool) -> str:
                          f"inputs: {', '.join(n['inputs'])}{where}")  # fmt: skip
     else:
         lines.append("  (list nodes with --op-type OP, --name TEXT or --nodes)")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # names in a model are its author's text
 
 
 def _precision_line(p: dict[str, Any]) -> str:
@@ -171,7 +172,7 @@ def _format_torch(m: dict[str, Any]) -> str:
         span = f" range [{t['min']:.4g}, {t['max']:.4g}]" if "min" in t else ""
         lines.append(f"    {t['name']} {t['dtype']} {_shape(t['shape'])} {_mb(t['bytes'])}{span}")
     lines.append(f"  {'precision:':<10} {_precision_line(m['precision'])}")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # names in a model are its author's text
 
 
 def format_plan(name: str, dry: dict[str, Any]) -> str:
@@ -186,7 +187,7 @@ def format_plan(name: str, dry: dict[str, Any]) -> str:
             lines += _plan_lines(plan, "    ")
     else:
         lines += _plan_lines(dry["plan"], "  ")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # names in a model are its author's text
 
 
 def _plan_lines(plan: dict[str, Any], at: str) -> list[str]:

@@ -18,8 +18,8 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, tz=timezone.utc).strftime("%H:%M:%S")
         fields = getattr(record, "fields", None) or {}
-        extra = "".join(f" {_escape(str(k))}={_text(v)}" for k, v in fields.items())
-        line = f"{ts} {record.levelname:<7} {_escape(record.getMessage())}{extra}"
+        extra = "".join(f" {printable(str(k))}={_text(v)}" for k, v in fields.items())
+        line = f"{ts} {record.levelname:<7} {printable(record.getMessage())}{extra}"
         if record.exc_info and record.levelno >= logging.ERROR:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -37,7 +37,7 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str, separators=(",", ":"))
 
 
-def _escape(text: str) -> str:
+def printable(text: str) -> str:
     """``text`` with every non-printable character (newline, carriage return, escape
     sequences, other control and format characters) written as a Python escape, so a file
     name or a model's message cannot start a forged log line or recolour a terminal."""
@@ -52,7 +52,7 @@ def _text(value: Any) -> str:
     text = str(value)
     if text and text.isprintable() and not any(c in text for c in ' "='):
         return text
-    return _escape(json.dumps(text, ensure_ascii=False))
+    return printable(json.dumps(text, ensure_ascii=False))
 
 
 def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:

@@ -224,6 +224,22 @@ class Reference:
         )
 
 
+# How much of a model's outputs the report lists (a TorchScript module's dict output names
+# its own outputs: 200 000 of them made an 11 MB report and log).
+MAX_REPORTED_OUTPUTS, MAX_NAME_CHARS = 256, 256
+
+
+def _cut_name(name: str) -> str:
+    """``name``, or past MAX_NAME_CHARS its start and a digest of the whole (names stay
+    distinct)."""
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    import hashlib
+
+    digest = hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"{name[: MAX_NAME_CHARS - 16]}...{digest}"
+
+
 @dataclass
 class ValidationOutcome:
     """The full comparison of one converted model with its original.
@@ -278,12 +294,19 @@ class ValidationOutcome:
             "device": self.device,
             "provider": self.provider,
             "tolerance": self.tolerance.wire(),
-            "outputs": {name: m.to_dict() for name, m in self.metrics.items()},
-            "violations": list(self.violations),
+            "outputs": {
+                _cut_name(name): m.to_dict()
+                for name, m in list(self.metrics.items())[:MAX_REPORTED_OUTPUTS]
+            },
+            "violations": self.violations[:MAX_REPORTED_OUTPUTS],
             "latencyMs": dict(self.latency_ms) if self.latency_ms else None,
             "originalBytes": self.original_bytes,
             "quantizedBytes": self.quantized_bytes,
         }
+        if len(self.metrics) > MAX_REPORTED_OUTPUTS:  # a model's outputs are its author's
+            report["outputsOmitted"] = len(self.metrics) - MAX_REPORTED_OUTPUTS
+        if len(self.violations) > MAX_REPORTED_OUTPUTS:
+            report["violationsOmitted"] = len(self.violations) - MAX_REPORTED_OUTPUTS
         if self.feedback:
             report["feedback"] = dict(self.feedback)
         if self.error:

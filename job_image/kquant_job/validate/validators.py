@@ -149,8 +149,12 @@ def make_validator(
     return TensorValidator(original, fmt)
 
 
+MAX_LOGGED_OUTPUTS = 32  # per model: the report lists more (compare.MAX_REPORTED_OUTPUTS)
+
+
 def log_rows(outcome: Any) -> list[tuple[str, dict[str, Any]]]:
-    """Lines for the job log: per output (outputs), or the worst tensors (tensors)."""
+    """Lines for the job log: per output (the first MAX_LOGGED_OUTPUTS), or the worst tensors
+    (tensors)."""
     if isinstance(outcome, ValidationOutcome):
         return [
             (
@@ -162,7 +166,7 @@ def log_rows(outcome: Any) -> list[tuple[str, dict[str, Any]]]:
                     "newNonFinite": m.newNonFinite,
                 },
             )
-            for name, m in outcome.metrics.items()
+            for name, m in list(outcome.metrics.items())[:MAX_LOGGED_OUTPUTS]
         ]
     report = outcome.to_report()
     totals = {
