@@ -61,14 +61,20 @@ class JobRun:
 
 
 def _stored_bytes(run: JobRun, uri: str, skip: Callable[[str], bool] | None = None) -> int:
-    """Bytes stored at ``uri`` (an object, or every object of a prefix but those ``skip``
-    names), without fetching; 0 when nothing is there (the download then says
-    SourceNotFound)."""
+    """Bytes the objects at ``uri`` (an object, or every object of a prefix but those
+    ``skip`` names) will take on disk once fetched (:func:`on_disk`), without fetching; 0
+    when nothing is there (the download then says SourceNotFound)."""
     store = run.store(uri)
     if is_prefix(uri):
-        return sum(o.size for o in store.list(uri) if not (skip and skip(o.key)))
+        return sum(on_disk(o.size) for o in store.list(uri) if not (skip and skip(o.key)))
     info = store.stat(uri)
-    return info.size if info else 0
+    return on_disk(info.size) if info else 0
+
+
+def on_disk(size: int, block: int = 4096) -> int:
+    """What a file of ``size`` bytes takes on disk: whole blocks, one at least (3000 objects
+    of one byte take 12 MB, not 3 KB: a red-team trial filled the volume so)."""
+    return max(1, -(-size // block)) * block
 
 
 def _in_place(store: Storage, uri: str) -> Path | None:

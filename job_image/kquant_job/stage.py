@@ -51,8 +51,9 @@ class ModelOutcome:
 class StageOutcome:
     """What the stage produced: one entry per converted model, the files to copy unchanged
     (``copies``, output paths; ``copied_from``: output path -> source path relative to the
-    source root, copied by the worker after the stage: :func:`kquant_job.pipeline.
-    accept_staged`; ``kept``: the model files among them left unconverted, with the reason),
+    source root, copied by the worker after the stage: :func:`kquant_job.sandbox.accept.
+    accept_staged`, at most ``copy_bytes``, their sizes when planned; ``kept``: the model
+    files among them left unconverted, with the reason),
     the stage timings (ms), the source files left out of the set (``left``: loose files
     beside the originals) and the set's own output folders (``folders``). ``sha256`` of a
     model is set when the stage ran model code (TorchScript): the digest of each output
@@ -65,6 +66,7 @@ class StageOutcome:
     left: list[str] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)
     copied_from: dict[str, str] = field(default_factory=dict)
+    copy_bytes: dict[str, int] = field(default_factory=dict)  # output path -> size when planned
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -81,6 +83,7 @@ class StageOutcome:
             left=[str(c) for c in data.get("left", [])],
             folders=[str(c) for c in data.get("folders", [])],
             copied_from={str(k): str(v) for k, v in data.get("copied_from", {}).items()},
+            copy_bytes={str(k): int(v) for k, v in data.get("copy_bytes", {}).items()},
         )
 
 
@@ -169,9 +172,10 @@ def convert_and_validate(job: QuantizationJob, io: StageInput) -> StageOutcome:
     _refuse_strays(staged, converted)
     kept = {names.copies[r]: why for r, why in plan.kept.items() if r in names.copies}
     copied_from = {out: rel for rel, out in names.copies.items()}
+    sizes = {out: (plan.root / rel).stat().st_size for out, rel in copied_from.items()}
     return StageOutcome(
         [c.outcome for c in converted], list(copied_from), kept, timings, names.left,
-        names.folders, copied_from,
+        names.folders, copied_from, sizes,
     )  # fmt: skip
 
 

@@ -289,3 +289,21 @@ def test_sources_beyond_max_bytes_are_refused_before_any_transfer(s3_env, bucket
         assert not dest.exists()
         storage.download(uri, tmp_path / "fits", max_bytes=total)  # the bound is inclusive
     assert _files(tmp_path / "fits") == ["a.bin", "sub/b.bin"]
+
+
+def test_a_small_object_replaced_by_a_large_one_after_the_listing_stays_bounded(
+    s3_env, bucket, tmp_path, monkeypatch
+):
+    """Listed at 1 KB, replaced by 3 MB before its (single, not ranged) GET: the GET carries
+    If-Match, answers 412, and the object looked up again is held to what the budget leaves
+    (before: the 3 MB, or any size, were written whatever the bound)."""
+    storage = _storage(s3_env.endpoint)
+    for rel in ("a.bin", "zz.bin"):
+        storage.upload(_write(tmp_path / "src" / rel, os.urandom(1000)), f"s3://{bucket}/m/{rel}")
+    listed = storage.list(f"s3://{bucket}/m/")
+    storage.upload(_write(tmp_path / "big.bin", os.urandom(3 * 2**20)), f"s3://{bucket}/m/zz.bin")
+    monkeypatch.setattr(storage, "list", lambda uri, limit=None: listed)
+    with pytest.raises(StorageError) as info:
+        storage.download(f"s3://{bucket}/m/", tmp_path / "dest", max_bytes=2**20)
+    assert info.value.reason.value == "SourceTooLarge"
+    assert not (tmp_path / "dest" / "zz.bin").exists()

@@ -64,3 +64,35 @@ def test_npz_inflating_beyond_the_sample_bound_is_refused_unread(
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(InvalidSpec, match=r"not a readable \.npz"):
         inputs.read_npz(tmp_path / "junk.npz")
+
+
+def test_each_object_counts_the_blocks_it_will_take():
+    from kquant_job.pipeline import on_disk
+
+    assert [on_disk(n) for n in (0, 1, 4096, 4097)] == [4096, 4096, 4096, 8192]
+
+
+def test_many_tiny_source_files_are_refused_before_any_fetch(tmp_path):
+    """300 one-byte files and a 1 MiB work volume: 300 bytes by size, 1.2 MB on disk (INT8
+    counts the source 4x more): SourceTooLarge before anything is copied."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(300):
+        (src / f"{i:03d}.txt").write_bytes(b"x")
+    spec = {"apiVersion": "kquant.io/v1alpha1", "kind": "QuantizationJob",
+            "metadata": {"name": "tiny"},
+            "spec": {"model": {"uri": f"file://{src}/"}, "output": {"uri": f"file://{tmp_path}/o/"},
+                     "quantization": {"precision": "int8"}}}  # fmt: skip
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    env = {**os.environ, "KQUANT_WORK_BYTES": str(2**20)}
+    cmd = [sys.executable, "-m", "kquant_job.cli", "run", str(tmp_path / "job.json"),
+           "--result-file", str(tmp_path / "r.json"),
+           "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["reason"] == "SourceTooLarge", result

@@ -4,6 +4,7 @@ from the source by the worker, exactly the declared files, pinned digests checke
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,26 @@ def test_a_file_where_a_copy_needs_a_folder_is_a_stray(tmp_path: Path) -> None:
     with pytest.raises(PassError, match=r"sub, which no conversion wrote") as info:
         accept_staged(stage, io)
     assert info.value.reason.value == "UnsafeModel"
+
+
+def test_a_copy_that_grew_since_the_plan_is_refused(tmp_path: Path) -> None:
+    io, stage = _setup(tmp_path)
+    stage.copy_bytes = {"sub/config.json": 3}  # its size when the stage planned it
+    with pytest.raises(StorageError) as info:
+        accept_staged(stage, io)
+    assert info.value.reason.value == "ConcurrentWrite" and "grew past the 3 bytes" in str(
+        info.value
+    )
+
+
+def test_copies_past_what_the_work_volume_has_left_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source read in place grown (sparse, costing its owner nothing) before the stage
+    planned it: its copy would be dense in the work volume."""
+    io, stage = _setup(tmp_path)
+    (tmp_path / "src" / "sub" / "config.json").write_bytes(os.urandom(3 * 2**20))
+    monkeypatch.setenv("KQUANT_WORK_BYTES", str(2**20))
+    with pytest.raises(StorageError) as info:
+        accept_staged(stage, io)
+    assert info.value.reason.value == "SourceTooLarge"

@@ -373,3 +373,44 @@ def test_only_kquant_s_own_temporary_names_are_hidden_and_reclaimable(tmp_path):
     with pytest.raises(StorageError) as info:  # and a source may not carry the suffix
         store.download(f"file://{tmp_path}/", tmp_path / "dest")
     assert info.value.reason.value == "UnsafePath" and "rename it" in str(info.value)
+
+
+def test_a_source_that_is_no_regular_file_or_grows_while_copied_is_refused(tmp_path, monkeypatch):
+    """A FIFO or a symlink to /dev/zero named as the model (before: the fetch blocked for
+    good, or never ended), and a file growing past the size the budget counted."""
+    from kquant_job.storage import file as file_storage
+
+    store = FileStorage()
+    os.mkfifo(tmp_path / "m.onnx")
+    (tmp_path / "zero.onnx").symlink_to("/dev/zero")
+    for name in ("m.onnx", "zero.onnx"):
+        with pytest.raises(StorageError) as info:
+            store.download(f"file://{tmp_path}/{name}", tmp_path / "dest")
+        assert info.value.reason.value == "UnsafePath", name
+    (tmp_path / "grows.onnx").write_bytes(b"x" * 5000)
+    monkeypatch.setattr(file_storage, "_size", lambda path, uri: 1000)  # its size when checked
+    with pytest.raises(StorageError) as info:
+        store.download(f"file://{tmp_path}/grows.onnx", tmp_path / "dest")
+    assert info.value.reason.value == "ConcurrentWrite" and "grew past the 1000 bytes" in str(
+        info.value
+    )
+    assert not list((tmp_path / "dest").glob("*"))  # nothing half-written left
+
+
+def test_a_model_file_that_is_a_symlink_out_of_its_folder_is_refused(tmp_path):
+    """A link planted in a models folder, pointing at someone else's file elsewhere (before:
+    read, converted and published beside the link, world-readable)."""
+    private = tmp_path / "private" / "secret.onnx"
+    private.parent.mkdir()
+    private.write_bytes(b"someone else's model")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "m.onnx").symlink_to(private)
+    (models / "inside.onnx").write_bytes(b"a model")
+    (models / "alias.onnx").symlink_to(models / "inside.onnx")
+    store = FileStorage()
+    for call in (store.download, lambda uri, _dest: store.read_in_place(uri)):
+        with pytest.raises(StorageError) as info:
+            call(f"file://{models}/m.onnx", tmp_path / "dest")
+        assert info.value.reason.value == "UnsafePath" and "outside its folder" in str(info.value)
+    assert store.read_in_place(f"file://{models}/alias.onnx") == (models / "inside.onnx")

@@ -11,13 +11,14 @@ pinned (:mod:`kquant_job.pinned`) still has the digest the conversion gave it.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from kquant_api import Reason
 from kquant_job.errors import KquantError, PassError, StorageError
 from kquant_job.pinned import changed, file_sha256
+from kquant_job.sandbox.limits import allocated_bytes, disk_allowance
 from kquant_job.stage import StageInput, StageOutcome, stray_files
 from kquant_job.storage.file import open_beneath
 
@@ -52,12 +53,15 @@ def accept_staged(stage: StageOutcome, io: StageInput) -> list[str]:
     KquantError(InternalError) for a declared file that is missing."""
     root = (io.source if io.source.is_dir() else io.source.parent).resolve()
     staged = io.staged.resolve()
+    # what the work volume has left (a source read in place grows under its owner's hand:
+    # a red-team trial made a 1 KB file a sparse GiB while the stage ran)
+    room = disk_allowance(staged.parent) - allocated_bytes(staged.parent)
     for out, rel in stage.copied_from.items():
         src, dst = _inside(root, rel), _inside(staged, out)
         try:  # the source may be the user's folder, read in place: no symlink is followed
             dst.parent.mkdir(parents=True, exist_ok=True)
             with open_beneath(src) as fin, open(dst, "xb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+                room -= _copy_bounded(fin, fout, stage.copy_bytes.get(out), room, rel)
         except (FileExistsError, NotADirectoryError):  # the stage writes no copy: model code did
             taken = next((p for p in (dst, *dst.parents) if p.is_file()), dst)
             raise stray_files([taken.relative_to(staged).as_posix()]) from None
@@ -81,6 +85,29 @@ def accept_staged(stage: StageOutcome, io: StageInput) -> list[str]:
             if file_sha256(staged / rel) != digest:
                 raise changed(rel)
     return files
+
+
+def _copy_bounded(fin: BinaryIO, fout: BinaryIO, planned: int | None, room: int, rel: str) -> int:
+    """Copy ``fin`` to ``fout``; returns the bytes copied. StorageError(ConcurrentWrite)
+    past ``planned`` bytes (the size when the stage planned it), SourceTooLarge past
+    ``room`` (what the work volume has left)."""
+    done = 0
+    while block := fin.read(1 << 20):
+        done += len(block)
+        if planned is not None and done > planned:
+            raise StorageError(
+                f"{rel} grew past the {planned} bytes it held when the job planned it: the "
+                "source changed while the job ran",
+                reason=Reason.ConcurrentWrite,
+            )
+        if done > room:
+            raise StorageError(
+                f"{rel}: the files copied unchanged take more than the {room} bytes the work "
+                "volume has left (KQUANT_WORK_BYTES, or the free space)",
+                reason=Reason.SourceTooLarge,
+            )
+        fout.write(block)
+    return done
 
 
 def _inside(root: Path, rel: str) -> Path:

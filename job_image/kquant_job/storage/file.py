@@ -122,14 +122,16 @@ class FileStorage(Storage):
         """
         src, pairs = _checked_source(uri, skip)
         if pairs is None:
-            check_size(uri, _size(src, uri), max_bytes)
+            size = _size(src, uri)
+            check_size(uri, size, max_bytes)
             target = dest_dir / src.name
-            _copy(src, target, uri, "download")
+            _copy(src, target, uri, "download", limit=size)
             return target
-        check_size(uri, sum(_size(path, uri) for _, path in pairs), max_bytes)
+        sizes = [_size(path, uri) for _, path in pairs]
+        check_size(uri, sum(sizes), max_bytes)
         plan = [(path, local_target(dest_dir, key, uri)) for key, path in pairs]
-        for path, target in plan:
-            _copy(path, target, uri, "download", checked=True)
+        for (path, target), size in zip(plan, sizes, strict=True):
+            _copy(path, target, uri, "download", checked=True, limit=size)
         return dest_dir
 
     def read_in_place(self, uri: str) -> Path | None:
@@ -306,6 +308,9 @@ def _checked_source(
                 f"{uri} is a directory; end the URI with '/' to fetch it as a prefix",
                 reason=Reason.SourceNotFound,
             )
+        if src.is_symlink() and not src.resolve().is_relative_to(src.parent.resolve()):
+            # as inside a folder source: a link planted in the folder reads someone else's file
+            raise _refuse(uri, src.name, "symlink pointing outside its folder")
         return src, None
     if not src.is_dir():
         if src.is_file():  # "model.onnx/": a file named as a folder
@@ -359,6 +364,20 @@ def open_beneath(path: Path) -> BinaryIO:
     return os.fdopen(leaf, "rb")
 
 
+def _open_regular(src: Path, uri: str, regular: bool) -> BinaryIO:
+    """``src`` opened for reading; with ``regular``, without blocking on a FIFO and refused
+    (StorageError UnsafePath) unless it is a regular file (a symlink to ``/dev/zero`` would
+    never end)."""
+    if not regular:
+        return src.open("rb")
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StorageError(f"{uri} is not a regular file", reason=Reason.UnsafePath)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _copy(
     src: Path,
     target: Path,
@@ -367,22 +386,31 @@ def _copy(
     *,
     hashed: bool = False,
     checked: bool = False,
+    limit: int | None = None,
 ) -> tuple[str, int]:
     """Copy ``src`` to ``target`` through a temporary file; returns (hex sha256 or '', bytes).
     Uploads are durable (fsynced); downloads land in the work directory and are not (see
     :func:`atomic_target`). ``checked``: ``src`` is a resolved path a walk checked, opened
-    without following symlinks (:func:`open_beneath`)."""
+    without following symlinks (:func:`open_beneath`). ``limit``: the size the source had
+    when checked; a source that is not a regular file then (a FIFO, a device) is refused,
+    and one that grew past it is StorageError(ConcurrentWrite), the copy removed."""
     digest = hashlib.sha256() if hashed else None
     size = 0
     durable = action != "download"
     try:
-        fin_cm = open_beneath(src) if checked else src.open("rb")
+        fin_cm = open_beneath(src) if checked else _open_regular(src, uri, limit is not None)
         with fin_cm as fin, atomic_target(target, durable) as tmp, tmp.open("wb") as fout:
             while block := fin.read(CHUNK):
                 if digest is not None:
                     digest.update(block)
                 fout.write(block)
                 size += len(block)
+                if limit is not None and size > limit:
+                    raise StorageError(
+                        f"cannot {action} {uri}: {src.name} grew past the {limit} bytes it "
+                        "held when checked: the source changed while the job read it",
+                        reason=Reason.ConcurrentWrite,
+                    )
     except OSError as exc:
         if checked and exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise StorageError(

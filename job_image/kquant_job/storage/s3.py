@@ -134,6 +134,18 @@ class S3Storage(Storage):
         except ValueError as exc:  # e.g. a malformed endpoint URL
             raise InvalidSpec(f"spec.storage: {exc}") from None
         self.transfer = self.settings.transfer_config()
+        # (bucket, key) -> the ETag a download expects: every GetObject of it carries If-Match
+        self._expected: dict[tuple[str, str], str] = {}
+        self.client.meta.events.register("before-parameter-build.s3.GetObject", self._if_match)
+
+    def _if_match(self, params: dict[str, Any], **_: Any) -> None:
+        """botocore's hook before a GetObject is built: add If-Match for an object whose ETag
+        the download expects. s3transfer adds it to ranged GETs only and refuses it as an
+        extra argument; a single GET would otherwise write whatever object now has the key,
+        at any size (a red-team trial: listed at 1 KB, replaced by 200 MB)."""
+        etag = self._expected.get((params.get("Bucket", ""), params.get("Key", "")))
+        if etag and "IfMatch" not in params:
+            params["IfMatch"] = etag
 
     @retrying
     def stat(self, uri: str) -> ObjectInfo | None:
@@ -207,10 +219,13 @@ class S3Storage(Storage):
         if not objects:
             raise StorageError(f"no objects under {uri}", reason=Reason.SourceNotFound)
         check_keys([o.key for o in objects], uri)
-        check_size(uri, sum(o.size for o in objects), max_bytes)
+        total = sum(o.size for o in objects)
+        check_size(uri, total, max_bytes)
         plan = [(o, local_target(dest_dir, o.key, uri)) for o in objects]
         for obj, target in plan:
-            self._fetch(join(uri, obj.key), target, obj, None)
+            # an object replaced since the listing may take what the others leave
+            room = None if max_bytes is None else max_bytes - (total - obj.size)
+            self._fetch(join(uri, obj.key), target, obj, room)
         return dest_dir
 
     def upload(self, src: Path, uri: str, metadata: Mapping[str, str] | None = None) -> Artifact:
@@ -406,9 +421,13 @@ class S3Storage(Storage):
                 atomic_target(target, durable=False) as tmp,
                 create_transfer_manager(self.client, config) as manager,
             ):
+                if info.etag:  # a replaced object answers 412, not its new, unchecked size
+                    self._expected[(bucket, key)] = info.etag
                 manager.download(bucket, key, str(tmp), subscribers=subscribers).result()
         except Exception as exc:
             raise _failure(exc, uri, "download") from None
+        finally:
+            self._expected.pop((bucket, key), None)
 
 
 class _KnownObject(BaseSubscriber):
