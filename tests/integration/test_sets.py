@@ -16,6 +16,7 @@ from kquant_job.errors import StorageError
 from kquant_job.sets import Retention, Target, Writer
 from kquant_job.sets.layout import dumps
 from kquant_job.sets.mirrors import sync_mirrors
+from kquant_job.storage.paths import temp_path
 
 FILES = {"model_fp16.onnx": b"fp16 graph" * 50, "tokenizer/vocab.txt": b"a\nb\n"}
 
@@ -190,7 +191,8 @@ def test_leftovers_of_this_job_are_reclaimed_and_live_sets_of_others_left(store,
     leftover("20260101T000000Z-00000006", Writer("vad", "speech", "uid-1", 1), now)
     # a folder created now whose marker is still being written (a local temporary file)
     young = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-00000007"
-    store.storage.write_bytes(store.uri(f"out/.kquant/sets/{young}/.set.json.x.kquant-part"), b"")
+    part = temp_path(Path("set.json")).name
+    store.storage.write_bytes(store.uri(f"out/.kquant/sets/{young}/{part}"), b"")
     publish(store, tmp_path, JOB, replace=False)
     out = prefix_of(store)
     folders = {k.split("/")[2] for k in out.all_keys() if k.startswith(".kquant/sets/")}

@@ -108,7 +108,9 @@ def test_unfinished_uploads_are_listed_and_aborted(store, tmp_path):
         bucket, key = parse_uri(store.uri("sets/x/m.onnx"))
         store.storage.client.create_multipart_upload(Bucket=bucket, Key=key)
     else:
-        part = Path(store.root[len("file://") :]) / "sets/x/.m.onnx.1234abcd.kquant-part"
+        from kquant_job.storage.paths import temp_path
+
+        part = temp_path(Path(store.root[len("file://") :]) / "sets/x/m.onnx")
         part.parent.mkdir(parents=True)
         part.write_bytes(b"half")
     uploads = store.storage.list_uploads(store.uri("sets/"))

@@ -106,7 +106,8 @@ def test_a_local_data_file_that_links_out_of_the_folder_is_refused(tmp_path):
     job = manifest(f"file://{model}", f"file://{tmp_path}/out/", FP16, endpoint=None)
     run = run_worker(job, tmp_path / "run", dict(os.environ))
     assert run.result["reason"] == "UnsafePath", run.result
-    assert "outside the model's folder" in run.result["message"]
+    assert "weights.bin" in run.result["message"] and "outside" in run.result["message"]
+    assert not list((tmp_path / "out").rglob("*.onnx"))  # nothing published
 
 
 def _inspect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
