@@ -125,7 +125,10 @@ def assess(job: QuantizationJob, stage: StageOutcome, staged: Path) -> Assessed:
     )
     measured = summary.latencyMs if summary else None
     runs = measured.runs if measured and measured.runs else spec.validation.latencyRuns
-    shortfalls = gain_shortfalls(config, original, quantized, summary, runs) if passed else []
+    conv_integer = any("ConvInteger" in (m.details.get("quantizedOps") or {}) for m in converted)
+    shortfalls = (
+        gain_shortfalls(config, original, quantized, summary, runs, conv_integer) if passed else []
+    )
     if shortfalls:
         passed, reason = False, Reason.NoGain
         message = (

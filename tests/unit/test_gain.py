@@ -43,9 +43,20 @@ def test_int8_results_that_pay_nothing_are_named(
 
 def test_without_latency_only_the_size_counts() -> None:
     assert gain_shortfalls(INT8, 1000, 500, None) == []
-    # a median of 3 timed runs is reported, never decisive
-    assert gain_shortfalls(INT8, 1000, 500, summary(1.0, 5.0), latency_runs=3) == []
+    # a median of 3 timed runs decides only past 2x, as noise moves a few runs by 1.5x
+    assert gain_shortfalls(INT8, 1000, 500, summary(1.0, 1.8), latency_runs=3) == []
+    few = gain_shortfalls(INT8, 1000, 500, summary(400.0, 2100.0), latency_runs=2)
+    assert len(few) == 1 and "5.25x the original's latency" in few[0] and "2 runs" in few[0]
+    assert gain_shortfalls(INT8, 1000, 500, summary(1.0, 5.0), latency_runs=0) == []
     assert gain_shortfalls(INT8, 1000, 950, None)[0].startswith("0.95x the original's size")
+
+
+def test_a_slow_int8_conv_is_told_of_static_int8() -> None:
+    slow = summary(92.0, 246.0)
+    conv = gain_shortfalls(INT8, 1000, 250, slow, latency_runs=9, conv_integer=True)
+    assert len(conv) == 1 and "ConvInteger" in conv[0] and "mode: static" in conv[0]
+    assert "ConvInteger" not in gain_shortfalls(INT8, 1000, 250, slow, latency_runs=9)[0]
+    assert gain_shortfalls(INT8, 1000, 250, summary(92.0, 90.0), conv_integer=True) == []
 
 
 def test_require_gain_false_and_float_precisions_are_not_checked() -> None:

@@ -400,7 +400,7 @@ def validate_onnx(
                 session_call(ref.session, feed), runs, warmup, budget / 2
             )
             ref.release()
-        if confirm_slowdown and slower(original_ms, quantized):
+        if confirm_slowdown and slower(original_ms, quantized, min(q_runs, o_runs)):
             again = make_session(Path(converted), ref.providers)
             q2, q2_runs = block_latency_ms(session_call(again, feed), runs, warmup, budget / 2)
             del again
