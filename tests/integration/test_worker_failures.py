@@ -294,3 +294,31 @@ def test_a_foreign_object_at_an_output_name_is_found_before_converting(tmp_path)
     expect_failure(run, "ForeignObject", 20)
     assert "convert: start" not in run.log
     assert (out / SILERO.replace(".onnx", "_fp16.onnx")).read_bytes() == b"someone's own model"
+
+
+def test_another_local_spec_under_the_same_name_does_not_replace_the_output(tmp_path):
+    """Outside a cluster a job has no uid or generation: two unnamed specs (both
+    'quantizationjob') with different models and one output, overwrite false, and the second
+    silently replaced the first's model. Its spec now stands for the generation: OutputExists,
+    the first set intact; a rerun of the first spec still replaces its own set."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("silero_vad.onnx", "silero_vad_op18_ifless.onnx"):
+        (models / name).write_bytes((silero_dir() / name).read_bytes())
+    out = f"file://{tmp_path}/out/"
+
+    def spec(model: str) -> dict:
+        job = manifest(f"file://{models / model}", out, {"precision": "fp16"}, endpoint=None)
+        del job["metadata"]["name"]  # the default name, as in a user's minimal spec
+        return job
+
+    first = run_worker(spec("silero_vad.onnx"), tmp_path / "r1", dict(os.environ))
+    assert first.code == 0, first.log
+    published = (tmp_path / "out" / "silero_vad_fp16.onnx").read_bytes()
+    second = run_worker(spec("silero_vad_op18_ifless.onnx"), tmp_path / "r2", dict(os.environ))
+    expect_failure(second, "OutputExists", 20)
+    assert "another spec under this metadata.name" in second.result["message"]
+    assert (tmp_path / "out" / "silero_vad_fp16.onnx").read_bytes() == published
+    assert not (tmp_path / "out" / "silero_vad_op18_ifless_fp16.onnx").exists()
+    again = run_worker(spec("silero_vad.onnx"), tmp_path / "r3", dict(os.environ))
+    assert again.code == 0, again.log  # the same spec: a rerun

@@ -20,6 +20,7 @@ Everything here is a pure function of bytes and dicts: no storage access.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -92,19 +93,27 @@ def _positive(env: Mapping[str, str], name: str, default: float, integer: bool =
 @dataclass(frozen=True)
 class Writer:
     """Who writes a set: the QuantizationJob (namespace, name, uid, generation) and this
-    run's random id (a rerun of the same generation has another)."""
+    run's random id (a rerun of the same generation has another). A run outside a cluster
+    has no uid or generation: ``spec`` (a digest of its spec) stands for the generation, so
+    another spec under the same name (every unnamed spec is ``quantizationjob``) is another
+    generation, never a rerun that may replace the set."""
 
     name: str
     namespace: str | None = None
     uid: str | None = None
     generation: int | None = None
     run_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    spec: str | None = None
 
     @classmethod
     def of(cls, job: QuantizationJob) -> Writer:
         """The writer for a run of ``job``."""
         meta = job.metadata
-        return cls(meta.name, meta.namespace, meta.uid, meta.generation)
+        digest = None
+        if meta.uid is None and meta.generation is None:
+            text = json.dumps(job.spec.model_dump(mode="json"), sort_keys=True)
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return cls(meta.name, meta.namespace, meta.uid, meta.generation, spec=digest)
 
     @classmethod
     def from_ref(cls, ref: Mapping[str, Any]) -> Writer:
@@ -116,6 +125,7 @@ class Writer:
             uid=ref.get("uid"),
             generation=generation if isinstance(generation, int) else None,
             run_id=str(ref.get("runId", "")),
+            spec=ref.get("specDigest") if isinstance(ref.get("specDigest"), str) else None,
         )
 
     def ref(self) -> dict[str, Any]:
@@ -126,6 +136,7 @@ class Writer:
             "uid": self.uid,
             "generation": self.generation,
             "runId": self.run_id,
+            "specDigest": self.spec,
         }
         return {k: v for k, v in ref.items() if v is not None}
 
@@ -137,8 +148,11 @@ class Writer:
         return (self.namespace, self.name) == (other.namespace, other.name)
 
     def same_generation(self, other: Writer) -> bool:
-        """The same job at the same generation: a rerun (or retry) of this one."""
-        return self.same_job(other) and self.generation == other.generation
+        """The same job at the same generation: a rerun (or retry) of this one (outside a
+        cluster: of the same spec, when both say theirs)."""
+        if not (self.same_job(other) and self.generation == other.generation):
+            return False
+        return self.spec is None or other.spec is None or self.spec == other.spec
 
     def newer_than(self, other: Writer) -> bool:
         """The same job at a strictly later generation."""

@@ -138,8 +138,12 @@ class Target:
         if self.replace:
             return
         if current is not None and not current.writer.same_generation(self.writer):
+            other = ""
+            if current.writer.same_job(self.writer) and current.writer.spec:
+                other = (" of another spec under this metadata.name: outside a cluster a "
+                         "job is its name and its spec")  # fmt: skip
             raise StorageError(
-                f"output {self.prefix} already holds a set ({current.writer.describe()}); "
+                f"output {self.prefix} already holds a set ({current.writer.describe()}){other}; "
                 "set spec.output.overwrite: true to replace it, or choose a new prefix",
                 reason=Reason.OutputExists,
             )
