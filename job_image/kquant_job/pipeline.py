@@ -21,6 +21,7 @@ from kquant_api import (
     JobResult,
     QuantizationJob,
     QuantizationJobSpec,
+    Reason,
 )
 from kquant_api.uris import find_overlaps, location, model_folder
 from kquant_job import logs
@@ -29,6 +30,7 @@ from kquant_job.budget import check_budget, room, work_factor
 from kquant_job.companions import companion_bytes, companion_names, fetch_companions
 from kquant_job.errors import InvalidSpec, KquantError, StorageError, ValidationFailed
 from kquant_job.judge import assess, providers_of, source_entry, success_result
+from kquant_job.logs import printable
 from kquant_job.report import build_report, failure_report, manifest_fields, now
 from kquant_job.sandbox.accept import staged_files
 from kquant_job.sandbox.limits import Limits
@@ -87,14 +89,31 @@ def _in_place(store: Storage, uri: str) -> Path | None:
         return None
 
 
-def fetch_npz(run: JobRun, uri: str | None, name: str, max_bytes: int) -> list[Path]:
+def fetch_npz(
+    run: JobRun, uri: str | None, name: str, max_bytes: int, field: str = "spec.validation.dataUri"
+) -> list[Path]:
     """Fetch the ``.npz`` samples at ``uri`` (a file or a prefix) into ``run.work / name``;
-    the local files, sorted ([] when ``uri`` is None). Raises the download's StorageErrors."""
+    the local files, sorted ([] when ``uri`` is None). Raises InvalidSpec naming ``field``
+    when ``uri`` holds no ``.npz`` file (a folder of WAVs was validated on kquant's own clip
+    instead, silently), and the download's StorageErrors (SourceNotFound naming ``field``)."""
     if not uri:
         return []
-    local = run.store(uri).download(uri, run.work / name, max_bytes=max_bytes)
-    files = [local] if local.is_file() else sorted(local.rglob("*.npz"))
-    return [f for f in files if f.suffix == ".npz"]
+    try:
+        local = run.store(uri).download(uri, run.work / name, max_bytes=max_bytes)
+    except StorageError as exc:
+        if exc.reason is Reason.SourceNotFound and field not in str(exc):
+            raise StorageError(f"{field}: {exc}", reason=exc.reason) from None
+        raise
+    found = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    files = [f for f in found if f.suffix == ".npz"]
+    if not files:
+        others = ", ".join(printable(f.name) for f in found[:3]) or "nothing"
+        raise InvalidSpec(
+            f"{field}: {uri} holds no .npz file (found {others}); samples are .npz files "
+            "whose arrays are named after the model's inputs: `kquant-job frames` makes "
+            "them from WAV files"
+        )
+    return files
 
 
 def check_resolved_overlaps(spec: QuantizationJobSpec) -> None:
@@ -241,7 +260,8 @@ def fetch_inputs(run: JobRun) -> StageInput:
             companions = fetch_companions(store, spec.model.uri, local, names, space, in_place)
             logs.info("external data beside the model", files=len(names), bytes=more)
         data_files = fetch_npz(run, spec.validation.dataUri, "validation-data", space)
-        calib_files = fetch_npz(run, calib.uri if calib else None, "calibration", space)
+        calib_files = fetch_npz(run, calib.uri if calib else None, "calibration", space,
+                                "spec.quantization.calibration.uri")  # fmt: skip
     box = work / "sandbox"
     return StageInput(
         source=local,

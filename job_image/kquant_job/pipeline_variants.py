@@ -54,7 +54,8 @@ def _variant_io(
     folder = f"calibration-{label}"
     files = []
     if config.calibration:
-        files = fetch_npz(run, config.calibration.uri, folder, room(run.work))
+        where = f"spec.variants[{label}].calibration.uri"
+        files = fetch_npz(run, config.calibration.uri, folder, room(run.work), where)
     return dataclasses.replace(
         io,
         calib=files,

@@ -322,3 +322,31 @@ def test_another_local_spec_under_the_same_name_does_not_replace_the_output(tmp_
     assert not (tmp_path / "out" / "silero_vad_op18_ifless_fp16.onnx").exists()
     again = run_worker(spec("silero_vad.onnx"), tmp_path / "r3", dict(os.environ))
     assert again.code == 0, again.log  # the same spec: a rerun
+
+
+def test_samples_that_are_no_npz_files_are_refused_naming_the_field(tmp_path):
+    """A folder of WAVs as validation.dataUri (kquant-job frames forgotten) was ignored: the
+    job validated on kquant's own clip and said Validated. An empty calibration folder said
+    "no files under" without naming the field."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "vad.onnx").write_bytes((silero_dir() / "silero_vad.onnx").read_bytes())
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    (wavs / "speech.wav").write_bytes(b"RIFF....WAVE")
+    job = manifest(f"file://{models / 'vad.onnx'}", f"file://{tmp_path}/out/",
+                   {"precision": "fp16"}, endpoint=None,
+                   validation={"dataUri": f"file://{wavs}/"})  # fmt: skip
+    run = run_worker(job, tmp_path / "r1", dict(os.environ))
+    expect_failure(run, "InvalidSpec", 10)
+    message = run.result["message"]
+    assert "spec.validation.dataUri" in message and "speech.wav" in message, message
+    assert "kquant-job frames" in message
+    empty = tmp_path / "calibration"
+    empty.mkdir()
+    static = {"precision": "int8", "mode": "static", "calibration": {"uri": f"file://{empty}/"}}
+    job = manifest(f"file://{models / 'vad.onnx'}", f"file://{tmp_path}/out2/", static,
+                   endpoint=None)  # fmt: skip
+    run = run_worker(job, tmp_path / "r2", dict(os.environ))
+    assert run.result["reason"] in ("SourceNotFound", "InvalidSpec"), run.result
+    assert "spec.quantization.calibration.uri" in run.result["message"], run.result["message"]
