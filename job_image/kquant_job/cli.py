@@ -34,6 +34,18 @@ def _default_result_file() -> Path | None:
     return None
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why the result file cannot be written (a missing folder, a directory, no
+    permission), or None: it is opened for appending, which creates it and changes nothing
+    in an existing one."""
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
     """The compact result of a failed run: reason, message, the failure's report.json when
     one was written; a ValidationFailed keeps its metrics; a spec.variants run its
@@ -172,6 +184,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the jobs of a manifest (``--dry-run``: print their plans); returns the exit code
     (first failure's, else 0)."""
     result_file = Path(args.result_file) if args.result_file else _default_result_file()
+    if result_file and not args.dry_run:
+        unusable = _unwritable(result_file)
+        if unusable:  # before any work: in a pod, a run that published and then failed
+            print(f"kquant-job: --result-file {result_file}: {unusable}", file=sys.stderr)
+            return 2  # would be retried as exit 1 and run again
     results: list[JobResult] = []
     names: list[str] = []
     try:
@@ -206,7 +223,8 @@ EXIT_CODES = """exit codes (one per error class; the result file says the reason
       AlreadyQuantized, ModelCrashed, MemoryLimitExceeded, TimeLimitExceeded,
       DiskLimitExceeded
   40  ValidationFailed, NoGain (within tolerance, but not smaller or slower)
-  1   WorkDirUnusable, SandboxUnavailable, InternalError (retriable)"""
+  1   WorkDirUnusable, SandboxUnavailable, InternalError (retriable)
+  2   a command-line error, or a --result-file that cannot be written (nothing run)"""
 
 RUN_EXAMPLES = """examples:
   kquant-job run job.yaml                 run every QuantizationJob in job.yaml

@@ -110,3 +110,27 @@ def test_help_lists_every_reason_under_its_exit_code(capsys):
         for name in re.findall(r"[A-Z][A-Za-z]+", line):
             listed[name] = code
     assert {r.value: int(c) for r, c in REASON_EXIT_CODE.items()} == listed
+
+
+def test_an_unwritable_result_file_stops_the_run_before_any_work(tmp_path, capsys):
+    """A --result-file in a missing folder let the job convert, validate and publish, then
+    die writing it with exit 1 (retried: the job would run again)."""
+    doc = {
+        "apiVersion": "kquant.io/v1alpha1",
+        "kind": "QuantizationJob",
+        "metadata": {"name": "x"},
+        "spec": {
+            "model": {"uri": f"file://{tmp_path}/absent.onnx"},
+            "output": {"uri": f"file://{tmp_path}/out/"},
+            "quantization": {"precision": "fp16"},
+        },
+    }
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(doc))
+    for bad in (tmp_path / "nodir" / "result.json", tmp_path):  # a missing folder, a folder
+        assert cli.main(["run", str(manifest), "--result-file", str(bad)]) == 2
+        assert f"--result-file {bad}:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was run
+    good = tmp_path / "result.json"
+    assert cli.main(["run", str(manifest), "--result-file", str(good)]) == 20
+    assert json.loads(good.read_text())["reason"] == "SourceNotFound"
