@@ -64,3 +64,21 @@ def test_the_fallback_ladder_is_probed_with_the_decisions(tmp_path, speech):
     assert output["decisionAgreement"] >= 0.99
     assert output["segmentsOriginal"] == output["segmentsConverted"]
     assert "decisions agree" in done.log
+
+
+@pytest.mark.parametrize("where", ["decisions", "outputs"])
+def test_a_tolerance_naming_no_output_is_an_invalid_spec_before_converting(tmp_path, where):
+    """A typo in an output name under tolerance.decisions ran FP16's whole repair ladder
+    and ended in ConversionFailed ("fails even with every node FP32"); under
+    tolerance.outputs, a full INT8 conversion ended in ValidationFailed."""
+    model = tmp_path / "m" / "silero_vad.onnx"
+    model.parent.mkdir()
+    shutil.copyfile(silero_dir() / "silero_vad.onnx", model)
+    rule = {"threshold": 0.5} if where == "decisions" else {"maxAbsError": 0.1}
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", {"precision": "fp16"},
+                   endpoint=None, validation={"tolerance": {where: {"speech": rule}}})  # fmt: skip
+    result = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert (result.code, result.result["reason"]) == (10, "InvalidSpec"), result.log
+    message = result.result["message"]
+    assert f"spec.validation.tolerance.{where}.speech" in message and "output" in message
+    assert "convert silero_vad.onnx" not in result.log  # refused before any conversion

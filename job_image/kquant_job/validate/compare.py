@@ -22,7 +22,12 @@ from kquant_job.gain import slower
 from kquant_job.passes.base import ProbeResult
 from kquant_job.validate.decisions import compare_decisions
 from kquant_job.validate.inputs import Feed
-from kquant_job.validate.metrics import OutputMetrics, check_tolerance, compare_output
+from kquant_job.validate.metrics import (
+    OutputMetrics,
+    check_output_names,
+    check_tolerance,
+    compare_output,
+)
 from kquant_job.validate.runtime import (
     block_latency_ms,
     device_of,
@@ -122,6 +127,8 @@ class Reference:
                 f"the original model {self.original.name} fails on the validation inputs "
                 f"({exc}); set spec.validation.inputs / dimensions or check dataUri"
             ) from exc
+        if self.outputs:
+            check_output_names(tolerance, list(self.outputs[0]), self.original.name)
         # Ranges measured in this pass; None: measured on request (activation_ranges).
         self.ranges: dict[str, float] | None = recorder.ranges if recorder else None
         # On the CPU the original's latency block is timed now, on this session (a plain

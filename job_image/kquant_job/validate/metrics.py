@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kquant_api import Tolerance
+from kquant_job.errors import InvalidSpec
 from kquant_job.validate.decisions import DecisionMetrics, decision_violations
 
 
@@ -142,6 +143,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
         return 0.0
     # Clip: rounding can push identical vectors a hair above 1.
     return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+
+def check_output_names(tolerance: Tolerance, outputs: Sequence[str], model: str) -> None:
+    """Raise InvalidSpec when ``tolerance.decisions`` or ``tolerance.outputs`` names an
+    output ``model`` does not have (a typo ran the whole conversion and its repair ladder,
+    then failed as ConversionFailed or ValidationFailed)."""
+    for where, named in (("decisions", tolerance.decisions), ("outputs", tolerance.outputs)):
+        unknown = sorted(set(named or {}) - set(outputs))
+        if unknown:
+            raise InvalidSpec(
+                f"spec.validation.tolerance.{where}.{unknown[0]}: {model} has no such output "
+                f"(outputs: {', '.join(outputs)})"
+            )
 
 
 def check_tolerance(metrics: Sequence[OutputMetrics], tolerance: Tolerance) -> list[str]:

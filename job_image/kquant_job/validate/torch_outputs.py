@@ -34,7 +34,7 @@ from kquant_api import Tolerance, ValidationConfig
 from kquant_job.errors import InvalidSpec
 from kquant_job.validate.compare import ValidationOutcome, compare_outputs
 from kquant_job.validate.inputs import read_npz
-from kquant_job.validate.metrics import check_tolerance
+from kquant_job.validate.metrics import check_output_names, check_tolerance
 from kquant_job.validate.runtime import paired_latency_ms
 
 Args = dict[str, Any]
@@ -201,6 +201,8 @@ class TorchScriptValidator:
                 f"the original module {self.original.name} fails on the validation inputs "
                 f"({exc}); set spec.validation.inputs or check dataUri"
             ) from exc
+        if self.outputs:
+            check_output_names(tolerance, list(self.outputs[0]), self.original.name)
 
     def validate(self, converted: Path) -> ValidationOutcome:
         """Compare ``converted`` with the original on every sample; never raises for the
