@@ -270,3 +270,51 @@ def test_ladder_without_a_pass_returns_the_last_candidate(tmp_path: Path) -> Non
     # Static QDQ has no LSTM quantizer, so no dense-only step exists for this model.
     assert [a["attempt"] for a in result.details["attempts"]] == ["requested", "perChannel"]
     assert result.output.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def _conv_opset11(path: Path) -> Path:
+    """Two 3x3 convolutions (8 channels, random weights) in an opset 11 graph, as PP-OCR's
+    exports are: a per-channel QDQ model of it does not load."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w2")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "b")
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w1", "b"], ["h"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["h"], ["r"]),
+        onnx.helper.make_node("Conv", ["r", "w2", "b"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "convs",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [w1, w2, b],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    onnx.save(model, path)
+    return path
+
+
+def test_static_qdq_below_opset_13_makes_no_per_channel_attempt(tmp_path: Path) -> None:
+    """Every per-channel QDQ candidate of an opset 11 model failed to load in onnxruntime
+    (DequantizeLinear's axis came in opset 13): the ladder spent attempts on models that
+    could not exist. Now it skips them and says why; asking for per-channel fails clearly."""
+    model = _conv_opset11(tmp_path / "convs.onnx")
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"c{i}.npz")
+        np.savez(files[-1], x=rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32))
+    feed = {"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}
+    tight = Reference(model, [feed], ValidationConfig(), Tolerance(maxAbsError=1e-9),
+                      ["CPUExecutionProvider"])  # fmt: skip
+    ctx = PassContext(work_dir=tmp_path / "w", probe=tight.probe, calibration_files=files)
+    result = OnnxInt8StaticPass().run(model, static_cfg(), tmp_path / "q.onnx", ctx)
+    attempts = result.details["attempts"]
+    assert "perChannel" not in [a["attempt"] for a in attempts]
+    assert all("error" not in a for a in attempts), attempts  # every candidate loaded
+    assert any("opset 11" in w for w in result.details["warnings"])
+    with pytest.raises(PassError) as info:
+        OnnxInt8StaticPass().run(model, static_cfg(perChannel=True), tmp_path / "p.onnx", ctx)
+    assert info.value.reason is Reason.ConversionFailed and "opset 13" in str(info.value)

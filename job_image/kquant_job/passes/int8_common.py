@@ -129,6 +129,7 @@ def fallback_ladder(
     supported: frozenset[str],
     present: set[str],
     output_layers: tuple[str, ...] = (),
+    per_channel: bool = True,
 ) -> list[tuple[str, Int8Settings]]:
     """The settings to try in order when a probe is given: as requested; then per-channel
     weight scales (if not asked already); then only the dense op types (MatMul, Gemm, LSTM,
@@ -140,9 +141,10 @@ def fallback_ladder(
     the corpus' Whisper-style decoder, tied-embedding logits: static QDQ mean abs error
     0.076 with every MatMul INT8, 0.02 with the logits MatMul float). ``supported``: op
     types the quantizer handles; ``present``: op types in the model. Each step keeps the
-    previous step's changes."""
+    previous step's changes. ``per_channel`` False: the model cannot take per-channel
+    scales in this format (no perChannel step)."""
     steps = [("requested", base)]
-    if not base.per_channel:
+    if not base.per_channel and per_channel:
         steps.append(("perChannel", replace(steps[-1][1], per_channel=True)))
     effective = (set(base.op_types) or set(supported)) & present
     dense = tuple(t for t in DENSE_OP_TYPES if t in effective)

@@ -180,7 +180,13 @@ class OnnxInt8StaticPass:
             )
         present = op_types_in(prepared.model, include_subgraphs=False)
         last = output_layers(prepared.model, set(WEIGHTED_OP_TYPES))
-        steps = fallback_ladder(settings, supported, present, last)
+        per_channel = _per_channel_possible(prepared.model, fmt, model_in.name, settings)
+        if not per_channel:
+            details["warnings"].append(
+                f"no per-channel attempt: {model_in.name} is opset {default_opset(prepared.model)}"
+                ", and a per-channel DequantizeLinear (its axis attribute) needs opset 13"
+            )
+        steps = fallback_ladder(settings, supported, present, last, per_channel)
         if config.strict:  # the requested configuration only
             steps = steps[:1]
         # Ranges depend on the data only: calibrate once, reuse them for later attempts.
@@ -210,3 +216,29 @@ class OnnxInt8StaticPass:
             else quantizable_nodes(prepared.model, settings, supported, present, False)
         )
         return run_attempts(self.name, model_in, steps, quantize, out_path, ctx, details, nodes)
+
+
+QDQ_PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute (ONNX operator changelog)
+
+
+def default_opset(model: ModelProto) -> int:
+    """The model's opset of the default ONNX domain (1 when it names none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _per_channel_possible(
+    model: ModelProto, fmt: QuantFormat, name: str, settings: Int8Settings
+) -> bool:
+    """Whether per-channel scales fit the model in ``fmt``: QDQ below opset 13 has no
+    per-channel DequantizeLinear, and onnxruntime then writes a model that does not load
+    (PP-OCR's opset 11 exports: every per-channel attempt failed to load). Raises
+    PassError(ConversionFailed) when the spec asks for per-channel where it cannot be."""
+    possible = fmt is not QuantFormat.QDQ or default_opset(model) >= QDQ_PER_CHANNEL_OPSET
+    if settings.per_channel and not possible:
+        raise PassError(
+            f"{name} is opset {default_opset(model)}: per-channel QDQ needs opset "
+            f"{QDQ_PER_CHANNEL_OPSET} (DequantizeLinear's axis); use perChannel: false, or "
+            "quantFormat: QOperator",
+            reason=Reason.ConversionFailed,
+        )
+    return possible
