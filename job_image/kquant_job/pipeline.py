@@ -142,6 +142,31 @@ def check_resolved_overlaps(spec: QuantizationJobSpec) -> None:
         raise InvalidSpec("; ".join(overlaps))
 
 
+def check_local_targets(spec: QuantizationJobSpec) -> None:
+    """The local (``file://``) output and promotion folders can be made and written: their
+    nearest existing folder is a folder (not a file), writable, on a writable file system.
+    Read-only (the dry run's preflight too): a run found out only when publishing, after
+    converting and validating, and named spec.model.uri. Raises InvalidSpec for a folder
+    under a file, StorageError(AccessDenied) for one kquant may not write."""
+    for field_name, uri in spec.write_uris().items():
+        if uri.startswith("s3://"):
+            continue
+        path = Path(os.path.abspath(to_path(uri)))
+        nearest = next(p for p in (path, *path.parents) if os.path.lexists(p))
+        if not nearest.is_dir():
+            raise InvalidSpec(
+                f"{field_name}: {uri} lies under {nearest}, which is not a folder: kquant "
+                "cannot make a folder there"
+            )
+        readonly = bool(os.statvfs(nearest).f_flag & os.ST_RDONLY)
+        if readonly or not os.access(nearest, os.W_OK | os.X_OK):
+            why = "a read-only file system" if readonly else "no permission to write"
+            raise StorageError(
+                f"{field_name}: {uri} cannot be written ({nearest}: {why})",
+                reason=Reason.AccessDenied,
+            )
+
+
 def open_targets(run: JobRun) -> tuple[Target, Target | None]:
     """Check the spec's overlaps on resolved paths, and read the output and promotion
     prefixes (:meth:`Target.preflight`, read-only): the targets to publish to. Raises
@@ -158,6 +183,7 @@ def open_targets(run: JobRun) -> tuple[Target, Target | None]:
         conversions=", ".join(c.label for c in spec.conversions),
     )
     check_resolved_overlaps(spec)
+    check_local_targets(spec)
     writer = Writer.of(run.job)
     out = Target(
         run.store(out_prefix),

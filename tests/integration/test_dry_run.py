@@ -119,3 +119,18 @@ def test_a_folder_with_its_own_manifest_is_refused_before_converting(tmp_path):
         assert "convert: start" not in run.log  # refused while planning
         assert not list(out.rglob("*.onnx")) and not list(out.rglob("*.jit"))
     assert tree(folder) == before
+
+
+def test_an_output_under_a_file_is_refused_before_converting(tmp_path, silero_onnx):
+    """An output folder under a file passed the dry run (exit 0) and the run's preflight;
+    the run converted and validated, then failed to publish as SourceNotFound, naming
+    spec.model.uri. Both now refuse it first, naming spec.output.uri."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's file")
+    out = notes / "out"
+    dry = run_worker(job(f"file://{silero_onnx}", out), tmp_path / "d", extra_args=("--dry-run",))
+    assert dry.code == 10 and "spec.output.uri" in dry.log and "not a folder" in dry.log
+    run = run_worker(job(f"file://{silero_onnx}", out), tmp_path / "r")
+    assert run.code == 10 and run.result["reason"] == "InvalidSpec", run.log
+    assert "spec.output.uri" in run.result["message"] and "convert " not in run.log
+    assert notes.read_text() == "a user's file"
