@@ -233,6 +233,8 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
             {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_volume_size}},
         ],
     }
+    if settings.image_pull_secrets:  # a private registry: Secrets in the CR's namespace
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     if spec.serviceAccountName:
         pod_spec["serviceAccountName"] = spec.serviceAccountName
     else:

@@ -8,6 +8,8 @@ Variable                            Meaning (default)
 ==================================  =======================================================
 KQUANT_WORKER_IMAGE                 worker image (``ghcr.io/kquant/kquant-job:0.1.0``)
 KQUANT_IMAGE_PULL_POLICY            Always | IfNotPresent | Never (``IfNotPresent``)
+KQUANT_IMAGE_PULL_SECRETS           comma list of Secret names for the worker pods'
+                                    imagePullSecrets, each in the QuantizationJob's namespace
 KQUANT_WATCH_NAMESPACES             comma list of namespaces; empty: cluster-wide
 KQUANT_DEFAULT_RESOURCES            JSON ResourceRequirements (``{"limits":
                                     {"nvidia.com/gpu": "1"}}``)
@@ -45,6 +47,9 @@ _QUANTITY = re.compile(
 )
 # RFC 1123 label (namespaces are labels), at most 63 characters.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
 _RESOURCE_KEYS = ("limits", "requests", "claims")
 # The worker's transfer knobs (kquant_job.storage.s3_transfer), each a positive number. The
 # operator checks them at start-up so a typo fails the Deployment, not every Job.
@@ -107,6 +112,7 @@ class OperatorSettings:
 
     worker_image: str = DEFAULT_WORKER_IMAGE
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
     watch_namespaces: tuple[str, ...] = ()
     default_resources: dict[str, Any] = field(
         default_factory=lambda: {"limits": {"nvidia.com/gpu": "1"}}
@@ -151,6 +157,12 @@ class OperatorSettings:
         for ns in namespaces:
             if not _DNS_LABEL.match(ns):
                 raise ValueError(f"KQUANT_WATCH_NAMESPACES: {ns!r} is not a namespace name")
+        secrets = tuple(
+            n.strip() for n in env.get("KQUANT_IMAGE_PULL_SECRETS", "").split(",") if n.strip()
+        )
+        for secret in secrets:
+            if not _DNS_SUBDOMAIN.match(secret):
+                raise ValueError(f"KQUANT_IMAGE_PULL_SECRETS: {secret!r} is not a Secret name")
         resources = _json(env, "KQUANT_DEFAULT_RESOURCES", d.default_resources)
         node_selector = _json(env, "KQUANT_DEFAULT_NODE_SELECTOR", {})
         if not isinstance(node_selector, dict) or not all(
@@ -163,6 +175,7 @@ class OperatorSettings:
         return cls(
             worker_image=text("KQUANT_WORKER_IMAGE", d.worker_image) or d.worker_image,
             image_pull_policy=pull or d.image_pull_policy,
+            image_pull_secrets=secrets,
             watch_namespaces=namespaces,
             default_resources=normalize_resources(resources, "KQUANT_DEFAULT_RESOURCES"),
             default_node_selector=node_selector,

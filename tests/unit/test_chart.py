@@ -123,7 +123,12 @@ def test_namespaced_install_has_roles_per_namespace_only():
 
 def test_worker_defaults_reach_the_operator():
     worker = {
-        "image": {"repository": "registry.local/kq/job", "tag": "dev", "pullPolicy": "Always"},
+        "image": {
+            "repository": "registry.local/kq/job",
+            "tag": "dev",
+            "pullPolicy": "Always",
+            "pullSecrets": ["registry-creds", "mirror.creds"],
+        },
         "resources": {"limits": {"nvidia.com/gpu": 2, "memory": "32Gi"}},
         "nodeSelector": {"gpu": "a100"},
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -140,6 +145,7 @@ def test_worker_defaults_reach_the_operator():
     validate_all(docs)
     s = OperatorSettings.from_env(env(docs))
     assert s.worker_image == "registry.local/kq/job:dev" and s.image_pull_policy == "Always"
+    assert s.image_pull_secrets == ("registry-creds", "mirror.creds")
     assert s.default_resources == {"limits": {"memory": "32Gi", "nvidia.com/gpu": "2"}}
     assert s.default_node_selector == {"gpu": "a100"}
     assert s.default_tolerations == worker["tolerations"]
@@ -156,6 +162,7 @@ def test_worker_defaults_reach_the_operator():
         "KQUANT_S3_READ_TIMEOUT": "2.5",
     }
     assert not any(k.startswith("KQUANT_S3_") for k in env(render()))  # unset: worker defaults
+    assert "KQUANT_IMAGE_PULL_SECRETS" not in env(render())
 
 
 def test_operator_pod_values_change_the_deployment():
@@ -233,6 +240,16 @@ def test_replicas_turn_on_kopf_peering(namespaces):
         {"worker": {"s3Transfer": {"partSize": 64}}},
         {"worker": {"s3Transfer": {"maxConcurrency": 0}}},
         {"worker": {"s3Transfer": {"readTimeout": "slow"}}},
+        {
+            "worker": {
+                "image": {
+                    "repository": "x",
+                    "tag": "1",
+                    "pullPolicy": "Always",
+                    "pullSecrets": ["Registry_Creds"],
+                }
+            }
+        },
     ],
 )
 def test_bad_values_are_refused(values):

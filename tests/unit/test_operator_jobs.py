@@ -304,7 +304,17 @@ def test_placement_from_spec_or_settings_defaults():
     assert pod["priorityClassName"] == "batch"
     assert pod["containers"][0]["image"] == "registry.local/kquant-job:dev"
     assert pod["containers"][0]["imagePullPolicy"] == "Always"
-    assert "affinity" not in pod
+    assert "affinity" not in pod and "imagePullSecrets" not in pod
+    private = OperatorSettings(image_pull_secrets=("registry-creds",))
+    assert _pod(build_job(qjob(), private))["imagePullSecrets"] == [{"name": "registry-creds"}]
+    with pytest.raises(ValueError, match="KQUANT_IMAGE_PULL_SECRETS"):
+        OperatorSettings.from_env({"KQUANT_IMAGE_PULL_SECRETS": "ok,Not_A_Name"})
+    assert OperatorSettings.from_env(
+        {"KQUANT_IMAGE_PULL_SECRETS": " a, b.c "}
+    ).image_pull_secrets == (
+        "a",
+        "b.c",
+    )
     own = _pod(
         build_job(
             qjob(nodeSelector={}, tolerations=[], image="my/worker:1", priorityClassName="hi"),
