@@ -119,6 +119,10 @@ def test_namespaced_install_has_roles_per_namespace_only():
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["speech", "vision"]
     assert OperatorSettings.from_env(env(docs)).watch_namespaces == ("speech", "vision")
     assert "speech, vision" in notes({"watchNamespaces": ["speech", "vision"]})
+    assert "does not watch" not in notes({"watchNamespaces": ["speech", "vision"]})
+    audio = notes({"watchNamespaces": ["audio"]})  # the example's namespace is not watched
+    assert "does not watch: set its metadata.namespace to one of audio" in audio
+    assert "kubectl get qjob -n speech -w" in notes()
 
 
 def test_worker_defaults_reach_the_operator():
