@@ -152,8 +152,8 @@ def thread_state(
         raise InvalidSpec(
             f"{Path(model_path).name} also needs the inputs {', '.join(missing)}, which the "
             f"frames do not give (they give {', '.join(sorted(given))}): add them "
-            "(kquant-job frames: --zeros NAME SHAPE for a state tensor, --scalar NAME VALUE "
-            "for a number such as sr 16000)"
+            "(kquant-job frames: --zeros NAME=D1,D2,... for a state tensor, e.g. "
+            "--zeros state=2,1,128; --scalar NAME=VALUE for a number, e.g. --scalar sr=16000)"
         )
     outputs = run_stream(session, feeds, feedback)
     threaded = [dict(feed) for feed in feeds]

@@ -67,6 +67,10 @@ def cmd_frames(args: argparse.Namespace) -> int:
         if not inputs:
             raise KquantError("give one or more WAV files, folders or globs, then the output "
                               "folder", reason=Reason.InvalidSpec)  # fmt: skip
+        target = Path(out_dir)
+        if target.exists() and not target.is_dir():
+            raise KquantError(f"OUT_DIR {out_dir} is a file, not a folder: name a folder for "
+                              "the .npz feeds", reason=Reason.InvalidSpec)  # fmt: skip
         wavs = collect_wavs(inputs)
         feeds = _audio_feeds(args, wavs)
         if args.count and args.count < len(feeds):
@@ -76,7 +80,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
         feeds = feeds[: args.max_frames] if args.max_frames else feeds
         if args.model:
             feeds = thread_state(Path(args.model), feeds, dict(args.feedback))
-        files = write_feeds(feeds, Path(out_dir))
+        files = write_feeds(feeds, target)
     except KquantError as exc:
         LOG.error("%s: %s", exc.reason.value, exc)
         return exc.exit_code

@@ -120,8 +120,10 @@ def check_model_file(path: Path, declared: ModelFormat, display: str) -> ModelFo
     expected = declared if declared is not ModelFormat.auto else hinted
     if found is None:
         if expected is not None:
+            size = path.stat().st_size
+            why = "an empty file" if size == 0 else f"{size} bytes whose content does not parse"
             raise PassError(
-                f"{display}: not a valid {expected.value} model (content does not parse)",
+                f"{display}: not a valid {expected.value} model ({why})",
                 reason=Reason.CorruptModel,
             )
         raise PassError(
@@ -383,8 +385,9 @@ def plan_model(
     for folder, count in skipped.items():
         plan.warnings.append(
             f"{folder} holds an earlier kquant output (a .kquant/ folder): its {count} files "
-            "are neither converted nor copied (to convert what it published, use its "
-            "prefix as the model, or move it out of the model folder)"
+            "are neither converted nor copied (to convert a model it published, name that "
+            "file as spec.model.uri: its prefix holds kquant's own names; or move the output "
+            "out of the model folder)"
         )
     if narrowed:
         plan.warnings.append(

@@ -113,5 +113,17 @@ def test_frames_with_a_model_missing_inputs_says_which_and_how(tmp_path, silero_
     args = ["frames", str(folder), str(out), "--frame-size", "512", "--model", str(silero_onnx)]
     assert cli.main(args) == 10  # InvalidSpec, no traceback
     message = capfd.readouterr().err
-    assert "also needs the inputs state, sr" in message and "--zeros NAME SHAPE" in message
+    assert "also needs the inputs state, sr" in message and "--zeros state=2,1,128" in message
     assert not list(out.glob("*.npz"))
+
+
+def test_frames_into_a_file_is_refused_before_reading_audio(tmp_path, capfd):
+    """An OUT_DIR that is a file ended in a FileExistsError traceback."""
+    folder = tmp_path / "wavs"
+    tone(folder / "one.wav", 16000, 440.0, seconds=0.2)
+    taken = tmp_path / "calib"
+    taken.write_text("a user's file")
+    assert cli.main(["frames", str(folder), str(taken), "--frame-size", "512"]) == 10
+    err = capfd.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err
+    assert taken.read_text() == "a user's file"

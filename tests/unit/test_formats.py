@@ -64,6 +64,12 @@ def test_corrupt_onnx_and_non_model_are_classified(silero_onnx, tmp_path):
     with pytest.raises(PassError) as err:
         plan_model(corrupt)
     assert err.value.reason is Reason.CorruptModel
+    assert "5000 bytes whose content does not parse" in str(err.value)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(PassError) as err:
+        plan_model(empty)
+    assert err.value.reason is Reason.CorruptModel and "an empty file" in str(err.value)
     notes = tmp_path / "notes.txt"
     notes.write_text("not a model")
     with pytest.raises(PassError) as err:

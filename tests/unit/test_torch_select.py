@@ -110,3 +110,17 @@ def test_directory_plan_keeps_hift_unless_named(tmp_path):
     assert "hift.pt" in [m.rel for m in plan_model(root, include=["llm.pt", "hift.pt"]).models]
     assert "hift.pt" in [m.rel for m in plan_model(root, exclude=[]).models]
     assert plan_model(root / "hift.pt").models[0].rel == "hift.pt"  # a single file: converted
+
+
+def test_int4_on_a_pytorch_format_suggests_only_what_that_format_takes():
+    """int4 on a state dict advised int8, which a state dict then refused."""
+    int4 = QuantizationConfig(precision="int4")
+    for fmt, int8_works in ((ModelFormat.pytorch, False), (ModelFormat.torchscript, True)):
+        with pytest.raises(PassError) as info:
+            select_pass(fmt, int4)
+        assert ("int8" in str(info.value)) is int8_works, str(info.value)
+        if int8_works:
+            select_pass(fmt, QuantizationConfig(precision="int8"))  # what it advises exists
+        else:
+            with pytest.raises(PassError):
+                select_pass(fmt, QuantizationConfig(precision="int8"))

@@ -45,7 +45,9 @@ def select_pass(fmt: ModelFormat, config: QuantizationConfig) -> Pass:
         if fmt is not ModelFormat.onnx:
             raise _unsupported(
                 f"int4 weight-only quantization applies to ONNX models (MatMulNBits); for a "
-                f"{fmt.value} model use fp16, bf16 or int8 (or export it to ONNX)"
+                f"{fmt.value} model use fp16 or bf16"
+                + (" or int8 (dynamic)" if fmt is ModelFormat.torchscript else "")
+                + ", or export it to ONNX"
             )
         from kquant_job.passes.onnx_int4 import OnnxInt4Pass
 
