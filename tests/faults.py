@@ -191,7 +191,8 @@ class FaultProxy:
                 reset = self._cut.is_set()
                 if upstream is not None:
                     self._open.discard((client, upstream))
-                self._threads.discard(threading.current_thread())
+                # Stays in _threads: stop() joins it, even past this line (closing its
+                # sockets; a thread that took itself out here was seen alive after stop()).
             for sock in (client, upstream):
                 if sock is not None:
                     if reset:
