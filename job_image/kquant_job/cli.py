@@ -138,9 +138,11 @@ def _table(result: JobResult, name: str) -> str:
             rows.append(("inputs", f"{v.inputs} (found by kquant)"))
         what = "tensor" if v.kind == "tensors" else "output"
         if v.maxAbsError is not None:
-            rows.append(("max abs error", f"{v.maxAbsError:.3g} (worst {what})"))
+            rows.append(("max abs error", f"{v.maxAbsError:.3g} (the largest of any {what})"))
         if v.cosineSimilarity is not None:
-            rows.append(("cosine similarity", f"{v.cosineSimilarity:.6f} (worst {what})"))
+            rows.append(
+                ("cosine similarity", f"{v.cosineSimilarity:.6f} (the lowest of any {what})")
+            )
         if v.latencyMs:
             o, q = v.latencyMs.original, v.latencyMs.quantized
             ratio = f" ({q / o:.2f}x)" if o > 0 else ""

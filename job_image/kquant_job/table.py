@@ -182,7 +182,7 @@ def table_rows(
             if cosine is not None and (worst is None or cosine < worst[0]):
                 worst = (cosine, f"{model.source}: {name}" if several else name)
     if worst is not None:
-        rows.append(("worst output", f"{worst[1]} (cosine {worst[0]:.6f})"))
+        rows.append(("worst output", f"{worst[1]} (the lowest cosine {worst[0]:.6f})"))
     bounds = tolerance.model_dump(mode="json", exclude_none=True)
     rules = bounds.pop("decisions", {})
     bounds.pop("outputs", None), bounds.pop("outputKinds", None)
@@ -195,7 +195,7 @@ def table_rows(
             f"decisions on {name} ({how}) agree >= {rule['minAgreement']:g}"
             + (f", boundaries within {shift}" if shift is not None else "")
         )
-    if parts:
+    if parts and any(m.validation is not None for m in models):  # no bounds unless applied
         text = ", ".join(parts)
         rows.append(
             (

@@ -122,3 +122,27 @@ def test_a_bound_set_to_null_or_its_loosest_value_is_dropped() -> None:
     assert not check_tolerance([_metrics("output", cosine=-0.5)], loose)
     decided = _effective("fp16", {"decisions": {"output": {"threshold": 0.5}}})
     assert decided.decisions and decided.minCosineSimilarity == 0.999  # decisions add bounds
+
+
+def test_no_tolerance_row_when_nothing_was_validated_and_mixed_samples_count_runs() -> None:
+    """validation.enabled: false still printed "tolerance ... (default)"; a folder of an
+    ONNX model (16 samples) and a state dict (7 tensors) said "outputs on 7 samples"."""
+    from kquant_job.judge import _summary
+
+    def model(validation: dict | None) -> ModelOutcome:
+        return ModelOutcome(
+            source="m", format="onnx", external=[], out_rel="m", out_files=["m"],
+            original_bytes=100, quantized_bytes=50, pass_name="p", details={},
+            validation=validation,
+        )  # fmt: skip
+
+    assert "tolerance" not in dict(
+        table_rows([model(None)], DEFAULT_TOLERANCE[Precision.fp16], False)
+    )
+
+    def summary(kind: str, samples: int) -> dict:
+        run = {"passed": True, "samples": samples, "device": "cpu", "kind": kind}
+        return {"passed": True, "report": {"outputs": {}}, "summary": run}
+
+    mixed = _summary([model(summary("outputs", 16)), model(summary("tensors", 7))])
+    assert mixed is not None and (mixed.kind, mixed.samples) == ("mixed", 16)
