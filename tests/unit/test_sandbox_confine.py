@@ -338,3 +338,22 @@ def test_a_file_where_the_stage_makes_a_folder_is_model_code_once_it_ran():
         assert reason.value == "UnsafeModel" and "/work/sandbox/scratch/0" in message
     finally:
         pinned._CODE_RAN.clear()
+
+
+def test_a_child_whose_worker_died_before_it_confined_itself_exits_at_once():
+    """A worker killed during the child's imports (before the prctl call) left the child
+    running its whole task: its parent was already the reaper, both reads of getppid()
+    agreed, and no death signal ever came. The worker's pid from the request is compared."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kquant_job.sandbox.confine import die_with_parent; "
+        "die_with_parent(int(sys.argv[1])); print('still running')"
+    )
+    gone = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True)
+    assert (gone.returncode, gone.stdout) == (1, "")  # pid 1 is not its parent
+    alive = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True,
+                           text=True)  # fmt: skip
+    assert (alive.returncode, alive.stdout.strip()) == (0, "still running")

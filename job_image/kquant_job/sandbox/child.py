@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             [Path(p) for p in request["write"]],
             memory,
             require_landlock=bool(request["requireLandlock"]),
+            parent=request.get("parent"),
         )
     except Exception as exc:  # ConfinementError, or a rule the kernel refused
         message = str(exc) if isinstance(exc, ConfinementError) else f"cannot confine: {exc!r}"

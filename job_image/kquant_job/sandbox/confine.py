@@ -45,13 +45,18 @@ class ConfinementError(RuntimeError):
     """The sandbox could not be set up as required (e.g. Landlock required, not present)."""
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Ask the kernel to SIGKILL this process when its parent dies, and die now if the parent
-    is already gone (a kill -9 of the worker must not leave model code running)."""
-    parent = os.getppid()
+    is already gone (a kill -9 of the worker must not leave model code running).
+
+    ``parent``: the worker's pid, as it wrote it in the request. Compared after the prctl
+    call, it catches a worker killed before it (during the child's imports, ~0.7 s): the
+    parent is then the reaper and no death signal ever comes; comparing two reads of
+    getppid() around the call missed exactly that case."""
+    before = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
+    if os.getppid() != (parent if parent is not None else before):
         os._exit(1)
 
 
@@ -143,11 +148,17 @@ def landlock(read: list[Path], write: list[Path], *, required: bool) -> dict[str
 
 
 def confine(
-    read: list[Path], write: list[Path], memory_bytes: int, *, require_landlock: bool
+    read: list[Path],
+    write: list[Path],
+    memory_bytes: int,
+    *,
+    require_landlock: bool,
+    parent: int | None = None,
 ) -> dict[str, Any]:
-    """Everything above, in order; returns the report's ``sandbox`` entry. Raises
+    """Everything above, in order (``parent``: the worker's pid, see
+    :func:`die_with_parent`); returns the report's ``sandbox`` entry. Raises
     ConfinementError (see :func:`landlock`) and OSError from the rlimit calls."""
-    die_with_parent()
+    die_with_parent(parent)
     report = set_limits(memory_bytes)
     report["landlock"] = landlock([*python_read_roots(), *read], write, required=require_landlock)
     report["environment"] = "no storage credentials (only an allow-list of variables)"

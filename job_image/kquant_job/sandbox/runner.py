@@ -247,6 +247,7 @@ def run_task(
         "write": [str(box)],
         "memoryBytes": limits.memory_bytes,
         "requireLandlock": limits.require_landlock,
+        "parent": os.getpid(),  # the child dies at once if this process is gone by then
     }
     request_path = box / "request.json"
     request_path.write_text(json.dumps(request), encoding="utf-8")
