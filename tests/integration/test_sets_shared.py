@@ -73,25 +73,33 @@ def test_a_second_job_is_refused_unless_it_may_replace(store, tmp_path):
 
 @pytest.mark.parametrize("store", ["s3"], indirect=True)
 def test_other_peoples_unfinished_uploads_are_left_alone(store, tmp_path, monkeypatch):
+    """Only kquant's own unfinished writes are aborted, on a shared prefix and on one of
+    kquant's own: a colleague's hour-old multipart upload under a promotion prefix was
+    aborted as kquant's (fault-injection trial)."""
     put_theirs(store)
     client = store.storage.client
     bucket = store.root[5:].split("/", 1)[0]
     base = store.root[5 + len(bucket) + 1 :]
+    own = Target(store.storage, store.uri("own/"), JOB, replace=True,
+                 field_name="spec.output.uri")  # fmt: skip
+    own.preflight()
+    own.publish(stage(tmp_path / "s1", SET), sorted(SET), {"ok": True}, {"v": 1})
+    fixed = sorted(SET)[0]  # a name the manifest says kquant placed
     theirs = client.create_multipart_upload(Bucket=bucket, Key=f"{base}models/big.bin")
-    mine = client.create_multipart_upload(Bucket=bucket, Key=f"{base}own/model.onnx")
-    later = time.time() + 2 * 3600  # both uploads now look abandoned
+    colleague = client.create_multipart_upload(Bucket=bucket, Key=f"{base}own/dataset.tar")
+    mine = client.create_multipart_upload(Bucket=bucket, Key=f"{base}own/{fixed}")
+    later = time.time() + 2 * 3600  # every upload now looks abandoned
     monkeypatch.setattr("kquant_job.sets.state.time.time", lambda: later)
     publish(store, tmp_path)
-    uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    ids = {u["UploadId"] for u in uploads}
-    assert theirs["UploadId"] in ids  # a shared prefix: not kquant's to abort
-    # On a prefix of kquant's own, an abandoned write outside the sets is reclaimed.
     own = Target(store.storage, store.uri("own/"), JOB, replace=True,
                  field_name="spec.output.uri")  # fmt: skip
     own.preflight()
     own.publish(stage(tmp_path / "s2", SET), sorted(SET), {"ok": True}, {"v": 1})
     uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    assert mine["UploadId"] not in {u["UploadId"] for u in uploads}
+    ids = {u["UploadId"] for u in uploads}
+    assert theirs["UploadId"] in ids  # a shared prefix: not kquant's to abort
+    assert colleague["UploadId"] in ids  # kquant's own prefix, someone else's upload
+    assert mine["UploadId"] not in ids  # an abandoned copy to a name kquant placed
 
 
 def test_the_prefix_reads_as_a_set_for_a_reader(store, tmp_path):

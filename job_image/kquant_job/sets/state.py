@@ -193,16 +193,15 @@ def delete_set(state: PrefixState, set_id: str) -> int:
 def _ours(state: PrefixState, key: str) -> bool:
     """Whether an unfinished write outside the set folders may be kquant's: a local
     temporary file in kquant's name format (:func:`~kquant_job.storage.paths.temp_path`),
-    never one merely ending in ``.kquant-part``; else anywhere on a prefix of kquant's own,
-    and on a shared one (a ``home`` folder) only the manifest or a fixed name kquant
-    placed."""
+    never one merely ending in ``.kquant-part``; else only the manifest or a fixed name
+    kquant placed (a copy is made after its set is committed, so its name is in the
+    manifest). Any other upload is someone else's, on kquant's own prefix too: a
+    colleague's multipart upload under a promotion prefix was aborted as an hour old."""
     name = key.rpartition("/")[2]
     if name.endswith(TEMP_SUFFIX):
         # kquant's temporary files carry its whole name format (temp_path: target, host tag,
         # pid, random): a file merely ending in the suffix is someone else's
         return temp_target(name) is not None
-    if not state.home:
-        return True
     owned_names = state.manifest.owned_names() if state.manifest else set()
     return key == manifest_key(state.home) or key in owned_names
 
@@ -236,7 +235,7 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
                 upload.writer_alive is False or _lease_over(set_id, retention, now)
             )
         elif not _ours(state, upload.key):
-            orphan = False  # a prefix shared with other people: their uploads are theirs
+            orphan = False  # someone else's upload: theirs to finish or abort
         else:  # a fixed-name copy or a manifest write in progress, or a dead writer's
             age = now - upload.initiated if upload.initiated is not None else 0.0
             orphan = upload.writer_alive is False or age > TEMP_GRACE_SECONDS
