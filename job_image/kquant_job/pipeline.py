@@ -302,10 +302,12 @@ def fetch_inputs(run: JobRun) -> StageInput:
     )
 
 
-def plan_and_check(run: JobRun, io: StageInput, out: Target) -> dict[str, dict[str, Any]]:
+def plan_and_check(run: JobRun, io: StageInput, *targets: Target) -> dict[str, dict[str, Any]]:
     """Each conversion's plan (the sandboxed plan task; by variant label) and, for the names
-    the output would get, what publishing would refuse there: ForeignObject. Raises what
-    planning raises (InvalidSpec, PassError...) and that StorageError."""
+    the set would get at each of ``targets`` (the output, the promotion; with variants every
+    variant's names, as any may be chosen), what publishing would refuse there:
+    ForeignObject. Raises what planning raises (InvalidSpec, PassError...) and that
+    StorageError."""
     from kquant_job.variants import variant_jobs
 
     job = run.job
@@ -319,16 +321,19 @@ def plan_and_check(run: JobRun, io: StageInput, out: Target) -> dict[str, dict[s
         prefix = f"{label}/" if job.spec.variants and not io.source.is_file() else ""
         names += [prefix + n for n in own]
         folders += plan["folders"]
-    out.check_free(names, folders)
+    for target in targets:
+        target.check_free(names, folders)
     return plans
 
 
 def _run(run: JobRun, out: Target, promo: Target | None, started: str) -> JobResult:
     io = fetch_inputs(run)
-    if out.may_clash():
-        # Objects kquant did not write lie under the output: a name the set needs may be
-        # one of them. Found now (one planning task), not after the conversion.
-        plan_and_check(run, io, out)
+    clash = [t for t in (out, promo) if t is not None and t.may_clash()]
+    if clash:
+        # Objects kquant did not write lie under the output or the promotion: a name the
+        # set needs may be one of them. Found now (one planning task), not after the
+        # conversion (a promotion's was found at the promote step, the output published).
+        plan_and_check(run, io, *clash)
     if run.job.spec.variants:
         from kquant_job.pipeline_variants import run_variants
 

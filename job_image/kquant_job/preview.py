@@ -34,7 +34,7 @@ def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
     run = JobRun(job, work, Limits.from_env())
     out, promo = open_targets(run)
     io = fetch_inputs(run)
-    plans = plan_and_check(run, io, out)
+    plans = plan_and_check(run, io, *(t for t in (out, promo) if t is not None))
     dry = {"output": out.prefix, "promotion": promo.prefix if promo else None}
     dry["plan"] = next(iter(plans.values()))
     if job.spec.variants:

@@ -134,3 +134,18 @@ def test_an_output_under_a_file_is_refused_before_converting(tmp_path, silero_on
     assert run.code == 10 and run.result["reason"] == "InvalidSpec", run.log
     assert "spec.output.uri" in run.result["message"] and "convert " not in run.log
     assert notes.read_text() == "a user's file"
+
+
+def test_a_foreign_file_at_a_promotion_name_is_refused_before_converting(tmp_path, silero_onnx):
+    """A foreign file at a fixed name of the promotion prefix was found at the promote step:
+    the job converted, validated and published the output, then ended in ForeignObject."""
+    prod = tmp_path / "prod"
+    prod.mkdir()
+    (prod / "silero_vad_fp16.onnx").write_text("theirs")
+    spec = job(f"file://{silero_onnx}", tmp_path / "out", promotion={"uri": f"file://{prod}/"})
+    dry = run_worker(spec, tmp_path / "d", extra_args=("--dry-run",))
+    assert dry.code == 20 and "ForeignObject" in dry.log and "spec.promotion.uri" in dry.log
+    run = run_worker(spec, tmp_path / "r")
+    assert run.result["reason"] == "ForeignObject" and "spec.promotion.uri" in run.result["message"]
+    assert "convert " not in run.log and not (tmp_path / "out" / "manifest.json").exists()
+    assert (prod / "silero_vad_fp16.onnx").read_text() == "theirs"
