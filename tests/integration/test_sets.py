@@ -304,3 +304,21 @@ def test_copies_converge_on_the_manifest_after_a_late_writer(store, tmp_path):
     outcome = sync_mirrors(store.storage, store.uri("out/"))
     assert outcome.set_id == b.set_id and outcome.copied == ["m.onnx"]
     read_set(prefix_of(store))
+
+
+@pytest.mark.parametrize("store", ["file"], indirect=True)
+@pytest.mark.parametrize("name", ["model_fp16.onnx", "manifest.json", "report.json"])
+def test_a_folder_at_a_name_kquant_writes_is_refused_before_the_switch(store, tmp_path, name):
+    """A folder at a fixed name (or at manifest.json) of a local prefix passed the name
+    check (no file there) and the job failed after switching the manifest, as
+    StorageUnavailable or ConcurrentWrite, and every rerun committed one more set
+    (fault-injection trial). Now it is ForeignObject before anything is written."""
+    root = Path(store.root[len("file://") :]) / "out"
+    (root / name).mkdir(parents=True)
+    (root / name / "theirs.txt").write_text("someone's")
+    with pytest.raises(StorageError) as info:  # target() reads the prefix: the preflight
+        staged = stage(tmp_path / "staged")
+        target(store, JOB, replace=True).publish(staged, sorted(FILES), {"outcome": "ok"}, {})
+    assert info.value.reason is Reason.ForeignObject and name in str(info.value)
+    assert not (root / ".kquant").exists() and not (root / "manifest.json").is_file()
+    assert (root / name / "theirs.txt").read_text() == "someone's"

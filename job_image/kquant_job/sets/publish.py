@@ -127,6 +127,13 @@ class Target:
         self.base_etag = state.etag
 
     def _check(self, state: PrefixState) -> None:
+        if self.storage.occupied(state.uri(manifest_key(self.home))):
+            raise StorageError(
+                f"{self.field_name} {self.prefix}: {manifest_key(self.home)!r} is held by a "
+                "folder, link or special file: kquant never replaces it (move it, or choose "
+                "another prefix)",
+                reason=Reason.ForeignObject,
+            )
         current = state.manifest
         if current is not None and current.writer.newer_than(self.writer):
             raise StorageError(
@@ -165,6 +172,13 @@ class Target:
             found += [folder + o.key for o in self.storage.list(state.uri(folder))]
         for name in found:
             info = self.storage.stat(state.uri(name))
+            if info is None and self.storage.occupied(state.uri(name)):
+                raise StorageError(
+                    f"{self.field_name} {self.prefix}: {name!r} is held by a folder, link or "
+                    "special file, where kquant must write a file: move it, or choose "
+                    "another prefix",
+                    reason=Reason.ForeignObject,
+                )
             if info is None or owned(state, name, info):
                 continue
             where = (f"folder {name.rsplit('/', 1)[0]}/ holds {name!r}, an object" if "/" in name
@@ -256,7 +270,10 @@ class Target:
         mirrors = sync_mirrors(self.storage, self.prefix, self.home)
         self._drop(dropped)
         if self.replace and not self.home:
-            left = foreign_objects(self._state(), limit=5)
+            try:  # a warning only: the set is published, whatever the listing meets now
+                left = foreign_objects(self._state(), limit=5)
+            except StorageError as exc:
+                left = [f"(not listed: {exc})"]
             if left:
                 LOG.warning(
                     "left objects kquant did not write untouched under %s",

@@ -76,6 +76,11 @@ class Storage(ABC):
     def stat(self, uri: str) -> ObjectInfo | None:
         """Size of the object at ``uri``, or None when it does not exist."""
 
+    def occupied(self, uri: str) -> bool:
+        """Whether something that is no object (a local folder, link or FIFO) holds the
+        name ``uri``, so no object can be written there. False for object stores."""
+        return False
+
     @abstractmethod
     def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
         """Every object below ``prefix_uri`` (recursive), keys relative to it, sorted; with

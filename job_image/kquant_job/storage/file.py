@@ -86,6 +86,18 @@ class FileStorage(Storage):
         except OSError as exc:
             raise os_error(exc, uri, "stat") from None
 
+    def occupied(self, uri: str) -> bool:
+        """Whether a folder, symlink, FIFO or device (anything but a regular file) lies at
+        ``uri``: publishing there would fail after the manifest switch."""
+        path = to_path(uri)
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise os_error(exc, uri, "stat") from None
+        return not stat.S_ISREG(mode)
+
     def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
         """Every file below the directory ``prefix_uri`` (symlinks inside the tree followed,
         temporary ``*.kquant-part`` files left out; the first ``limit`` keys when given), keys
