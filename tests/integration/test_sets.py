@@ -322,3 +322,30 @@ def test_a_folder_at_a_name_kquant_writes_is_refused_before_the_switch(store, tm
     assert info.value.reason is Reason.ForeignObject and name in str(info.value)
     assert not (root / ".kquant").exists() and not (root / "manifest.json").is_file()
     assert (root / name / "theirs.txt").read_text() == "someone's"
+
+
+def test_a_writer_that_commits_during_the_name_check_is_a_concurrent_write(
+    store, tmp_path, monkeypatch
+):
+    """Job B read the prefix, then job A committed and placed its copies, then B checked its
+    fixed names against what it had read: A's copies looked like someone's objects and B
+    ended in ForeignObject ("move it"), Stalled in the operator (fault-injection trial)."""
+    import kquant_job.sets.publish as publish_module
+
+    other = Writer("other", "speech", "uid-2", 1)
+    real_reclaim = publish_module.reclaim
+    done: list[str] = []
+
+    def reclaim_after_a_commits(state, writer, retention):
+        if writer is JOB and not done:  # B, between reading the prefix and the name check
+            done.append(publish(store, tmp_path, other).set_id)
+        return real_reclaim(state, writer, retention)
+
+    b = target(store, JOB, replace=True)
+    monkeypatch.setattr(publish_module, "reclaim", reclaim_after_a_commits)
+    staged = stage(tmp_path / "staged-b")
+    with pytest.raises(StorageError) as info:
+        b.publish(staged, sorted(FILES), {"outcome": "ok"}, {"v": 1})
+    assert info.value.reason is Reason.ConcurrentWrite, info.value
+    assert "other" in str(info.value) and done
+    assert read_set(prefix_of(store))["set"] == done[0]  # A's set stands, whole

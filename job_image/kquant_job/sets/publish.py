@@ -181,6 +181,10 @@ class Target:
                 )
             if info is None or owned(state, name, info):
                 continue
+            # Another writer may have committed since ``state`` was read and placed its
+            # copies: that is ConcurrentWrite naming it, not someone's object (trial: two
+            # jobs publishing to one prefix, the loser told to move kquant's own report.json).
+            self._resolve(self._state(), "")
             where = (f"folder {name.rsplit('/', 1)[0]}/ holds {name!r}, an object" if "/" in name
                      else f"{name!r} holds an object")  # fmt: skip
             raise StorageError(
