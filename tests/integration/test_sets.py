@@ -189,6 +189,10 @@ def test_leftovers_of_this_job_are_reclaimed_and_live_sets_of_others_left(store,
     store.storage.write_bytes(store.uri("out/.kquant/sets/20260101T000000Z-00000005/x"), b"")
     # a run of this very job and generation started now may still commit: left alone
     leftover("20260101T000000Z-00000006", Writer("vad", "speech", "uid-1", 1), now)
+    # an earlier generation's run killed at its commit, its lease over: this job's to remove
+    # (it stayed for a day: fault-injection trial); a newer generation's never is
+    leftover("20260101T000000Z-00000008", Writer("vad", "speech", "uid-1", 0), past)
+    leftover("20260101T000000Z-00000009", Writer("vad", "speech", "uid-1", 2), past)
     # a folder created now whose marker is still being written (a local temporary file)
     young = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-00000007"
     part = temp_path(Path("set.json")).name
@@ -197,7 +201,8 @@ def test_leftovers_of_this_job_are_reclaimed_and_live_sets_of_others_left(store,
     out = prefix_of(store)
     folders = {k.split("/")[2] for k in out.all_keys() if k.startswith(".kquant/sets/")}
     assert folders == {read_set(out)["set"], "20260101T000000Z-00000002",
-                       "20260101T000000Z-00000006", young}  # fmt: skip
+                       "20260101T000000Z-00000006", young,
+                       "20260101T000000Z-00000009"}  # fmt: skip
 
 
 def test_a_second_run_of_the_job_never_removes_the_set_the_first_commits(store, tmp_path):

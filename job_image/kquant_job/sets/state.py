@@ -157,10 +157,13 @@ def reclaim_reason(
     if marker.get("state") == "failed" and owner.same_job(writer):
         return "the report of an earlier failed run of this job"  # written as that run ended
     started = parse_time(marker.get("startedAt"))
-    # Another run of this generation may be alive beside this one: its set is removed once
-    # its lease is over (Retention.live_seconds), when it can no longer commit it.
+    # Another run of this job may be alive beside this one: its set is removed once its
+    # lease is over (Retention.live_seconds), when it can no longer commit it. An earlier
+    # generation's too (a run killed at its commit left its set for a day); a newer
+    # generation's set is never this run's to remove.
     lease_over = started is not None and now - started > 2 * retention.live_seconds
-    if owner.same_generation(writer) and owner.run_id != writer.run_id and lease_over:
+    mine = owner.same_job(writer) and not owner.newer_than(writer)
+    if mine and owner.run_id != writer.run_id and lease_over:
         return "left by an earlier run of this job"
     if started is not None and now - started > retention.abandoned_seconds:
         return f"abandoned (started {marker.get('startedAt')})"
