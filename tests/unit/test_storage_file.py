@@ -414,3 +414,23 @@ def test_a_model_file_that_is_a_symlink_out_of_its_folder_is_refused(tmp_path):
             call(f"file://{models}/m.onnx", tmp_path / "dest")
         assert info.value.reason.value == "UnsafePath" and "outside its folder" in str(info.value)
     assert store.read_in_place(f"file://{models}/alias.onnx") == (models / "inside.onnx")
+
+
+def test_a_copy_to_a_name_seen_free_never_replaces_what_appeared_there(tmp_path):
+    """A fixed-name copy checked the name with a stat, then replaced whatever a colleague
+    wrote there meanwhile (fault-injection trial). Copied "absent", it links without
+    replacing: the colleague's file stays and the copy is a ConcurrentWrite."""
+    storage = FileStorage()
+    src = tmp_path / "set" / "m.onnx"
+    src.parent.mkdir()
+    src.write_bytes(b"kquant's")
+    dst = tmp_path / "out" / "m.onnx"
+    storage.copy(f"file://{src}", f"file://{dst}", {}, absent=True)
+    assert dst.read_bytes() == b"kquant's"
+    dst.unlink()
+    dst.write_bytes(b"a colleague's")  # written after kquant saw the name free
+    with pytest.raises(StorageError) as info:
+        storage.copy(f"file://{src}", f"file://{dst}", {}, absent=True)
+    assert info.value.reason is Reason.ConcurrentWrite
+    assert dst.read_bytes() == b"a colleague's"
+    assert [p.name for p in dst.parent.iterdir()] == ["m.onnx"]  # no temporary file left

@@ -65,7 +65,13 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
                 outcome.foreign.append(name)
             continue
         source = state.set_uri(set_id, name)
-        state.storage.copy(source, uri, {SET_KEY: set_id, "sha256": sha256})
+        try:
+            state.storage.copy(source, uri, {SET_KEY: set_id, "sha256": sha256},
+                               absent=info is None)  # fmt: skip
+        except StorageError as exc:
+            if exc.reason is not Reason.ConcurrentWrite:
+                raise
+            continue  # written at the name since the stat: the next round looks again
         outcome.copied.append(name)
     for name in sorted(manifest.owned_names() - set(manifest.files)):
         if name.startswith(KQUANT_DIR):

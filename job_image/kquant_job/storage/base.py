@@ -145,11 +145,15 @@ class Storage(ABC):
         several concurrent conditional writers succeeds."""
 
     @abstractmethod
-    def copy(self, src_uri: str, dst_uri: str, metadata: Mapping[str, str]) -> None:
+    def copy(
+        self, src_uri: str, dst_uri: str, metadata: Mapping[str, str], *, absent: bool = False
+    ) -> None:
         """Replace ``dst_uri`` with a copy of the object ``src_uri`` in one atomic step (S3:
         a server-side copy carrying ``metadata``; locally: a hard link renamed into place,
         which shares the source's etag). Readers of ``dst_uri`` see the old or the new
-        object, whole, never neither."""
+        object, whole, never neither. ``absent``: only if nothing is at ``dst_uri``, else
+        StorageError(ConcurrentWrite) (locally: a link that cannot replace; S3: not
+        enforced, as s3transfer's managed copy passes no condition)."""
 
     def content_sha256(self, uri: str, info: ObjectInfo) -> str | None:
         """Hex SHA-256 of the object at ``uri`` (``info`` from :meth:`stat`) when the store can

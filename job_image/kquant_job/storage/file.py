@@ -249,9 +249,14 @@ class FileStorage(Storage):
         except OSError as exc:
             raise os_error(exc, uri, "write") from None
 
-    def copy(self, src_uri: str, dst_uri: str, metadata: Mapping[str, str]) -> None:
+    def copy(
+        self, src_uri: str, dst_uri: str, metadata: Mapping[str, str], *, absent: bool = False
+    ) -> None:
         """Hard-link ``src_uri`` to a temporary name beside ``dst_uri`` (a byte copy where
-        links are impossible, e.g. across file systems) and rename it onto ``dst_uri``."""
+        links are impossible, e.g. across file systems) and rename it onto ``dst_uri``;
+        with ``absent``, link it to ``dst_uri`` instead, which fails if anything is there
+        (StorageError ConcurrentWrite): a file someone wrote at the name since it was seen
+        free is never replaced."""
         src, dst = to_path(src_uri), to_path(dst_uri)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +268,17 @@ class FileStorage(Storage):
                     if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
                     shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
+                if absent:
+                    try:
+                        os.link(tmp, dst)
+                    except FileExistsError:
+                        raise StorageError(
+                            f"{dst_uri} was written by someone else while kquant copied to "
+                            "it: left as it is",
+                            reason=Reason.ConcurrentWrite,
+                        ) from None
+                else:
+                    os.replace(tmp, dst)
             finally:
                 tmp.unlink(missing_ok=True)
             fsync_dir(dst.parent)

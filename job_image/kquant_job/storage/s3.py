@@ -322,7 +322,9 @@ class S3Storage(Storage):
             raise err from None
 
     @retrying
-    def copy(self, src_uri: str, dst_uri: str, metadata: Mapping[str, str]) -> None:
+    def copy(
+        self, src_uri: str, dst_uri: str, metadata: Mapping[str, str], *, absent: bool = False
+    ) -> None:
         """Server-side copy (boto3's managed copy: CopyObject, or a multipart copy beyond
         its threshold) with ``metadata`` replacing the source's."""
         src_bucket, src_key = _object(src_uri)
