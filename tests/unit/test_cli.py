@@ -7,6 +7,20 @@ import json
 from kquant_job import cli
 
 
+def absent_model_job(tmp_path, name: str) -> dict:
+    """A QuantizationJob whose model is missing (SourceNotFound) and output under tmp_path."""
+    return {
+        "apiVersion": "kquant.io/v1alpha1",
+        "kind": "QuantizationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": f"file://{tmp_path}/absent.onnx"},
+            "output": {"uri": f"file://{tmp_path}/out/"},
+            "quantization": {"precision": "fp16"},
+        },
+    }
+
+
 def test_invalid_manifest_gives_exit_code_result_and_json_logs(tmp_path, capsys):
     manifest = tmp_path / "job.yaml"
     manifest.write_text(
@@ -36,16 +50,7 @@ def test_result_file_defaults_to_the_termination_log_only_when_writable(tmp_path
 def test_manifest_from_stdin_as_json(tmp_path, monkeypatch):
     import io
 
-    doc = {
-        "apiVersion": "kquant.io/v1alpha1",
-        "kind": "QuantizationJob",
-        "metadata": {"name": "stdin-job"},
-        "spec": {
-            "model": {"uri": f"file://{tmp_path}/absent.onnx"},
-            "output": {"uri": f"file://{tmp_path}/out/"},
-            "quantization": {"precision": "fp16"},
-        },
-    }
+    doc = absent_model_job(tmp_path, "stdin-job")
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(doc)))
     result = tmp_path / "result.json"
     assert cli.main(["run", "-", "--result-file", str(result)]) == 20
@@ -115,18 +120,8 @@ def test_help_lists_every_reason_under_its_exit_code(capsys):
 def test_an_unwritable_result_file_stops_the_run_before_any_work(tmp_path, capsys):
     """A --result-file in a missing folder let the job convert, validate and publish, then
     die writing it with exit 1 (retried: the job would run again)."""
-    doc = {
-        "apiVersion": "kquant.io/v1alpha1",
-        "kind": "QuantizationJob",
-        "metadata": {"name": "x"},
-        "spec": {
-            "model": {"uri": f"file://{tmp_path}/absent.onnx"},
-            "output": {"uri": f"file://{tmp_path}/out/"},
-            "quantization": {"precision": "fp16"},
-        },
-    }
     manifest = tmp_path / "job.json"
-    manifest.write_text(json.dumps(doc))
+    manifest.write_text(json.dumps(absent_model_job(tmp_path, "x")))
     for bad in (tmp_path / "nodir" / "result.json", tmp_path):  # a missing folder, a folder
         assert cli.main(["run", str(manifest), "--result-file", str(bad)]) == 2
         assert f"--result-file {bad}:" in capsys.readouterr().err

@@ -29,9 +29,12 @@ def test_latency_waits_for_the_imports_begun_before_it(measure) -> None:
     assert seen and all(seen)  # every call, warm-up included, came after the import
 
 
-def test_a_failing_import_is_left_for_its_later_caller() -> None:
+def test_a_failing_import_is_left_for_its_later_caller(monkeypatch) -> None:
     def broken() -> None:
         raise ImportError("no such module")
 
+    escaped: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
     prefetch.start(broken)
     prefetch.settle()  # no error here: the real import reports it where it is needed
+    assert escaped == [] and prefetch._threads == []  # nothing escaped the thread, joined
