@@ -434,3 +434,32 @@ def test_a_copy_to_a_name_seen_free_never_replaces_what_appeared_there(tmp_path)
     assert info.value.reason is Reason.ConcurrentWrite
     assert dst.read_bytes() == b"a colleague's"
     assert [p.name for p in dst.parent.iterdir()] == ["m.onnx"]  # no temporary file left
+
+
+def test_a_listing_skips_what_went_away_while_it_walked(tmp_path, monkeypatch):
+    """A concurrent writer's temporary file, renamed away between the directory read and
+    the check, was refused as "not a regular file" (UnsafePath), failing the other writer
+    of a race in the suite; a file or folder removed meanwhile is gone, not unsafe."""
+    import types
+
+    from kquant_job.storage import file as file_module
+    from kquant_job.storage.paths import temp_path
+
+    (tmp_path / "sets").mkdir()
+    (tmp_path / "sets" / "m.onnx").write_bytes(b"kept")
+    real = os.scandir
+    phantoms = ["gone.bin", temp_path(tmp_path / "m.onnx").name, "gone-folder"]
+
+    class Listing:
+        def __init__(self, path):
+            self.entries = list(real(path)) + [types.SimpleNamespace(name=n) for n in phantoms]
+
+        def __enter__(self):
+            return iter(self.entries)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(file_module.os, "scandir", Listing)
+    listed = FileStorage().list(f"file://{tmp_path}/")
+    assert [o.key for o in listed] == ["sets/m.onnx"]

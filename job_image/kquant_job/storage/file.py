@@ -110,7 +110,10 @@ class FileStorage(Storage):
         try:
             found = []
             for key, path in _walk(root, prefix_uri)[:limit]:
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue  # removed since the walk: not listed, as it is gone
                 found.append(ObjectInfo(key, st.st_size, etag_of(st)))
             return found
         except OSError as exc:
@@ -458,11 +461,18 @@ def _walk(root: Path, where: str) -> list[tuple[str, Path]]:
     stack = [(real_root, "")]
     while stack:
         directory, rel = stack.pop()
-        with os.scandir(directory) as entries:
-            names = sorted(entry.name for entry in entries)
+        try:
+            with os.scandir(directory) as entries:
+                names = sorted(entry.name for entry in entries)
+        except FileNotFoundError:
+            continue  # removed since it was seen (a set folder being withdrawn)
         for name in names:
             key = rel + name
             path = directory / name
+            if temp_target(name) is not None or not os.path.lexists(path):
+                # A write in progress (renamed away any moment: a concurrent writer's, seen
+                # as "not a regular file" once it was gone), or removed since the listing.
+                continue
             if path.is_symlink():
                 try:
                     path = path.resolve()
@@ -478,9 +488,8 @@ def _walk(root: Path, where: str) -> list[tuple[str, Path]]:
                 visited.add(path)
                 stack.append((path, key + "/"))
             elif path.is_file():
-                if temp_target(name) is None:  # else a write in progress, not an object
-                    found.append((key, path))
-            else:
+                found.append((key, path))
+            elif os.path.lexists(path):  # else removed since the check above: gone
                 raise _refuse(where, key, "not a regular file")
     return sorted(found)
 
