@@ -123,7 +123,9 @@ def test_the_objective_chooses(objective: str, chosen: str | None, tmp_path: Pat
         # The lowest measured latency wins. Which one that is on this CPU is not asserted:
         # Silero's two variants run within 0.05 ms of each other, measured in two processes
         # (the test flaked one run in three when it expected INT8).
-        latency = {n: e["latencyMs"]["quantized"] for n, e in entries.items()}
+        # Among the passing ones: Silero's INT8 can be NoGain (slower than FP32 by a hair
+        # over 0.1 ms on a loaded machine), and then FP16 is the only choice.
+        latency = {n: e["latencyMs"]["quantized"] for n, e in entries.items() if e["passed"]}
         chosen = min(latency, key=latency.get)
         assert "fastest passing" in run.log, run.log
     else:
