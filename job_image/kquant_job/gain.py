@@ -34,14 +34,20 @@ def slower(original_ms: float, quantized_ms: float, runs: int = MIN_LATENCY_RUNS
     as slower than the original's: above MAX_LATENCY_RATIO times it and by more than
     MIN_SLOWDOWN_MS; when ``runs`` < MIN_LATENCY_RUNS, above FEW_RUNS_LATENCY_RATIO and by
     more than FEW_RUNS_MIN_SLOWDOWN_MS. No timed run: never."""
-    few = runs < MIN_LATENCY_RUNS
-    limit = FEW_RUNS_LATENCY_RATIO if few else MAX_LATENCY_RATIO
+    ratio, margin_ms = _limits(runs)
     return (
         runs > 0
         and original_ms > 0
-        and quantized_ms / original_ms > limit
-        and quantized_ms - original_ms > (FEW_RUNS_MIN_SLOWDOWN_MS if few else MIN_SLOWDOWN_MS)
+        and quantized_ms / original_ms > ratio
+        and quantized_ms - original_ms > margin_ms
     )
+
+
+def _limits(runs: int) -> tuple[float, float]:
+    """(latency ratio, slowdown in ms) past which medians of ``runs`` timed runs count."""
+    if runs < MIN_LATENCY_RUNS:
+        return FEW_RUNS_LATENCY_RATIO, FEW_RUNS_MIN_SLOWDOWN_MS
+    return MAX_LATENCY_RATIO, MIN_SLOWDOWN_MS
 
 
 def gain_shortfalls(
@@ -68,7 +74,7 @@ def gain_shortfalls(
         )
     latency = summary.latencyMs if summary else None
     if summary and latency and slower(latency.original, latency.quantized, latency_runs):
-        limit = MAX_LATENCY_RATIO if latency_runs >= MIN_LATENCY_RUNS else FEW_RUNS_LATENCY_RATIO
+        limit = _limits(latency_runs)[0]
         found.append(
             f"{latency.quantized / latency.original:.2f}x the original's latency on "
             f"{summary.device} ({latency.quantized:.3g} vs {latency.original:.3g} ms median "

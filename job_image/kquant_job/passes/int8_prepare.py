@@ -26,6 +26,7 @@ from kquant_job.passes.int8_shapes import verified_onnxruntime
 from kquant_job.passes.onnx_common import (
     PROTOBUF_LIMIT,
     data_file_for,
+    default_opset,
     inner_nodes,
     iter_graphs,
     iter_nodes,
@@ -196,8 +197,8 @@ def _symbolic_failure(model_in: Path, scratch: Path) -> str | None:
     import onnx
 
     model = onnx.load(str(model_in), load_external_data=False)
-    opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
-    if len(opsets) == 1 and opsets[0] <= 10:
+    opset = default_opset(model)
+    if opset is not None and opset <= 10:
         return None
     import_quant_pre_process()  # onnxruntime.tools without torch
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference

@@ -56,6 +56,13 @@ def load_model(path: Path, *, load_external_data: bool = True) -> ModelProto:
     return model
 
 
+def default_opset(model: ModelProto) -> int | None:
+    """The model's opset of the default ONNX domain ('' or 'ai.onnx'), or None when it
+    names exactly none (or, invalidly, more than one)."""
+    found = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    return found[0] if len(found) == 1 else None
+
+
 def check_external_data(model: ModelProto, path: Path) -> None:
     """Check that every tensor stored outside ``model`` names a file inside ``path``'s
     folder that holds its bytes (offset + length within the file).

@@ -47,7 +47,7 @@ from kquant_job.passes.int8_prepare import (
     weighted_nodes_in_subgraphs,
 )
 from kquant_job.passes.int8_slices import sliced_weight_quantization
-from kquant_job.passes.onnx_common import refuse_reduced
+from kquant_job.passes.onnx_common import default_opset, refuse_reduced
 from kquant_job.passes.onnx_options import extra_options
 from kquant_job.validate.inputs import load_feed
 
@@ -183,7 +183,7 @@ class OnnxInt8StaticPass:
         per_channel = _per_channel_possible(prepared.model, fmt, model_in.name, settings)
         if not per_channel:
             details["warnings"].append(
-                f"no per-channel attempt: {model_in.name} is opset {default_opset(prepared.model)}"
+                f"no per-channel attempt: {model_in.name} is opset {_opset(prepared.model)}"
                 ", and a per-channel DequantizeLinear (its axis attribute) needs opset 13"
             )
         steps = fallback_ladder(settings, supported, present, last, per_channel)
@@ -221,9 +221,8 @@ class OnnxInt8StaticPass:
 QDQ_PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute (ONNX operator changelog)
 
 
-def default_opset(model: ModelProto) -> int:
-    """The model's opset of the default ONNX domain (1 when it names none)."""
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+def _opset(model: ModelProto) -> int:
+    return default_opset(model) or 1  # an opset left unnamed is the first
 
 
 def _per_channel_possible(
@@ -233,10 +232,10 @@ def _per_channel_possible(
     per-channel DequantizeLinear, and onnxruntime then writes a model that does not load
     (PP-OCR's opset 11 exports: every per-channel attempt failed to load). Raises
     PassError(ConversionFailed) when the spec asks for per-channel where it cannot be."""
-    possible = fmt is not QuantFormat.QDQ or default_opset(model) >= QDQ_PER_CHANNEL_OPSET
+    possible = fmt is not QuantFormat.QDQ or _opset(model) >= QDQ_PER_CHANNEL_OPSET
     if settings.per_channel and not possible:
         raise PassError(
-            f"{name} is opset {default_opset(model)}: per-channel QDQ needs opset "
+            f"{name} is opset {_opset(model)}: per-channel QDQ needs opset "
             f"{QDQ_PER_CHANNEL_OPSET} (DequantizeLinear's axis); use perChannel: false, or "
             "quantFormat: QOperator",
             reason=Reason.ConversionFailed,
