@@ -222,7 +222,8 @@ def test_a_second_run_of_the_job_never_removes_the_set_the_first_commits(store, 
 
     def verify_then_look(set_id: str, rels: list[str]) -> None:
         real_verify(set_id, rels)
-        seen["state"] = read_state(store.storage, store.uri("out/"))
+        if "state" not in seen:  # before the commit (it checks the set again after it)
+            seen["state"] = read_state(store.storage, store.uri("out/"))
 
     first._verify = verify_then_look  # type: ignore[method-assign]
     done = first.publish(staged, ["m.onnx"], {"outcome": "ok"}, {})
@@ -354,3 +355,52 @@ def test_a_writer_that_commits_during_the_name_check_is_a_concurrent_write(
     assert info.value.reason is Reason.ConcurrentWrite, info.value
     assert "other" in str(info.value) and done
     assert read_set(prefix_of(store))["set"] == done[0]  # A's set stands, whole
+
+
+def _hold_commit(store, monkeypatch, rerun: Writer) -> list[str]:
+    """Hold the next conditional manifest write (a frozen writer, a PUT held in a proxy)
+    while ``rerun``, a rerun of the same job with its clock past the held run's lease,
+    reclaims the held run's set and ends before committing its own."""
+    from kquant_job.sets.state import read_state, reclaim
+
+    real_write = store.storage.write_bytes
+    reclaimed: list[str] = []
+
+    def held(uri: str, data: bytes, **kw):
+        conditional = kw.get("if_match") or kw.get("if_none_match")
+        if uri == store.uri("out/manifest.json") and conditional and not reclaimed:
+            reclaimed.append("…")  # the fence's own write goes through
+            state = read_state(store.storage, store.uri("out/"))
+            reclaimed[:] = reclaim(state, rerun, Retention(live_seconds=1e-9))
+        return real_write(uri, data, **kw)
+
+    monkeypatch.setattr(store.storage, "write_bytes", held)
+    return reclaimed
+
+
+def test_a_commit_held_past_its_lease_never_names_a_reclaimed_set(store, tmp_path, monkeypatch):
+    """Fault-injection trial: a commit that passed its lease check, then was held (a frozen
+    process, a PUT held in a proxy) until a rerun of the job had reclaimed its set, pointed
+    the manifest at removed files. Reclaiming now changes the manifest's etag first, so the
+    held commit fails its If-Match."""
+    publish(store, tmp_path, JOB)
+    current = read_set(prefix_of(store))
+    held = target(store, Writer("vad", "speech", "uid-1", 1))
+    staged = stage(tmp_path / "held", {"m.onnx": b"held run" * 20})
+    reclaimed = _hold_commit(store, monkeypatch, Writer("vad", "speech", "uid-1", 1))
+    assert reason_of(lambda: held.publish(staged, ["m.onnx"], {}, {})) is Reason.ConcurrentWrite
+    assert len(reclaimed) == 1 and "left by an earlier run" in reclaimed[0]
+    manifest = read_set(prefix_of(store))  # every file it names is there, with its sha256
+    assert manifest["set"] == current["set"] and manifest["fencedBy"].startswith("speech/vad")
+
+
+def test_a_first_commit_held_past_its_lease_is_taken_back(store, tmp_path, monkeypatch):
+    """The same on a prefix with no manifest yet: there is no etag to fence, so the held
+    commit lands; its writer finds its set gone right after and removes the manifest."""
+    held = target(store, Writer("vad", "speech", "uid-1", 1), replace=False)
+    staged = stage(tmp_path / "held", {"m.onnx": b"held run" * 20})
+    reclaimed = _hold_commit(store, monkeypatch, Writer("vad", "speech", "uid-1", 1))
+    assert reason_of(lambda: held.publish(staged, ["m.onnx"], {}, {})) is Reason.ConcurrentWrite
+    assert len(reclaimed) == 1
+    out = prefix_of(store)
+    assert out.get("manifest.json") is None and out.get("m.onnx") is None

@@ -245,7 +245,10 @@ class Target:
         state = self._state()
         self._resolve(state, "")  # another writer committed since preflight: who?
         self._check(state)
+        before = state.etag
         reclaim(state, self.writer, self.retention)
+        if state.etag != before:  # reclaiming fenced the manifest: commit against its new etag
+            self.base_etag = state.etag
         self._check_names(state, names if self.home else [*names, REPORT], folders)
         set_id = new_set_id()
         folder = join(self.prefix, set_dir(set_id, self.home))
@@ -330,15 +333,17 @@ class Target:
             LOG.info("committing set %s", set_id, extra={"fields": {"prefix": self.prefix}})
             try:
                 if self.base_etag is None:
-                    self.storage.write_bytes(uri, data, if_none_match=True)
+                    etag = self.storage.write_bytes(uri, data, if_none_match=True)
                 else:
-                    self.storage.write_bytes(uri, data, if_match=self.base_etag)
-                LOG.info("committed set %s", set_id, extra={"fields": {"prefix": self.prefix}})
-                return dropped
+                    etag = self.storage.write_bytes(uri, data, if_match=self.base_etag)
             except StorageError as exc:
                 if exc.reason is not Reason.ConcurrentWrite:
                     raise
-            state = self._state()  # who wrote it? (maybe us: a retry)
+                state = self._state()  # who wrote it? (maybe us: a retry)
+                continue
+            self._confirm(set_id, [*rels, MANIFEST, MARKER], state, etag)
+            LOG.info("committed set %s", set_id, extra={"fields": {"prefix": self.prefix}})
+            return dropped
         raise StorageError(
             f"{self.field_name} {self.prefix}: the manifest kept changing while committing",
             reason=Reason.ConcurrentWrite,
@@ -354,6 +359,25 @@ class Target:
                 "of this job?)",
                 reason=Reason.ConcurrentWrite,
             )
+
+    def _confirm(self, set_id: str, rels: list[str], before: PrefixState, etag: str) -> None:
+        """Check, right after the commit, that the set is still whole; else put back the
+        manifest ``before`` held (removed when there was none), if nobody replaced ours
+        since, and raise ConcurrentWrite. The first commit to a prefix has no etag another
+        run could fence (:func:`~kquant_job.sets.state.fence`): a commit delayed past its
+        lease lands even though its set was reclaimed meanwhile."""
+        try:
+            self._verify(set_id, rels)
+        except StorageError:
+            uri = join(self.prefix, manifest_key(self.home))
+            try:
+                if before.manifest is None:
+                    self.storage.delete(uri, if_match=etag)
+                else:
+                    self.storage.write_bytes(uri, dumps(before.manifest.data), if_match=etag)
+            except StorageError as exc:
+                LOG.warning("could not take back the manifest of set %s: %s", set_id, exc)
+            raise
 
     def _withdraw(self, set_id: str) -> None:
         """Remove this run's uncommitted set folder after a failed commit (best effort: a

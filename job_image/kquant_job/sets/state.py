@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from kquant_api import Reason
 from kquant_job.errors import StorageError
+from kquant_job.report import now as report_now
 from kquant_job.sets.layout import (
     KQUANT_DIR,
     MARKER,
@@ -28,6 +29,7 @@ from kquant_job.sets.layout import (
     Manifest,
     Retention,
     Writer,
+    dumps,
     manifest_key,
     parse_manifest,
     parse_time,
@@ -209,6 +211,28 @@ def _ours(state: PrefixState, key: str) -> bool:
     return key == manifest_key(state.home) or key in owned_names
 
 
+def fence(state: PrefixState, writer: Writer) -> None:
+    """Change the manifest's etag (rewriting it with ``fencedAt``/``fencedBy`` set) before
+    removing an uncommitted set whose writer may still be about to commit it. That commit
+    is conditional on the etag its writer read (``If-Match``), so a commit delayed past its
+    lease (a frozen process, a PUT held in a proxy: fault-injection trial) now fails instead
+    of naming removed files; the writer then finds its set incomplete (ConcurrentWrite). A
+    prefix without a manifest has no etag to change: there the writer finds its set
+    incomplete right after its commit and takes the manifest back
+    (:meth:`~kquant_job.sets.publish.Target._commit`). Updates ``state.etag``; a manifest
+    that changed meanwhile has a new etag already, which fences as well."""
+    if state.manifest is None or state.etag is None:
+        return
+    doc = {**state.manifest.data, "fencedAt": report_now(), "fencedBy": writer.describe()}
+    uri = state.uri(manifest_key(state.home))
+    try:
+        state.etag = state.storage.write_bytes(uri, dumps(doc), if_match=state.etag)
+    except StorageError as exc:
+        if exc.reason is not Reason.ConcurrentWrite:
+            raise
+    LOG.info("fenced the manifest before reclaiming", extra={"fields": {"prefix": state.prefix}})
+
+
 def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[str]:
     """Remove what earlier runs left under the prefix that ``writer`` may remove: uncommitted
     set folders of an earlier run of the same job and generation once their lease is over
@@ -220,11 +244,16 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
     now = time.time()
     kept = {h.set_id for h in state.manifest.history} if state.manifest else set()
     removed = []
+    fenced = False
     for set_id in sorted(state.sets):
         if set_id in kept:
             continue
-        why = reclaim_reason(_marker(state, set_id), writer, retention, now, set_id)
+        marker = _marker(state, set_id)
+        why = reclaim_reason(marker, writer, retention, now, set_id)
         if why:
+            if not fenced and (marker or {}).get("state") != "failed":
+                fence(state, writer)  # its writer may be about to commit it: no longer
+                fenced = True
             count = delete_set(state, set_id)
             removed.append(f"{set_id}: {why} ({count} objects)")
     for upload in state.storage.list_uploads(state.prefix):
