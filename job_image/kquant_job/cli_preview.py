@@ -91,6 +91,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("\n\n".join(format_model(m, show) for m in report["models"]))
         if report["otherFiles"]:
             print(f"\nother files (copied by a job): {', '.join(report['otherFiles'])}")
+        if report.get("kquantFiles"):
+            print(f"\nnot listed: {report['kquantFiles']} files under .kquant/, kquant's own set "
+                  "folders (the names above hold copies of the current set's files)")  # fmt: skip
     return 0
 
 

@@ -20,6 +20,7 @@ from kquant_job.companions import companion_bytes, companion_names, fetch_compan
 from kquant_job.pipeline import JobRun, fetch_inputs, open_targets, plan_and_check
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_task
+from kquant_job.sets.layout import KQUANT_DIR
 from kquant_job.storage import open_storage
 
 
@@ -58,7 +59,14 @@ def inspect_uri(
     ModelCrashed...)."""
     work.mkdir(parents=True, exist_ok=True)
     store, space, limits = open_storage(uri, storage), room(work), Limits.from_env()
-    local = store.download(uri, work / "source", space)
+    own: list[str] = []  # an output prefix's .kquant/: kquant's sets, which the names copy
+
+    def kquant_own(rel: str) -> bool:
+        if rel.startswith(KQUANT_DIR):
+            own.append(rel)
+        return rel.startswith(KQUANT_DIR)
+
+    local = store.download(uri, work / "source", space, skip=kquant_own)
     names = companion_names(uri, local, work, limits)
     if names:
         more = companion_bytes(store, uri, names)
@@ -68,4 +76,4 @@ def inspect_uri(
     if name:
         task["inspect"]["name"] = name
     result, _ = run_task(task, work / "sandbox", [work], limits, what="inspection")
-    return {"uri": uri, **result}
+    return {"uri": uri, **result, **({"kquantFiles": len(own)} if own else {})}

@@ -145,6 +145,25 @@ def test_a_folder_reports_every_model_and_its_other_files(tmp_path, silero_onnx)
     assert report["otherFiles"] == ["asr/config.yaml"]
 
 
+def test_an_output_prefix_is_reported_without_kquants_own_set_folders(tmp_path, silero_onnx):
+    """Inspecting an output prefix listed each model twice: at its name and inside
+    kquant's set folder (.kquant/sets/<id>/), of which the name holds a copy."""
+    out = tmp_path / "out"
+    inside = out / ".kquant" / "sets" / "20261207T000000Z-0a1b2c3d"
+    inside.mkdir(parents=True)
+    for where in (out, inside):
+        shutil.copy(silero_onnx, where / "silero_vad_fp16.onnx")
+    (inside / "set.json").write_text("{}")
+    (out / "manifest.json").write_text("{}")
+    proc = inspect(str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [m["file"] for m in report["models"]] == ["silero_vad_fp16.onnx"]
+    assert report["otherFiles"] == ["manifest.json"] and report["kquantFiles"] == 2
+    human = inspect(str(out))
+    assert "not listed: 2 files under .kquant/" in human.stdout
+
+
 def test_the_human_report_names_the_signature_and_the_listed_nodes(silero_onnx):
     proc = inspect(str(silero_onnx), "--op-type", "LSTM")
     assert proc.returncode == 0, proc.stderr

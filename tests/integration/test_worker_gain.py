@@ -92,6 +92,26 @@ def test_an_already_quantized_model_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_fp16_of_an_int8_model_is_refused(tmp_path: Path) -> None:
+    """FP16 of a model kquant had made INT8 was published as a new FP16 model at 1.00x the
+    size: only its scales were float."""
+    from kquant_api import QuantizationConfig
+    from kquant_job.passes import PassContext
+    from kquant_job.passes.onnx_int8_dynamic import OnnxInt8DynamicPass
+
+    model = tmp_path / "m" / "silero_vad_int8.onnx"
+    (tmp_path / "scratch").mkdir()
+    ctx = PassContext(work_dir=tmp_path / "scratch")
+    config = QuantizationConfig(precision="int8")
+    OnnxInt8DynamicPass().run(silero_dir() / "silero_vad.onnx", config, model, ctx)
+    job = manifest(f"file://{model}", f"file://{tmp_path}/out/", {"precision": "fp16"},
+                   endpoint=None)  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert (run.code, run.result["reason"]) == (30, "AlreadyQuantized"), run.log
+    assert "FP16 would convert only its float remainder" in run.result["message"]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def _conv_stack(path: Path) -> Path:
     """Four 3x3 convolutions of 64 channels on a 64x64 image (0.45 MB): dynamic INT8 makes
     them ConvInteger, 0.26x the size and, in onnxruntime 1.31 on the CPU, 6x slower."""

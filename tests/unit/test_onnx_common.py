@@ -127,3 +127,28 @@ def test_a_model_mostly_in_float16_is_refused_and_fp32_ones_pass() -> None:
     assert info.value.reason is Reason.AlreadyQuantized
     assert "24576 of its 40960 float weight bytes are float16" in str(info.value)
     assert "INT8 quantizers need the FP32 weights" in str(info.value)
+
+
+def test_fp16_of_a_mostly_integer_model_is_refused_and_a_partly_quantized_one_passes() -> None:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kquant_api import Reason
+    from kquant_job.errors import PassError
+    from kquant_job.passes.onnx_common import refuse_integer
+
+    def model(dtypes: dict[str, type]) -> onnx.ModelProto:
+        inits = [
+            numpy_helper.from_array(np.zeros((64, 64), dt), name) for name, dt in dtypes.items()
+        ]
+        graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1])], inits)  # fmt: skip
+        return helper.make_model(graph)
+
+    mostly_int8 = model({**{f"w{i}": np.int8 for i in range(20)}, "s": np.float32})
+    with pytest.raises(PassError) as info:
+        refuse_integer(mostly_int8, "m.onnx", quantized_nodes=5)
+    assert info.value.reason is Reason.AlreadyQuantized
+    assert "81920 of its 98304 weight bytes are integers" in str(info.value)
+    refuse_integer(mostly_int8, "m.onnx", quantized_nodes=0)  # int8 tables, not quantized
+    refuse_integer(model({"a": np.int8, "b": np.float32}), "half.onnx", quantized_nodes=1)

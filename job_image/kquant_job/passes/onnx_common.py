@@ -193,6 +193,39 @@ def refuse_reduced(model: ModelProto, name: str, precision: str) -> None:
     )
 
 
+# Integer weight types of quantized models, by bits per element.
+_INTEGER_BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
+                 onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}  # fmt: skip
+
+
+def refuse_integer(model: ModelProto, name: str, quantized_nodes: int) -> None:
+    """Raise PassError(AlreadyQuantized) for FP16 of a model already quantized to integers
+    (``quantized_nodes`` > 0: QDQ, integer or weight-only ops) whose float weights are too
+    few for FP16 to make it smaller than 0.9x: under a fifth of its weight bytes (FP16
+    halves them; the 0.9x is gain.MAX_SIZE_RATIO). FP16 of an INT8 Silero VAD was published
+    as a new FP16 model at 1.00x the size. Weight bytes are sized from the dims of every
+    graph's initializers; a partly quantized model with enough float weights passes."""
+    if not quantized_nodes:
+        return
+    floating = integer = 0.0
+    for graph in iter_graphs(model.graph):
+        for t in graph.initializer:
+            if t.data_type in _FLOAT_BYTES:
+                floating += math.prod(t.dims) * _FLOAT_BYTES[t.data_type]
+            elif t.data_type in _INTEGER_BITS:
+                integer += math.prod(t.dims) * _INTEGER_BITS[t.data_type] / 8
+    if not integer or floating >= (floating + integer) / 5:
+        return
+    raise PassError(
+        f"{name} is already quantized ({quantized_nodes} quantized nodes; {int(integer)} of "
+        f"its {int(floating + integer)} weight bytes are integers): FP16 would convert only "
+        "its float remainder and publish the same model under an FP16 name. Use it as it "
+        "is, or convert its float original; in a model folder, quantization.exclude keeps "
+        "it as it is",
+        reason=Reason.AlreadyQuantized,
+    )
+
+
 def iter_graphs(graph: GraphProto) -> Iterator[GraphProto]:
     """``graph`` and, depth first in node order, every subgraph of its If/Loop/Scan (and any
     other graph-valued attribute), recursively."""

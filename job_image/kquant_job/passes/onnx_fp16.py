@@ -41,12 +41,14 @@ from onnxruntime.transformers import float16 as ort_float16
 from kquant_api import ModelFormat, QuantizationConfig, Reason
 from kquant_job.errors import PassError
 from kquant_job.passes.base import PassContext, PassResult
+from kquant_job.passes.int8_attempts import count_quantized
 from kquant_job.passes.onnx_common import (
     iter_graphs,
     iter_nodes,
     iter_tensors,
     load_model,
     name_unnamed_nodes,
+    refuse_integer,
     refuse_reduced,
     save_model,
 )
@@ -106,6 +108,7 @@ class OnnxFp16Pass:
         scratch = ctx.work_dir / "onnx-fp16"
         base, base_dir, named, out_of_range, range_nodes = _prepare(model_in, scratch)
         refuse_reduced(base, model_in.name, "fp16")
+        refuse_integer(base, model_in.name, count_quantized(base)["quantizedNodes"])
         nodes |= range_nodes
         # Spilled weights: the ranges are measured on that copy (a session reads its data
         # file; an embedded model would be held three times: proto, bytes, session).
