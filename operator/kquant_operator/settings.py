@@ -151,18 +151,8 @@ class OperatorSettings:
             raise ValueError(
                 f"KQUANT_IMAGE_PULL_POLICY: {pull!r} is not one of {', '.join(PULL_POLICIES)}"
             )
-        namespaces = tuple(
-            n.strip() for n in env.get("KQUANT_WATCH_NAMESPACES", "").split(",") if n.strip()
-        )
-        for ns in namespaces:
-            if not _DNS_LABEL.match(ns):
-                raise ValueError(f"KQUANT_WATCH_NAMESPACES: {ns!r} is not a namespace name")
-        secrets = tuple(
-            n.strip() for n in env.get("KQUANT_IMAGE_PULL_SECRETS", "").split(",") if n.strip()
-        )
-        for secret in secrets:
-            if not _DNS_SUBDOMAIN.match(secret):
-                raise ValueError(f"KQUANT_IMAGE_PULL_SECRETS: {secret!r} is not a Secret name")
+        namespaces = _names(env, "KQUANT_WATCH_NAMESPACES", _DNS_LABEL, "namespace")
+        secrets = _names(env, "KQUANT_IMAGE_PULL_SECRETS", _DNS_SUBDOMAIN, "Secret")
         resources = _json(env, "KQUANT_DEFAULT_RESOURCES", d.default_resources)
         node_selector = _json(env, "KQUANT_DEFAULT_NODE_SELECTOR", {})
         if not isinstance(node_selector, dict) or not all(
@@ -194,6 +184,18 @@ class OperatorSettings:
             liveness_port=_int(env, "KQUANT_LIVENESS_PORT", 8080, 1, 65535),
             worker_s3_transfer=_s3_transfer(env),
         )
+
+
+def _names(
+    env: Mapping[str, str], name: str, pattern: re.Pattern[str], kind: str
+) -> tuple[str, ...]:
+    """The comma list in ``name`` (blanks around items and empty items dropped), each item
+    matching ``pattern`` (Kubernetes' name rules for a ``kind``), else ValueError."""
+    items = tuple(n.strip() for n in env.get(name, "").split(",") if n.strip())
+    for item in items:
+        if not pattern.match(item):
+            raise ValueError(f"{name}: {item!r} is not a {kind} name")
+    return items
 
 
 def _s3_transfer(env: Mapping[str, str]) -> dict[str, str]:
