@@ -404,3 +404,37 @@ def test_a_first_commit_held_past_its_lease_is_taken_back(store, tmp_path, monke
     assert len(reclaimed) == 1
     out = prefix_of(store)
     assert out.get("manifest.json") is None and out.get("m.onnx") is None
+
+
+@pytest.mark.parametrize(
+    "where", ["history", "artifact", "set"], ids=["history-name", "artifact-name", "set-id"]
+)
+def test_a_planted_manifest_naming_paths_outside_the_prefix_is_never_followed(
+    store, tmp_path, where
+):
+    """Hostile-input trial: a manifest.json planted at a promotion prefix listed
+    '../victim/important.txt' with that file's sha256; the promotion's sync deleted the file,
+    outside its prefix, as a copy of a retired set (and a name of the current set made it
+    hard-link a file there). Names and set ids are now checked as keys when read."""
+    victim = "victim/important.txt"
+    store.storage.write_bytes(store.uri(victim), b"someone's data")
+    digest = "a" * 64
+    old = "20200101T000000Z-deadbeef"
+    doc = {"apiVersion": "kquant.io/v1alpha1", "kind": "ModelManifest", "layout": 2,
+           "set": old, "job": {"name": "x"}, "artifacts": [], "report": {},
+           "history": [{"set": old, "job": {"name": "x"}, "files": {"m.onnx": digest}}]}  # fmt: skip
+    if where == "history":
+        doc["history"][0]["files"] = {f"../{victim}": digest}
+    elif where == "artifact":
+        doc["artifacts"] = [{"name": f"../{victim}", "path": "p", "sha256": digest}]
+    else:
+        doc["set"] = doc["history"][0]["set"] = "../../victim"
+    store.storage.write_bytes(store.uri("out/manifest.json"), dumps(doc))
+    before = prefix_of(store, "").all_keys()
+    with pytest.raises(StorageError) as info:
+        publish(store, tmp_path, JOB, replace=True)
+    assert info.value.reason is Reason.UnsafePath and "manifest.json names a path" in str(
+        info.value
+    )
+    assert prefix_of(store, "").all_keys() == before
+    assert prefix_of(store, "").get(victim) == b"someone's data"

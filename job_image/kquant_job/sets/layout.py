@@ -31,6 +31,7 @@ from typing import Any
 
 from kquant_api import API_VERSION, QuantizationJob, Reason
 from kquant_job.errors import InvalidSpec, StorageError
+from kquant_job.storage.paths import check_key
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -266,6 +267,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             "write (choose another prefix, or remove it yourself)",
             reason=Reason.ForeignObject,
         )
+    _check_names(doc, where)
     writer = Writer.from_ref(doc.get("job") or {})
     entries = [*doc["artifacts"], doc.get("report") or {}]
     set_id = doc.get("set") if isinstance(doc.get("set"), str) else None
@@ -287,6 +289,40 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if set_id is None:  # kquant's first layout: the files themselves sat at fixed names
         history = [HistoryEntry("", writer, files)]
     return Manifest(set_id, writer, files, tuple(history), doc)
+
+
+def _check_names(doc: dict[str, Any], where: str) -> None:
+    """Raise StorageError(UnsafePath) unless every name a manifest gives (set ids; artifact,
+    report and history file names and paths) is a plain relative key
+    (:func:`~kquant_job.storage.paths.check_key`) and every set id one path segment: kquant
+    deletes and copies by these names, and a planted manifest naming
+    ``../../victim/important.txt`` with that file's sha256 had a promotion delete a file
+    outside its prefix (hostile-input trial)."""
+    sets = [doc.get("set")] + [
+        h.get("set") for h in doc.get("history") or [] if isinstance(h, dict)
+    ]
+    names: list[Any] = []
+    for e in [*doc["artifacts"], doc.get("report") or {}]:
+        if isinstance(e, dict):
+            names += [e[k] for k in ("name", "path") if k in e]
+    for h in doc.get("history") or []:
+        if isinstance(h, dict) and isinstance(h.get("files"), dict):
+            names += list(h["files"])
+    try:
+        for set_id in sets:
+            if isinstance(set_id, str):
+                check_key(set_id, where)
+                if "/" in set_id:
+                    raise StorageError(f"{where}: set id {set_id!r} is not one path segment",
+                                       reason=Reason.UnsafePath)  # fmt: skip
+        for name in names:
+            check_key(str(name), where)
+    except StorageError as exc:
+        raise StorageError(
+            f"{where} names a path kquant never writes, so kquant did not write it and will "
+            f"neither follow nor replace it: {exc}",
+            reason=Reason.UnsafePath,
+        ) from None
 
 
 def build_manifest(
