@@ -6,9 +6,18 @@ Messages name the URI or file involved and never a credential.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kquant_api import REASON_EXIT_CODE, Reason
+
+# How a runtime says an allocation failed (Python, onnxruntime, torch, numpy): the sandbox's
+# memory limit was reached (MemoryLimitExceeded), whatever raised it.
+ALLOCATION_FAILURE = re.compile(
+    r"can't allocate memory|cannot allocate memory|not enough memory|std::bad_alloc|"
+    r"out of memory|failed to allocate|Unable to allocate",
+    re.IGNORECASE,
+)
 
 
 class KquantError(Exception):

@@ -420,9 +420,10 @@ def test_a_planted_manifest_naming_paths_outside_the_prefix_is_never_followed(
     store.storage.write_bytes(store.uri(victim), b"someone's data")
     digest = "a" * 64
     old = "20200101T000000Z-deadbeef"
+    history = [{"set": old, "job": {"name": "x"}, "files": {"m.onnx": digest}}]
     doc = {"apiVersion": "kquant.io/v1alpha1", "kind": "ModelManifest", "layout": 2,
            "set": old, "job": {"name": "x"}, "artifacts": [], "report": {},
-           "history": [{"set": old, "job": {"name": "x"}, "files": {"m.onnx": digest}}]}  # fmt: skip
+           "history": history}  # fmt: skip
     if where == "history":
         doc["history"][0]["files"] = {f"../{victim}": digest}
     elif where == "artifact":

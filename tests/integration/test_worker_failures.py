@@ -350,3 +350,30 @@ def test_samples_that_are_no_npz_files_are_refused_naming_the_field(tmp_path):
     run = run_worker(job, tmp_path / "r2", dict(os.environ))
     assert run.result["reason"] in ("SourceNotFound", "InvalidSpec"), run.result
     assert "spec.quantization.calibration.uri" in run.result["message"], run.result["message"]
+
+
+def test_an_onnx_model_that_exhausts_memory_is_memory_limit_exceeded(tmp_path):
+    """Hostile-input trial: a model whose ConstantOfShape asks for 2^40 floats ended in
+    InvalidSpec ("give the inputs it takes"), the input search having cut onnxruntime's
+    allocation error to 200 characters before the sandbox could read it."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    shape = numpy_helper.from_array(np.array([1 << 20, 1 << 20], np.int64), "shape")
+    one = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=one),
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+             helper.make_node("Add", ["x", "s"], ["y"])]  # fmt: skip
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [shape]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 8
+    path = tmp_path / "m" / "bomb.onnx"
+    path.parent.mkdir()
+    onnx.save(model, str(path))
+    job = manifest(f"file://{path}", f"file://{tmp_path}/out/", FP16, endpoint=None)
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    expect_failure(run, "MemoryLimitExceeded", 30)
+    assert not (tmp_path / "out" / "manifest.json").exists()

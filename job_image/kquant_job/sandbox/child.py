@@ -22,15 +22,10 @@ from typing import Any
 
 from kquant_api import QuantizationJob, Reason
 from kquant_job import logs
-from kquant_job.errors import KquantError
+from kquant_job.errors import ALLOCATION_FAILURE, KquantError
 from kquant_job.pinned import model_code_ran
 from kquant_job.sandbox.confine import ConfinementError, confine
 
-_ALLOCATION = re.compile(
-    r"can't allocate memory|cannot allocate memory|not enough memory|std::bad_alloc|"
-    r"out of memory|failed to allocate|Unable to allocate",
-    re.IGNORECASE,
-)
 _DENIED = re.compile(r"permission denied|operation not permitted|errno 13\b", re.IGNORECASE)
 
 
@@ -51,7 +46,7 @@ def classify(exc: BaseException, memory_bytes: int, confined: bool) -> tuple[Rea
     reaching outside its sandbox); KquantErrors keep theirs; the rest -> InternalError."""
     chain = _chain(exc)
     text = " | ".join(str(e) for e in chain)
-    if any(isinstance(e, MemoryError) for e in chain) or _ALLOCATION.search(text):
+    if any(isinstance(e, MemoryError) for e in chain) or ALLOCATION_FAILURE.search(text):
         return (
             Reason.MemoryLimitExceeded,
             f"the conversion needed more memory than the sandbox allows ({memory_bytes} bytes, "

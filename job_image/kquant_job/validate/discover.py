@@ -45,7 +45,7 @@ import numpy as np
 
 from kquant_api import ValidationConfig
 from kquant_api.spec import InputOverride
-from kquant_job.errors import InvalidSpec
+from kquant_job.errors import ALLOCATION_FAILURE, InvalidSpec
 
 Feed = dict[str, np.ndarray]
 MAX_TRIES = 48
@@ -355,6 +355,8 @@ def discover(
         try:
             outputs = session.run(None, feed, quiet)
         except Exception as exc:
+            if ALLOCATION_FAILURE.search(str(exc)):
+                raise  # the sandbox's memory limit, not these inputs (MemoryLimitExceeded)
             tried.append("; ".join(f"{k} {v}" for k, v in plan.describe().items()))
             errors.append(" ".join(str(exc).split())[:200])
             continue
