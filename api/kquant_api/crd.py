@@ -26,7 +26,6 @@ import yaml
 from kquant_api.spec import (
     _FLOAT_FIELDS,
     _FP16_FIELDS,
-    _GAIN_FIELDS,
     _INT4_FIELDS,
     _INT8_FIELDS,
     _STATIC_FIELDS,
@@ -135,11 +134,6 @@ def _quantization_rules(at: str = "spec.quantization") -> list[dict[str, str]]:
         _rule(f"self.precision != '{p}' || !has(self.{f})",
               f"{at}.{f}: int4 setting given with precision {p}")
         for f in _INT4_FIELDS for p in ("fp16", "bf16", "int8")
-    ]  # fmt: skip
-    rules += [
-        _rule(f"self.precision != '{p}' || !has(self.{f})",
-              f"{at}.{f}: int8/int4 setting given with precision {p}")
-        for f in _GAIN_FIELDS for p in ("fp16", "bf16")
     ]  # fmt: skip
     rules += [
         _rule(f"self.precision != '{p}' || !has(self.{f})",

@@ -25,7 +25,7 @@ def test_activations_beyond_fp16_stay_fp32_and_are_reported(tmp_path: Path) -> N
     job = manifest(
         source.as_uri(),
         out.as_uri() + "/",
-        {"precision": "fp16"},
+        {"precision": "fp16", "requireGain": False},  # 3 KB: its Casts outweigh the halving
         endpoint=None,
         validation={"samples": 4},
     )

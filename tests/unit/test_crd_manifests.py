@@ -19,7 +19,6 @@ from kquant_api.crd import URI_FIELDS
 from kquant_api.spec import (
     _FLOAT_FIELDS,
     _FP16_FIELDS,
-    _GAIN_FIELDS,
     _INT4_FIELDS,
     _INT8_FIELDS,
     _STATIC_FIELDS,
@@ -117,10 +116,6 @@ def rejection_cases() -> list[Any]:
     cases += [
         (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: int4 setting given with "
          f"precision {p}") for f in _INT4_FIELDS for p in ("fp16", "bf16", "int8")
-    ]  # fmt: skip
-    cases += [
-        (job({"precision": p, f: KNOBS[f]}), f"{at}.{f}: int8/int4 setting given with "
-         f"precision {p}") for f in _GAIN_FIELDS for p in ("fp16", "bf16")
     ]  # fmt: skip
     cases.append((job({"precision": "int4", "blockSize": 48}), "is not a power of two"))
     cases += [

@@ -61,11 +61,17 @@ def test_a_slow_int8_conv_is_told_of_static_int8() -> None:
     assert gain_shortfalls(INT8, 1000, 250, summary(92.0, 90.0), conv_integer=True) == []
 
 
-def test_require_gain_false_and_float_precisions_are_not_checked() -> None:
+def test_require_gain_false_turns_it_off_and_float_precisions_are_judged_on_size_only() -> None:
     off = QuantizationConfig(precision="int8", requireGain=False)
     assert gain_shortfalls(off, 1000, 2000, summary(1.0, 5.0)) == []
     fp16 = QuantizationConfig(precision="fp16")  # FP16 on a CPU is slower, and expected to be
-    assert gain_shortfalls(fp16, 1000, 2000, summary(1.0, 5.0)) == []
+    assert gain_shortfalls(fp16, 1000, 550, summary(1.0, 5.0)) == []
+    for precision in ("fp16", "bf16"):  # the corpus's 2 KB model: FP16 3.49x its size
+        larger = gain_shortfalls(QuantizationConfig(precision=precision), 1000, 3490,
+                                 summary(1.0, 5.0))  # fmt: skip
+        assert larger == ["3.49x the original's size (3490 vs 1000 bytes; at most 0.9x pays off)"]
+    off16 = QuantizationConfig(precision="fp16", requireGain=False)
+    assert gain_shortfalls(off16, 1000, 3490, summary(1.0, 5.0)) == []
 
 
 def test_the_fp16_gpu_note_is_for_fp16_only_and_a_cli_writer_has_no_generation() -> None:

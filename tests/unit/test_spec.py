@@ -276,7 +276,6 @@ def test_int4_names_follow_transformers_js_and_refuse_foreign_knobs():
         ({"precision": "int8", "blockSize": 32}, f"blockSize: int4 {given} int8"),
         ({"precision": "int4", "perChannel": True}, f"perChannel: int8 {given} int4"),
         ({"precision": "int4", "keepFp32": []}, f"keepFp32: fp16/bf16 {given} int4"),
-        ({"precision": "fp16", "requireGain": True}, "requireGain: int8/int4 setting given"),
         ({"precision": "int4", "blockSize": 48}, "48 is not a power of two"),
         ({"precision": "int4", "accuracyLevel": 5}, "accuracyLevel"),
     ]:  # fmt: skip
