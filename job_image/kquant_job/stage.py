@@ -289,6 +289,12 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
     models = []
     for model in plan.models:
         src = plan.root / model.rel
+        if model.format is ModelFormat.pytorch:
+            # the run's weights_only load (tensors memory-mapped, not read): a pickle the run
+            # refuses as UnsafeModel fails the dry run too (hostile-input trial: it passed)
+            from kquant_job.passes.torch_common import load_checkpoint
+
+            load_checkpoint(src, model.rel)
         exported = model.format is ModelFormat.transformers
         validator = None if exported else _validator(job, model, src, io, many)
         validation = None

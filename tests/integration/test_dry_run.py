@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from conftest import silero_dir
-from torch_models import save_state_dict
+from torch_models import hostile_checkpoint, save_state_dict
 from worker_helpers import manifest, run_worker
 
 
@@ -93,6 +93,18 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, silero_onnx):
     run = run_worker(job(f"file://{tmp_path}/missing.onnx", tmp_path / "o3"), tmp_path,
                      extra_args=("--dry-run",))  # fmt: skip
     assert run.code == 20 and "SourceNotFound" in run.log
+
+
+def test_a_dry_run_refuses_a_pickle_the_run_refuses(tmp_path):
+    """Hostile-input trial: a CosyVoice folder whose flow.pt runs code when unpickled passed
+    the dry run (exit 0, "convert flow.pt"); the run refused it as UnsafeModel (exit 30)."""
+    folder = models_dir(tmp_path)
+    marker = tmp_path / "code-ran"
+    hostile_checkpoint(folder / "flow.pt", marker)
+    out = tmp_path / "out"
+    run = run_worker(job(f"file://{folder}/", out), tmp_path, extra_args=("--dry-run",))
+    assert run.code == 30 and "UnsafeModel: flow.pt: refused" in run.log, run.log
+    assert not marker.exists() and not out.exists()
 
 
 def test_a_dry_run_of_a_model_that_does_not_run_says_why(tmp_path, silero_onnx):
