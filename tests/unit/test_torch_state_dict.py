@@ -140,6 +140,15 @@ def test_hostile_pickle_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(PassError) as err:
         convert(raw, tmp_path)
     assert err.value.reason is Reason.UnsafeModel
+    assert "GLOBAL io.open" in str(err.value) and "PyTorch 2.6" not in str(err.value)
+    assert not marker.exists()
+    # protocol 4 (pickle's default): torch names the opcode on the line after "error:", which
+    # the reason left out ("WeightsUnpickler error:" and nothing: hostile-input trial)
+    raw.write_bytes(pickle.dumps({"x": _CreatesFile(marker)}, protocol=4))
+    with pytest.raises(PassError) as err:
+        convert(raw, tmp_path)
+    assert err.value.reason is Reason.UnsafeModel
+    assert "(Unsupported operand 149)" in str(err.value), err.value
     assert not marker.exists()
 
 

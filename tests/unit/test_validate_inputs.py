@@ -155,3 +155,29 @@ def test_npz_unreadable_or_pickled_is_invalid_spec(tmp_path):
     for path in (tmp_path / "junk.npz", pickled):
         with pytest.raises(InvalidSpec, match=path.name):
             prepare_feeds(model, ValidationConfig(), [path])
+
+
+def test_an_npz_whose_header_declares_more_than_it_holds_is_invalid_spec(tmp_path):
+    """Hostile-input trial: 64 bytes under a .npy header declaring (1, 2^40) float32 ended
+    in MemoryLimitExceeded ("raise the pod's memory limit"), numpy allocating 4 TiB first."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    from kquant_job.validate.inputs import read_npz
+
+    body = io.BytesIO()
+    npy.write_array_header_1_0(body, {"descr": "<f4", "fortran_order": False,
+                                      "shape": (1, 1 << 40)})  # fmt: skip
+    body.write(b"\0" * 64)
+    lying = tmp_path / "lying.npz"
+    with zipfile.ZipFile(lying, "w") as archive:
+        archive.writestr("x.npy", body.getvalue())
+    with pytest.raises(InvalidSpec) as info:
+        read_npz(lying, "spec.validation.dataUri")
+    assert "array 'x' declares shape (1, 1099511627776) of float32" in str(info.value)
+    assert "holds 64 bytes: a corrupt file" in str(info.value)
+    honest = tmp_path / "honest.npz"
+    np.savez_compressed(honest, x=np.ones((3, 4), np.float32), n=np.array(5))
+    assert read_npz(honest)["x"].shape == (3, 4) and int(read_npz(honest)["n"]) == 5

@@ -116,13 +116,16 @@ def load_checkpoint(path: Path, display: str) -> Any:
 
 
 def unpickler_reason(text: str) -> str:
-    """The line of torch's weights-only error that says what was refused, e.g.
-    ``Unsupported global: GLOBAL posix.system ...``; the whole text (trimmed) otherwise."""
-    for line in text.splitlines():
-        if "WeightsUnpickler error" in line:
-            # drop torch's advice on allowlisting the global: never for untrusted files
-            return line.strip().split(". Please use", 1)[0][:400]
-    return " ".join(text.split())[:400]
+    """What torch's weights-only error says was refused, without its boilerplate (the
+    PyTorch 2.6 notice, the request to file an issue, the link to the docs) and its advice
+    on allowlisting the global (never for untrusted files), e.g. ``Trying to load
+    unsupported GLOBAL posix.system whose module posix is blocked.`` or, for a pickle
+    torch did not write, ``Unsupported operand 149``; at most 400 characters."""
+    body = text.split("from a trusted source.", 1)[-1]
+    body = body.split("WeightsUnpickler error:", 1)[-1]
+    body = body.split("Check the documentation of torch.load", 1)[0]
+    body = body.split(". Please use", 1)[0]
+    return " ".join(body.split())[:400] or " ".join(text.split())[:400]
 
 
 def _corrupt(display: str, exc: Exception) -> PassError:

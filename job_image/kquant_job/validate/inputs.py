@@ -19,6 +19,7 @@ value from ``spec.validation.dimensions`` by name (else 1) and an unnamed dynami
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,10 @@ def read_npz(path: Path, what: str = "validation data") -> dict[str, np.ndarray]
     try:
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
-    except (OSError, zipfile.BadZipFile) as exc:
+            if declared <= MAX_SAMPLE_BYTES:
+                for info in archive.infolist():
+                    _check_header(archive, info, f"{what} {path.name}")
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
         raise InvalidSpec(f"{what} {path.name}: not a readable .npz file ({exc})") from exc
     if declared > MAX_SAMPLE_BYTES:
         raise InvalidSpec(
@@ -141,6 +145,31 @@ def read_npz(path: Path, what: str = "validation data") -> dict[str, np.ndarray]
             return {name: npz[name] for name in npz.files}
     except Exception as exc:  # zipfile, pickle refusal, truncated data: all the file's fault
         raise InvalidSpec(f"{what} {path.name}: not a readable .npz file ({exc})") from exc
+
+
+def _check_header(archive: Any, info: Any, where: str) -> None:
+    """Raise InvalidSpec when a member's ``.npy`` header declares more bytes (shape times
+    item size) than the member holds: numpy allocates the declared array before reading,
+    so 64 bytes declaring 2^40 floats ended in MemoryLimitExceeded ("raise the pod's memory
+    limit") instead of naming the corrupt file (hostile-input trial). ValueError for a
+    header numpy cannot parse."""
+    from numpy.lib import format as npy
+
+    if not info.filename.endswith(".npy"):
+        return
+    with archive.open(info) as fh:
+        version = npy.read_magic(fh)
+        if version not in ((1, 0), (2, 0)):
+            return  # 3.0 (UTF-8 field names): np.load checks it as it reads
+        reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = reader(fh)
+        start = fh.tell()
+    needed = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and needed > info.file_size - start:
+        raise InvalidSpec(
+            f"{where}: array {info.filename[:-4]!r} declares shape {tuple(shape)} of {dtype} "
+            f"({needed} bytes) but holds {info.file_size - start} bytes: a corrupt file"
+        )
 
 
 def load_feed(
