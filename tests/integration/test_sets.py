@@ -439,3 +439,29 @@ def test_a_planted_manifest_naming_paths_outside_the_prefix_is_never_followed(
     )
     assert prefix_of(store, "").all_keys() == before
     assert prefix_of(store, "").get(victim) == b"someone's data"
+
+
+def test_a_run_whose_uploads_outlast_the_lease_renews_it_and_commits(store, tmp_path, monkeypatch):
+    """A run whose uploads took longer than KQUANT_LIVE_SET_SECONDS (a large model on a slow
+    link) failed after all its work, and a rerun could remove its set meanwhile. The lease is
+    now renewed while the run writes: a rerun's clean-up leaves the set, and it commits."""
+    from kquant_job.sets.state import read_state, reclaim
+
+    retention = Retention(live_seconds=1.5)
+    real_upload = store.storage.upload
+    seen: list[list[str]] = []
+
+    def slow_upload(src, uri, metadata=None):
+        time.sleep(3.5)  # past 2x the lease since the marker's start: reclaimable unrenewed
+        state = read_state(store.storage, store.uri("out/"))
+        seen.append(reclaim(state, Writer("vad", "speech", "uid-1", 1), retention))
+        return real_upload(src, uri, metadata)
+
+    slow = target(store, Writer("vad", "speech", "uid-1", 1), retention=retention)
+    monkeypatch.setattr(store.storage, "upload", slow_upload)
+    done = slow.publish(stage(tmp_path / "slow", {"m.onnx": b"slow" * 10}), ["m.onnx"], {}, {})
+    assert seen == [[]]
+    manifest = read_set(prefix_of(store))
+    assert manifest["set"] == done.set_id
+    marker = json.loads(prefix_of(store).get(f".kquant/sets/{done.set_id}/set.json"))
+    assert marker["renewedAt"] >= marker["startedAt"]

@@ -54,9 +54,11 @@ class Retention:
     and is removed (``KQUANT_ABANDONED_SET_SECONDS``, default 86400: longer than any sane Job
     deadline, so a live writer is never mistaken for a dead one); and ``live_seconds``
     (``KQUANT_LIVE_SET_SECONDS``, default 1800), the lease of a run on its set folder: a
-    run commits its set within that time of creating the folder or not at all, and another
-    run of the same job removes an uncommitted set only once it is twice that old (the
-    margin absorbs clocks that disagree by up to ``live_seconds``). Two runs of one job may
+    run renews it every third of that time while it writes the set
+    (:mod:`kquant_job.sets.lease`) and commits only within that time of its last renewal,
+    and another run of the same job removes an uncommitted set only once its marker was
+    last renewed twice that long ago (the margin absorbs clocks that disagree by up to
+    ``live_seconds``). Two runs of one job may
     be alive at once (a CLI run twice, a pod replaced while its node is cut off): a set is
     never removed while its writer may still commit it."""
 
@@ -310,7 +312,7 @@ def _check_names(doc: dict[str, Any], where: str) -> None:
             names += list(h["files"])
     try:
         for set_id in sets:
-            if isinstance(set_id, str):
+            if isinstance(set_id, str) and set_id:  # '': the first layout's, kept in history
                 check_key(set_id, where)
                 if "/" in set_id:
                     raise StorageError(f"{where}: set id {set_id!r} is not one path segment",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from kquant_job.sets.layout import (
     new_set_id,
     set_dir,
 )
+from kquant_job.sets.lease import Lease
 from kquant_job.sets.mirrors import MirrorOutcome, sync_mirrors
 from kquant_job.sets.state import (
     PrefixState,
@@ -254,26 +254,26 @@ class Target:
         folder = join(self.prefix, set_dir(set_id, self.home))
         meta = {SET_KEY: set_id}
         marker = build_marker(set_id, self.writer, "writing", now())
-        # The lease on the folder starts before its marker exists (Retention.live_seconds).
-        lease_ends = time.monotonic() + self.retention.live_seconds
-        self.storage.write_bytes(join(folder, MARKER), dumps(marker), if_none_match=True)
-        artifacts = [self.storage.upload(staged / rel, join(folder, rel), meta) for rel in names]
-        report_bytes = dumps(report)
-        self.storage.write_bytes(join(folder, REPORT), report_bytes, metadata=meta)
-        report_art = Artifact(
-            uri=join(folder, REPORT), sha256=_sha256(report_bytes), bytes=len(report_bytes)
-        )
-        entries = [self._entry(set_id, rel, a) for rel, a in zip(names, artifacts, strict=True)]
-        report_entry = self._entry(set_id, REPORT, report_art)
-        if self.home:  # no fixed name on a shared prefix: the report stays in its set
-            report_entry["name"] = report_entry["path"]
-        files = {e["name"]: e["sha256"] for e in entries}
-        files[report_entry["name"]] = report_art.sha256
-        try:
-            dropped = self._commit(state, set_id, fields, entries, report_entry, files, lease_ends)
-        except StorageError:
-            self._withdraw(set_id)
-            raise
+        lease = Lease(self.storage, join(folder, MARKER), marker, self.retention.live_seconds)
+        with lease:
+            artifacts = [self.storage.upload(staged / r, join(folder, r), meta) for r in names]
+            report_bytes = dumps(report)
+            self.storage.write_bytes(join(folder, REPORT), report_bytes, metadata=meta)
+            report_art = Artifact(
+                uri=join(folder, REPORT), sha256=_sha256(report_bytes), bytes=len(report_bytes)
+            )
+            entries = [self._entry(set_id, r, a) for r, a in zip(names, artifacts, strict=True)]
+            report_entry = self._entry(set_id, REPORT, report_art)
+            if self.home:  # no fixed name on a shared prefix: the report stays in its set
+                report_entry["name"] = report_entry["path"]
+            files = {e["name"]: e["sha256"] for e in entries}
+            files[report_entry["name"]] = report_art.sha256
+            try:
+                dropped = self._commit(state, set_id, fields, entries, report_entry, files, lease)
+            except StorageError:
+                lease.release()
+                self._withdraw(set_id)
+                raise
         mirrors = sync_mirrors(self.storage, self.prefix, self.home)
         self._drop(dropped)
         if self.replace and not self.home:
@@ -304,10 +304,10 @@ class Target:
         artifacts: list[dict[str, Any]],
         report: dict[str, Any],
         files: dict[str, str],
-        lease_ends: float,
+        lease: Lease,
     ) -> list[str]:
-        """Commit the set; returns the ids of the sets its history no longer keeps. Past
-        ``lease_ends`` (``time.monotonic``) it does not: another run of the job may remove an
+        """Commit the set; returns the ids of the sets its history no longer keeps. Once
+        ``lease`` is no longer held it does not: another run of the job may remove an
         uncommitted set after that (ConcurrentWrite)."""
         uri = join(self.prefix, manifest_key(self.home))
         dropped: list[str] = []
@@ -323,11 +323,12 @@ class Target:
             folder = set_dir(set_id, self.home)
             rels = [e["path"].removeprefix(folder) for e in [*artifacts, report]]
             self._verify(set_id, [*rels, MANIFEST, MARKER])
-            if time.monotonic() > lease_ends:
+            if not lease.held():
                 raise StorageError(
-                    f"{self.field_name} {self.prefix}: set {set_id} was not committed within "
-                    f"{self.retention.live_seconds:g} s of its start (KQUANT_LIVE_SET_SECONDS); "
-                    "another run of this job may remove it after that, so it is withdrawn",
+                    f"{self.field_name} {self.prefix}: the lease on set {set_id} lapsed (its "
+                    f"marker not renewed within {self.retention.live_seconds:g} s, "
+                    "KQUANT_LIVE_SET_SECONDS, or removed by another run of this job, which "
+                    "may remove the set after that), so it is withdrawn",
                     reason=Reason.ConcurrentWrite,
                 )
             LOG.info("committing set %s", set_id, extra={"fields": {"prefix": self.prefix}})

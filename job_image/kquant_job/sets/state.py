@@ -158,7 +158,9 @@ def reclaim_reason(
     owner = Writer.from_ref(marker.get("job") or {})
     if marker.get("state") == "failed" and owner.same_job(writer):
         return "the report of an earlier failed run of this job"  # written as that run ended
-    started = parse_time(marker.get("startedAt"))
+    # the lease runs from its last renewal (kquant_job.sets.lease)
+    times = [parse_time(marker.get(k)) for k in ("startedAt", "renewedAt")]
+    started = max((t for t in times if t is not None), default=None)
     # Another run of this job may be alive beside this one: its set is removed once its
     # lease is over (Retention.live_seconds), when it can no longer commit it. An earlier
     # generation's too (a run killed at its commit left its set for a day); a newer
@@ -168,7 +170,8 @@ def reclaim_reason(
     if mine and owner.run_id != writer.run_id and lease_over:
         return "left by an earlier run of this job"
     if started is not None and now - started > retention.abandoned_seconds:
-        return f"abandoned (started {marker.get('startedAt')})"
+        renewed = f", last renewed {marker['renewedAt']}" if marker.get("renewedAt") else ""
+        return f"abandoned (started {marker.get('startedAt')}{renewed})"
     return None
 
 
