@@ -104,21 +104,24 @@ def test_node_naming_reaches_subgraphs(silero_onnx: Path) -> None:
     assert [n.name for _, n in iter_nodes(again.graph)] == names
 
 
-def test_a_model_mostly_in_float16_is_refused_and_fp32_ones_pass() -> None:
+def _weights_model(dtypes: dict[str, type]) -> onnx.ModelProto:
+    """A graph of no nodes holding one 64x64 initializer per name, of the given dtype."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.zeros((64, 64), dt), name) for name, dt in dtypes.items()]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    return helper.make_model(helper.make_graph([], "g", [], [y], inits))
+
+
+def test_a_model_mostly_in_float16_is_refused_and_fp32_ones_pass() -> None:
+    import numpy as np
 
     from kquant_api import Reason
     from kquant_job.errors import PassError
     from kquant_job.passes.onnx_common import refuse_reduced
 
-    def model(dtypes: dict[str, type]) -> onnx.ModelProto:
-        inits = [
-            numpy_helper.from_array(np.zeros((64, 64), dt), name) for name, dt in dtypes.items()
-        ]
-        graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [1])], inits)  # fmt: skip
-        return helper.make_model(graph)
+    model = _weights_model
 
     refuse_reduced(model({"a": np.float32, "b": np.float16}), "mixed.onnx", "fp16")  # 2:1 FP32
     with pytest.raises(PassError) as info:
@@ -131,19 +134,12 @@ def test_a_model_mostly_in_float16_is_refused_and_fp32_ones_pass() -> None:
 
 def test_fp16_of_a_mostly_integer_model_is_refused_and_a_partly_quantized_one_passes() -> None:
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
 
     from kquant_api import Reason
     from kquant_job.errors import PassError
     from kquant_job.passes.onnx_common import refuse_integer
 
-    def model(dtypes: dict[str, type]) -> onnx.ModelProto:
-        inits = [
-            numpy_helper.from_array(np.zeros((64, 64), dt), name) for name, dt in dtypes.items()
-        ]
-        graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [1])], inits)  # fmt: skip
-        return helper.make_model(graph)
+    model = _weights_model
 
     mostly_int8 = model({**{f"w{i}": np.int8 for i in range(20)}, "s": np.float32})
     with pytest.raises(PassError) as info:
