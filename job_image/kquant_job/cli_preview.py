@@ -199,7 +199,9 @@ def _plan_lines(plan: dict[str, Any], at: str) -> list[str]:
         lines.append(f"{at}convert {m['source']} ({m['format']}, {_mb(m['bytes'])}) -> "
                      f"{m['output']} with {m['pass']}")  # fmt: skip
         v = m["validation"]
-        if v is None:
+        if m.get("refused"):
+            lines.append(f"{at}  REFUSED ({m['refused']['reason']}): {m['refused']['message']}")
+        elif v is None:
             lines.append(f"{at}  validation: off")
         elif isinstance(v["inputs"], dict):
             found = "; ".join(f"{k} {x}" for k, x in v["inputs"].items())

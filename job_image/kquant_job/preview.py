@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kquant_api import QuantizationJob
+from kquant_api import QuantizationJob, Reason
 from kquant_api.spec import StorageConfig
 from kquant_job.budget import check_budget, room
 from kquant_job.companions import companion_bytes, companion_names, fetch_companions
+from kquant_job.errors import PassError
 from kquant_job.pipeline import JobRun, fetch_inputs, open_targets, plan_and_check
 from kquant_job.sandbox.limits import Limits
 from kquant_job.sandbox.runner import run_task
@@ -38,6 +39,9 @@ def dry_run(job: QuantizationJob, work: Path) -> dict[str, Any]:
     plans = plan_and_check(run, io, *(t for t in (out, promo) if t is not None))
     dry = {"output": out.prefix, "promotion": promo.prefix if promo else None}
     dry["plan"] = next(iter(plans.values()))
+    refused = [m["refused"] for m in dry["plan"]["models"] if m.get("refused")]
+    if refused and not job.spec.variants:  # the run fails with it; a variant's is listed
+        raise PassError(refused[0]["message"], reason=Reason(refused[0]["reason"]))
     if job.spec.variants:
         dry["variants"] = plans
     return dry

@@ -275,11 +275,13 @@ def _validator(
 
 def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
     """The dry run: what :func:`convert_and_validate` would do, converting nothing. Returns
-    ``{"models": [{source, format, pass, output, bytes, external, validation}], "copies"
+    ``{"models": [{source, format, pass, output, bytes, external, validation, refused}], "copies"
     (source -> output path), "kept" (source -> {why, output: its copy's path or None}),
     "left" (source files not published), "folders" (the set's output folders),
     "warnings"}``; ``validation`` is None when off, else ``{kind, inputs}`` with the inputs
-    chosen (found by kquant, or the number of sample files).
+    chosen (found by kquant, or the number of sample files); ``refused`` None, or the
+    ``{reason, message}`` an ONNX pass would refuse the model with before converting (then
+    its validation inputs are not searched).
     Validation inputs are found by running the original model, in the sandbox. Raises as
     :func:`convert_and_validate` does before converting."""
     cfg = job.spec.quantization
@@ -296,7 +298,10 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
 
             load_checkpoint(src, model.rel)
         exported = model.format is ModelFormat.transformers
-        validator = None if exported else _validator(job, model, src, io, many)
+        refused = (
+            _refusal(src, model.rel, cfg.precision) if model.format is ModelFormat.onnx else None
+        )
+        validator = None if exported or refused else _validator(job, model, src, io, many)
         validation = None
         if exported and job.spec.validation.enabled:
             validation = {"kind": "outputs", "inputs": "found on the ONNX export, when run"}
@@ -317,12 +322,27 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
                 "bytes": _bytes(plan.root, [model.rel, *model.external]),
                 "external": list(model.external),
                 "validation": validation,
+                "refused": refused,
             }
         )
     copies = {c: out for c, out in names.copies.items() if c not in plan.kept}
     kept = {c: {"why": why, "output": names.copies.get(c)} for c, why in plan.kept.items()}
     return {"models": models, "copies": copies, "kept": kept, "left": names.left,
             "folders": names.folders, "warnings": plan.warnings}  # fmt: skip
+
+
+def _refusal(src: Path, rel: str, precision: Precision) -> dict[str, str] | None:
+    """What the ONNX pass would refuse ``src`` with before converting, from its graph
+    (:func:`kquant_job.passes.onnx_refusals.refuse`): ``{reason, message}``, or None."""
+    import onnx
+
+    from kquant_job.passes.onnx_refusals import refuse
+
+    try:
+        refuse(onnx.load(str(src), load_external_data=False), rel, precision)
+    except PassError as exc:
+        return {"reason": exc.reason.value, "message": str(exc)}
+    return None
 
 
 def _convert_all(

@@ -77,6 +77,28 @@ def test_a_dry_run_of_variants_plans_each(tmp_path, silero_onnx):
     assert not out.exists()
 
 
+def test_a_dry_run_fails_as_the_run_on_what_the_pass_refuses_and_lists_a_variants(
+    tmp_path, silero_onnx
+):
+    """int4 of Silero VAD (Conv and LSTM weights, no MatMul on a constant weight): the dry
+    run passed and the run failed (ConversionFailed). A variant's refusal is listed: the
+    run goes on with the other variants."""
+    out = tmp_path / "out"
+    doc = job(f"file://{silero_onnx}", out)
+    doc["spec"]["quantization"] = {"precision": "int4"}
+    run = run_worker(doc, tmp_path, extra_args=("--dry-run",))
+    assert run.code == 30 and "ConversionFailed" in run.log, run.log
+    assert "silero_vad.onnx has none (its weights feed" in run.log
+    del doc["spec"]["quantization"]
+    doc["spec"]["variants"] = [{"precision": "fp16"}, {"precision": "int4"}]
+    run = run_worker(doc, tmp_path, extra_args=("--dry-run",))
+    assert run.code == 0, run.log
+    fp16, q4 = run.log.split("  variant fp16:", 1)[1].split("  variant q4:", 1)
+    assert "REFUSED" not in fp16 and "validation inputs (found by kquant)" in fp16
+    assert "REFUSED (ConversionFailed): int4 weight-only quantization replaces" in q4
+    assert not out.exists()
+
+
 def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, silero_onnx):
     out = tmp_path / "out"
     out.mkdir()

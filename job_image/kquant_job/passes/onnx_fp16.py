@@ -38,22 +38,20 @@ import onnx
 from onnx import ModelProto, TensorProto
 from onnxruntime.transformers import float16 as ort_float16
 
-from kquant_api import ModelFormat, QuantizationConfig, Reason
+from kquant_api import ModelFormat, Precision, QuantizationConfig, Reason
 from kquant_job.errors import PassError
 from kquant_job.passes.base import PassContext, PassResult
-from kquant_job.passes.int8_attempts import count_quantized
 from kquant_job.passes.onnx_common import (
     iter_graphs,
     iter_nodes,
     iter_tensors,
     load_model,
     name_unnamed_nodes,
-    refuse_integer,
-    refuse_reduced,
     save_model,
 )
 from kquant_job.passes.onnx_fp16_ladder import Ladder, LadderFailed
 from kquant_job.passes.onnx_fp16_ranges import scan_activations, scan_kept, scan_out_of_range
+from kquant_job.passes.onnx_refusals import refuse
 
 LOG = logging.getLogger("kquant.pass")
 
@@ -107,8 +105,7 @@ class OnnxFp16Pass:
 
         scratch = ctx.work_dir / "onnx-fp16"
         base, base_dir, named, out_of_range, range_nodes = _prepare(model_in, scratch)
-        refuse_reduced(base, model_in.name, "fp16")
-        refuse_integer(base, model_in.name, count_quantized(base)["quantizedNodes"])
+        refuse(base, model_in.name, Precision.fp16)
         nodes |= range_nodes
         # Spilled weights: the ranges are measured on that copy (a session reads its data
         # file; an embedded model would be held three times: proto, bytes, session).

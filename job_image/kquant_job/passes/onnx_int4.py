@@ -25,38 +25,15 @@ from typing import Any, ClassVar
 
 from onnx import ModelProto
 
-from kquant_api import ModelFormat, QuantizationConfig, Reason
+from kquant_api import ModelFormat, Precision, QuantizationConfig, Reason
 from kquant_job.errors import PassError
 from kquant_job.passes.base import PassContext, PassResult
-from kquant_job.passes.int8_attempts import load_error, refuse_quantized
-from kquant_job.passes.onnx_common import iter_graphs, iter_nodes, load_model, save_model
+from kquant_job.passes.int8_attempts import load_error
+from kquant_job.passes.onnx_common import iter_nodes, load_model, save_model
+from kquant_job.passes.onnx_refusals import refuse, weighted_matmuls
 
 LOG = logging.getLogger("kquant.pass")
 DEFAULT_BLOCK_SIZE = 32  # transformers.js's q4 recipe; onnxruntime's tool defaults to 128
-
-
-def weighted_matmuls(model: ModelProto) -> list[str]:
-    """Names of the MatMul nodes (every graph) whose second input is a 2-D initializer: the
-    nodes MatMulNBits can replace."""
-    weights = {t.name for g in iter_graphs(model.graph) for t in g.initializer if len(t.dims) == 2}
-    return [
-        n.name or f"MatMul#{i}"
-        for i, (_, n) in enumerate(iter_nodes(model.graph))
-        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights
-    ]
-
-
-def _weight_owners(model: ModelProto) -> str:
-    """What the model's weights feed instead, e.g. ``"12 Conv, 4 LSTM"``."""
-    from collections import Counter
-
-    inits = {t.name for g in iter_graphs(model.graph) for t in g.initializer}
-    owners = Counter(
-        n.op_type
-        for _, n in iter_nodes(model.graph)
-        if any(i in inits for i in n.input) and n.op_type not in ("Reshape", "Constant")
-    )
-    return ", ".join(f"{c} {op}" for op, c in owners.most_common(4)) or "no weights"
 
 
 class OnnxInt4Pass:
@@ -86,15 +63,8 @@ class OnnxInt4Pass:
         )
 
         model = load_model(model_in)
-        refuse_quantized(model, model_in.name)
+        refuse(model, model_in.name, Precision.int4)
         candidates = weighted_matmuls(model)
-        if not candidates:
-            raise PassError(
-                f"int4 weight-only quantization replaces MatMul nodes on constant 2-D weights "
-                f"(transformer projections) with MatMulNBits; {model_in.name} has none (its "
-                f"weights feed {_weight_owners(model)}): use int8 or fp16 for it",
-                reason=Reason.ConversionFailed,
-            )
         block = config.blockSize or DEFAULT_BLOCK_SIZE
         symmetric = config.symmetric is not False
         algorithm = (config.algorithm or "rtn").lower()

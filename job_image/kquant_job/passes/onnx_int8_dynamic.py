@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kquant_api import ModelFormat, QuantizationConfig
+from kquant_api import ModelFormat, Precision, QuantizationConfig
 from kquant_api.spec import Preprocess
 from kquant_job.passes.base import PassContext, PassResult
-from kquant_job.passes.int8_attempts import refuse_quantized, run_attempts
+from kquant_job.passes.int8_attempts import run_attempts
 from kquant_job.passes.int8_common import (
     WEIGHTED_OP_TYPES,
     Int8Settings,
@@ -32,8 +32,9 @@ from kquant_job.passes.int8_prepare import (
 )
 from kquant_job.passes.int8_shapes import light_shape_reload
 from kquant_job.passes.int8_slices import sliced_weight_quantization
-from kquant_job.passes.onnx_common import iter_nodes, refuse_reduced
+from kquant_job.passes.onnx_common import iter_nodes
 from kquant_job.passes.onnx_options import extra_options
+from kquant_job.passes.onnx_refusals import refuse
 
 
 class OnnxInt8DynamicPass:
@@ -69,8 +70,7 @@ class OnnxInt8DynamicPass:
         supported = frozenset(IntegerOpsRegistry) | {"Gemm"}
         options = extra_options(config)
         prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
-        refuse_quantized(prepared.model, model_in.name)
-        refuse_reduced(prepared.model, model_in.name, "int8")
+        refuse(prepared.model, model_in.name, Precision.int8)
         details: dict[str, Any] = {"mode": "dynamic", **prepared.details}
         if options:
             details["extraOptions"] = dict(options)

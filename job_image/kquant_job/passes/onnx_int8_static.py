@@ -23,6 +23,7 @@ from onnx import ModelProto, helper
 from kquant_api import (
     CalibrateMethod,
     ModelFormat,
+    Precision,
     QuantFormat,
     QuantizationConfig,
     QuantType,
@@ -31,7 +32,7 @@ from kquant_api import (
 from kquant_api.spec import Preprocess
 from kquant_job.errors import InvalidSpec, PassError
 from kquant_job.passes.base import PassContext, PassResult
-from kquant_job.passes.int8_attempts import refuse_quantized, run_attempts
+from kquant_job.passes.int8_attempts import run_attempts
 from kquant_job.passes.int8_common import (
     WEIGHTED_OP_TYPES,
     Int8Settings,
@@ -47,8 +48,9 @@ from kquant_job.passes.int8_prepare import (
     weighted_nodes_in_subgraphs,
 )
 from kquant_job.passes.int8_slices import sliced_weight_quantization
-from kquant_job.passes.onnx_common import default_opset, refuse_reduced
+from kquant_job.passes.onnx_common import default_opset
 from kquant_job.passes.onnx_options import extra_options
+from kquant_job.passes.onnx_refusals import refuse
 from kquant_job.validate.inputs import load_feed
 
 Signature = list[tuple[str, list[Any], np.dtype]]
@@ -146,8 +148,7 @@ class OnnxInt8StaticPass:
 
         options = extra_options(config)
         prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
-        refuse_quantized(prepared.model, model_in.name)
-        refuse_reduced(prepared.model, model_in.name, "int8")
+        refuse(prepared.model, model_in.name, Precision.int8)
         signature = model_signature(prepared.model)
         load_calibration_feed(files[0], signature)  # a wrong dataset fails before any work
         details: dict[str, Any] = {
