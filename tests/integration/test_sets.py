@@ -394,14 +394,33 @@ def test_a_commit_held_past_its_lease_never_names_a_reclaimed_set(store, tmp_pat
     assert manifest["set"] == current["set"] and manifest["fencedBy"].startswith("speech/vad")
 
 
-def test_a_first_commit_held_past_its_lease_is_taken_back(store, tmp_path, monkeypatch):
-    """The same on a prefix with no manifest yet: there is no etag to fence, so the held
-    commit lands; its writer finds its set gone right after and removes the manifest."""
+def test_a_first_commit_held_past_its_lease_keeps_its_set(store, tmp_path, monkeypatch):
+    """The same on a prefix with no manifest yet: there is no etag to fence, so the rerun
+    leaves the set (a reclaimer that removed it anyway deleted a set committed meanwhile:
+    fault-injection trial) and the held commit lands whole."""
     held = target(store, Writer("vad", "speech", "uid-1", 1), replace=False)
     staged = stage(tmp_path / "held", {"m.onnx": b"held run" * 20})
     reclaimed = _hold_commit(store, monkeypatch, Writer("vad", "speech", "uid-1", 1))
-    assert reason_of(lambda: held.publish(staged, ["m.onnx"], {}, {})) is Reason.ConcurrentWrite
-    assert len(reclaimed) == 1
+    done = held.publish(staged, ["m.onnx"], {}, {})
+    assert reclaimed == []
+    assert read_set(prefix_of(store))["set"] == done.set_id  # whole, every sha256 checked
+
+
+def test_a_first_commit_whose_set_lost_a_file_is_taken_back(store, tmp_path, monkeypatch):
+    """A set that lost a file between its check and its first commit (removed by hand, or
+    by a run that did not fence) is found right after the commit; the manifest is removed."""
+    first = target(store, Writer("vad", "speech", "uid-1", 1), replace=False)
+    real_write = store.storage.write_bytes
+
+    def remove_then_write(uri: str, data: bytes, **kw):
+        if uri == store.uri("out/manifest.json") and kw.get("if_none_match"):
+            set_id = json.loads(data)["set"]
+            store.storage.delete(store.uri(f"out/.kquant/sets/{set_id}/m.onnx"))
+        return real_write(uri, data, **kw)
+
+    monkeypatch.setattr(store.storage, "write_bytes", remove_then_write)
+    staged = stage(tmp_path / "first", {"m.onnx": b"first" * 20})
+    assert reason_of(lambda: first.publish(staged, ["m.onnx"], {}, {})) is Reason.ConcurrentWrite
     out = prefix_of(store)
     assert out.get("manifest.json") is None and out.get("m.onnx") is None
 
@@ -465,3 +484,69 @@ def test_a_run_whose_uploads_outlast_the_lease_renews_it_and_commits(store, tmp_
     assert manifest["set"] == done.set_id
     marker = json.loads(prefix_of(store).get(f".kquant/sets/{done.set_id}/set.json"))
     assert marker["renewedAt"] >= marker["startedAt"]
+
+
+def test_a_set_committed_after_the_reclaimer_read_the_prefix_is_never_removed(
+    store, tmp_path, monkeypatch
+):
+    """Fault-injection trial: B read the prefix while A's set was uncommitted and its lease
+    over (A frozen, then resumed); A's commit landed; B's fence then failed, and B deleted
+    A's set anyway, leaving the manifest naming removed files. A fence that fails now leaves
+    the set for a later run."""
+    from kquant_job.sets.state import read_state, reclaim
+
+    publish(store, tmp_path, JOB)
+    a = target(store, Writer("vad", "speech", "uid-1", 1))
+    real_write = store.storage.write_bytes
+    removed: list[list[str]] = []
+
+    def commit_between_read_and_fence(uri: str, data: bytes, **kw):
+        if uri != store.uri("out/manifest.json") or not kw.get("if_match") or removed:
+            return real_write(uri, data, **kw)
+        seen_by_b = read_state(store.storage, store.uri("out/"))  # A's set: uncommitted
+        etag = real_write(uri, data, **kw)  # A's commit lands
+        b = Writer("vad", "speech", "uid-1", 1)
+        removed.append(reclaim(seen_by_b, b, Retention(live_seconds=1e-9)))
+        return etag
+
+    monkeypatch.setattr(store.storage, "write_bytes", commit_between_read_and_fence)
+    done = a.publish(stage(tmp_path / "a", {"m.onnx": b"A" * 64}), ["m.onnx"], {}, {})
+    assert removed == [[]]
+    assert read_set(prefix_of(store))["set"] == done.set_id  # whole, every sha256 checked
+
+
+def test_a_set_whose_lease_was_renewed_since_the_listing_is_left(store, tmp_path, monkeypatch):
+    """Fault-injection trial: a writer resumed while another run reclaimed its set renewed
+    its marker; the remover's conditional delete of the marker (then last) failed its whole
+    publish after the set's files were gone. The marker now goes first: a renewal since the
+    listing keeps the set whole."""
+    from kquant_job.sets.state import read_state, reclaim
+
+    publish(store, tmp_path, JOB)
+    set_id = "20260101T000000Z-0000000a"
+    marker = {"kind": "QuantizationSet", "set": set_id, "job": JOB.ref(), "state": "writing",
+              "startedAt": "2026-01-01T00:00:00Z"}  # fmt: skip
+    store.storage.write_bytes(store.uri(f"out/.kquant/sets/{set_id}/m.onnx"), b"model")
+    store.storage.write_bytes(store.uri(f"out/.kquant/sets/{set_id}/set.json"), dumps(marker))
+    listed = read_state(store.storage, store.uri("out/"))
+    real_read = store.storage.read_bytes
+
+    def renewed_right_after_read(uri: str, max_bytes: int):
+        got = real_read(uri, max_bytes)
+        if uri.endswith(f"{set_id}/set.json") and "renewedAt" not in marker:
+            marker["renewedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            store.storage.write_bytes(uri, dumps(marker))  # the writer, resumed, renews
+        return got
+
+    monkeypatch.setattr(store.storage, "read_bytes", renewed_right_after_read)
+    assert reclaim(listed, Writer("vad", "speech", "uid-1", 1), Retention()) == []
+    assert prefix_of(store).get(f".kquant/sets/{set_id}/m.onnx") == b"model"
+
+
+def test_removed_set_folders_leave_no_empty_folders(store, tmp_path):
+    for _ in range(5):
+        publish(store, tmp_path, JOB)
+    if store.kind == "file":
+        root = Path(store.uri("out/.kquant/sets/")[len("file://") :])
+        assert len([d for d in root.iterdir() if d.is_dir()]) == 3  # KQUANT_KEEP_SETS
+    assert len({k.split("/")[2] for k in prefix_of(store).all_keys() if "/sets/" in k}) == 3

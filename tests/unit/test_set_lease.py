@@ -26,3 +26,38 @@ def test_an_unrenewed_lease_runs_out(tmp_path):
     with lease:
         lease.release()  # no renewal: held for live_seconds after the first write only
         assert not lease.held()
+
+
+def test_a_marker_write_whose_reply_was_lost_is_the_leases_own(tmp_path):
+    """Fault-injection trial (S3): a marker PUT took effect, its reply was lost, and the
+    resent PUT met 412 on the lease's own marker; the run ended ("lease lapsed")."""
+    from kquant_api import Reason
+    from kquant_job.errors import StorageError
+
+    storage = open_storage(tmp_path.as_uri() + "/", None)
+    real_write = storage.write_bytes
+
+    def lost_reply(uri, data, **kw):
+        real_write(uri, data, **kw)  # it took effect...
+        raise StorageError("precondition failed", reason=Reason.ConcurrentWrite)  # ...a retry
+
+    storage.write_bytes = lost_reply  # type: ignore[method-assign]
+    uri = (tmp_path / "set.json").as_uri()
+    with Lease(storage, uri, {"set": "s"}, 60.0) as lease:
+        lease.renew()
+        assert lease.held()
+        assert json.loads((tmp_path / "set.json").read_bytes())["renewedAt"]
+        (tmp_path / "set.json").write_text('{"set": "another"}')  # not ours: lost
+        lease.renew()
+        assert not lease.held()
+
+
+def test_keeping_fewer_than_two_sets_is_refused():
+    import pytest
+
+    from kquant_job.errors import InvalidSpec
+    from kquant_job.sets.layout import Retention
+
+    with pytest.raises(InvalidSpec, match="KQUANT_KEEP_SETS=1: kquant keeps at least 2 sets"):
+        Retention.from_env({"KQUANT_KEEP_SETS": "1"})
+    assert Retention.from_env({"KQUANT_KEEP_SETS": "2"}).keep_sets == 2

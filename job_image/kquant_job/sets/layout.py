@@ -50,9 +50,9 @@ LIVE_ENV = "KQUANT_LIVE_SET_SECONDS"
 @dataclass(frozen=True)
 class Retention:
     """How many committed sets a prefix keeps (the current one included; ``KQUANT_KEEP_SETS``,
-    default 3); after how many seconds an unfinished set of another job counts as abandoned
-    and is removed (``KQUANT_ABANDONED_SET_SECONDS``, default 86400: longer than any sane Job
-    deadline, so a live writer is never mistaken for a dead one); and ``live_seconds``
+    default 3, at least 2); after how many seconds an unfinished set of another job counts as
+    abandoned and is removed (``KQUANT_ABANDONED_SET_SECONDS``, default 86400: longer than any
+    sane Job deadline, so a live writer is never mistaken for a dead one); and ``live_seconds``
     (``KQUANT_LIVE_SET_SECONDS``, default 1800), the lease of a run on its set folder: a
     run renews it every third of that time while it writes the set
     (:mod:`kquant_job.sets.lease`) and commits only within that time of its last renewal,
@@ -72,8 +72,18 @@ class Retention:
         number (``KQUANT_KEEP_SETS``: an integer >= 1)."""
         env = os.environ if env is None else env
         d = cls()
+        keep = int(_positive(env, KEEP_SETS_ENV, d.keep_sets, integer=True))
+        if keep < 2:
+            # the set being replaced stays while its copies are replaced and its readers
+            # finish: with 1 the copies of the replaced set were no longer recognised as
+            # kquant's, so they stayed (readers got the old model) and the next run failed
+            # ForeignObject (fault-injection trial)
+            raise InvalidSpec(
+                f"{KEEP_SETS_ENV}={keep}: kquant keeps at least 2 sets, the current one and "
+                "the one it replaced (its fixed-name copies and readers still use it)"
+            )
         return cls(
-            keep_sets=int(_positive(env, KEEP_SETS_ENV, d.keep_sets, integer=True)),
+            keep_sets=keep,
             abandoned_seconds=_positive(env, ABANDONED_ENV, d.abandoned_seconds),
             live_seconds=_positive(env, LIVE_ENV, d.live_seconds),
         )

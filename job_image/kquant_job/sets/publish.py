@@ -245,7 +245,7 @@ class Target:
         state = self._state()
         self._resolve(state, "")  # another writer committed since preflight: who?
         self._check(state)
-        before = state.etag
+        before, unfenced = state.etag, state.manifest is None
         reclaim(state, self.writer, self.retention)
         if state.etag != before:  # reclaiming fenced the manifest: commit against its new etag
             self.base_etag = state.etag
@@ -276,6 +276,11 @@ class Target:
                 raise
         mirrors = sync_mirrors(self.storage, self.prefix, self.home)
         self._drop(dropped)
+        if unfenced:  # a set left for want of a manifest to fence: there is one now
+            try:
+                reclaim(self._state(), self.writer, self.retention)
+            except StorageError as exc:  # the set is published; a later run reclaims
+                LOG.warning("could not reclaim after the commit: %s", exc)
         if self.replace and not self.home:
             try:  # a warning only: the set is published, whatever the listing meets now
                 left = foreign_objects(self._state(), limit=5)

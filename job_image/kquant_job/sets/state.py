@@ -184,18 +184,37 @@ def _lease_over(set_id: str, retention: Retention, now: float) -> bool:
     return born is None or now - born > 2 * retention.live_seconds
 
 
-def delete_set(state: PrefixState, set_id: str) -> int:
-    """Delete a set folder's objects, its marker last (so an interrupted deletion is still
-    recognisable), and its unfinished uploads; returns the number of objects deleted."""
+def delete_set(state: PrefixState, set_id: str) -> int | None:
+    """Delete a set folder: its marker first, conditional on the etag ``state`` listed,
+    which claims the folder (a writer that renewed its lease since keeps it: None is
+    returned and nothing is deleted; before, the marker went last and a renewal in between
+    failed the remover's whole publish after some of the set's files were gone), then its
+    other objects and unfinished uploads, then (local storage) its empty folders. A folder
+    left without a marker by an interrupted deletion is reclaimed as an interrupted
+    clean-up (:func:`reclaim_reason`). Returns the number of objects deleted."""
     objects = state.sets.get(set_id, {})
-    keys = sorted(objects, key=lambda rel: rel == MARKER)
-    for rel in keys:
-        state.storage.delete(state.set_uri(set_id, rel), if_match=objects[rel].etag)
+    rels = sorted(rel for rel in objects if rel != MARKER)
+    if MARKER in objects:
+        try:
+            state.storage.delete(state.set_uri(set_id, MARKER), if_match=objects[MARKER].etag)
+        except StorageError as exc:
+            if exc.reason is not Reason.ConcurrentWrite:
+                raise
+            return None
+    for rel in rels:
+        uri = state.set_uri(set_id, rel)
+        try:
+            state.storage.delete(uri, if_match=objects[rel].etag)
+        except StorageError as exc:  # rewritten since listed: still this claimed set's
+            if exc.reason is not Reason.ConcurrentWrite:
+                raise
+            state.storage.delete(uri)
     folder = state.set_uri(set_id)
     for upload in state.storage.list_uploads(folder):
         state.storage.abort_upload(folder, upload)
+    state.storage.prune(folder)
     state.sets.pop(set_id, None)
-    return len(keys)
+    return len(rels) + (MARKER in objects)
 
 
 def _ours(state: PrefixState, key: str) -> bool:
@@ -214,18 +233,19 @@ def _ours(state: PrefixState, key: str) -> bool:
     return key == manifest_key(state.home) or key in owned_names
 
 
-def fence(state: PrefixState, writer: Writer) -> None:
-    """Change the manifest's etag (rewriting it with ``fencedAt``/``fencedBy`` set) before
-    removing an uncommitted set whose writer may still be about to commit it. That commit
-    is conditional on the etag its writer read (``If-Match``), so a commit delayed past its
-    lease (a frozen process, a PUT held in a proxy: fault-injection trial) now fails instead
-    of naming removed files; the writer then finds its set incomplete (ConcurrentWrite). A
-    prefix without a manifest has no etag to change: there the writer finds its set
-    incomplete right after its commit and takes the manifest back
-    (:meth:`~kquant_job.sets.publish.Target._commit`). Updates ``state.etag``; a manifest
-    that changed meanwhile has a new etag already, which fences as well."""
+def fence(state: PrefixState, writer: Writer) -> bool:
+    """Change the manifest's etag (rewriting it with ``fencedAt``/``fencedBy`` set), against
+    the etag ``state`` read, before removing an uncommitted set whose writer may still be
+    about to commit it. That commit is conditional on the etag its writer read
+    (``If-Match``), so a commit delayed past its lease (a frozen process, a PUT held in a
+    proxy) fails once the fence stands. Returns whether it stands: False when the prefix has
+    no manifest (no etag to change: the set waits for a run that finds one, the committing
+    run itself after its commit) or when the manifest changed since ``state`` was read (a
+    commit landed meanwhile, perhaps of the very set about to be removed: fault-injection
+    trial, where a reclaimer whose fence failed went on to delete a set just committed).
+    Updates ``state.etag``."""
     if state.manifest is None or state.etag is None:
-        return
+        return False
     doc = {**state.manifest.data, "fencedAt": report_now(), "fencedBy": writer.describe()}
     uri = state.uri(manifest_key(state.home))
     try:
@@ -233,7 +253,9 @@ def fence(state: PrefixState, writer: Writer) -> None:
     except StorageError as exc:
         if exc.reason is not Reason.ConcurrentWrite:
             raise
+        return False
     LOG.info("fenced the manifest before reclaiming", extra={"fields": {"prefix": state.prefix}})
+    return True
 
 
 def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[str]:
@@ -247,17 +269,22 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
     now = time.time()
     kept = {h.set_id for h in state.manifest.history} if state.manifest else set()
     removed = []
-    fenced = False
+    fenced: bool | None = None  # not tried yet
     for set_id in sorted(state.sets):
         if set_id in kept:
             continue
         marker = _marker(state, set_id)
         why = reclaim_reason(marker, writer, retention, now, set_id)
-        if why:
-            if not fenced and (marker or {}).get("state") != "failed":
-                fence(state, writer)  # its writer may be about to commit it: no longer
-                fenced = True
-            count = delete_set(state, set_id)
+        if not why:
+            continue
+        if (marker or {}).get("state") != "failed":  # its writer may yet commit it
+            fenced = fence(state, writer) if fenced is None else fenced
+            if not fenced:
+                LOG.info("left set %s for a later run: %s; no fence stands", set_id, why,
+                         extra={"fields": {"prefix": state.prefix}})  # fmt: skip
+                continue
+        count = delete_set(state, set_id)
+        if count is not None:
             removed.append(f"{set_id}: {why} ({count} objects)")
     for upload in state.storage.list_uploads(state.prefix):
         set_id = set_id_of(upload.key, state.home)

@@ -161,6 +161,11 @@ class Storage(ABC):
         None when unknown."""
         return info.metadata.get("sha256")
 
+    def prune(self, prefix_uri: str) -> None:
+        """Remove the empty folders at and below ``prefix_uri`` (a folder kquant emptied).
+        A store without folders (S3) has nothing to do."""
+        return None
+
     @abstractmethod
     def list_uploads(self, prefix_uri: str) -> list[Upload]:
         """Unfinished writes below ``prefix_uri`` (keys relative to it)."""

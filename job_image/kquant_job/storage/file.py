@@ -14,6 +14,7 @@ etag and acts under an exclusive ``flock`` of the directory, which every such st
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -312,6 +313,17 @@ class FileStorage(Storage):
         except OSError as exc:
             raise os_error(exc, prefix_uri, "list") from None
         return sorted(found, key=lambda u: u.key)
+
+    def prune(self, prefix_uri: str) -> None:
+        """Remove the empty directories at and below ``prefix_uri``, deepest first, links
+        never followed; a directory holding anything stays (a set folder's tree was left
+        behind by every removed set: fault-injection trial)."""
+        root = to_path(prefix_uri)
+        if root.is_symlink() or not root.is_dir():
+            return
+        for folder, _, _ in os.walk(root, topdown=False):
+            with contextlib.suppress(OSError):  # not empty, or gone: either is fine
+                os.rmdir(folder)
 
     def abort_upload(self, prefix_uri: str, upload: Upload) -> None:
         """Remove the temporary file of ``upload``."""
