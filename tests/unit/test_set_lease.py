@@ -61,3 +61,27 @@ def test_keeping_fewer_than_two_sets_is_refused():
     with pytest.raises(InvalidSpec, match="KQUANT_KEEP_SETS=1: kquant keeps at least 2 sets"):
         Retention.from_env({"KQUANT_KEEP_SETS": "1"})
     assert Retention.from_env({"KQUANT_KEEP_SETS": "2"}).keep_sets == 2
+
+
+def test_a_renewal_stuck_in_a_dead_store_does_not_hold_the_run(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import kquant_job.sets.lease as lease_module
+
+    storage = open_storage(tmp_path.as_uri() + "/", None)
+    real_write, stuck = storage.write_bytes, threading.Event()
+
+    def hangs_on_renewal(uri, data, **kw):
+        if "if_match" in kw:
+            stuck.set()
+            time.sleep(5)  # a store that stopped answering
+        return real_write(uri, data, **kw)
+
+    storage.write_bytes = hangs_on_renewal  # type: ignore[method-assign]
+    monkeypatch.setattr(lease_module, "RELEASE_WAIT_SECONDS", 0.2)
+    lease = Lease(storage, (tmp_path / "set.json").as_uri(), {"set": "s"}, 0.03)
+    with lease:
+        assert stuck.wait(2)
+        started = time.monotonic()
+    assert time.monotonic() - started < 2

@@ -26,6 +26,7 @@ from kquant_job.sets.layout import dumps
 from kquant_job.storage.base import Storage
 
 LOG = logging.getLogger("kquant.publish")
+RELEASE_WAIT_SECONDS = 10.0
 
 
 class Lease:
@@ -77,10 +78,13 @@ class Lease:
 
     def release(self) -> None:
         """Stop renewing (idempotent): before withdrawing the set, so no renewal changes
-        its marker while it is removed."""
+        its marker while it is removed. Waits at most RELEASE_WAIT_SECONDS for a renewal in
+        flight (a store that stopped answering keeps botocore retrying for minutes); one
+        that lands later is conditional on the marker's etag, so it never recreates a
+        removed marker."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(RELEASE_WAIT_SECONDS)
 
     def held(self) -> bool:
         """Whether the set may still be committed: renewed within ``live_seconds`` and
