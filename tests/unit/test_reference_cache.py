@@ -119,3 +119,32 @@ def test_the_originals_latency_is_timed_once_for_every_variant(
     outcome = second.validate(copy)
     assert made == ["converted.onnx"]
     assert outcome.latency_ms["original"] == first.reference.latency[0]
+
+
+def test_the_originals_latency_timed_by_a_range_recorders_variant_is_shared(
+    silero_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FP16 first: its reference pass is a range recorder (not timed), so its validation
+    times the original; the INT8 variant after it timed the original again (0.65 s of
+    BERT-base's INT8 variant). The first timing is now kept with the shared reference."""
+    import kquant_job.validate.compare as compare
+
+    shared = tmp_path / "shared"
+    first = OnnxValidator(silero_onnx, _spec("fp16"), [], ranges=True, shared=shared)
+    assert first.reference.latency is None  # a recorder's graph is not what users run
+    monkeypatch.setattr(compare, "slower", lambda *_: False)
+    copy = tmp_path / "converted.onnx"
+    copy.write_bytes(silero_onnx.read_bytes())
+    timed = first.validate(copy).latency_ms
+    made: list[str] = []
+    real = compare.make_session
+
+    def counted(path: Path, providers: list[str]) -> object:
+        made.append(Path(path).name)
+        return real(path, providers)
+
+    monkeypatch.setattr(compare, "make_session", counted)
+    second = OnnxValidator(silero_onnx, _spec("int8"), [], ranges=False, shared=shared)
+    outcome = second.validate(copy)
+    assert made == ["converted.onnx"]  # no session of the original
+    assert outcome.latency_ms["original"] == timed["original"]

@@ -407,6 +407,7 @@ def validate_onnx(
                 session_call(ref.session, feed), runs, warmup, budget / 2
             )
             ref.release()
+            ref.latency = (original_ms, o_runs)  # for the next variants too (OnnxValidator)
         if confirm_slowdown and slower(original_ms, quantized, min(q_runs, o_runs)):
             again = make_session(Path(converted), ref.providers)
             q2, q2_runs = block_latency_ms(session_call(again, feed), runs, warmup, budget / 2)

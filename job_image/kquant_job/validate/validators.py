@@ -65,6 +65,7 @@ class OnnxValidator:
         self.spec = spec
         providers = select_providers()[0]
         key = cache_key(original, spec.validation, data_files, providers) if shared else ""
+        self._shared, self._key = shared, key
         cached = reference_cache.load(shared, key) if shared else None
         if cached is not None:
             logs.info("validation reference read from an earlier variant", model=original.name)
@@ -112,10 +113,14 @@ class OnnxValidator:
         config = self.spec.conversions[0]
         # the gain rule's precisions (kquant_job.gain): a latency verdict is confirmed
         judged = config.precision in (Precision.int8, Precision.int4)
-        return validate_onnx(
+        timed = ref.latency is not None
+        outcome = validate_onnx(
             ref.original, converted, ref.feeds, self.cfg, self.spec.tolerance, reference=ref,
             confirm_slowdown=judged and config.requireGain is not False,
         )  # fmt: skip
+        if self._shared and not timed and ref.latency is not None:
+            reference_cache.save_latency(self._shared, self._key, ref.latency)
+        return outcome
 
 
 def make_validator(
