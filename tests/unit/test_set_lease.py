@@ -85,3 +85,26 @@ def test_a_renewal_stuck_in_a_dead_store_does_not_hold_the_run(tmp_path, monkeyp
         assert stuck.wait(2)
         started = time.monotonic()
     assert time.monotonic() - started < 2
+
+
+def test_a_failure_reports_marker_whose_reply_was_lost_is_written_once(tmp_path):
+    from kquant_api import Reason
+    from kquant_job.errors import StorageError
+    from kquant_job.sets import Target, Writer
+
+    storage = open_storage(tmp_path.as_uri() + "/", None)
+    real_write = storage.write_bytes
+
+    def lost_reply(uri, data, **kw):
+        etag = real_write(uri, data, **kw)
+        if kw.get("if_none_match"):  # it took effect; the resend meets 412
+            raise StorageError("precondition failed", reason=Reason.ConcurrentWrite)
+        return etag
+
+    storage.write_bytes = lost_reply  # type: ignore[method-assign]
+    target = Target(storage, (tmp_path / "out").as_uri() + "/", Writer("vad"), replace=False,
+                    field_name="spec.output.uri")  # fmt: skip
+    uri = target.publish_failure({"outcome": "failed"})
+    assert json.loads((tmp_path / uri.split(tmp_path.as_uri() + "/", 1)[1]).read_bytes()) == {
+        "outcome": "failed"
+    }

@@ -29,6 +29,23 @@ LOG = logging.getLogger("kquant.publish")
 RELEASE_WAIT_SECONDS = 10.0
 
 
+def write_marker(storage: Storage, uri: str, data: bytes, **condition: Any) -> str:
+    """Write a set's marker conditionally (``if_none_match`` or ``if_match``); returns its
+    etag. A condition that fails on the very bytes written is the resend of a write whose
+    reply was lost (botocore resends a PUT it got no answer to, and the first had taken
+    effect: fault-injection trial, where that 412 ended the run): read back, the marker is
+    this writer's. Raises StorageError (ConcurrentWrite when it is another's or gone)."""
+    try:
+        return storage.write_bytes(uri, data, **condition)
+    except StorageError as exc:
+        if exc.reason is not Reason.ConcurrentWrite:
+            raise
+        got = storage.read_bytes(uri, len(data) + 1)
+        if got is None or got[0] != data:
+            raise
+        return got[1]
+
+
 class Lease:
     """The lease on one set folder: ``with Lease(...)`` writes the marker ``marker`` (a new
     object: ``If-None-Match``) at ``marker_uri`` and renews it every ``live_seconds / 3``
@@ -47,26 +64,10 @@ class Lease:
 
     def __enter__(self) -> Lease:
         started = time.monotonic()  # the lease runs from before its marker exists
-        self._etag = self._write(dumps(self.marker), if_none_match=True)
+        self._etag = write_marker(self.storage, self.uri, dumps(self.marker), if_none_match=True)
         self._renewed = started
         self._thread.start()
         return self
-
-    def _write(self, data: bytes, **condition: Any) -> str:
-        """Write the marker conditionally; returns its etag. A condition that fails on the
-        very bytes written is a retry of a write whose reply was lost (botocore resends a
-        PUT whose answer it did not get, and the first one had taken effect: fault-injection
-        trial, where that 412 ended the run): read back, it is this lease's marker. Raises
-        StorageError (ConcurrentWrite when the marker is another's or gone)."""
-        try:
-            return self.storage.write_bytes(self.uri, data, **condition)
-        except StorageError as exc:
-            if exc.reason is not Reason.ConcurrentWrite:
-                raise
-            got = self.storage.read_bytes(self.uri, len(data) + 1)
-            if got is None or got[0] != data:
-                raise
-            return got[1]
 
     def __exit__(
         self,
@@ -97,7 +98,7 @@ class Lease:
         started = time.monotonic()
         doc = {**self.marker, "renewedAt": now()}
         try:
-            self._etag = self._write(dumps(doc), if_match=self._etag)
+            self._etag = write_marker(self.storage, self.uri, dumps(doc), if_match=self._etag)
         except StorageError as exc:
             if exc.reason in (Reason.ConcurrentWrite, Reason.SourceNotFound):
                 self._lost = True  # removed (or replaced) by another run: never recreated

@@ -49,7 +49,7 @@ from kquant_job.sets.layout import (
     new_set_id,
     set_dir,
 )
-from kquant_job.sets.lease import Lease
+from kquant_job.sets.lease import Lease, write_marker
 from kquant_job.sets.mirrors import MirrorOutcome, sync_mirrors
 from kquant_job.sets.state import (
     PrefixState,
@@ -417,7 +417,7 @@ class Target:
         set_id = new_set_id()
         folder = join(self.prefix, set_dir(set_id, self.home))
         marker = build_marker(set_id, self.writer, "failed", now())
-        self.storage.write_bytes(join(folder, MARKER), dumps(marker), if_none_match=True)
+        write_marker(self.storage, join(folder, MARKER), dumps(marker), if_none_match=True)
         uri = join(folder, REPORT)
         self.storage.write_bytes(uri, dumps(report), metadata={SET_KEY: set_id})
         return uri
