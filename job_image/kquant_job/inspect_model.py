@@ -212,10 +212,19 @@ def inspect_file(
 
 def inspect_path(path: Path, op_type: str | None = None, name: str | None = None) -> dict:
     """``{"models": [report, ...], "otherFiles": [rel, ...]}`` for a model file or every model
-    file of a directory (found as a job would find them, none excluded). Raises PassError
+    file of a directory (found as a job would find them, none excluded), and ``kquantFiles``,
+    the number of files left out under an output prefix's ``.kquant/``. Raises PassError
     (UnsupportedFormat when a directory holds no model file, CorruptModel, UnsafeModel)."""
     if path.is_file():
         return {"models": [inspect_file(path, op_type, name)], "otherFiles": []}
     plan = plan_model(path, ModelFormat.auto, None, [])
-    reports = [inspect_file(plan.root / m.rel, op_type, name, m.rel) for m in plan.models]
-    return {"models": reports, "otherFiles": list(plan.copies)}
+    # an output prefix's .kquant/ holds kquant's own sets, which its names copy: counted
+    own = [m.rel for m in plan.models if m.rel.startswith(".kquant/")]
+    own += [c for c in plan.copies if c.startswith(".kquant/")]
+    models = [m for m in plan.models if m.rel not in own]
+    reports = [inspect_file(plan.root / m.rel, op_type, name, m.rel) for m in models]
+    report: dict[str, Any] = {"models": reports,
+                              "otherFiles": [c for c in plan.copies if c not in own]}  # fmt: skip
+    if own:
+        report["kquantFiles"] = len(own)
+    return report

@@ -54,12 +54,14 @@ def inspect_uri(
     op_type: str | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
-    """Fetch the model file or folder at ``uri`` (``file://``, a path, or ``s3://`` with
-    ``storage``'s endpoint settings) into ``work`` and report on it (see
+    """Report on the model file or folder at ``uri`` (see
     :func:`kquant_job.inspect_model.inspect_path`; ``op_type``/``name`` filter the node
-    list), in the sandbox. A single ``.onnx`` brings the external-data files it names, as a
-    run does (:mod:`kquant_job.companions`). Raises StorageError (SourceNotFound,
-    SourceTooLarge, UnsafePath), PassError (UnsupportedFormat, CorruptModel, UnsafeModel,
+    list), in the sandbox: a local one (``file://``, a path) read where it lies, as a run
+    reads it (before, it was copied into ``work`` first), one on ``s3://`` (``storage``'s
+    endpoint settings) fetched into ``work`` without an output prefix's ``.kquant/``. A
+    single ``.onnx`` brings the external-data files it names, as a run does
+    (:mod:`kquant_job.companions`). Raises StorageError (SourceNotFound, SourceTooLarge,
+    UnsafePath), PassError (UnsupportedFormat, CorruptModel, UnsafeModel,
     ModelCrashed...)."""
     work.mkdir(parents=True, exist_ok=True)
     store, space, limits = open_storage(uri, storage), room(work), Limits.from_env()
@@ -70,14 +72,21 @@ def inspect_uri(
             own.append(rel)
         return rel.startswith(KQUANT_DIR)
 
-    local = store.download(uri, work / "source", space, skip=kquant_own)
+    local = store.read_in_place(uri)
+    in_place = local is not None
+    if local is None:
+        local = store.download(uri, work / "source", space, skip=kquant_own)
     names = companion_names(uri, local, work, limits)
+    companions: tuple[Path, ...] = ()
     if names:
         more = companion_bytes(store, uri, names)
-        check_budget(space, 1.0, (uri, local.stat().st_size + more), {})
-        fetch_companions(store, uri, local, names, space, in_place=False)
+        if not in_place:
+            check_budget(space, 1.0, (uri, local.stat().st_size + more), {})
+        companions = fetch_companions(store, uri, local, names, space, in_place=in_place)
     task = {"task": "inspect", "inspect": {"path": str(local.resolve()), "opType": op_type}}
     if name:
         task["inspect"]["name"] = name
-    result, _ = run_task(task, work / "sandbox", [work], limits, what="inspection")
-    return {"uri": uri, **result, **({"kquantFiles": len(own)} if own else {})}
+    read = [work, local, *companions]
+    result, _ = run_task(task, work / "sandbox", read, limits, what="inspection")
+    skipped = len(own) + result.pop("kquantFiles", 0)
+    return {"uri": uri, **result, **({"kquantFiles": skipped} if skipped else {})}

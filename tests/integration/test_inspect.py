@@ -217,3 +217,14 @@ def test_every_node_is_listed_on_request(silero_onnx, flag):
         assert len(json.loads(proc.stdout)["models"][0]["nodes"]) == total
     else:
         assert sum(line.strip().startswith("#") for line in proc.stdout.splitlines()) == total
+
+
+def test_a_local_model_is_read_where_it_lies(tmp_path, silero_onnx):
+    """inspect copied a local model (or a whole folder) into its work directory first; a
+    run reads it in place, read-only in the sandbox, and so does inspect now."""
+    from kquant_job.preview import inspect_uri
+
+    work = tmp_path / "work"
+    report = inspect_uri(silero_onnx.as_uri(), work)
+    assert [m["file"] for m in report["models"]] == ["silero_vad.onnx"]
+    assert not (work / "source").exists() and not list(work.rglob("*.onnx"))
