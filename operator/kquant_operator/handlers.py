@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, NoReturn
 
 import kopf
@@ -37,6 +38,7 @@ from kquant_operator.jobs import (
     LABEL_NAME,
     InvalidQuantizationJob,
     build_job,
+    job_name,
     label_value,
     to_plain,
 )
@@ -60,6 +62,10 @@ PLURAL = "quantizationjobs"
 RETRY_DELAY = 10.0  # seconds before kopf retries a handler after a transient API error
 BLOCKED_DELAY = 60.0  # seconds between tries while a Job cannot be created (name taken, 403)
 STATUS_ATTEMPTS = 8  # event handlers are not retried by kopf: retry status writes inline
+# How often a generation without a verdict has its status derived again from its Job
+# (KQUANT_RESYNC_SECONDS): a status write that failed through a burst of API errors is
+# otherwise never retried, as a finished Job sends no more events.
+RESYNC_SECONDS = float(os.environ.get("KQUANT_RESYNC_SECONDS", "60") or 60)
 
 
 def _qjob_path(namespace: str, name: str, sub: str = "") -> str:
@@ -284,21 +290,49 @@ async def job_event(
     owner = _owner(body)
     if owner is None:
         return
-    deleted = event.get("type") == "DELETED"
-    kube: Kube = memo.kube
-    namespace = body["metadata"]["namespace"]
+    job = event.get("object") or to_plain(body)  # the raw object: no view to copy
+    await _sync_status(memo.kube, owner, job, event.get("type") == "DELETED", logger)
+
+
+async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """Every RESYNC_SECONDS while the CR's generation has no verdict: read its Job and
+    write the status it gives, as a Job event would. Before, a Job that finished while
+    the API server refused the status writes (8 Conflicts in a row, 20 s of 503s) left the
+    CR Running for good (fault-injection trial): a finished Job sends no more events."""
+    qjob = to_plain(body)
+    if is_finished(qjob):
+        return
+    meta = qjob["metadata"]
+    jname = job_name(meta["name"], meta["generation"])
+    try:
+        job = await memo.kube.get(_jobs_path(meta["namespace"], jname))
+    except ApiError as exc:
+        # 404: not created yet (ensure_job's part), or gone (its DELETED event's)
+        if exc.status != 404:
+            logger.warning("cannot read Job %s: %s", jname, exc)
+        return
+    owner = _owner(job)
+    if owner is not None and owner["uid"] == meta["uid"]:  # never someone else's Job
+        await _sync_status(memo.kube, owner, job, False, logger)
+
+
+async def _sync_status(
+    kube: Kube, owner: dict[str, Any], job: dict[str, Any], deleted: bool, logger: kopf.Logger
+) -> None:
+    """Write the status of ``owner`` (the Job's ownerReference) derived from ``job`` and
+    its pods, retrying Conflicts and transient errors STATUS_ATTEMPTS times."""
+    namespace = job["metadata"]["namespace"]
     for attempt in range(STATUS_ATTEMPTS):
         try:
             qjob = await kube.get(_qjob_path(namespace, owner["name"]))
             qmeta = qjob.get("metadata") or {}
-            labels = body["metadata"].get("labels") or {}
+            labels = job["metadata"].get("labels") or {}
             if qmeta.get("uid") != owner["uid"]:
                 return  # the owner is gone (or was re-created): the collector takes the Job
             if labels.get(LABEL_GENERATION) != str(qmeta.get("generation")):
                 return  # an older generation's Job, being replaced
             if deleted and is_finished(qjob):
                 return  # its verdict is written: the TTL (or a person) removed it after
-            job = event.get("object") or to_plain(body)  # the raw object: no view to copy
             pods = []
             if _may_have_pods(job):
                 selector = ",".join(f"{k}={labels[k]}" for k in (LABEL_NAME, LABEL_GENERATION))
@@ -316,7 +350,8 @@ async def job_event(
                 return
             if exc.status != 409:  # a conflict retries at once, with a fresh read
                 await asyncio.sleep(min(0.2 * 2**attempt, RETRY_DELAY))
-    logger.error("status of %s not written after %d attempts", owner["name"], STATUS_ATTEMPTS)
+    logger.error("status of %s not written after %d attempts; tried again within %g s",
+                 owner["name"], STATUS_ATTEMPTS, RESYNC_SECONDS)  # fmt: skip
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
@@ -331,6 +366,15 @@ def register(registry: kopf.OperatorRegistry) -> None:
     kopf.on.event(
         "batch", "v1", "jobs", labels={LABEL_NAME: kopf.PRESENT}, when=in_scope, registry=registry
     )(job_event)
+    kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS,
+               when=_unfinished, registry=registry)(resync)  # fmt: skip
+
+
+def _unfinished(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> bool:
+    """A CR in scope whose current generation has no verdict yet (the resync timer's)."""
+    return in_scope(body.get("metadata", {}).get("namespace"), memo) and not is_finished(
+        to_plain(body)
+    )
 
 
 register(kopf.get_default_registry())  # ``kopf run -m kquant_operator`` finds them on import

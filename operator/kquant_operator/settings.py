@@ -23,6 +23,8 @@ KQUANT_BACKOFF_LIMIT                Job backoffLimit when the spec has none (1)
 KQUANT_WORK_VOLUME_SIZE             /work emptyDir sizeLimit, a quantity (``50Gi``)
 KQUANT_TMP_VOLUME_SIZE              /tmp emptyDir sizeLimit, a quantity (``1Gi``)
 KQUANT_LIVENESS_PORT                port of the operator's liveness endpoint (8080)
+KQUANT_RESYNC_SECONDS               status derived again from the Job of a generation without a
+                                    verdict, this often (60; read by handlers.py at import)
 KQUANT_S3_*                         the worker's S3 transfer settings (S3_TRANSFER_VARIABLES),
                                     passed to every Job's container (the worker's defaults)
 ==================================  =======================================================

@@ -474,3 +474,44 @@ async def test_a_job_gone_while_the_operator_was_down_is_not_run_again(kmock, tm
         assert len(kubelet.runs) == 1
     assert (status["phase"], status["reason"]) == ("Failed", "JobDeleted")
     assert stored(kmock, JOBS, NS) == []
+
+
+async def test_a_status_refused_through_a_burst_of_conflicts_is_written_later(
+    kmock, tmp_path, monkeypatch
+):
+    """Fault-injection trial: the Job completed while the API server answered 409 to every
+    status write; the event handler gave up after its 8 tries, no further Job event came,
+    and the CR stayed Running for good. The resync timer writes it once the API answers."""
+    import kquant_operator.handlers as handlers
+
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 1.0)
+    release = asyncio.Event()
+
+    async def held(job: dict) -> JobResult:
+        await release.wait()
+        return canned(job)
+
+    api = Api(kmock)
+    conflict = (409, "Conflict", "the object has been modified; please apply your changes")
+    async with JobStandIn(kmock, tmp_path / "kubelet", held), operator_running(kmock, tmp_path):
+        await api.create(QJOBS, NS, example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
+        await wait_for(lambda: status_of(kmock, "qj-1").get("phase") == "Running", what="run")
+        kmock.refusals[(QJOBS, kmock_action_update())] = conflict
+        release.set()
+        jobs = stored(kmock, JOBS, NS)
+        await wait_for(
+            lambda: any(c["type"] == "Complete" for c in
+                        (stored(kmock, JOBS, NS)[0].get("status") or {}).get("conditions") or []),
+            what="the Job's completion",
+        )  # fmt: skip
+        await asyncio.sleep(1.5)  # the Job event's tries are spent (Conflicts retry at once)
+        assert status_of(kmock, "qj-1").get("phase") == "Running" and len(jobs) == 1
+        kmock.refusals.clear()
+        status = await wait_for(lambda: final_status(kmock, NS, "qj-1"), what="a verdict")
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Validated")
+
+
+def kmock_action_update():
+    import kmock
+
+    return kmock.action.UPDATE
