@@ -98,6 +98,11 @@ class QuantizationJobStatus(_Model):
         None, description="metadata.generation the status describes."
     )
     jobName: str | None = Field(None, description="The batch/v1 Job running this generation.")
+    jobUid: str | None = Field(
+        None,
+        description="metadata.uid of that Job, recorded as soon as it is created: a Job of "
+        "this generation existed, so a missing one is not created again.",
+    )
     startTime: str | None = Field(None, description="When the Job started (RFC 3339).")
     completionTime: str | None = Field(None, description="When the Job finished (RFC 3339).")
     conditions: list[Condition] = Field(

@@ -47,6 +47,7 @@ from kquant_operator.settings import OperatorSettings
 from kquant_operator.status import (
     TERMINAL,
     blocked_status,
+    created_status,
     derive_status,
     events_for,
     invalid_spec_status,
@@ -143,15 +144,16 @@ async def _write_status(kube: Kube, qjob: dict[str, Any], new: dict[str, Any]) -
     return True
 
 
-async def _create_or_adopt(kube: Kube, manifest: dict[str, Any], qjob: dict[str, Any]) -> bool:
-    """Create the Job; on 409 adopt the existing one if this CR owns it. True if created.
-    A Job of that name that is not this CR's is never adopted: the status says whose it
-    is, and the create is tried again later."""
+async def _create_or_adopt(
+    kube: Kube, manifest: dict[str, Any], qjob: dict[str, Any]
+) -> tuple[bool, dict[str, Any]]:
+    """Create the Job; on 409 adopt the existing one if this CR owns it. Returns whether
+    it was created, and the Job. A Job of that name that is not this CR's is never
+    adopted: the status says whose it is, and the create is tried again later."""
     meta = manifest["metadata"]
     jname = meta["name"]
     try:
-        await kube.create(_jobs_path(meta["namespace"]), manifest)
-        return True
+        return True, await kube.create(_jobs_path(meta["namespace"]), manifest)
     except ApiError as exc:
         if exc.status != 409:
             raise
@@ -163,7 +165,7 @@ async def _create_or_adopt(kube: Kube, manifest: dict[str, Any], qjob: dict[str,
         raise
     owners = existing.get("metadata", {}).get("ownerReferences") or []
     if any(ref.get("uid") == qjob["metadata"]["uid"] for ref in owners):
-        return False
+        return False, existing
     if any(ref.get("kind") == KIND for ref in owners):
         # A same-named CR was deleted and re-created: wait for the collector to remove its Job.
         message = f"waiting for Job {jname} of a deleted QuantizationJob of this name to be removed"
@@ -208,7 +210,7 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
         await _set_status(kube, qjob, lost_status(qjob, jname))
         return
     try:
-        created = await _create_or_adopt(kube, manifest, qjob)
+        created, job = await _create_or_adopt(kube, manifest, qjob)
     except ApiError as exc:
         if exc.status in (400, 422):  # the API server rejected what the spec produced
             await _reject(kube, qjob, f"the API server rejected Job {jname}: {exc.message}")
@@ -222,6 +224,10 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
         logger.info("created Job %s", jname)
     else:
         logger.info("adopted existing Job %s", jname)
+    try:  # the Job's uid, at once: a Job removed before its start is never created again
+        await _write_status(kube, qjob, created_status(qjob, job))
+    except ApiError as exc:  # its first event writes it too
+        logger.info("status after the create not written: %s", exc)
 
 
 async def _exists(kube: Kube, namespace: str, jname: str) -> bool:

@@ -162,14 +162,23 @@ def pending_status(
 
 
 def job_existed(qjob: dict[str, Any], jname: str) -> bool:
-    """Whether the status says the Job ``jname`` of the current generation existed and
-    started (it names it, with a start time): a create that succeeds now means it is gone."""
+    """Whether the status says the Job ``jname`` of the current generation existed (it
+    names it with its uid, recorded right after the create, or with a start time): a create
+    that succeeds now means it is gone. Before the uid, a Job created and removed while
+    the operator was down, before any status recorded its start, was created again: the
+    generation ran twice (operator fault-injection trial)."""
     status = qjob.get("status") or {}
     return (
         status.get("observedGeneration") == _meta(qjob)[1]
         and status.get("jobName") == jname
-        and bool(status.get("startTime"))
+        and bool(status.get("jobUid") or status.get("startTime"))
     )
+
+
+def created_status(qjob: dict[str, Any], job: dict[str, Any], now: str | None = None) -> dict:
+    """The status right after the Job ``job`` of the current generation was created (or
+    adopted): what its state gives (:func:`derive_status`, no pods yet), naming its uid."""
+    return derive_status(qjob, job, [], now)
 
 
 def invalid_spec_status(
@@ -213,7 +222,11 @@ def derive_status(
     job = to_plain(job)
     jname = job["metadata"]["name"]
     spec, st = job.get("spec") or {}, job.get("status") or {}
-    times = {"jobName": jname, "startTime": st.get("startTime")}
+    times = {
+        "jobName": jname,
+        "jobUid": job["metadata"].get("uid"),
+        "startTime": st.get("startTime"),
+    }
     true = {c.get("type"): c for c in st.get("conditions") or [] if c.get("status") == "True"}
     pods = [p for p in map(to_plain, pods) if belongs(p, job, name, generation)]
     last = latest_terminated(pods)

@@ -4,7 +4,7 @@ for every stage a Job goes through, with objects shaped as the API server return
 from __future__ import annotations
 
 import pytest
-from operator_objects import T_END, T_START, condition, job, pod, qjob, terminated
+from operator_objects import JOB_UID, T_END, T_START, condition, job, pod, qjob, terminated
 
 from kquant_api import (
     Artifact,
@@ -482,3 +482,16 @@ def test_lost_and_blocked_statuses():
     waiting = qjob(status={"observedGeneration": 1, "jobName": f"{name}-1"})  # never started
     assert not job_existed(waiting, f"{name}-1")
     assert not job_existed(qjob(generation=2, status=running["status"]), f"{name}-2")
+
+
+def test_a_created_job_is_recorded_by_its_uid_before_it_starts():
+    """Operator fault-injection trial: a Job created, then removed while the operator was
+    down before any status recorded its start, was created again (the generation ran
+    twice). The status names the Job's uid right after the create."""
+    from kquant_operator.status import created_status, job_existed
+
+    cr = qjob()
+    created = created_status(cr, job(cr), now=NOW)  # no pod, no start time yet
+    assert created["jobUid"] == JOB_UID and "startTime" not in created
+    assert created["phase"] == "Pending"
+    assert job_existed(qjob(status=created), created["jobName"])
