@@ -91,6 +91,21 @@ def test_the_second_validator_reads_the_first_ones_pass(
         OnnxValidator(silero_onnx, _spec("int8", samples=3), [], shared=shared)
 
 
+def _count_sessions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The file names of the sessions validation makes from now on."""
+    import kquant_job.validate.compare as compare
+
+    made: list[str] = []
+    real = compare.make_session
+
+    def counted(path: Path, providers: list[str]) -> object:
+        made.append(Path(path).name)
+        return real(path, providers)
+
+    monkeypatch.setattr(compare, "make_session", counted)
+    return made
+
+
 def test_the_originals_latency_is_timed_once_for_every_variant(
     silero_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,14 +116,7 @@ def test_the_originals_latency_is_timed_once_for_every_variant(
     shared = tmp_path / "shared"
     first = OnnxValidator(silero_onnx, _spec("int8"), [], ranges=False, shared=shared)
     assert first.reference.latency is not None and first.reference.latency[1] == 2
-    made: list[str] = []
-    real = compare.make_session
-
-    def counted(path: Path, providers: list[str]) -> object:
-        made.append(Path(path).name)
-        return real(path, providers)
-
-    monkeypatch.setattr(compare, "make_session", counted)
+    made = _count_sessions(monkeypatch)
     # the same model twice: a slowdown is timing noise, and its confirmation round (tested in
     # test_latency_budget) would make sessions of its own
     monkeypatch.setattr(compare, "slower", lambda *_: False)
@@ -136,14 +144,7 @@ def test_the_originals_latency_timed_by_a_range_recorders_variant_is_shared(
     copy = tmp_path / "converted.onnx"
     copy.write_bytes(silero_onnx.read_bytes())
     timed = first.validate(copy).latency_ms
-    made: list[str] = []
-    real = compare.make_session
-
-    def counted(path: Path, providers: list[str]) -> object:
-        made.append(Path(path).name)
-        return real(path, providers)
-
-    monkeypatch.setattr(compare, "make_session", counted)
+    made = _count_sessions(monkeypatch)
     second = OnnxValidator(silero_onnx, _spec("int8"), [], ranges=False, shared=shared)
     outcome = second.validate(copy)
     assert made == ["converted.onnx"]  # no session of the original
