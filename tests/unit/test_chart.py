@@ -174,6 +174,7 @@ def test_operator_pod_values_change_the_deployment():
         "image": {"repository": "registry.local/kq/op", "tag": "dev", "pullPolicy": "Never"},
         "imagePullSecrets": [{"name": "regcred"}],
         "livenessPort": 9090,
+        "resyncSeconds": 15,
         "extraArgs": ["--verbose"],
         "resources": {"requests": {"cpu": "100m"}},
         "nodeSelector": {"role": "control"},
@@ -193,6 +194,8 @@ def test_operator_pod_values_change_the_deployment():
     assert container["imagePullPolicy"] == "Never" and container["args"] == ["--verbose"]
     assert container["ports"][0]["containerPort"] == 9090
     assert OperatorSettings.from_env(env(docs)).liveness_port == 9090
+    assert float(env(docs)["KQUANT_RESYNC_SECONDS"]) == 15
+    assert float(env(render())["KQUANT_RESYNC_SECONDS"]) == 60
     assert container["resources"]["requests"]["cpu"] == "100m"  # merged with the defaults
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["nodeSelector"] == {"role": "control"} and spec["affinity"]
@@ -239,6 +242,7 @@ def test_replicas_turn_on_kopf_peering(namespaces):
         {"worker": {"workVolumeSize": "lots"}},
         {"worker": {"backoffLimit": -1}},
         {"livenessPort": 70000},
+        {"resyncSeconds": 0},
         {"unknownKey": True},
         {"worker": {"nodeSelector": {"gpu": 1}}},
         {"worker": {"s3Transfer": {"partSize": 64}}},
