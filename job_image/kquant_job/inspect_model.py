@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kquant_api import ModelFormat
+from kquant_job.beside import KQUANT_DIR
 from kquant_job.formats import check_model_file, plan_model
 
 # Op types of already quantized graphs (QDQ, QOperator, dynamic INT8, onnxruntime's contrib).
@@ -219,8 +220,8 @@ def inspect_path(path: Path, op_type: str | None = None, name: str | None = None
         return {"models": [inspect_file(path, op_type, name)], "otherFiles": []}
     plan = plan_model(path, ModelFormat.auto, None, [])
     # an output prefix's .kquant/ holds kquant's own sets, which its names copy: counted
-    own = [m.rel for m in plan.models if m.rel.startswith(".kquant/")]
-    own += [c for c in plan.copies if c.startswith(".kquant/")]
+    own = [m.rel for m in plan.models if m.rel.startswith(KQUANT_DIR)]
+    own += [c for c in plan.copies if c.startswith(KQUANT_DIR)]
     models = [m for m in plan.models if m.rel not in own]
     reports = [inspect_file(plan.root / m.rel, op_type, name, m.rel) for m in models]
     report: dict[str, Any] = {"models": reports,

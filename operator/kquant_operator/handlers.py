@@ -47,7 +47,6 @@ from kquant_operator.settings import OperatorSettings
 from kquant_operator.status import (
     TERMINAL,
     blocked_status,
-    created_status,
     derive_status,
     events_for,
     invalid_spec_status,
@@ -225,7 +224,7 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
     else:
         logger.info("adopted existing Job %s", jname)
     try:  # the Job's uid, at once: a Job removed before its start is never created again
-        await _write_status(kube, qjob, created_status(qjob, job))
+        await _write_status(kube, qjob, derive_status(qjob, job, []))  # no pods yet
     except ApiError as exc:  # its first event writes it too
         logger.info("status after the create not written: %s", exc)
 

@@ -175,12 +175,6 @@ def job_existed(qjob: dict[str, Any], jname: str) -> bool:
     )
 
 
-def created_status(qjob: dict[str, Any], job: dict[str, Any], now: str | None = None) -> dict:
-    """The status right after the Job ``job`` of the current generation was created (or
-    adopted): what its state gives (:func:`derive_status`, no pods yet), naming its uid."""
-    return derive_status(qjob, job, [], now)
-
-
 def invalid_spec_status(
     qjob: dict[str, Any], message: str, now: str | None = None
 ) -> dict[str, Any]:

@@ -488,10 +488,10 @@ def test_a_created_job_is_recorded_by_its_uid_before_it_starts():
     """Operator fault-injection trial: a Job created, then removed while the operator was
     down before any status recorded its start, was created again (the generation ran
     twice). The status names the Job's uid right after the create."""
-    from kquant_operator.status import created_status, job_existed
+    from kquant_operator.status import derive_status, job_existed
 
     cr = qjob()
-    created = created_status(cr, job(cr), now=NOW)  # no pod, no start time yet
+    created = derive_status(cr, job(cr), [], now=NOW)  # no pod, no start time yet
     assert created["jobUid"] == JOB_UID and "startTime" not in created
     assert created["phase"] == "Pending"
     assert job_existed(qjob(status=created), created["jobName"])

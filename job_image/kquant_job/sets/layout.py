@@ -69,7 +69,7 @@ class Retention:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Retention:
         """Read the three variables; raises InvalidSpec naming one that is not a positive
-        number (``KQUANT_KEEP_SETS``: an integer >= 1)."""
+        number (``KQUANT_KEEP_SETS``: an integer >= 2)."""
         env = os.environ if env is None else env
         d = cls()
         keep = int(_positive(env, KEEP_SETS_ENV, d.keep_sets, integer=True))

@@ -347,7 +347,7 @@ class Target:
                     raise
                 state = self._state()  # who wrote it? (maybe us: a retry)
                 continue
-            self._confirm(set_id, [*rels, MANIFEST, MARKER], state, etag)
+            self._confirm(set_id, [*rels, MANIFEST, MARKER], uri, state, etag)
             LOG.info("committed set %s", set_id, extra={"fields": {"prefix": self.prefix}})
             return dropped
         raise StorageError(
@@ -366,16 +366,17 @@ class Target:
                 reason=Reason.ConcurrentWrite,
             )
 
-    def _confirm(self, set_id: str, rels: list[str], before: PrefixState, etag: str) -> None:
-        """Check, right after the commit, that the set is still whole; else put back the
-        manifest ``before`` held (removed when there was none), if nobody replaced ours
-        since, and raise ConcurrentWrite. The first commit to a prefix has no etag another
-        run could fence (:func:`~kquant_job.sets.state.fence`): a commit delayed past its
-        lease lands even though its set was reclaimed meanwhile."""
+    def _confirm(
+        self, set_id: str, rels: list[str], uri: str, before: PrefixState, etag: str
+    ) -> None:
+        """Check, right after the commit, that the set is still whole; else put back at
+        ``uri`` the manifest ``before`` held (removed when there was none), if nobody
+        replaced ours since, and raise ConcurrentWrite. Reclaiming never removes a set
+        without a fence (:func:`~kquant_job.sets.state.fence`), but a file of the set can
+        still be removed by hand between the check before the commit and the commit."""
         try:
             self._verify(set_id, rels)
         except StorageError:
-            uri = join(self.prefix, manifest_key(self.home))
             try:
                 if before.manifest is None:
                     self.storage.delete(uri, if_match=etag)
