@@ -43,7 +43,7 @@ from kquant_operator.jobs import (
     to_plain,
 )
 from kquant_operator.kube import ApiError, Kube, path
-from kquant_operator.settings import OperatorSettings
+from kquant_operator.settings import OperatorSettings, resync_seconds
 from kquant_operator.status import (
     TERMINAL,
     blocked_status,
@@ -65,7 +65,7 @@ STATUS_ATTEMPTS = 8  # event handlers are not retried by kopf: retry status writ
 # How often a generation without a verdict has its status derived again from its Job
 # (KQUANT_RESYNC_SECONDS): a status write that failed through a burst of API errors is
 # otherwise never retried, as a finished Job sends no more events.
-RESYNC_SECONDS = float(os.environ.get("KQUANT_RESYNC_SECONDS", "60") or 60)
+RESYNC_SECONDS = resync_seconds(os.environ)
 
 
 def _qjob_path(namespace: str, name: str, sub: str = "") -> str:

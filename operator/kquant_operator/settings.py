@@ -220,6 +220,22 @@ def _s3_transfer(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def resync_seconds(env: Mapping[str, str]) -> float:
+    """``KQUANT_RESYNC_SECONDS`` (seconds; default 60): a positive, finite number. Read apart
+    from :class:`OperatorSettings`, when the handlers are registered (the timer's interval is
+    fixed then). Raises ValueError naming the variable."""
+    raw = env.get("KQUANT_RESYNC_SECONDS") or "60"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf")):
+        raise ValueError(
+            f"KQUANT_RESYNC_SECONDS: expected a positive number of seconds, got {raw!r}"
+        )
+    return value
+
+
 def _json(env: Mapping[str, str], name: str, default: Any) -> Any:
     raw = env.get(name)
     if not raw:

@@ -21,7 +21,7 @@ from kquant_operator.jobs import (
     job_name,
     parse_qjob,
 )
-from kquant_operator.settings import S3_TRANSFER_VARIABLES, OperatorSettings
+from kquant_operator.settings import S3_TRANSFER_VARIABLES, OperatorSettings, resync_seconds
 
 K8S_VERSION = "1.31.0"  # first release with podFailurePolicy and DisruptionTarget GA
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -427,3 +427,15 @@ def test_settings_from_environment():
 def test_bad_settings_name_the_variable(name, value):
     with pytest.raises(ValueError, match=name):
         OperatorSettings.from_env({name: value})
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5", "inf", "nan"])
+def test_a_malformed_resync_interval_names_its_variable(raw: str) -> None:
+    with pytest.raises(ValueError, match=f"KQUANT_RESYNC_SECONDS: .*{re.escape(repr(raw))}"):
+        resync_seconds({"KQUANT_RESYNC_SECONDS": raw})
+
+
+def test_the_resync_interval_defaults_to_a_minute() -> None:
+    assert resync_seconds({}) == 60.0
+    assert resync_seconds({"KQUANT_RESYNC_SECONDS": ""}) == 60.0
+    assert resync_seconds({"KQUANT_RESYNC_SECONDS": "2.5"}) == 2.5
