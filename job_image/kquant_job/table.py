@@ -32,10 +32,21 @@ def model_notes(model: ModelOutcome) -> list[str]:
     notes = []
     details = model.details
     attempts = details.get("attempts") or []
-    last = attempts[-1] if attempts else {}
+    chosen = details.get("chosenAttempt")  # the last attempt, unless a slow one was kept
+    last = next(
+        (a for a in attempts if a.get("attempt") == chosen), attempts[-1] if attempts else {}
+    )
     if last.get("attempt") not in (None, "requested") and details.get("probePassed", True):
         first = attempts[0]
         missed = (first.get("probe") or {}).get("violations") or [first.get("error", "")]
+        if first.get("slower"):
+            lat = first["latencyMs"]
+            missed = [
+                f"within tolerance, but {lat['quantized'] / lat['original']:.2f}x the "
+                f"original's latency ({lat['quantized']:.3g} vs {lat['original']:.3g} ms): "
+                "ConvInteger, onnxruntime's INT8 Conv, lacks the optimized kernels of its "
+                "float Conv"
+            ]
         kept = (details.get("recovery") or {}).get("keptFloat") or []
         if last.get("attempt") == "nodeRecovery":
             shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
@@ -48,7 +59,7 @@ def model_notes(model: ModelOutcome) -> list[str]:
             return notes
         notes.append(
             f"{model.source}: INT8 fell back to {last['attempt']} ({_settings(last)}): the "
-            f"requested configuration failed ({missed[0] if missed else 'see the report'}); "
+            f"requested configuration did not pass ({missed[0] if missed else 'see the report'}); "
             "strict: true publishes the requested configuration only"
         )
     if details.get("repaired"):

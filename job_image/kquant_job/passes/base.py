@@ -24,15 +24,24 @@ class ProbeResult:
     ``ok`` is False when the candidate failed to load or run (``error`` holds the runtime's
     message) or when a tolerance was exceeded (``violations`` lists them, e.g.
     ``"output: maxAbsError 0.3 > 0.01"``). ``metrics`` maps output name to its metrics.
+    ``latency`` (a timed probe of a candidate within tolerance): ``{"original": ms,
+    "quantized": ms, "runs": n}``, medians on the first sample; ``slower``: whether that
+    counts as slower than the original by the gain rule (:func:`kquant_job.gain.slower`).
     """
 
     ok: bool
     error: str | None = None
     violations: list[str] = field(default_factory=list)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency: dict[str, float] | None = None
+    slower: bool = False
 
 
-Probe = Callable[[Path], ProbeResult]
+class Probe(Protocol):
+    """Checks a candidate file against the original on a few samples; ``timed``: a
+    candidate within tolerance is also timed against the original (``ProbeResult.latency``)."""
+
+    def __call__(self, candidate: Path, *, timed: bool = False) -> ProbeResult: ...
 
 
 @dataclass

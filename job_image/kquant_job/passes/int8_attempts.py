@@ -129,6 +129,12 @@ def _produce(
     return counts, None
 
 
+# Ops with no optimized onnxruntime kernel: a candidate holding them is timed before it is
+# chosen (ConvInteger ran OCR and detection models 2-8x slower than FP32 on the CPU,
+# bench_variants.py --wheels; the CUDA provider has no kernel for it at all).
+SLOW_OPS = frozenset({"ConvInteger"})
+
+
 def run_attempts(
     pass_name: str,
     model_in: Path,
@@ -138,9 +144,17 @@ def run_attempts(
     ctx: PassContext,
     details: dict[str, Any],
     recoverable: list[str] | None = None,
+    faster: str | None = None,
 ) -> PassResult:
     """Quantize with each step's settings until a candidate loads and passes ``ctx.probe``
     (only the first step is tried without a probe), then move it to ``out_path``.
+
+    ``faster``: the label of a later step that leaves the SLOW_OPS float. A candidate within
+    tolerance that holds SLOW_OPS is then timed against the original (the probe's
+    ``timed``); when it counts as slower by the gain rule the ladder goes on at that step,
+    and the slow candidate is returned only if no later one passes (validation then calls
+    it NoGain). Measured on ddddocr's 54 MB recognizer: every op quantized 0.25x the size
+    and 2.5x the latency, Conv left float 0.30x and 0.66x.
 
     When every step misses the probe and ``recoverable`` (the quantizable node names, in
     graph order) is given, the nodes that break the tolerance are found and left float
@@ -148,18 +162,26 @@ def run_attempts(
     candidate came closest): a last attempt ``nodeRecovery``, its ranking in
     ``details["recovery"]``.
 
-    Every attempt is recorded in ``details["attempts"]``. When a probe is given and no
-    candidate passes, the last one that loaded and quantized something is returned with
-    ``probePassed=False``
-    (validation then fails it with ValidationFailed). Raises PassError(ConversionFailed)
-    naming the file and onnxruntime's message when no candidate was produced and loaded, or
-    when the chosen candidate has no quantized node (it would be the float model renamed).
+    Every attempt is recorded in ``details["attempts"]`` (a timed one with ``latencyMs`` and
+    ``slower``), the published one's label in ``details["chosenAttempt"]``. When a probe is
+    given and no candidate passes, the last one that loaded and quantized something is
+    returned with ``probePassed=False`` (validation then fails it with ValidationFailed).
+    Raises PassError(ConversionFailed) naming the file and onnxruntime's message when no
+    candidate was produced and loaded, or when the chosen candidate has no quantized node
+    (it would be the float model renamed).
     """
     attempts: list[dict[str, Any]] = []
     chosen: tuple[Path, dict[str, Any]] | None = None
+    slow: tuple[Path, dict[str, Any]] | None = None  # within tolerance, slower
+    chosen_label = slow_label = ""
     passed = False
     closest: tuple[float, Int8Settings] | None = None
-    for i, (label, settings) in enumerate(steps if ctx.probe else steps[:1], start=1):
+    todo = steps if ctx.probe else steps[:1]
+    labels = [label for label, _ in todo]
+    i = 0
+    while i < len(todo):
+        label, settings = todo[i]
+        i += 1
         candidate = ctx.work_dir / f"{pass_name}-{i}" / out_path.name
         record: dict[str, Any] = {"attempt": label, **settings.describe()}
         attempts.append(record)
@@ -173,18 +195,37 @@ def run_attempts(
         record.update(counts)
         if chosen is not None:
             _discard(chosen[0])  # one candidate on disk at a time: the last that loaded
-        chosen = (candidate, counts)
+        chosen, chosen_label = (candidate, counts), label
         if ctx.probe is None:
             break
-        result = ctx.probe(candidate)
+        timed = faster in labels[i:] and not SLOW_OPS.isdisjoint(counts["quantizedOps"])
+        result = ctx.probe(candidate, timed=True) if timed else ctx.probe(candidate)
         record["probe"] = {"ok": result.ok, "violations": result.violations}
         if result.error:
             record["probe"]["error"] = result.error
+        if result.latency is not None:
+            record.update(latencyMs=result.latency, slower=result.slower)
+        if result.ok and result.slower:
+            ctx.log.info(
+                "%s attempt %s: within tolerance, %.2fx the original's latency: trying %s",
+                pass_name, label, result.latency["quantized"] / result.latency["original"],
+                faster,
+            )  # fmt: skip
+            slow, slow_label, chosen = chosen, label, None
+            i = labels.index(str(faster), i)
+            continue
         if result.ok:
             passed = True
             break
         if closest is None or score(result) < closest[0]:
             closest = (score(result), settings)
+    if slow is not None:
+        if passed and chosen is not None:
+            _discard(slow[0])
+        else:  # no faster candidate passes: the accurate one, for validation to judge
+            if chosen is not None:
+                _discard(chosen[0])
+            chosen, chosen_label, passed = slow, slow_label, True
     if ctx.probe is not None and not passed and recoverable and closest is not None:
         found = _recover(pass_name, model_in, closest[1], recoverable, quantize, out_path, ctx)
         details["recovery"] = found.describe()
@@ -194,7 +235,7 @@ def run_attempts(
             attempts.append(record)
             if chosen is not None:
                 _discard(chosen[0])
-            chosen, passed = (found.path, found.counts), True
+            chosen, chosen_label, passed = (found.path, found.counts), "nodeRecovery", True
     details["attempts"] = attempts
     details["cpuInt8Kernels"] = cpu_int8_kernels()
     if chosen is None:
@@ -209,6 +250,7 @@ def run_attempts(
         raise PassError(message, reason=Reason.ConversionFailed, attempts=attempts)
     candidate, counts = chosen
     details.update(counts)
+    details["chosenAttempt"] = chosen_label
     if ctx.probe is not None:
         details["probePassed"] = passed
     for warning in details.get("warnings", []):

@@ -44,7 +44,10 @@ class OnnxInt8DynamicPass:
     ``opTypesToQuantize``, ``nodesToExclude``. With ``ctx.probe`` a candidate that misses
     the tolerance is retried with per-channel weights, then with only MatMul/Gemm/LSTM/GRU/
     Attention quantized, then with the layers that produce the outputs left float too (see
-    :func:`~kquant_job.passes.int8_common.fallback_ladder`).
+    :func:`~kquant_job.passes.int8_common.fallback_ladder`). A candidate within tolerance
+    whose ConvInteger makes it slower than the original goes on to the MatMul/Gemm/LSTM/GRU/
+    Attention step too, unless ``requireGain`` is false
+    (:func:`~kquant_job.passes.int8_attempts.run_attempts`).
     """
 
     name: ClassVar[str] = "onnx-int8-dynamic"
@@ -113,4 +116,8 @@ class OnnxInt8DynamicPass:
             if config.strict
             else quantizable_nodes(prepared.model, settings, supported, present)
         )
-        return run_attempts(self.name, model_in, steps, quantize, out_path, ctx, details, nodes)
+        # A slow ConvInteger result is not worth having: Conv is left float instead (gain rule)
+        faster = None if config.requireGain is False else "denseOpsOnly"
+        return run_attempts(
+            self.name, model_in, steps, quantize, out_path, ctx, details, nodes, faster
+        )

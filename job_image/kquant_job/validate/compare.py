@@ -207,12 +207,14 @@ class Reference:
         source = model or self.original
         return activation_ranges(source, self.feeds[:n], self.cfg.feedback, self.providers)
 
-    def probe(self, candidate: Path, max_samples: int = 8) -> ProbeResult:
+    def probe(self, candidate: Path, max_samples: int = 8, *, timed: bool = False) -> ProbeResult:
         """Check ``candidate`` on the first ``max_samples`` samples (a stream prefix when
         feedback is set). Never raises: a load or run failure gives ``ok=False`` with the
         runtime's message in ``error``; a broken tolerance gives ``ok=False`` with
         ``violations``. With decision rules every sample is used: decisions (speech
-        segments) may first change past a stream's first samples."""
+        segments) may first change past a stream's first samples. ``timed``: a candidate
+        within tolerance is timed against the original as validation times it
+        (:meth:`latency_of`), in ``latency`` and ``slower``."""
         n = len(self.feeds) if self.tolerance.decisions else min(max_samples, len(self.feeds))
         try:
             session = make_session(candidate, self.providers)
@@ -224,11 +226,44 @@ class Reference:
             return ProbeResult(ok=False, error=f"run failed: {short(exc)}")
         metrics = compare_outputs(self.outputs[:n], outputs, self.tolerance.decisions)
         violations = check_tolerance(metrics, self.tolerance)
-        return ProbeResult(
+        result = ProbeResult(
             ok=not violations,
             violations=violations,
             metrics={m.name: m.to_dict() for m in metrics},
         )
+        if timed and result.ok:
+            del outputs
+            try:
+                lat = self.latency_of(session)
+            except Exception:  # it ran on every sample above: validation says what fails
+                return result
+            result.latency = lat
+            result.slower = slower(lat["original"], lat["quantized"], int(lat["runs"]))
+        return result
+
+    def latency_of(self, session: Any) -> dict[str, float]:
+        """``{"original": ms, "quantized": ms, "runs": n}``: medians of ``session`` (a
+        candidate's) and of the original on the first feed, on validation's settings
+        (``cfg.latencyRuns`` after ``cfg.warmupRuns`` within ``cfg.latencyBudgetMs``). On the
+        CPU the two are timed one after the other (half the budget each) and the original's
+        block is the reference pass's (``latency``: timed once, kept for validation);
+        elsewhere in alternation (:func:`paired_latency_ms`). ``runs``: the fewer of the
+        two. Raises what ``session.run`` raises."""
+        cfg, feed = self.cfg, self.feeds[0]
+        runs, warmup, budget = cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs
+        if not self.sequential:
+            return paired_latency_ms(
+                session_call(self.session, feed), session_call(session, feed), runs, warmup,
+                budget,
+            )  # fmt: skip
+        quantized, q_runs = block_latency_ms(session_call(session, feed), runs, warmup, budget / 2)
+        if self.latency is None:
+            self.latency = block_latency_ms(
+                session_call(self.session, feed), runs, warmup, budget / 2
+            )
+            self.release()
+        original, o_runs = self.latency
+        return {"original": original, "quantized": quantized, "runs": min(q_runs, o_runs)}
 
 
 # How much of a model's outputs the report lists (a TorchScript module's dict output names

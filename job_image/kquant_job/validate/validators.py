@@ -82,6 +82,9 @@ class OnnxValidator:
                     ref.feeds, ref.outputs, self.cfg, self.chosen, ref.ranges, ref.device,
                     ref.latency,
                 ))  # fmt: skip
+        # the original's latency, once timed (here, by a pass's timed probe or by validation),
+        # is left for the next variants
+        self._latency_shared = self.reference.latency is not None
         self.probe: Probe | None = self.reference.probe
         self.activation_ranges = self.reference.activation_ranges
         self.providers = self.reference.providers
@@ -113,13 +116,13 @@ class OnnxValidator:
         config = self.spec.conversions[0]
         # the gain rule's precisions (kquant_job.gain): a latency verdict is confirmed
         judged = config.precision in (Precision.int8, Precision.int4)
-        timed = ref.latency is not None
         outcome = validate_onnx(
             ref.original, converted, ref.feeds, self.cfg, self.spec.tolerance, reference=ref,
             confirm_slowdown=judged and config.requireGain is not False,
         )  # fmt: skip
-        if self._shared and not timed and ref.latency is not None:
+        if self._shared and not self._latency_shared and ref.latency is not None:
             reference_cache.save_latency(self._shared, self._key, ref.latency)
+            self._latency_shared = True
         return outcome
 
 
