@@ -14,6 +14,9 @@ these handlers only read and write the API:
   status subresource (merge patch, guarded by ``resourceVersion``) and post its Events.
 - an invalid spec: status Failed/InvalidSpec, a Warning Event (Failed), ``kopf.PermanentError``;
   no Job.
+- every ``KQUANT_RESYNC_SECONDS``: the status of each generation without a verdict derived
+  again from its Job (an operator-wide loop, not a kopf timer, which would put a finalizer
+  on every CR).
 
 Deletion needs no handler and no finalizer: the Job's ownerReference (controller, uid) lets
 Kubernetes' garbage collector remove the Job and its pods with the CR.
@@ -26,6 +29,7 @@ variables (:mod:`kquant_operator.settings`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any, NoReturn
@@ -72,6 +76,13 @@ def _qjob_path(namespace: str, name: str, sub: str = "") -> str:
     return path(GROUP, VERSION, PLURAL, namespace, name, sub)
 
 
+def _qjobs_path(namespace: str | None) -> str:
+    """The QuantizationJobs of ``namespace``, or of every namespace (None)."""
+    if namespace is None:
+        return f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+    return path(GROUP, VERSION, PLURAL, namespace)
+
+
 def _jobs_path(namespace: str, name: str = "") -> str:
     return path("batch", "v1", "jobs", namespace, name)
 
@@ -85,8 +96,11 @@ def _raise_for(exc: ApiError, what: str) -> NoReturn:
     raise kopf.PermanentError(f"{what}: {exc}") from None
 
 
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Start-up: kopf's settings set explicitly, and our settings and API client in memo.
+async def configure(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """Start-up: kopf's settings set explicitly, our settings and API client in memo, and
+    the resync loop started (:func:`_resync_loop`).
 
     Progress and the diff base live in annotations (``kquant.io/...``), so ``status`` is
     ours alone. Events: only the explicit ones (JobCreated, Succeeded, ValidationFailed,
@@ -113,10 +127,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         settings.scanning.disabled = True
     memo.settings = ours
     memo.kube = Kube.from_environment()
+    memo.resync = asyncio.create_task(_resync_loop(memo, logger))
 
 
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    """Clean-up: release the API client's connections."""
+    """Clean-up: stop the resync loop, release the API client's connections."""
+    task = memo.get("resync")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     kube = memo.get("kube")
     if kube is not None:
         kube.close()
@@ -299,18 +319,46 @@ async def job_event(
     await _sync_status(memo.kube, owner, job, event.get("type") == "DELETED", logger)
 
 
-async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """Every RESYNC_SECONDS while the CR's generation has no verdict: read its Job and
-    write the status it gives, as a Job event would. Before, a Job that finished while
-    the API server refused the status writes (8 Conflicts in a row, 20 s of 503s) left the
-    CR Running for good (fault-injection trial): a finished Job sends no more events."""
-    qjob = to_plain(body)
-    if is_finished(qjob):
-        return
+async def _resync_loop(memo: kopf.Memo, logger: kopf.Logger) -> None:
+    """Every RESYNC_SECONDS, :func:`resync` each QuantizationJob in scope. Not a kopf timer:
+    kopf puts a finalizer on every object a timer serves, and with it a CR could not be
+    deleted while the operator is down or uninstalled (``kubectl delete`` and a namespace's
+    deletion hung), and each CR cost two more PATCHes and a round trip before its Job."""
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)  # read each time: tests shorten it
+        try:
+            await resync(memo.kube, memo.settings, logger)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the next round tries again
+            logger.warning("resync failed: %s", exc)
+
+
+async def resync(kube: Kube, settings: OperatorSettings, logger: kopf.Logger) -> None:
+    """For each QuantizationJob in scope whose generation has no verdict: read its Job and
+    write the status it gives, as a Job event would. Before, a Job that finished while the
+    API server refused the status writes (8 Conflicts in a row, 20 s of 503s) left the CR
+    Running for good (fault-injection trial): a finished Job sends no more events. One LIST
+    of QuantizationJobs per watched namespace (one in all when cluster-wide) and a GET of
+    each unfinished one's Job."""
+    namespaces: tuple[str | None, ...] = settings.watch_namespaces or (None,)
+    for namespace in namespaces:
+        try:
+            qjobs = await kube.list(_qjobs_path(namespace))
+        except ApiError as exc:
+            where = f"in {namespace}" if namespace else "in all namespaces"
+            logger.warning("cannot list QuantizationJobs %s: %s", where, exc)
+            continue
+        for qjob in qjobs:
+            if not is_finished(qjob) and qjob.get("metadata", {}).get("generation"):
+                await _resync_one(kube, qjob, logger)
+
+
+async def _resync_one(kube: Kube, qjob: dict[str, Any], logger: kopf.Logger) -> None:
     meta = qjob["metadata"]
     jname = job_name(meta["name"], meta["generation"])
     try:
-        job = await memo.kube.get(_jobs_path(meta["namespace"], jname))
+        job = await kube.get(_jobs_path(meta["namespace"], jname))
     except ApiError as exc:
         # 404: not created yet (ensure_job's part), or gone (its DELETED event's)
         if exc.status != 404:
@@ -318,7 +366,7 @@ async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
         return
     owner = _owner(job)
     if owner is not None and owner["uid"] == meta["uid"]:  # never someone else's Job
-        await _sync_status(memo.kube, owner, job, False, logger)
+        await _sync_status(kube, owner, job, False, logger)
 
 
 async def _sync_status(
@@ -371,15 +419,6 @@ def register(registry: kopf.OperatorRegistry) -> None:
     kopf.on.event(
         "batch", "v1", "jobs", labels={LABEL_NAME: kopf.PRESENT}, when=in_scope, registry=registry
     )(job_event)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS,
-               when=_unfinished, registry=registry)(resync)  # fmt: skip
-
-
-def _unfinished(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> bool:
-    """A CR in scope whose current generation has no verdict yet (the resync timer's)."""
-    return in_scope(body.get("metadata", {}).get("namespace"), memo) and not is_finished(
-        to_plain(body)
-    )
 
 
 register(kopf.get_default_registry())  # ``kopf run -m kquant_operator`` finds them on import

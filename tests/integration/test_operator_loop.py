@@ -476,15 +476,19 @@ async def test_a_job_gone_while_the_operator_was_down_is_not_run_again(kmock, tm
     assert stored(kmock, JOBS, NS) == []
 
 
+@pytest.mark.parametrize("scope", ["cluster", "namespaced"])
 async def test_a_status_refused_through_a_burst_of_conflicts_is_written_later(
-    kmock, tmp_path, monkeypatch
+    kmock, tmp_path, monkeypatch, scope
 ):
     """Fault-injection trial: the Job completed while the API server answered 409 to every
     status write; the event handler gave up after its 8 tries, no further Job event came,
-    and the CR stayed Running for good. The resync timer writes it once the API answers."""
+    and the CR stayed Running for good. The resync loop writes it once the API answers."""
     import kquant_operator.handlers as handlers
 
     monkeypatch.setattr(handlers, "RESYNC_SECONDS", 1.0)
+    namespaces = (NS,) if scope == "namespaced" else ()
+    if namespaces:  # the resync lists the watched namespace, not all of them
+        monkeypatch.setenv("KQUANT_WATCH_NAMESPACES", NS)
     release = asyncio.Event()
 
     async def held(job: dict) -> JobResult:
@@ -493,7 +497,8 @@ async def test_a_status_refused_through_a_burst_of_conflicts_is_written_later(
 
     api = Api(kmock)
     conflict = (409, "Conflict", "the object has been modified; please apply your changes")
-    async with JobStandIn(kmock, tmp_path / "kubelet", held), operator_running(kmock, tmp_path):
+    running = operator_running(kmock, tmp_path, namespaces)
+    async with JobStandIn(kmock, tmp_path / "kubelet", held), running:
         await api.create(QJOBS, NS, example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
         await wait_for(lambda: status_of(kmock, "qj-1").get("phase") == "Running", what="run")
         kmock.refusals[(QJOBS, kmock_action_update())] = conflict
@@ -509,6 +514,31 @@ async def test_a_status_refused_through_a_burst_of_conflicts_is_written_later(
         kmock.refusals.clear()
         status = await wait_for(lambda: final_status(kmock, NS, "qj-1"), what="a verdict")
     assert (status["phase"], status["reason"]) == ("Succeeded", "Validated")
+
+
+async def test_a_running_cr_holds_no_finalizer_and_is_deleted_while_the_operator_is_down(
+    kmock, tmp_path
+):
+    """The resync was a kopf timer, and kopf puts a finalizer on every object a timer serves:
+    a CR without a verdict could not be deleted while the operator was down or uninstalled
+    (the emulator, like an API server, keeps an object until its finalizers are removed)."""
+    release = asyncio.Event()
+
+    async def held(job: dict) -> JobResult:
+        await release.wait()
+        return canned(job)
+
+    api = Api(kmock)
+    async with JobStandIn(kmock, tmp_path / "kubelet", held):
+        async with operator_running(kmock, tmp_path):
+            await api.create(QJOBS, NS, example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
+            await wait_for(lambda: status_of(kmock, "qj-1").get("phase") == "Running", what="run")
+            await asyncio.sleep(0.5)  # what kopf would do after the handlers, it has done
+            [cr] = stored(kmock, QJOBS, NS)
+            assert not cr["metadata"].get("finalizers")
+        await api.delete(QJOBS, NS, "qj-1")  # the operator is stopped
+        assert stored(kmock, QJOBS, NS) == []
+        release.set()
 
 
 def kmock_action_update():

@@ -278,6 +278,8 @@ def _resource_of(call: ast.expr) -> tuple[str, str]:
     if call.func.id == "_qjob_path":
         sub = "/status" if len(call.args) > 2 else ""
         return "kquant.io", "quantizationjobs" + sub
+    if call.func.id == "_qjobs_path":
+        return "kquant.io", "quantizationjobs"
     if call.func.id == "_jobs_path":
         return "batch", "jobs"
     if call.func.id == "path":
@@ -336,6 +338,7 @@ def test_the_code_makes_the_calls_this_test_knows():
     # Guards the scan itself: these calls are in handlers.py today.
     assert ("kquant.io", "quantizationjobs/status", "patch") in calls
     assert ("", "pods", "list") in calls and ("batch", "jobs", "create") in calls
+    assert ("kquant.io", "quantizationjobs", "list") in calls  # the resync loop
 
 
 @pytest.mark.parametrize("namespaces", [[], ["speech", "vision"]])
