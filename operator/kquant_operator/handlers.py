@@ -311,12 +311,19 @@ async def job_event(
 ) -> None:
     """A change of one of our Jobs: recompute and write the owner's status. A Job of the
     current generation deleted before its verdict was written (by a person; a finished
-    Job's TTL comes after its verdict) ends the generation in JobDeleted."""
+    Job's TTL comes after its verdict) ends the generation in JobDeleted. A Job that shows
+    no pod and no condition yet is skipped (its status is ensure_job's; the resync loop
+    writes it if that write failed)."""
     owner = _owner(body)
     if owner is None:
         return
     job = event.get("object") or to_plain(body)  # the raw object: no view to copy
-    await _sync_status(memo.kube, owner, job, event.get("type") == "DELETED", logger)
+    deleted = event.get("type") == "DELETED"
+    if not deleted and not _may_have_pods(job):
+        # Just created: ensure_job wrote the status this gives (Pending, the Job's uid) right
+        # after the create; a GET of the CR here only raced that write (burst benchmark).
+        return
+    await _sync_status(memo.kube, owner, job, deleted, logger)
 
 
 async def _resync_loop(memo: kopf.Memo, logger: kopf.Logger) -> None:

@@ -171,13 +171,13 @@ class JobStandIn:
             if late:
                 msg = "Job was active longer than specified deadline"
                 conds = [_cond(t, "DeadlineExceeded", msg) for t in ("FailureTarget", "Failed")]
-                status = {"active": 0, "failed": failed + 1, "conditions": conds}
+                status = {"active": 0, "ready": 0, "failed": failed + 1, "conditions": conds}
                 break
             if code == 0:
                 msg = "Reached expected number of succeeded pods"
                 kinds = ("SuccessCriteriaMet", "Complete")
                 conds = [_cond(t, "CompletionsReached", msg) for t in kinds]
-                status = {"active": 0, "succeeded": 1, "completionTime": now_rfc3339()}
+                status = {"active": 0, "ready": 0, "succeeded": 1, "completionTime": now_rfc3339()}
                 status["conditions"] = conds
                 break
             rule = failure_rule(job, pod["spec"]["containers"][0]["name"], code)
@@ -189,14 +189,14 @@ class JobStandIn:
                     f"FailJob rule at index {rule[0]}"
                 )
                 conds = [_cond(t, "PodFailurePolicy", msg) for t in ("FailureTarget", "Failed")]
-                status = {"active": 0, "failed": failed, "conditions": conds}
+                status = {"active": 0, "ready": 0, "failed": failed, "conditions": conds}
                 break
             if failed > backoff:
                 msg = "Job has reached the specified backoff limit"
                 conds = [_cond(t, "BackoffLimitExceeded", msg) for t in ("FailureTarget", "Failed")]
-                status = {"active": 0, "failed": failed, "conditions": conds}
+                status = {"active": 0, "ready": 0, "failed": failed, "conditions": conds}
                 break
-            await self._job_status(ns, name, {"active": 1, "failed": failed})
+            await self._job_status(ns, name, {"active": 1, "ready": 0, "failed": failed})
         await self._job_status(ns, name, status)
 
     async def _job_status(self, ns: str, name: str, status: dict) -> None:
@@ -223,6 +223,13 @@ class JobStandIn:
         }
         pod = await self.api.create(PODS, meta["namespace"], body)
         return await self._pod_status(pod, {"phase": "Pending", "startTime": now_rfc3339()})
+
+    async def _pod_running(self, job: dict, pod: dict) -> None:
+        """The pod runs, and the Job counts it ready (``status.ready``, as the Job controller
+        does since Kubernetes 1.24): the Job event the operator sees Running by."""
+        await self._pod_status(pod, {"phase": "Running"})
+        meta = job["metadata"]
+        await self._job_status(meta["namespace"], meta["name"], {"ready": 1})
 
     async def _pod_status(self, pod: dict, status: dict) -> dict:
         meta = pod["metadata"]
@@ -284,7 +291,7 @@ class JobStandIn:
         if self.canned is not None:
             result = self.canned(job)
             if inspect.isawaitable(result):  # the pod runs until the test lets it end
-                await self._pod_status(pod, {"phase": "Running"})
+                await self._pod_running(job, pod)
                 result = await result
             return result.exit_code, result.to_json(), False
         root = self.root / pname
@@ -304,7 +311,7 @@ class JobStandIn:
         )
         self.processes[jname] = proc
         lines = self.logs.setdefault(jname, [])
-        await self._pod_status(pod, {"phase": "Running"})
+        await self._pod_running(job, pod)
 
         async def read() -> None:
             assert proc.stdout is not None
