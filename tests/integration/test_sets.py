@@ -118,6 +118,28 @@ def test_replacing_removes_stale_copies_and_never_touches_foreign_objects(store,
     assert manifest["history"][0]["set"] == manifest["set"]
 
 
+def test_a_fixed_name_rewritten_in_place_stays_the_writers_and_its_set_is_untouched(
+    store, tmp_path
+):
+    """Fault-injection trial: locally the fixed name was a hard link of the set's file, so a
+    colleague's ``cp`` over it rewrote the set too, and the next set, which no longer had
+    that name, removed the colleague's file as kquant's own."""
+    first = publish(store, tmp_path, JOB)
+    ours = FILES["model_fp16.onnx"]
+    hotfix = b"hotfix" + ours[6:]  # the same size, other bytes
+    if store.kind == "file":
+        with Path(store.uri("out/model_fp16.onnx")[len("file://") :]).open("r+b") as fh:
+            fh.write(b"hotfix")  # in place, as cp does
+    else:
+        store.storage.write_bytes(store.uri("out/model_fp16.onnx"), hotfix)
+    out = prefix_of(store)
+    assert out.get("model_fp16.onnx") == hotfix
+    assert out.get(f".kquant/sets/{first.set_id}/model_fp16.onnx") == ours
+    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2), {"model_int8.onnx": b"q" * 99})
+    assert out.get("model_fp16.onnx") == hotfix  # not kquant's: left where it is
+    assert out.get("model_int8.onnx") == b"q" * 99
+
+
 def test_a_foreign_object_at_a_fixed_name_is_refused_before_anything_is_written(store, tmp_path):
     store.storage.write_bytes(store.uri("out/model_fp16.onnx"), b"someone else's model")
     t = target(store, JOB)

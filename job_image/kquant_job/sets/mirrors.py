@@ -2,10 +2,12 @@
 
 For readers that open a known file name instead of following ``manifest.json``. After a
 manifest switch every fixed name of the new set is replaced by a copy of the set's file (a
-server-side copy on S3, a hard link locally), each in one atomic step: a reader of one name
-gets the old file or the new one, whole, and a name both sets share is never missing. Names
-only the old sets had are then removed, if the object there is still the one kquant placed
-(conditional delete).
+server-side copy on S3; locally a copy that shares no data with the set's file, so a write
+into the fixed name never reaches the set), each in one atomic step and only while the
+name holds what kquant saw there (nothing, or the etag it checked): a reader of one name
+gets the old file or the new one, whole, a name both sets share is never missing, and a
+colleague's file written there meanwhile is left. Names only the old sets had are then
+removed, if the object there is still the one kquant placed (conditional delete).
 
 Several writers may sync one prefix in turn; a copy is always taken from the set the
 manifest names at that moment, and each round ends by re-reading the manifest: a writer
@@ -40,25 +42,29 @@ class MirrorOutcome:
     foreign: list[str] = field(default_factory=list)
 
 
-def in_sync(info: ObjectInfo, set_id: str, source: ObjectInfo | None) -> bool:
-    """The object at a fixed name already is the set's file: it carries the set id (S3) or
-    shares the source's etag (a hard link locally; an S3 copy of the same bytes)."""
+def in_sync(state: PrefixState, name: str, info: ObjectInfo, set_id: str, sha256: str) -> bool:
+    """The object ``info`` at the fixed name ``name`` already is set ``set_id``'s file: it
+    carries the set id (S3), shares the source's etag where etags name content (an S3 copy
+    of the same bytes), or, locally, holds the bytes the manifest names (hashed: a local
+    etag names the file, not its bytes)."""
     if info.metadata.get(SET_KEY) == set_id:
         return True
-    return source is not None and source.etag is not None and info.etag == source.etag
+    source = state.sets.get(set_id, {}).get(name)
+    if state.storage.content_etags:
+        return source is not None and source.etag is not None and info.etag == source.etag
+    return state.storage.content_sha256(state.uri(name), info) == sha256
 
 
 def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
     manifest = state.manifest
     assert manifest is not None and manifest.set_id is not None
     set_id = manifest.set_id
-    files = state.sets.get(set_id, {})
     for name, sha256 in sorted(manifest.files.items()):
         if name.startswith(KQUANT_DIR):
             continue  # a report kept in its set folder (shared prefixes): no fixed name
         uri = state.uri(name)
         info = state.storage.stat(uri)
-        if info is not None and in_sync(info, set_id, files.get(name)):
+        if info is not None and in_sync(state, name, info, set_id, sha256):
             continue
         if info is not None and not owned(state, name, info):
             if name not in outcome.foreign:
@@ -66,8 +72,10 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
             continue
         source = state.set_uri(set_id, name)
         try:
-            state.storage.copy(source, uri, {SET_KEY: set_id, "sha256": sha256},
-                               absent=info is None)  # fmt: skip
+            state.storage.copy(
+                source, uri, {SET_KEY: set_id, "sha256": sha256},
+                absent=info is None, if_match=info.etag if info is not None else None,
+            )  # fmt: skip
         except StorageError as exc:
             if exc.reason is not Reason.ConcurrentWrite:
                 raise

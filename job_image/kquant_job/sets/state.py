@@ -95,7 +95,9 @@ def read_state(storage: Storage, prefix: str, home: str = "") -> PrefixState:
 def owned(state: PrefixState, name: str, info: ObjectInfo) -> bool:
     """Whether the object ``info`` (from ``stat``) at the fixed name ``name`` was placed there
     by a set the manifest retains: by its set metadata, by sharing the etag of that set's
-    file (a hard link, or S3's copy of one object), or by content (sha256)."""
+    file where etags name content (S3's copy of one object), or by content (sha256). A local
+    etag names the file: a hard link made by an earlier kquant shares it even after someone
+    rewrote the file in place, so locally only the content counts."""
     entries = state.manifest.naming(name) if state.manifest else []
     if not entries:
         return False
@@ -103,7 +105,8 @@ def owned(state: PrefixState, name: str, info: ObjectInfo) -> bool:
         if entry.set_id and info.metadata.get(SET_KEY) == entry.set_id:
             return True
         source = state.sets.get(entry.set_id, {}).get(name)
-        if source is not None and info.etag and source.etag == info.etag:
+        same = source is not None and info.etag and source.etag == info.etag
+        if same and state.storage.content_etags:
             return True
     digest = state.storage.content_sha256(state.uri(name), info)
     return digest is not None and any(entry.files[name] == digest for entry in entries)

@@ -70,7 +70,13 @@ class Storage(ABC):
     """Read and write objects under one scheme. Every method raises
     :class:`~kquant_job.errors.StorageError` with a classified reason (SourceNotFound,
     AccessDenied, UnsafePath, ConcurrentWrite, StorageRejected, StorageUnavailable) and a
-    message naming the URI."""
+    message naming the URI.
+
+    ``content_etags``: whether equal etags mean equal bytes (S3: an MD5 of the content or of
+    its parts). A local file's etag names the file (inode, mtime, size) instead: two names
+    of one inode share it, whatever was written into that inode since."""
+
+    content_etags: bool = True
 
     @abstractmethod
     def stat(self, uri: str) -> ObjectInfo | None:
@@ -146,14 +152,20 @@ class Storage(ABC):
 
     @abstractmethod
     def copy(
-        self, src_uri: str, dst_uri: str, metadata: Mapping[str, str], *, absent: bool = False
+        self,
+        src_uri: str,
+        dst_uri: str,
+        metadata: Mapping[str, str],
+        *,
+        absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
         """Replace ``dst_uri`` with a copy of the object ``src_uri`` in one atomic step (S3:
-        a server-side copy carrying ``metadata``; locally: a hard link renamed into place,
-        which shares the source's etag). Readers of ``dst_uri`` see the old or the new
-        object, whole, never neither. ``absent``: only if nothing is at ``dst_uri``, else
-        StorageError(ConcurrentWrite) (locally: a link that cannot replace; S3: not
-        enforced, as s3transfer's managed copy passes no condition)."""
+        a server-side copy carrying ``metadata``; locally: a copy sharing no data with the
+        source, renamed into place). Readers of ``dst_uri`` see the old or the new object,
+        whole, never neither. ``absent``: only if nothing is at ``dst_uri``; ``if_match``:
+        only while the object there has that etag; else StorageError(ConcurrentWrite): a
+        name someone wrote since it was looked at is never replaced."""
 
     def content_sha256(self, uri: str, info: ObjectInfo) -> str | None:
         """Hex SHA-256 of the object at ``uri`` (``info`` from :meth:`stat`) when the store can

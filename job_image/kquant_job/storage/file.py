@@ -8,8 +8,9 @@ files (``*.kquant-part``) are never listed as objects; :meth:`FileStorage.list_u
 finds the ones a killed writer left.
 
 Conditional writes: "create only if absent" is a hard link of the finished temporary file
-(``link`` fails when the name exists); "replace or delete only if unchanged" compares the
-etag and acts under an exclusive ``flock`` of the directory, which every such step takes.
+(``link`` fails when the name exists; the temporary name is then removed, so no two names
+share the file); "replace or delete only if unchanged" compares the etag and acts under an
+exclusive ``flock`` of the directory, which every such step takes.
 """
 
 from __future__ import annotations
@@ -69,11 +70,34 @@ def _conflict(uri: str, why: str) -> StorageError:
     return StorageError(f"{uri}: {why}", reason=Reason.ConcurrentWrite)
 
 
+# ioctl(2) FICLONE (linux/fs.h): the destination shares the source's extents copy-on-write.
+FICLONE = 0x40049409
+
+
+def clone(src: Path, dst: Path) -> None:
+    """Write a new file ``dst`` with ``src``'s bytes, synced, sharing nothing an in-place
+    write to either could change: a reflink where the file system has them (Btrfs, XFS:
+    copy-on-write, no bytes copied), else a byte copy. Never a hard link: a fixed-name copy
+    linked to its set's file let a colleague's ``cp`` over the fixed name rewrite the set's
+    immutable file too, and kquant then took the colleague's file for its own (trial)."""
+    import fcntl
+
+    with src.open("rb") as fin, dst.open("xb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        except OSError:
+            shutil.copyfileobj(fin, fout, CHUNK)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
 class FileStorage(Storage):
     """:class:`Storage` over the local file system. Errors are StorageError with reason
     SourceNotFound (missing path), AccessDenied (permissions, read-only file system),
     UnsafePath (a prefix whose symlinks point outside it, or that holds special files) or
     StorageUnavailable (other I/O errors, e.g. a full disk)."""
+
+    content_etags = False  # etag_of names the file, not its bytes
 
     def stat(self, uri: str) -> ObjectInfo | None:
         """Size in bytes and etag (:func:`etag_of`) of the regular file at ``uri``; None if
@@ -254,33 +278,39 @@ class FileStorage(Storage):
             raise os_error(exc, uri, "write") from None
 
     def copy(
-        self, src_uri: str, dst_uri: str, metadata: Mapping[str, str], *, absent: bool = False
+        self,
+        src_uri: str,
+        dst_uri: str,
+        metadata: Mapping[str, str],
+        *,
+        absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
-        """Hard-link ``src_uri`` to a temporary name beside ``dst_uri`` (a byte copy where
-        links are impossible, e.g. across file systems) and rename it onto ``dst_uri``;
-        with ``absent``, link it to ``dst_uri`` instead, which fails if anything is there
-        (StorageError ConcurrentWrite): a file someone wrote at the name since it was seen
-        free is never replaced."""
+        """Copy ``src_uri`` to a synced temporary file beside ``dst_uri`` (:func:`clone`:
+        never a hard link) and then: with ``absent``, link it to ``dst_uri``, which fails if
+        anything is there; with ``if_match``, rename it onto ``dst_uri`` under the directory
+        lock while the file there has that etag; else rename it. A failed condition raises
+        StorageError(ConcurrentWrite): a file someone wrote at the name since it was looked
+        at is never replaced. ``metadata`` is not kept (a file has none)."""
         src, dst = to_path(src_uri), to_path(dst_uri)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_path(dst)
             try:
-                try:
-                    os.link(src, tmp)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                        raise
-                    shutil.copyfile(src, tmp)
+                clone(src, tmp)
                 if absent:
                     try:
                         os.link(tmp, dst)
                     except FileExistsError:
-                        raise StorageError(
-                            f"{dst_uri} was written by someone else while kquant copied to "
-                            "it: left as it is",
-                            reason=Reason.ConcurrentWrite,
-                        ) from None
+                        raise _conflict(dst_uri, "written by someone else while kquant copied "
+                                        "to it: left as it is") from None  # fmt: skip
+                elif if_match is not None:
+                    with dir_lock(dst.parent):
+                        current = self.stat(dst_uri)
+                        if current is None or current.etag != if_match:
+                            raise _conflict(dst_uri, "changed by someone else while kquant "
+                                            "copied to it: left as it is")  # fmt: skip
+                        os.replace(tmp, dst)
                 else:
                     os.replace(tmp, dst)
             finally:

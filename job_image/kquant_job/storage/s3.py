@@ -32,6 +32,7 @@ from kquant_job.storage.paths import (
     local_target,
     os_error,
 )
+from kquant_job.storage.s3_copy import conditional_copy
 from kquant_job.storage.s3_errors import classify, unwrap
 from kquant_job.storage.s3_transfer import TransferSettings, progress
 
@@ -323,13 +324,29 @@ class S3Storage(Storage):
 
     @retrying
     def copy(
-        self, src_uri: str, dst_uri: str, metadata: Mapping[str, str], *, absent: bool = False
+        self,
+        src_uri: str,
+        dst_uri: str,
+        metadata: Mapping[str, str],
+        *,
+        absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
-        """Server-side copy (boto3's managed copy: CopyObject, or a multipart copy beyond
-        its threshold) with ``metadata`` replacing the source's."""
+        """Server-side copy with ``metadata`` replacing the source's: boto3's managed copy
+        (CopyObject, or a multipart copy beyond its threshold); with ``absent`` or
+        ``if_match``, a multipart copy completed with ``If-None-Match: *`` or ``If-Match``
+        (:func:`~kquant_job.storage.s3_copy.conditional_copy`), whose 412 raises
+        StorageError(ConcurrentWrite)."""
         src_bucket, src_key = _object(src_uri)
         bucket, key = _object(dst_uri)
         try:
+            if absent or if_match is not None:
+                condition = {"IfNoneMatch": "*"} if absent else {"IfMatch": str(if_match)}
+                conditional_copy(
+                    self.client, (src_bucket, src_key), (bucket, key), metadata, condition,
+                    self.settings.multipart_chunksize, self.settings.max_concurrency,
+                )  # fmt: skip
+                return
             self.client.copy(
                 {"Bucket": src_bucket, "Key": src_key},
                 bucket,
