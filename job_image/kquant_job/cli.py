@@ -49,7 +49,8 @@ def _unwritable(path: Path) -> str | None:
 def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
     """The compact result of a failed run: reason, message, the failure's report.json when
     one was written; a ValidationFailed keeps its metrics; a spec.variants run its
-    comparison (``variants`` and the table's rows)."""
+    comparison (``variants`` and the table's rows); a failed promotion the output it
+    published (``artifacts``, ``manifestUri``)."""
     detail = exc.detail if isinstance(exc, ValidationFailed) else {}
     result = JobResult(
         phase="Failed",
@@ -60,6 +61,8 @@ def failure_result(job: QuantizationJob | None, exc: KquantError) -> JobResult:
         quantizedBytes=detail.get("quantizedBytes"),
         validation=detail.get("summary"),
         reportUri=exc.detail.get("report_uri"),
+        manifestUri=exc.detail.get("manifest_uri"),
+        artifacts=exc.detail.get("artifacts") or [],
         notes=detail.get("notes") or [],
         variants=exc.detail.get("variants") or [],
     )

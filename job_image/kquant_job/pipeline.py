@@ -344,6 +344,34 @@ def _run(run: JobRun, out: Target, promo: Target | None, started: str) -> JobRes
     return _publish(run, stage, io.staged, out, promo, started)
 
 
+def promote(
+    promo: Target,
+    published: Any,
+    staged: Path,
+    rels: list[str],
+    report: dict[str, Any],
+    fields: dict[str, Any],
+) -> str:
+    """Publish ``rels`` of ``staged`` at the promotion prefix, once the output is
+    ``published`` (a :class:`~kquant_job.sets.publish.PublishedSet`); returns its prefix.
+    A failed promotion raises its StorageError (same reason) with the output's publication
+    in the message and in ``artifacts``, ``manifest_uri`` and ``report_uri``: the output stays
+    published, and the result says so (trial: a run that lost the promotion to another job
+    said "nothing published" while its output's manifest named its new set)."""
+    try:
+        promo.publish(staged, rels, report, fields)
+    except StorageError as exc:
+        raise StorageError(
+            f"the output was published ({published.manifest_uri}); promoting it to "
+            f"{promo.prefix} failed: {exc}",
+            reason=exc.reason,
+            report_uri=published.report_uri,
+            manifest_uri=published.manifest_uri,
+            artifacts=list(published.artifacts),
+        ) from None
+    return promo.prefix
+
+
 def _publish(
     run: JobRun,
     stage: StageOutcome,
@@ -394,8 +422,7 @@ def _publish(
     promoted = None
     if promo is not None:
         with logs.stage("promote", run.timings, uri=promo.prefix):
-            promo.publish(staged, rels, report, fields)
-        promoted = promo.prefix
+            promoted = promote(promo, published, staged, rels, report, fields)
     set_folder = published.report_uri.rsplit("/", 1)[0]
     converted_uris = {join(set_folder, f) for m in converted for f in m.out_files}
     artifacts = sorted(published.artifacts, key=lambda a: (a.uri not in converted_uris, a.uri))

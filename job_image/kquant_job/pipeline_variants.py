@@ -27,7 +27,7 @@ from kquant_job import logs
 from kquant_job.budget import room
 from kquant_job.errors import PassError, ValidationFailed
 from kquant_job.judge import assess, providers_of, source_entry, success_result
-from kquant_job.pipeline import JobRun, fetch_npz, staged_files
+from kquant_job.pipeline import JobRun, fetch_npz, promote, staged_files
 from kquant_job.report import build_report, manifest_fields
 from kquant_job.sandbox.runner import run_stage
 from kquant_job.sets import Target
@@ -275,9 +275,12 @@ def _publish_variants(
         published = out.publish(combined, rels, report, fields)
     promoted = None
     if promo is not None:
+        # the promotion holds the chosen variant only, and its manifest says so
+        own = {**fields, "variants": {chosen.entry.name: placed[chosen.entry.name]}}
         with logs.stage("promote", run.timings, uri=promo.prefix, variant=chosen.entry.name):
-            promo.publish(combined, sorted(placed[chosen.entry.name]), report, fields)
-        promoted = promo.prefix
+            promoted = promote(
+                promo, published, combined, sorted(placed[chosen.entry.name]), report, own
+            )
     first = set(placed[chosen.entry.name])
     set_folder = published.report_uri.rsplit("/", 1)[0]
     artifacts = sorted(

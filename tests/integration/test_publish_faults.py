@@ -391,6 +391,14 @@ def test_of_concurrent_promotions_exactly_one_lands(
         promoted = assert_clean(client, bucket, prod)
         winner = next(j for j, r in zip(jobs, runs, strict=True) if not r.code)
         assert promoted["job"]["name"] == winner["metadata"]["name"]
+        # the loser's output was published, and its result says so (it said "nothing")
+        lost = next(j for j, r in zip(jobs, runs, strict=True) if r.code)
+        out = lost["spec"]["output"]["uri"]
+        assert loser.result["message"].startswith(f"the output was published ({out}"), loser.result
+        assert loser.result["manifestUri"] == out + "manifest.json"
+        mine = assert_clean(client, bucket, out)
+        shas = {a["sha256"] for a in loser.result["artifacts"]}
+        assert shas and shas <= {a["sha256"] for a in mine["artifacts"]}
         outcomes.append(loser.result["message"][:60])
     with capsys.disabled():
         print(f"\n{TRIALS} promotion races: one promoted set each")

@@ -192,6 +192,8 @@ def test_the_variants_example_promotes_the_best_silero_variant(s3_server, worker
     promoted = read_set(prod)
     assert promoted["variant"] == "fp16"
     assert prod.fixed_names() == ["manifest.json", "report.json", "silero_vad_fp16.onnx"]
+    # only what the promotion holds (it listed int8 too, absent there: trial)
+    assert promoted["variants"] == {"fp16": ["silero_vad_fp16.onnx"]}
     out = Prefix.of(spec["output"]["uri"], client)
     read_set(out)
     assert "silero_vad_int8.onnx" in out.fixed_names()
