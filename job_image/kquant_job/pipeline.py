@@ -249,7 +249,9 @@ def _report_failure(run: JobRun, out: Target, exc: KquantError, started: str) ->
 def fetch_inputs(run: JobRun) -> StageInput:
     """Check the work directory's room for the job (its budget), fetch the model, the
     validation data and the calibration data into ``run.work``, and return the sandboxed
-    stage's inputs. Raises StorageError (SourceNotFound, SourceTooLarge, UnsafePath...)."""
+    stage's inputs; each variant's calibration data is only looked for (it is fetched when
+    the variant runs). Raises StorageError (SourceNotFound, SourceTooLarge, UnsafePath...),
+    before any conversion, so the dry run raises it too."""
     spec, work = run.job.spec, run.work
     work.mkdir(parents=True, exist_ok=True)
     # Beside the originals the model's folder is also the output: earlier outputs and
@@ -266,6 +268,14 @@ def fetch_inputs(run: JobRun) -> StageInput:
         factor -= 1.0  # each factor counts the source, which is read where it lies
     source_bytes = _stored_bytes(run, spec.model.uri, skip)
     sample_bytes = {uri: _stored_bytes(run, uri) for uri in samples}
+    if spec.variants:  # fetched per variant, after the earlier ones ran: looked for now
+        for i, config in enumerate(spec.variants):
+            uri = config.calibration.uri if config.calibration else None
+            if uri and not sample_bytes.get(uri):
+                raise StorageError(
+                    f"spec.variants[{i}].calibration.uri: nothing at {uri}",
+                    reason=Reason.SourceNotFound,
+                )
     check_budget(space, factor, (spec.model.uri, source_bytes), sample_bytes)
     with logs.stage("fetch", run.timings, uri=spec.model.uri):
         store = run.store(spec.model.uri)

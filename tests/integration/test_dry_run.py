@@ -117,6 +117,26 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, silero_onnx):
     assert run.code == 20 and "SourceNotFound" in run.log
 
 
+def test_a_variants_missing_calibration_fails_the_dry_run_and_the_run_before_converting(
+    tmp_path, silero_onnx
+):
+    """Trial: the dry run exited 0, and the run converted and validated fp16 before failing
+    on the static variant's calibration (SourceNotFound)."""
+    out = tmp_path / "out"
+    doc = job(f"file://{silero_onnx}", out)
+    del doc["spec"]["quantization"]
+    static = {"precision": "int8", "mode": "static", "name": "int8_static",
+              "calibration": {"uri": f"file://{tmp_path}/no-such-calib/"}}  # fmt: skip
+    doc["spec"]["variants"] = [{"precision": "fp16"}, static]
+    for args in (("--dry-run",), ()):
+        run = run_worker(doc, tmp_path, extra_args=args)
+        assert run.code == 20 and "SourceNotFound" in run.log, run.log
+        assert "spec.variants[1].calibration.uri: nothing at" in run.log
+        assert "onnx-fp16" not in run.log  # nothing converted first
+        # the dry run writes nothing; the run its failure report, in its own folder
+        assert all(k.startswith(".kquant/") for k in tree(out)) if args == () else not out.exists()
+
+
 def test_a_dry_run_refuses_a_pickle_the_run_refuses(tmp_path):
     """Hostile-input trial: a CosyVoice folder whose flow.pt runs code when unpickled passed
     the dry run (exit 0, "convert flow.pt"); the run refused it as UnsafeModel (exit 30)."""
