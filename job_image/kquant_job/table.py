@@ -43,9 +43,8 @@ def model_notes(model: ModelOutcome) -> list[str]:
             lat = first["latencyMs"]
             missed = [
                 f"within tolerance, but {lat['quantized'] / lat['original']:.2f}x the "
-                f"original's latency ({lat['quantized']:.3g} vs {lat['original']:.3g} ms): "
-                "ConvInteger, onnxruntime's INT8 Conv, lacks the optimized kernels of its "
-                "float Conv"
+                f"original's latency ({lat['quantized']:.3g} vs {lat['original']:.3g} ms) "
+                "with its Conv layers in INT8"
             ]
         kept = (details.get("recovery") or {}).get("keptFloat") or []
         if last.get("attempt") == "nodeRecovery":

@@ -1,11 +1,12 @@
-"""Dynamic INT8 leaves Conv float when its ConvInteger result is slower than the original.
+"""INT8 leaves Conv float when its result with INT8 Conv layers is slower than the original.
 
 onnxruntime has no optimized ConvInteger kernel: OCR and detection models quantized with every
 Conv as ConvInteger ran 2-8x slower than FP32 (bench_variants.py --wheels) and were NoGain,
-where the same models with Conv left float were smaller and faster. The ladder's probe times
-a candidate holding ConvInteger and, when it is slower, goes on at the step that keeps the
-dense ops only. The probes here script the latency verdict (a timed test would be flaky);
-the timed probe itself is checked on a real model at the end.
+where the same models with Conv left float were smaller and faster; static QLinearConv ran
+1.3-4.7x slower on the same machine. The ladder's probe times a candidate with INT8 Conv
+layers and, when it is slower, goes on at the step that keeps the dense ops only. The probes
+here script the latency verdict (a timed test would be flaky); the timed probe itself is
+checked on a real model at the end.
 """
 
 from __future__ import annotations
@@ -22,23 +23,29 @@ from kquant_api import QuantizationConfig
 from kquant_job.gain import slower
 from kquant_job.passes import PassContext
 from kquant_job.passes.base import ProbeResult
+from kquant_job.passes.int8_attempts import count_quantized
 from kquant_job.passes.onnx_int8_dynamic import OnnxInt8DynamicPass
+from kquant_job.passes.onnx_int8_static import OnnxInt8StaticPass
 
 
 def _ops(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
+def _int8_conv(path: Path) -> int:
+    return count_quantized(onnx.load(str(path), load_external_data=False))["quantizedConv"]
+
+
 class ScriptedProbe:
-    """Every candidate within tolerance unless ``dense_fails`` (then only those holding
-    ConvInteger are); a timed candidate with ConvInteger is 3x slower. Records each call."""
+    """Every candidate within tolerance unless ``dense_fails`` (then only those with INT8
+    Conv layers are); a timed candidate with INT8 Conv is 3x slower. Records each call."""
 
     def __init__(self, dense_fails: bool = False) -> None:
         self.dense_fails = dense_fails
         self.calls: list[tuple[bool, bool]] = []  # (timed, holds ConvInteger)
 
     def __call__(self, candidate: Path, *, timed: bool = False) -> ProbeResult:
-        conv_integer = "ConvInteger" in _ops(candidate)
+        conv_integer = _int8_conv(candidate) > 0
         self.calls.append((timed, conv_integer))
         ok = conv_integer or not self.dense_fails
         result = ProbeResult(ok=ok, violations=[] if ok else ["out: maxAbsError 1 > 0.1"])
@@ -85,7 +92,7 @@ def test_a_slow_conv_integer_candidate_gives_way_to_conv_left_float(tmp_path: Pa
     [note] = _note(details)
     assert note.startswith("m.onnx: INT8 fell back to denseOpsOnly")
     assert "within tolerance, but 3.00x the original's latency (30 vs 10 ms)" in note
-    assert "ConvInteger" in note
+    assert "with its Conv layers in INT8" in note
 
 
 def test_the_slow_candidate_stays_when_no_faster_one_is_accurate(tmp_path: Path) -> None:
@@ -108,6 +115,28 @@ def test_no_timing_when_gain_is_not_required_or_settings_are_strict(
     assert all(not timed for timed, _ in probe.calls)
     assert "ConvInteger" in details["ops"]
     assert "slower" not in details["attempts"][0]
+
+
+def test_static_int8_with_slow_conv_layers_leaves_conv_float(tmp_path: Path) -> None:
+    """QDQ: a Conv whose weight comes from a DequantizeLinear runs as QLinearConv."""
+    from corpus.runs import calibration_files
+
+    model = build_corpus()["speech_encoder"]
+    probe = ScriptedProbe()
+    ctx = PassContext(
+        work_dir=tmp_path / "work", probe=probe,
+        calibration_files=calibration_files(model, tmp_path / "calibration"),
+    )  # fmt: skip
+    ctx.work_dir.mkdir()
+    cfg = QuantizationConfig.model_validate(
+        {"precision": "int8", "mode": "static", "calibration": {"uri": "file:///c/"}}
+    )
+    out = tmp_path / "out" / "m.onnx"
+    details = OnnxInt8StaticPass().run(model.path, cfg, out, ctx).details
+    first = details["attempts"][0]
+    assert first["quantizedConv"] > 0 and first["slower"] is True
+    assert details["chosenAttempt"] == "denseOpsOnly" and details["quantizedConv"] == 0
+    assert _int8_conv(out) == 0 and probe.calls[0] == (True, True)
 
 
 def test_a_timed_probe_times_both_models_as_validation_does(tmp_path: Path) -> None:

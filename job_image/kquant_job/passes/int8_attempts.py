@@ -54,8 +54,10 @@ _INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
 def count_quantized(model: ModelProto) -> dict[str, Any]:
     """Quantized nodes in every graph (QuantizeLinear/DequantizeLinear,
     DynamicQuantizeLinear, MatMulInteger, ConvInteger, QLinear*, contrib quantized ops),
-    how many of them sit inside subgraphs, per op type, and the number of 8-bit integer
-    initializers (quantized weights, zero points)."""
+    how many of them sit inside subgraphs, per op type, the number of 8-bit integer
+    initializers (quantized weights, zero points), and ``quantizedConv``: the Conv layers
+    that run in INT8 (ConvInteger, QLinearConv, or a Conv whose weight comes from a
+    DequantizeLinear: QDQ, fused to QLinearConv by onnxruntime)."""
 
     def quantized(op_type: str) -> bool:
         return op_type in QUANTIZED_OP_TYPES or op_type.startswith("QLinear")
@@ -65,11 +67,23 @@ def count_quantized(model: ModelProto) -> dict[str, Any]:
         quantized(inner.op_type) for node in model.graph.node for inner in inner_nodes(node)
     )
     int8 = sum(t.data_type in _INT8_TYPES for g in iter_graphs(model.graph) for t in g.initializer)
+    dequantized = {
+        out
+        for _, n in iter_nodes(model.graph)
+        if n.op_type == "DequantizeLinear"
+        for out in n.output
+    }
+    conv = sum(
+        n.op_type in INTEGER_CONV_OPS
+        or (n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dequantized)
+        for _, n in iter_nodes(model.graph)
+    )
     return {
         "quantizedNodes": sum(ops.values()),
         "quantizedNodesInSubgraphs": inside,
         "quantizedOps": dict(sorted(ops.items())),
         "int8Initializers": int(int8),
+        "quantizedConv": int(conv),
     }
 
 
@@ -129,10 +143,10 @@ def _produce(
     return counts, None
 
 
-# Ops with no optimized onnxruntime kernel: a candidate holding them is timed before it is
-# chosen (ConvInteger ran OCR and detection models 2-8x slower than FP32 on the CPU,
-# bench_variants.py --wheels; the CUDA provider has no kernel for it at all).
-SLOW_OPS = frozenset({"ConvInteger"})
+# INT8 Conv: a candidate holding it is timed before it is chosen. ConvInteger ran OCR and
+# detection models 2-8x slower than FP32 on the CPU (bench_variants.py --wheels; the CUDA
+# provider has no kernel for it at all), and static QLinearConv 1.3-4.7x on the same machine.
+INTEGER_CONV_OPS = frozenset({"ConvInteger", "QLinearConv"})
 
 
 def run_attempts(
@@ -149,12 +163,13 @@ def run_attempts(
     """Quantize with each step's settings until a candidate loads and passes ``ctx.probe``
     (only the first step is tried without a probe), then move it to ``out_path``.
 
-    ``faster``: the label of a later step that leaves the SLOW_OPS float. A candidate within
-    tolerance that holds SLOW_OPS is then timed against the original (the probe's
-    ``timed``); when it counts as slower by the gain rule the ladder goes on at that step,
-    and the slow candidate is returned only if no later one passes (validation then calls
-    it NoGain). Measured on ddddocr's 54 MB recognizer: every op quantized 0.25x the size
-    and 2.5x the latency, Conv left float 0.30x and 0.66x.
+    ``faster``: the label of a later step that leaves Conv float. A candidate within
+    tolerance whose Conv layers run in INT8 (``quantizedConv``) is then timed against the
+    original (the probe's ``timed``); when it counts as slower by the gain rule the ladder
+    goes on at that step, and the slow candidate is returned only if no later one passes
+    (validation then calls it NoGain). Measured on the PP-OCR v4 recognizer (dynamic):
+    every op quantized 0.27x the size and 7.7x the latency, Conv left float 0.72x and
+    0.76x.
 
     When every step misses the probe and ``recoverable`` (the quantizable node names, in
     graph order) is given, the nodes that break the tolerance are found and left float
@@ -198,7 +213,7 @@ def run_attempts(
         chosen, chosen_label = (candidate, counts), label
         if ctx.probe is None:
             break
-        timed = faster in labels[i:] and not SLOW_OPS.isdisjoint(counts["quantizedOps"])
+        timed = faster in labels[i:] and counts["quantizedConv"] > 0
         result = ctx.probe(candidate, timed=True) if timed else ctx.probe(candidate)
         record["probe"] = {"ok": result.ok, "violations": result.violations}
         if result.error:

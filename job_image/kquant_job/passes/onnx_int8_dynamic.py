@@ -116,7 +116,7 @@ class OnnxInt8DynamicPass:
             if config.strict
             else quantizable_nodes(prepared.model, settings, supported, present)
         )
-        # A slow ConvInteger result is not worth having: Conv is left float instead (gain rule)
+        # a slow ConvInteger is not worth having: Conv is left float instead (gain rule)
         faster = None if config.requireGain is False else "denseOpsOnly"
         return run_attempts(
             self.name, model_in, steps, quantize, out_path, ctx, details, nodes, faster
