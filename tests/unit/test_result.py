@@ -75,3 +75,18 @@ def test_notes_go_first_when_the_result_is_too_long():
     assert len(result.to_json()) <= 4096
     assert data["notes"] == ["n" * 3000]  # trimmed from the end, before anything else
     assert "notes" not in json.loads(JobResult(phase="Failed", reason=Reason.Validated).to_json())
+
+
+def test_thousands_of_artifacts_are_cut_without_serializing_each(monkeypatch):
+    """A folder of 30 000 side files: the result dropped one artifact at a time and
+    serialized itself after each (30 000 times, minutes after publishing; trial)."""
+    import kquant_api.result as result_module
+
+    calls = []
+    real = result_module._dumps
+    monkeypatch.setattr(result_module, "_dumps", lambda d: calls.append(1) or real(d))
+    artifacts = [Artifact(uri=f"file:///o/f{i}", sha256="ab" * 32, bytes=1) for i in range(30_000)]
+    data = json.loads(JobResult(phase="Succeeded", reason=Reason.Validated, message="ok",
+                                artifacts=artifacts).to_json())  # fmt: skip
+    assert data["artifactsTruncated"] == 30_000 - len(data["artifacts"]) > 0
+    assert len(calls) <= result_module.MAX_ARTIFACTS_TRIED + 3
