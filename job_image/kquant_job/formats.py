@@ -208,9 +208,15 @@ def graph_tensors(graph: object) -> list[object]:
 def _onnx_external_files(model: Path, known: tuple[str, ...] | None = None) -> set[Path]:
     """The files ``model``'s tensors keep their data in (resolved, existing or not), from
     its ``known`` locations or, when None, from the model (not parsed when its bytes hold no
-    reference)."""
+    reference). Raises PassError(CorruptModel) for a location holding a NUL byte."""
     if known is None:
         known = tuple(external_locations(model)) if may_hold_external_data(model) else ()
+    for location in known:
+        if "\x00" in location:  # no file has such a name; resolve() would raise ValueError
+            raise PassError(
+                f"{model.name}: external data location {location!r} holds a NUL byte",
+                reason=Reason.CorruptModel,
+            )
     return {(model.parent / location).resolve() for location in known}
 
 

@@ -76,9 +76,12 @@ def check_external_data(model: ModelProto, path: Path) -> None:
         if not uses_external_data(tensor):
             continue
         info = ExternalDataInfo(tensor)
-        target = (folder / info.location).resolve()
         problem = ""
-        if not target.is_relative_to(folder):
+        target = folder / info.location.replace("\x00", "")  # resolve() raises on a NUL
+        target = target.resolve()
+        if "\x00" in info.location:
+            problem = "holds a NUL byte"
+        elif not target.is_relative_to(folder):
             problem = "points outside the model's folder"
         elif not target.is_file():
             problem = "is missing"

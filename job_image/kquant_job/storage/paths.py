@@ -35,8 +35,8 @@ def _unsafe(where: str, key: str, why: str) -> StorageError:
 
 def check_key(key: str, where: str) -> None:
     """Raise StorageError(UnsafePath) unless ``key`` is a plain relative '/'-separated path:
-    no leading '/', no backslash or NUL, no empty, '.' or '..' segment, every segment at most
-    255 bytes (UTF-8). ``where`` (the prefix URI) goes into the message."""
+    no leading '/', no backslash or NUL, no empty, '.' or '..' segment, every segment valid
+    UTF-8 of at most 255 bytes. ``where`` (the prefix URI) goes into the message."""
     if not key:
         raise _unsafe(where, key, "empty key")
     if key.startswith("/"):
@@ -48,7 +48,11 @@ def check_key(key: str, where: str) -> None:
             raise _unsafe(where, key, "empty path segment")
         if seg in (".", ".."):
             raise _unsafe(where, key, f"'{seg}' path segment")
-        if len(seg.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        try:
+            size = len(seg.encode("utf-8"))
+        except UnicodeEncodeError:  # a local name's bytes that are not UTF-8 (os.fsdecode)
+            raise _unsafe(where, key, "not valid UTF-8, as object stores need") from None
+        if size > MAX_SEGMENT_BYTES:
             raise _unsafe(where, key, f"path segment longer than {MAX_SEGMENT_BYTES} bytes")
 
 
