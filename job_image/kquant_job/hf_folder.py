@@ -48,8 +48,12 @@ class HfFolder:
 
 def _shards(root: Path) -> list[str]:
     """The shards ``model.safetensors.index.json`` lists, index first. Raises ValueError for
-    a malformed index or a shard name that leaves the folder or is missing."""
-    index = json.loads((root / SAFETENSORS_INDEX).read_text())
+    an index past MAX_CONFIG_BYTES, a malformed one, or a shard name that leaves the folder
+    or is missing; RecursionError for nesting past the recursion limit."""
+    path = root / SAFETENSORS_INDEX
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+    index = json.loads(path.read_text())
     names = sorted(set(index["weight_map"].values()))
     for name in names:
         parts = PurePosixPath(name).parts
@@ -67,7 +71,9 @@ def read_hf_folder(root: Path) -> HfFolder | None:
         return None
     try:
         data = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
+        # unreadable, not JSON, an integer past Python's 4300 digits, nesting past the
+        # recursion limit: not a folder transformers could rebuild (trial: InternalError)
         return None
     if not isinstance(data, dict) or "architectures" not in data:
         return None
@@ -81,7 +87,7 @@ def read_hf_folder(root: Path) -> HfFolder | None:
             folder.weights = _shards(root)
         elif (root / SAFETENSORS).is_file():
             folder.weights = [SAFETENSORS]
-    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as exc:
         folder.refusal = f"{SAFETENSORS_INDEX} is unusable: {exc}"
         return folder
     folder.refusal = _refusal(data, folder)

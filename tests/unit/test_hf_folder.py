@@ -119,3 +119,29 @@ def test_other_folders_plan_as_before(tmp_path: Path) -> None:
     assert err.value.reason is Reason.UnsupportedFormat
     (root / "config.json").write_text("{not json")
     assert read_hf_folder(root) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"architectures": ["BertModel"], "hidden_size": ' + "9" * 5000 + "}",
+        '{"architectures": ["BertModel"], "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["integer-of-5000-digits", "nesting-100000-deep"],
+)
+def test_a_config_python_cannot_parse_is_no_hugging_face_folder(tmp_path: Path, text: str) -> None:
+    """Trial: ValueError (int digits limit) and RecursionError were InternalErrors."""
+    root = _folder(tmp_path)
+    (root / "config.json").write_text(text)
+    assert read_hf_folder(root) is None
+    with pytest.raises(PassError, match="no Hugging Face folder") as err:
+        plan_model(root, ModelFormat.transformers)
+    assert err.value.reason is Reason.UnsupportedFormat
+
+
+def test_a_shard_index_python_cannot_parse_is_refused(tmp_path: Path) -> None:
+    root = _folder(tmp_path, weights="sharded")
+    (root / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PassError, match="is unusable") as err:
+        plan_model(root, ModelFormat.auto, needs_code=True)
+    assert err.value.reason is Reason.UnsupportedFormat

@@ -82,8 +82,8 @@ def example_inputs(model: Any, length: int) -> dict[str, Any]:
     """Example inputs for the model's main input, batch 1: a waveform ``input_values`` (1,
     length) float32 of N(0, 0.1); ``input_ids`` (1, length) int64 below the vocabulary size
     with an all-ones ``attention_mask`` when forward takes one; ``pixel_values`` (1,
-    channels, image_size, image_size). Raises PassError(ConversionFailed) for another main
-    input."""
+    channels, height, width) from ``image_size`` (one int, or [height, width]). Raises
+    PassError(ConversionFailed) for another main input."""
     import torch
 
     name = model.main_input_name
@@ -99,9 +99,16 @@ def example_inputs(model: Any, length: int) -> dict[str, Any]:
             feeds["attention_mask"] = torch.ones_like(ids)
         return feeds
     if name == "pixel_values":
-        size = int(getattr(config, "image_size", 224))
-        channels = int(getattr(config, "num_channels", 3))
-        return {name: torch.randn(1, channels, size, size, generator=gen)}
+        size = getattr(config, "image_size", 224)
+        try:  # an int, or (height, width) as ViT configs may give it
+            height, width = (size, size) if isinstance(size, int) else tuple(size)
+            height, width = int(height), int(width)
+            channels = int(getattr(config, "num_channels", 3))
+        except (TypeError, ValueError, AttributeError):
+            raise _failed(
+                f"config.json's image_size {size!r} is neither an integer nor [height, width]"
+            ) from None
+        return {name: torch.randn(1, channels, height, width, generator=gen)}
     raise _failed(
         f"{type(model).__name__}'s main input is {name!r}: kquant makes example inputs for "
         "input_values (audio), input_ids (text) and pixel_values (images) only"
