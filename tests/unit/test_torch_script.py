@@ -203,3 +203,28 @@ def test_corrupt_torchscript_is_classified(tmp_path):
         TorchScriptPass().run(bad, QuantizationConfig(precision="fp16"), tmp_path / "o.jit",
                               PassContext(tmp_path))  # fmt: skip
     assert err.value.reason is Reason.CorruptModel
+
+
+class _Strings(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return x * 2, "speech"
+
+
+class _ManyDims(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape([1] * 70)
+
+
+@pytest.mark.parametrize(
+    ("module", "words"),
+    [(_Strings, "'output_1' of the module (str)"), (_ManyDims, "'output' of the module (Tensor)")],
+)
+def test_an_output_that_is_no_numeric_tensor_is_an_unsupported_format(tmp_path, module, words):
+    """Trial: a str output and a 70-dimension tensor (numpy holds 64) were InternalErrors."""
+    path = tmp_path / "m.pt"
+    torch.jit.script(module()).save(str(path))
+    cfg = ValidationConfig(inputs={"x": {"shape": [1]}}, samples=1)
+    with pytest.raises(PassError) as info:
+        TorchScriptValidator(path, cfg, TOL, [], cpu_only=True)
+    assert info.value.reason is Reason.UnsupportedFormat
+    assert words in str(info.value) and "numeric tensor outputs only" in str(info.value)

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from kquant_api import Tolerance, ValidationConfig
-from kquant_job.errors import InvalidSpec
+from kquant_api import Reason, Tolerance, ValidationConfig
+from kquant_job.errors import InvalidSpec, PassError
 from kquant_job.validate.compare import ValidationOutcome, compare_outputs
 from kquant_job.validate.inputs import read_npz
 from kquant_job.validate.metrics import check_output_names, check_tolerance
@@ -147,8 +147,27 @@ def run_script(
                         f"{', '.join(sorted(names))})"
                     )
             previous = raw
-            results.append({k: _numpy(v, torch) for k, v in raw.items()})
+            results.append({k: _output_array(k, v, torch) for k, v in raw.items()})
     return results
+
+
+def _output_array(name: str, value: Any, torch: Any) -> np.ndarray:
+    """``value`` as a numeric numpy array. Raises PassError(UnsupportedFormat) naming the
+    output when it is none: a string, an object, a tensor of more dimensions than numpy
+    holds (64) (trial: ValueError, then InternalError)."""
+    try:
+        array = _numpy(value, torch)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        array, why = None, " ".join(str(exc).split())[:200]
+    else:
+        why = f"{array.dtype} values"
+    if array is None or array.dtype.kind not in "biufc":
+        raise PassError(
+            f"output {name!r} of the module ({type(value).__name__}) cannot be compared: {why}; "
+            "kquant validates numeric tensor outputs only",
+            reason=Reason.UnsupportedFormat,
+        )
+    return array
 
 
 def module_call(module: Any, sample: Args, device: str) -> Callable[[], None]:
