@@ -29,6 +29,11 @@ Feed = dict[str, np.ndarray]
 _SOX_HINT = "convert it with: sox in.wav -r 16000 -c 1 -b 16 -e signed-integer out.wav"
 
 
+# Sample rates a WAV may declare: a header's rate of 0 crashed the resampler, and 1 Hz
+# resampled a 2 KB file to 16 kHz into 31 250 frames (hostile-input trial).
+MIN_RATE, MAX_RATE = 1000, 768_000
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Read a PCM WAV file as mono float32 samples in [-1, 1) and its sample rate in Hz.
 
@@ -36,8 +41,9 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     1/32768 for 16-bit); several channels are averaged to mono. Returns ``(samples of shape
     (n,), rate)``.
 
-    Raises InvalidSpec when the file is missing, not a WAV, or not integer PCM (float or
-    compressed encodings: the message says how to convert with sox).
+    Raises InvalidSpec when the file is missing, not a WAV, not integer PCM (float or
+    compressed encodings: the message says how to convert with sox), or declares a sample
+    rate outside MIN_RATE..MAX_RATE Hz.
     """
     path = Path(path)
     try:
@@ -50,6 +56,11 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     except (wave.Error, EOFError) as exc:
         # The stdlib reads integer PCM only (format tag 1); float WAVs are tag 3.
         raise InvalidSpec(f"{path.name}: not a PCM WAV file ({exc}); {_SOX_HINT}") from exc
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise InvalidSpec(
+            f"{path.name}: a sample rate of {rate} Hz is not audio kquant reads (expected "
+            f"{MIN_RATE}-{MAX_RATE} Hz); {_SOX_HINT}"
+        )
     if width == 1:
         ints = np.frombuffer(raw, np.uint8).astype(np.int32) - 128
     elif width == 2:

@@ -181,3 +181,15 @@ def test_threading_matches_silero_vad_own_wrapper(silero_onnx):
     np.testing.assert_allclose(
         speech_probabilities(silero_onnx, silero_feeds(samples)), expected, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("rate", [0, 1, 999, 10_000_000])
+def test_read_wav_refuses_a_rate_no_audio_has(tmp_path, rate):
+    """Trial: 0 Hz crashed the resampler; 1 Hz made 31 250 frames of a 2 KB file."""
+    path = tmp_path / "a.wav"
+    write_pcm(path, np.zeros((1000, 1)), 2)
+    data = bytearray(path.read_bytes())
+    data[24:28] = struct.pack("<I", rate)  # the fmt chunk's sample rate
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidSpec, match=f"a sample rate of {rate} Hz"):
+        read_wav(path)
