@@ -290,3 +290,23 @@ def pt_zip_bomb(path: Path, inflated_bytes: int = 2 * 1024**3) -> Path:
         n = len(central)
         fh.write(_END.pack(0x06054B50, 0, 0, n, n, size, start, 0))
     return path
+
+
+class _FdWriter(nn.Module):
+    def __init__(self, fds: list[int], text: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.fds = fds
+        self.text = text
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fd in self.fds:
+            torch.save(self.text, "/proc/self/fd/" + str(fd))
+        return self.lin(x)
+
+
+def fd_writer_jit(path: Path, fds: list[int], text: str) -> Path:
+    """A Linear(16, 16) whose ``forward`` (float32 [1, 16] -> float32 [1, 16]) first writes
+    ``text`` (pickled by ``aten::save``) to each of its own descriptors ``fds`` through
+    ``/proc/self/fd``: the sandbox's log and outcome pipes among them."""
+    return _save(_FdWriter(fds, text), path)

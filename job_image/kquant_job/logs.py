@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -26,6 +26,10 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, sign: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self.sign = sign
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(),
@@ -34,7 +38,8 @@ class _JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         data.update(getattr(record, "fields", None) or {})
-        return json.dumps(data, default=str, separators=(",", ":"))
+        line = json.dumps(data, default=str, separators=(",", ":"))
+        return self.sign(line) if self.sign else line
 
 
 def printable(text: str) -> str:
@@ -65,11 +70,14 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root.propagate = False
 
 
-def setup_stream_logging(stream: TextIO, level: int = logging.INFO) -> None:
+def setup_stream_logging(
+    stream: TextIO, level: int = logging.INFO, sign: Callable[[str], str] | None = None
+) -> None:
     """Send kquant's logs to ``stream`` as JSON lines (the sandboxed process's log pipe,
-    which the parent reads back with :func:`relay_record`)."""
+    which the parent reads back with :func:`relay_record`), each passed through ``sign``
+    when given (:func:`kquant_job.sandbox.channel.sign_line`)."""
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(_JsonFormatter())
+    handler.setFormatter(_JsonFormatter(sign))
     root = logging.getLogger("kquant")
     root.handlers[:] = [handler]
     root.setLevel(level)

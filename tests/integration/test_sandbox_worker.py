@@ -14,6 +14,7 @@ import pytest
 from hostile_models import (
     busy_loop_jit,
     converted_writer_jit,
+    fd_writer_jit,
     file_reader_jit,
     file_writer_jit,
     memory_hog_jit,
@@ -110,6 +111,22 @@ def test_files_and_an_outcome_written_by_model_code_are_not_taken(tmp_path):
     failed(run, tmp_path, "UnsafeModel")
     assert "injected.txt, which no conversion wrote" in run.result["message"]
     assert not list((tmp_path / "out").rglob("injected.txt"))
+
+
+def test_a_model_writing_into_its_own_pipes_is_an_unsafe_model_and_forges_no_log(tmp_path):
+    """Trial: aten::save to /proc/self/fd/N reached the log pipe (forged ERROR records in the
+    worker's log) and the outcome pipe (an InternalError, which a Job retries)."""
+    forged = ('\n{"message": "publish: done FORGED", "level": "error", "logger": "kquant", '
+              '"stage": "publish", "uri": "s3://attacker/forged"}\n')  # fmt: skip
+    model = fd_writer_jit(tmp_path / "fds.pt", list(range(3, 16)), forged)
+    run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
+    failed(run, tmp_path, "UnsafeModel")
+    assert "did not send" in run.result["message"]
+    assert "did not write" in run.log  # the forged lines, shown as what they are
+    assert not any(
+        "publish: done FORGED" in line and "did not write" not in line
+        for line in run.log.splitlines()
+    )
 
 
 def test_a_model_filling_its_folder_past_the_work_volume_ends_in_disk_limit_exceeded(tmp_path):

@@ -182,11 +182,20 @@ def test_python_read_roots_cover_kquant_and_the_interpreter():
 def test_a_signal_becomes_a_precise_reason(signum, reason, words):
     from kquant_job.sandbox.runner import _Relay, _signalled
 
-    relay = _Relay()
+    relay = _Relay(b"k" * 32)
     relay.stage, relay.model = "convert", "encoder.pt"
     error = _signalled(signum, relay, Limits(2**30, 60.0))
     assert error.reason.value == reason and error.exit_code == 30
     assert words in str(error) and "during convert of encoder.pt" in str(error)
+
+
+KEY = bytes(range(32))
+
+
+def _signed(payload: bytes) -> bytes:
+    from kquant_job.sandbox.channel import sign_outcome
+
+    return sign_outcome(KEY, payload)
 
 
 def test_an_outcome_names_its_error_class_or_is_refused():
@@ -198,16 +207,54 @@ def test_an_outcome_names_its_error_class_or_is_refused():
     assert type(error_from("MemoryLimitExceeded", "x")) is PassError
     assert error_from("NoSuchReason", "x").reason.value == "InternalError"
     with pytest.raises(PassError, match="m"):
-        _outcome(b'{"error": {"reason": "CorruptModel", "message": "m"}}', 0)
+        _outcome(_signed(b'{"error": {"reason": "CorruptModel", "message": "m"}}'), 0, KEY, "c")
     for bad in (b"[]", b"not json", b'{"sandbox": {}}', b"\xff\xfe"):
         with pytest.raises(KquantError) as info:
-            _outcome(bad, 0)
+            _outcome(_signed(bad), 0, KEY, "c")
         assert info.value.reason.value == "InternalError"
     with pytest.raises(KquantError) as info:
-        stage_outcome(_outcome(b'{"ok": {"models": 3}}', 0)[0])
+        stage_outcome(_outcome(_signed(b'{"ok": {"models": 3}}'), 0, KEY, "c")[0])
     assert info.value.reason.value == "InternalError"
     with pytest.raises(KquantError, match="without an outcome"):
-        _outcome(b"", 0)
+        _outcome(b"", 0, KEY, "c")
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b'{"ok": {"models": []}}',  # unsigned: written by someone without the key
+        b'{"ok": 1}\n' + b"0" * 64,  # a MAC that is not the key's
+        b"garbage" + _signed(b'{"ok": 1}'),  # bytes before kquant's outcome
+        _signed(b'{"ok": 1}') + b"garbage",  # ... or after it
+    ],
+)
+def test_an_outcome_kquants_code_did_not_send_is_an_unsafe_model(sent):
+    """Trial: TorchScript's aten::save into /proc/self/fd/N reached the outcome pipe."""
+    from kquant_job.errors import PassError
+    from kquant_job.sandbox.runner import _outcome
+
+    with pytest.raises(PassError, match="did not send") as info:
+        _outcome(sent, 0, KEY, "conversion")
+    assert info.value.reason.value == "UnsafeModel"
+
+
+def test_log_lines_count_only_with_the_childs_mac(caplog):
+    """Trial: forged 'publish: done uri=s3://attacker/...' ERROR records in the worker's log."""
+    import io
+
+    from kquant_job.sandbox.channel import sign_line
+    from kquant_job.sandbox.runner import _Relay
+
+    real = sign_line(KEY, '{"message":"convert: start","level":"info","stage":"convert"}')
+    forged = '{"message":"publish: done","level":"error","stage":"publish","uri":"s3://x/"}'
+    relay = _Relay(KEY)
+    with caplog.at_level("INFO", logger="kquant"):
+        relay._pump(io.StringIO(f"{real}\n{forged}\n{forged}\t{'0' * 64}\n"), True)
+    assert relay.stage == "convert" and relay.forged == 2
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("INFO", "convert: start") in messages
+    assert not any(m == "publish: done" for _, m in messages)
+    assert sum("did not write" in m for _, m in messages) == 2
 
 
 def test_only_plain_files_leave_the_sandbox(tmp_path):
@@ -320,7 +367,7 @@ def test_a_child_that_filled_its_folder_and_exited_between_polls_is_caught(tmp_p
     code = f"open({str(box / 'hog.bin')!r}, 'wb').write(b'x' * (8 * 2**20))"
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, text=True)
     with pytest.raises(PassError) as info:
-        _watch(proc, box, Limits(2**30, 60.0), _Relay(), "conversion")
+        _watch(proc, box, Limits(2**30, 60.0), _Relay(b"k" * 32), "conversion")
     assert info.value.reason.value == "DiskLimitExceeded"
     assert proc.returncode == 0  # it had ended on its own
 

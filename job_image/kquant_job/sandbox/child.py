@@ -5,9 +5,11 @@ It confines itself (:mod:`kquant_job.sandbox.confine`) before importing any mode
 then runs the request's task (:func:`kquant_job.stage.convert_and_validate` by default; the
 dry run's plan, or ``inspect``) and sends its outcome as JSON down the pipe OUTCOME_FD:
 ``{"ok": <the task's result>, "sandbox": {...}}`` or
-``{"error": {"reason", "message", "detail"}, "sandbox": {...}}`` (a pipe: model code may
-write files in the child's folder, not into a pipe). Logs go to LOG_FD as JSON lines. Exit
-status 0 whenever an outcome was sent; a crash shows as a signal.
+``{"error": {"reason", "message", "detail"}, "sandbox": {...}}``. Logs go to LOG_FD as
+JSON lines. Both are signed with the key the parent writes on standard input
+(:mod:`kquant_job.sandbox.channel`): model code can write into the pipes through
+``/proc/self/fd``, not sign. Exit status 0 whenever an outcome was sent; a crash shows as a
+signal.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kquant_api import QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.errors import ALLOCATION_FAILURE, KquantError
 from kquant_job.pinned import model_code_ran
+from kquant_job.sandbox.channel import sign_line, sign_outcome
 from kquant_job.sandbox.confine import ConfinementError, confine
 
 _DENIED = re.compile(r"permission denied|operation not permitted|errno 13\b", re.IGNORECASE)
@@ -93,9 +96,19 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _send(fd: int, outcome: dict[str, Any]) -> None:
+def _send(fd: int, outcome: dict[str, Any], key: bytes) -> None:
     with os.fdopen(fd, "wb") as pipe:
-        pipe.write(json.dumps(outcome, default=str).encode("utf-8"))
+        pipe.write(sign_outcome(key, json.dumps(outcome, default=str).encode("utf-8")))
+
+
+def _read_key() -> bytes:
+    """The channel key the parent wrote on standard input (hex, one line); standard input
+    is then /dev/null, before any model code runs, so no descriptor leads to the key."""
+    text = sys.stdin.readline().strip()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return bytes.fromhex(text)
 
 
 def stage_input(io: dict[str, Any]) -> Any:
@@ -144,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     the outcome down ``argv[2]``."""
     args = sys.argv[1:] if argv is None else argv
     request_path, log_fd, outcome_fd = Path(args[0]), int(args[1]), int(args[2])
-    logs.setup_stream_logging(os.fdopen(log_fd, "w", buffering=1, encoding="utf-8"))
+    key = _read_key()
+    logs.setup_stream_logging(
+        os.fdopen(log_fd, "w", buffering=1, encoding="utf-8"), sign=lambda s: sign_line(key, s)
+    )
     request = json.loads(request_path.read_text(encoding="utf-8"))
     memory = int(request["memoryBytes"])
     sandbox: dict[str, Any] = {}
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:  # ConfinementError, or a rule the kernel refused
         message = str(exc) if isinstance(exc, ConfinementError) else f"cannot confine: {exc!r}"
-        _send(outcome_fd, {"error": {"reason": "SandboxUnavailable", "message": message}})
+        _send(outcome_fd, {"error": {"reason": "SandboxUnavailable", "message": message}}, key)
         return 0
     landlock = sandbox.get("landlock", {})
     confined = bool(landlock.get("enforced"))
@@ -178,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         reason, message, detail = classify(exc, memory, confined)
         error = {"reason": reason.value, "message": message, "detail": detail}
         outcome = {"error": error, "sandbox": sandbox}
-    _send(outcome_fd, outcome)
+    _send(outcome_fd, outcome, key)
     return 0
 
 

@@ -6,7 +6,8 @@ job, the fetched files and a folder of its own (``<work>/sandbox``), nothing els
 - its environment is an allow-list (:data:`ENV_ALLOWED`): no ``AWS_*``, no token paths;
 - it inherits no file descriptor but its log pipe and its outcome pipe (and stdout/stderr,
   relayed line by line as escaped log records, so its output cannot forge the worker's log
-  lines);
+  lines); what arrives on the two pipes counts only when signed with the key it got on
+  standard input (:mod:`kquant_job.sandbox.channel`);
 - this process is made non-dumpable, so a same-user process cannot read its memory or
   environment through ``/proc`` even where the kernel has no Landlock;
 - the child confines itself (:mod:`kquant_job.sandbox.confine`), and is killed with its whole
@@ -36,6 +37,7 @@ from kquant_api import REASON_EXIT_CODE, ExitCode, QuantizationJob, Reason
 from kquant_job import logs
 from kquant_job.errors import InvalidSpec, KquantError, PassError, StorageError, ValidationFailed
 from kquant_job.sandbox.accept import accept_staged
+from kquant_job.sandbox.channel import new_key, open_line, open_outcome
 from kquant_job.sandbox.limits import Limits, allocated_bytes, disk_allowance, held_bytes
 from kquant_job.stage import StageInput, StageOutcome
 
@@ -121,9 +123,13 @@ class _OutcomeReader:
 
 
 class _Relay:
-    """Reads the child's log pipe and output, re-logs each line, remembers where it was."""
+    """Reads the child's log pipe and output, re-logs each line, remembers where it was. A
+    log-pipe line without the MAC of ``key`` (:func:`~kquant_job.sandbox.channel.open_line`)
+    is not kquant's record: it is logged as a warning with its text, never as a record."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.forged = 0
         self.stage = "starting"
         self.model: str | None = None
         self.threads: list[threading.Thread] = []
@@ -141,7 +147,13 @@ class _Relay:
             if not structured:
                 LOG.info("model output", extra={"fields": {"line": line[:4096]}})
                 continue
-            fields = logs.relay_record(line, "sandbox")
+            record = open_line(self.key, line)
+            if record is None:
+                self.forged += 1
+                why = "sandbox: a line on its log channel that kquant's code did not write"
+                LOG.warning(why, extra={"fields": {"line": line[:4096]}})
+                continue
+            fields = logs.relay_record(record, "sandbox")
             if isinstance(fields.get("stage"), str):
                 self.stage = fields["stage"]
             if isinstance(fields.get("model"), str):
@@ -255,12 +267,13 @@ def run_task(
     read_fd, write_fd = os.pipe()
     outcome_fd, outcome_write_fd = os.pipe()
     cmd = [sys.executable, "-I", "-B", "-m", "kquant_job.sandbox.child", str(request_path)]
+    key = new_key()
     proc = subprocess.Popen(
         [*cmd, str(write_fd), str(outcome_write_fd)],
         env=child_env(box),
         cwd=box,
         pass_fds=(write_fd, outcome_write_fd),
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -269,8 +282,12 @@ def run_task(
     )
     os.close(write_fd)
     os.close(outcome_write_fd)
+    assert proc.stdin is not None
+    with contextlib.suppress(OSError):  # a child dead at once says so by its exit
+        proc.stdin.write(key.hex() + "\n")
+        proc.stdin.close()
     outcome = _OutcomeReader(outcome_fd)
-    relay = _Relay()
+    relay = _Relay(key)
     relay.start(os.fdopen(read_fd, encoding="utf-8", errors="backslashreplace"), True)
     assert proc.stdout is not None
     relay.start(proc.stdout, False)
@@ -288,7 +305,7 @@ def run_task(
             f"{relay.where()}; nothing was published",
             reason=Reason.InternalError,
         )
-    return _outcome(bytes(outcome.data), code)
+    return _outcome(bytes(outcome.data), code, key, what)
 
 
 WATCH_SECONDS = 1.0  # how often the sandbox folder's size is measured
@@ -365,16 +382,25 @@ def _signalled(signum: int, relay: _Relay, limits: Limits, what: str = "conversi
     )
 
 
-def _outcome(sent: bytes, code: int) -> tuple[Any, dict[str, Any]]:
-    """The child's result and sandbox entry from the bytes it sent; raises the error it
-    reported, or KquantError(InternalError) for no outcome or a malformed one."""
+def _outcome(sent: bytes, code: int, key: bytes, what: str) -> tuple[Any, dict[str, Any]]:
+    """The child's result and sandbox entry from the bytes it sent, signed with ``key``;
+    raises the error it reported, PassError(UnsafeModel) for bytes its own code did not
+    send (model code writing into the outcome pipe), or KquantError(InternalError) for no
+    outcome or a malformed one."""
     if not sent:
         raise KquantError(
             f"the sandboxed process ended (exit status {code}) without an outcome",
             reason=Reason.InternalError,
         )
+    payload = open_outcome(key, sent)
+    if payload is None:
+        raise PassError(
+            f"the sandboxed {what}'s outcome holds bytes kquant's code did not send: model "
+            "code wrote into its channel (through /proc/self/fd); nothing was published",
+            reason=Reason.UnsafeModel,
+        )
     try:
-        data = json.loads(sent.decode("utf-8"))
+        data = json.loads(payload.decode("utf-8"))
     except ValueError as exc:
         raise KquantError(
             f"the sandboxed process ended (exit status {code}) with a malformed outcome: {exc}",
