@@ -29,6 +29,9 @@ from kquant_api import ModelFormat, ValidationSummary
 
 CHUNK = 1 << 22
 MAX_LISTED = 10
+# Violations a report lists: a file of 400 000 scalar tensors, each one a violation, sent an
+# outcome past the sandbox's 64 MiB (hostile-input trial: InternalError after 3 minutes).
+MAX_VIOLATIONS = 256
 
 
 @dataclass
@@ -172,10 +175,12 @@ class TensorOutcome:
             "cosineSimilarity": summary.cosineSimilarity,
             "worst": [m.to_dict() for m in worst],
             "flagged": [m.to_dict() for m in flagged[:100]],
-            "violations": list(self.violations),
+            "violations": self.violations[:MAX_VIOLATIONS],
             "originalBytes": self.original_bytes,
             "quantizedBytes": self.quantized_bytes,
         }
+        if len(self.violations) > MAX_VIOLATIONS:
+            report["violationsOmitted"] = len(self.violations) - MAX_VIOLATIONS
         if self.error:
             report["error"] = self.error
         return report
