@@ -100,9 +100,10 @@ def error_from(reason: str, message: str, detail: dict[str, Any] | None = None) 
 class _OutcomeReader:
     """Reads the child's outcome pipe to its end in a thread (the child never blocks on a
     full pipe), keeping at most MAX_OUTCOME_BYTES. A pipe, not a file in the child's
-    folder: model code in the child may write files there (TorchScript's
-    ``torch.from_file(..., shared=True)`` maps any file it may write), never into a pipe
-    (which cannot be mapped), so the outcome is what the child's own code sent."""
+    folder: model code in the child may map and rewrite files there (TorchScript's
+    ``torch.from_file(..., shared=True)``), and a pipe cannot be mapped. It can still be
+    written to through ``/proc/self/fd``, so the outcome counts only with the child's
+    MAC (:mod:`kquant_job.sandbox.channel`)."""
 
     def __init__(self, fd: int) -> None:
         self.data = bytearray()
