@@ -541,6 +541,30 @@ async def test_a_running_cr_holds_no_finalizer_and_is_deleted_while_the_operator
         release.set()
 
 
+async def test_the_finalizer_an_earlier_operator_put_on_a_cr_is_taken_off(kmock, tmp_path):
+    """CRs of the stop that ran the resync as a kopf timer hold kopf's finalizer: the
+    operator takes it off when it starts, so they can be deleted again."""
+    release = asyncio.Event()
+
+    async def held(job: dict) -> JobResult:
+        await release.wait()
+        return canned(job)
+
+    api = Api(kmock)
+    doc = example_in("bucket", "http://127.0.0.1:1", name="qj-1")
+    doc["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+    async with JobStandIn(kmock, tmp_path / "kubelet", held):
+        await api.create(QJOBS, NS, doc)
+        async with operator_running(kmock, tmp_path):
+            await wait_for(
+                lambda: not (stored(kmock, QJOBS, NS)[0]["metadata"].get("finalizers")),
+                what="the finalizer taken off",
+            )
+        await api.delete(QJOBS, NS, "qj-1")
+        assert stored(kmock, QJOBS, NS) == []
+        release.set()
+
+
 def kmock_action_update():
     import kmock
 
