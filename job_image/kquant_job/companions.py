@@ -79,10 +79,18 @@ def _uri_of(uri: str, name: str) -> str:
 
 def companion_bytes(store: Storage, uri: str, names: list[str]) -> int:
     """Total bytes of the files ``names`` beside ``uri``; StorageError(SourceNotFound)
-    naming the first one missing and where it was looked for."""
+    naming the first one missing and where it was looked for, UnsafePath for a name held
+    by something that is no file (a FIFO, a folder)."""
     total = 0
     for name in names:
-        info = store.stat(_uri_of(uri, name))
+        target = _uri_of(uri, name)
+        info = store.stat(target)
+        if info is None and store.occupied(target):
+            raise StorageError(
+                f"{uri} keeps tensor data in {name!r}, and {target} is not a regular file "
+                "(a folder, link, FIFO or device): refused",
+                reason=Reason.UnsafePath,
+            )
         if info is None:
             raise _missing(uri, name)
         total += info.size

@@ -31,15 +31,15 @@ def test_a_file_name_that_is_not_utf8_is_an_unsafe_path(tmp_path: Path) -> None:
     assert "Traceback" not in run.log
 
 
-def test_an_external_data_location_with_a_nul_byte_is_a_corrupt_model(tmp_path: Path) -> None:
-    folder = tmp_path / "model"
+def _external(folder: Path, location: str) -> np.ndarray:
+    """``folder/m.onnx``: a MatMul whose 64x64 weights live in the file ``location``."""
     folder.mkdir()
     weights = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
     tensor = numpy_helper.from_array(weights, "W")
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
     entry = tensor.external_data.add()
-    entry.key, entry.value = "location", "w\x00.bin"
+    entry.key, entry.value = "location", location
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
@@ -47,8 +47,27 @@ def test_an_external_data_location_with_a_nul_byte_is_a_corrupt_model(tmp_path: 
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (folder / "m.onnx").write_bytes(model.SerializeToString())
+    return weights
+
+
+def test_an_external_data_location_with_a_nul_byte_is_a_corrupt_model(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    weights = _external(folder, "w\x00.bin")
     (folder / "w.bin").write_bytes(weights.tobytes())
     run = run_worker(_job(folder, tmp_path / "out"), tmp_path / "run")
     assert (run.code, run.result["reason"]) == (30, "CorruptModel"), run.log
     assert "holds a NUL byte" in run.result["message"]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.onnx"))
+
+
+def test_a_fifo_for_the_external_data_of_a_single_model_is_an_unsafe_path(tmp_path: Path) -> None:
+    """Trial: reported SourceNotFound ("not at ..."), though something is there."""
+    folder = tmp_path / "model"
+    _external(folder, "w.bin")
+    os.mkfifo(folder / "w.bin")
+    doc = manifest(f"file://{folder}/m.onnx", f"file://{tmp_path}/out/", {"precision": "fp16"},
+                   endpoint=None)  # fmt: skip
+    doc["spec"].pop("validation")
+    run = run_worker(doc, tmp_path / "run")
+    assert (run.code, run.result["reason"]) == (20, "UnsafePath"), run.log
+    assert "is not a regular file" in run.result["message"]
