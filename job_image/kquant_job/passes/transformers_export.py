@@ -46,8 +46,9 @@ def _failed(message: str) -> PassError:
 def load_model(folder: Path, hf: HfFolder) -> Any:
     """The model class config.json names, from the ``transformers`` package, with the
     folder's safetensors weights, in FP32 eval mode. Raises PassError(UnsupportedFormat)
-    when the name is no transformers model class, PassError(ConversionFailed) when loading
-    fails."""
+    when the name is no transformers model class, PassError(CorruptModel) when the config
+    describes far more parameters than the weights hold, PassError(ConversionFailed) when
+    loading fails."""
     # The sandbox has no network anyway: fail fast rather than retry; no progress bars.
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
         os.environ[key] = "1"
@@ -63,6 +64,7 @@ def load_model(folder: Path, hf: HfFolder) -> Any:
             f"{transformers.__version__}: kquant rebuilds only transformers' own classes",
             reason=Reason.UnsupportedFormat,
         )
+    _check_size(cls, folder, hf)
     try:
         model = cls.from_pretrained(
             str(folder),
@@ -76,6 +78,42 @@ def load_model(folder: Path, hf: HfFolder) -> Any:
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # past key/values are outputs of another graph
     return model.float().eval()
+
+
+# A config may describe more parameters than its weights hold (heads initialised fresh,
+# buffers); past this many times the weights, and this many more, it describes another model.
+PARAMETER_SLACK, PARAMETER_MARGIN = 2, 10_000_000
+
+
+def _check_size(cls: Any, folder: Path, hf: HfFolder) -> None:
+    """Raise PassError(CorruptModel) when config.json describes far more parameters than
+    the safetensors files hold (counted on the ``meta`` device, which allocates nothing;
+    the weights from their headers). A config's ``vocab_size: 2**33`` beside small weights
+    made transformers allocate the whole model first and ended in MemoryLimitExceeded
+    (hostile-input trial). A model that cannot be built on ``meta`` is not checked."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        config = cls.config_class.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            skeleton = cls(config)
+        expected = sum(p.numel() for p in skeleton.parameters())
+    except Exception:  # transformers' own load says what is wrong
+        return
+    stored = 0
+    for name in hf.weights:
+        if name.endswith(".safetensors"):
+            with safe_open(str(folder / name), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                    stored += int(np.prod(f.get_slice(key).get_shape(), dtype=np.int64))
+    if expected > PARAMETER_SLACK * stored + PARAMETER_MARGIN:
+        raise PassError(
+            f"config.json describes a {hf.architecture} of {expected} parameters, and its "
+            f"safetensors weights hold {stored} values: the config and the weights are not of "
+            "one model",
+            reason=Reason.CorruptModel,
+        )
 
 
 def example_inputs(model: Any, length: int) -> dict[str, Any]:
