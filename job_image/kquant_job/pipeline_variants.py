@@ -275,11 +275,14 @@ def _publish_variants(
         published = out.publish(combined, rels, report, fields)
     promoted = None
     if promo is not None:
-        # the promotion holds the chosen variant only, and its manifest says so
-        own = {**fields, "variants": {chosen.entry.name: placed[chosen.entry.name]}}
-        with logs.stage("promote", run.timings, uri=promo.prefix, variant=chosen.entry.name):
+        # the promotion holds the chosen variant only, and its manifest and report's files
+        # say so (the report still compares every variant: why this one was chosen)
+        name = chosen.entry.name
+        own = {**fields, "variants": {name: placed[name]}}
+        files = [f for f in report.get("files", []) if f.get("variant") == name]
+        with logs.stage("promote", run.timings, uri=promo.prefix, variant=name):
             promoted = promote(
-                promo, published, combined, sorted(placed[chosen.entry.name]), report, own
+                promo, published, combined, sorted(placed[name]), {**report, "files": files}, own
             )
     first = set(placed[chosen.entry.name])
     set_folder = published.report_uri.rsplit("/", 1)[0]

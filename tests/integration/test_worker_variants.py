@@ -194,6 +194,9 @@ def test_the_variants_example_promotes_the_best_silero_variant(s3_server, worker
     assert prod.fixed_names() == ["manifest.json", "report.json", "silero_vad_fp16.onnx"]
     # only what the promotion holds (it listed int8 too, absent there: trial)
     assert promoted["variants"] == {"fp16": ["silero_vad_fp16.onnx"]}
+    report = json.loads(prod.get("report.json"))
+    assert [f["path"] for f in report["files"]] == ["silero_vad_fp16.onnx"]
+    assert {v["name"] for v in report["variants"]} == {"fp16", "int8"}  # the comparison
     out = Prefix.of(spec["output"]["uri"], client)
     read_set(out)
     assert "silero_vad_int8.onnx" in out.fixed_names()
