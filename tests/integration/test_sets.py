@@ -140,6 +140,28 @@ def test_a_fixed_name_rewritten_in_place_stays_the_writers_and_its_set_is_untouc
     assert out.get("model_int8.onnx") == b"q" * 99
 
 
+def test_copies_an_interrupted_run_left_are_finished_by_the_next_run(store, tmp_path, monkeypatch):
+    """Fault-injection trial: run 2 was killed between its commit and its copies; run 3's
+    commit dropped run 1's set from the history, its copies at the fixed names were no longer
+    recognised, and every later run ended in ForeignObject."""
+    import kquant_job.sets.publish as publishing
+    from kquant_job.sets.mirrors import MirrorOutcome
+
+    keep = Retention(keep_sets=2)
+    publish(store, tmp_path, JOB, retention=keep)
+    with monkeypatch.context() as m:  # killed after its commit, before any copy
+        m.setattr(publishing, "sync_mirrors", lambda *a, **k: MirrorOutcome())
+        v2 = {"model_fp16.onnx": b"v2 graph" * 40}
+        publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2), v2, retention=keep)
+    out = prefix_of(store)
+    assert out.get("model_fp16.onnx") == FILES["model_fp16.onnx"]  # still set 1's
+    for generation in (3, 4):
+        files = {"model_fp16.onnx": f"v{generation} graph".encode() * 40}
+        publish(store, tmp_path, Writer("vad", "speech", "uid-1", generation), files,
+                retention=keep)  # fmt: skip
+        read_set(out)  # every fixed name holds the bytes of the manifest's set
+
+
 def test_a_foreign_object_at_a_fixed_name_is_refused_before_anything_is_written(store, tmp_path):
     store.storage.write_bytes(store.uri("out/model_fp16.onnx"), b"someone else's model")
     t = target(store, JOB)

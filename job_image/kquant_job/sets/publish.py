@@ -5,7 +5,9 @@ A :class:`Target` is one prefix this run writes. :meth:`Target.preflight` reads 
 work (refusing a prefix that is not this run's to write) and remembers the manifest's etag.
 :meth:`Target.publish` then:
 
-1. reclaims this job's own leftovers (:func:`kquant_job.sets.state.reclaim`);
+1. finishes the fixed-name copies an interrupted run left (its set may drop out of the
+   history with this commit); reclaims this job's own leftovers
+   (:func:`kquant_job.sets.state.reclaim`);
 2. refuses a fixed name held by an object kquant did not write (ForeignObject);
 3. writes a new set folder: ``set.json`` first, the artifacts, ``report.json``, the set's
    ``manifest.json``, and checks the folder is complete;
@@ -17,8 +19,9 @@ work (refusing a prefix that is not this run's to write) and remembers the manif
 5. brings the fixed-name copies in step (:mod:`kquant_job.sets.mirrors`) and removes the sets
    that dropped out of the manifest's history.
 
-A kill at any step leaves the prefix as it was or with the new set complete; a rerun of the
-same job finishes the work (its own uncommitted sets are reclaimed, the copies resynced).
+A kill at any step leaves the prefix as it was or with the new set complete; the next run of
+any job on the prefix finishes the copies, and a rerun of the same job reclaims its own
+uncommitted sets.
 """
 
 from __future__ import annotations
@@ -242,6 +245,7 @@ class Target:
         file missing), ForeignObject, OutputExists, Superseded, ConcurrentWrite, and the
         storage's errors."""
         names = _check_files(rels, staged, self.prefix)
+        self._finish_copies()
         state = self._state()
         self._resolve(state, "")  # another writer committed since preflight: who?
         self._check(state)
@@ -300,6 +304,17 @@ class Target:
         )
         manifest_uri = join(self.prefix, manifest_key(self.home))
         return PublishedSet(set_id, artifacts, report_art.uri, manifest_uri, mirrors)
+
+    def _finish_copies(self) -> None:
+        """Bring the fixed names in step with the manifest as it is, before this run commits:
+        a writer killed between its commit and its copies left names of the set before, and
+        once this commit drops that set from the history they were no longer recognised as
+        kquant's (every later run then ended in ForeignObject: fault-injection trial). A
+        failure is logged: this run's own sync after its commit tries again."""
+        try:
+            sync_mirrors(self.storage, self.prefix, self.home)
+        except StorageError as exc:
+            LOG.warning("could not finish an earlier run's copies under %s: %s", self.prefix, exc)
 
     def _commit(
         self,
