@@ -268,7 +268,7 @@ def _validator(
     if validator.chosen:
         logs.info(
             f"validation inputs for {model.rel} (found in {validator.chosen['tries']} tries)",
-            **validator.chosen["inputs"],
+            inputs=validator.chosen["inputs"],  # names the model chose: never as keywords
         )
     return validator
 

@@ -71,3 +71,26 @@ def test_a_fifo_for_the_external_data_of_a_single_model_is_an_unsafe_path(tmp_pa
     run = run_worker(doc, tmp_path / "run")
     assert (run.code, run.result["reason"]) == (20, "UnsafePath"), run.log
     assert "is not a regular file" in run.result["message"]
+
+
+def test_model_inputs_named_like_log_fields_are_logged_as_data(tmp_path: Path) -> None:
+    """Trial: an input named ``message`` was an InternalError (``info() got multiple values
+    for argument 'message'``); ``level`` and ``stage`` rewrote the log record's own fields."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    weights = numpy_helper.from_array(np.eye(16, dtype=np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["message", "W"], ["m"]),
+         helper.make_node("Add", ["m", "stage"], ["y"])], "g",
+        [helper.make_tensor_value_info("message", TensorProto.FLOAT, [1, 16]),
+         helper.make_tensor_value_info("stage", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [weights],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what onnxruntime 1.31 loads
+    (folder / "m.onnx").write_bytes(model.SerializeToString())
+    doc = manifest(f"file://{folder}/m.onnx", f"file://{tmp_path}/out/", {"precision": "fp16"},
+                   endpoint=None)  # fmt: skip
+    run = run_worker(doc, tmp_path / "run")
+    assert run.result["reason"] != "InternalError", run.log
+    assert run.code in (0, 40), run.log  # Validated, or NoGain for a model this small

@@ -140,6 +140,26 @@ def test_a_fixed_name_rewritten_in_place_stays_the_writers_and_its_set_is_untouc
     assert out.get("model_int8.onnx") == b"q" * 99
 
 
+def test_a_fixed_name_an_earlier_kquant_hard_linked_is_copied_again(store, tmp_path):
+    """Fault-injection trial: fixed names published before copies stopped being hard links
+    stayed links while their bytes matched, and a colleague's cp still rewrote the set."""
+    if store.kind != "file":
+        pytest.skip("hard links are local")
+    import os
+
+    first = publish(store, tmp_path, JOB)
+    root = Path(store.uri("out/")[len("file://") :])
+    fixed, kept = root / "model_fp16.onnx", root / f".kquant/sets/{first.set_id}/model_fp16.onnx"
+    fixed.unlink()
+    os.link(kept, fixed)  # the layout of the stops before
+    second = publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2))  # same bytes
+    kept = root / f".kquant/sets/{second.set_id}/model_fp16.onnx"
+    assert fixed.stat().st_nlink == 1 and kept.stat().st_nlink == 1
+    with fixed.open("r+b") as fh:
+        fh.write(b"hotfix")
+    assert kept.read_bytes() == FILES["model_fp16.onnx"]
+
+
 def test_copies_an_interrupted_run_left_are_finished_by_the_next_run(store, tmp_path, monkeypatch):
     """Fault-injection trial: run 2 was killed between its commit and its copies; run 3's
     commit dropped run 1's set from the history, its copies at the fixed names were no longer

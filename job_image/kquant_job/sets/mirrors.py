@@ -46,7 +46,10 @@ def in_sync(state: PrefixState, name: str, info: ObjectInfo, set_id: str, sha256
     """The object ``info`` at the fixed name ``name`` already is set ``set_id``'s file: it
     carries the set id (S3), shares the source's etag where etags name content (an S3 copy
     of the same bytes), or, locally, holds the bytes the manifest names (hashed: a local
-    etag names the file, not its bytes)."""
+    etag names the file, not its bytes) in a file of its own: a hard link an earlier kquant
+    made is copied again, or a colleague's ``cp`` over it would still rewrite the set."""
+    if info.linked:  # a hard link an earlier kquant made: it shares the set's file
+        return False
     if info.metadata.get(SET_KEY) == set_id:
         return True
     source = state.sets.get(set_id, {}).get(name)

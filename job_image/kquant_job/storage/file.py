@@ -107,7 +107,8 @@ class FileStorage(Storage):
             if not path.is_file():
                 return None
             st = path.stat()
-            return ObjectInfo(key=path.name, size=st.st_size, etag=etag_of(st))
+            info = ObjectInfo(path.name, st.st_size, etag_of(st), linked=st.st_nlink > 1)
+            return info
         except OSError as exc:
             raise os_error(exc, uri, "stat") from None
 
