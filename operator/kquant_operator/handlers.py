@@ -358,7 +358,13 @@ async def resync(kube: Kube, settings: OperatorSettings, logger: kopf.Logger) ->
             continue
         for qjob in qjobs:
             if not is_finished(qjob) and qjob.get("metadata", {}).get("generation"):
-                await _resync_one(kube, qjob, logger)
+                try:  # one CR's trouble (a garbled answer, a bad status) skips no other
+                    await _resync_one(kube, qjob, logger)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    name = qjob["metadata"].get("name")
+                    logger.warning("resync of %s failed: %s", name, exc)
 
 
 async def _resync_one(kube: Kube, qjob: dict[str, Any], logger: kopf.Logger) -> None:
