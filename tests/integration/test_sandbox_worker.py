@@ -121,7 +121,7 @@ def test_a_model_writing_into_its_own_pipes_is_an_unsafe_model_and_forges_no_log
     model = fd_writer_jit(tmp_path / "fds.pt", list(range(3, 16)), forged)
     run = run_worker(job(model, tmp_path / "out"), tmp_path, env())
     failed(run, tmp_path, "UnsafeModel")
-    assert "did not send" in run.result["message"]
+    assert "model code wrote" in run.result["message"]
     assert "did not write" in run.log  # the forged lines, shown as what they are
     assert not any(
         "publish: done FORGED" in line and "did not write" not in line

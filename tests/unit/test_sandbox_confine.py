@@ -404,3 +404,14 @@ def test_a_child_whose_worker_died_before_it_confined_itself_exits_at_once():
     alive = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True,
                            text=True)  # fmt: skip
     assert (alive.returncode, alive.stdout.strip()) == (0, "still running")
+
+
+def test_a_log_line_without_a_newline_is_read_in_bounded_pieces():
+    """Trial: 80 MB without a newline was read whole into the worker's memory."""
+    import io
+
+    from kquant_job.sandbox import runner
+
+    relay = runner._Relay(KEY)
+    relay._pump(io.StringIO("x" * (3 * runner.MAX_LINE_CHARS + 5)), True)
+    assert relay.forged == 4  # pieces of at most MAX_LINE_CHARS, none signed

@@ -44,6 +44,7 @@ from kquant_job.stage import StageInput, StageOutcome
 LOG = logging.getLogger("kquant")
 PR_SET_DUMPABLE = 4
 MAX_OUTCOME_BYTES = 64 * 1024 * 1024
+MAX_LINE_CHARS = 1 << 20  # a log line read at a time: longer ones arrive in pieces
 # Variables the child may see: locale, paths to find libraries and GPUs, thread counts.
 ENV_ALLOWED = frozenset(
     {
@@ -141,8 +142,9 @@ class _Relay:
         self.threads.append(thread)
 
     def _pump(self, stream: IO[str], structured: bool) -> None:
-        for line in stream:
-            line = line.rstrip("\n")[:65536]
+        # bounded reads: a line of 80 MB without a newline was held whole (trial)
+        while chunk := stream.readline(MAX_LINE_CHARS):
+            line = chunk.rstrip("\n")[:65536]
             if not line:
                 continue
             if not structured:
@@ -300,11 +302,17 @@ def run_task(
     outcome.join()
     if code < 0:
         raise _signalled(-code, relay, limits, what)
-    if outcome.overflow:
-        raise KquantError(
-            f"the sandboxed {what} sent an outcome over {MAX_OUTCOME_BYTES} bytes "
-            f"{relay.where()}; nothing was published",
-            reason=Reason.InternalError,
+    if outcome.overflow:  # kquant's own outcome is far smaller (its lists are capped)
+        raise PassError(
+            f"more than {MAX_OUTCOME_BYTES} bytes arrived on the sandboxed {what}'s outcome "
+            f"channel {relay.where()}: model code wrote into it; nothing was published",
+            reason=Reason.UnsafeModel,
+        )
+    if relay.forged:
+        raise PassError(
+            f"model code wrote {relay.forged} line(s) into the sandboxed {what}'s log channel "
+            f"{relay.where()} (shown as warnings above); nothing was published",
+            reason=Reason.UnsafeModel,
         )
     return _outcome(bytes(outcome.data), code, key, what)
 
