@@ -415,3 +415,17 @@ def test_a_log_line_without_a_newline_is_read_in_bounded_pieces():
     relay = runner._Relay(KEY)
     relay._pump(io.StringIO("x" * (3 * runner.MAX_LINE_CHARS + 5)), True)
     assert relay.forged == 4  # pieces of at most MAX_LINE_CHARS, none signed
+
+
+def test_a_long_signed_record_is_kquants_own():
+    """A record past 64 KiB (a long list in a field) was cut before its MAC was checked."""
+    import io
+    import json
+
+    from kquant_job.sandbox.channel import sign_line
+    from kquant_job.sandbox.runner import _Relay
+
+    record = json.dumps({"message": "validated", "stage": "validate", "names": ["n"] * 50_000})
+    relay = _Relay(KEY)
+    relay._pump(io.StringIO(sign_line(KEY, record) + "\n"), True)
+    assert relay.forged == 0 and relay.stage == "validate"
