@@ -429,3 +429,34 @@ def test_a_long_signed_record_is_kquants_own():
     relay = _Relay(KEY)
     relay._pump(io.StringIO(sign_line(KEY, record) + "\n"), True)
     assert relay.forged == 0 and relay.stage == "validate"
+
+
+def test_an_outcome_channel_past_its_bound_is_an_unsafe_model(tmp_path, monkeypatch):
+    """kquant's own outcomes are capped far below MAX_OUTCOME_BYTES: more on the channel is
+    model code writing into it (trial: 80 MB through /proc/self/fd was an InternalError).
+    The bound is lowered here so the child's real outcome crosses it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kquant_job.errors import PassError
+    from kquant_job.sandbox import runner
+
+    weights = numpy_helper.from_array(np.zeros((4, 4), np.float32), "W")
+    weights.ClearField("raw_data")
+    weights.data_location = TensorProto.EXTERNAL
+    entry = weights.external_data.add()
+    entry.key, entry.value = "location", "w.bin"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weights],
+    )  # fmt: skip
+    model = tmp_path / "m.onnx"
+    model.write_bytes(helper.make_model(graph).SerializeToString())
+    task = {"task": "external", "external": {"path": str(model)}}
+    found, _ = runner.run_task(task, tmp_path / "box", [tmp_path], Limits(2**31, 60.0))
+    assert found == ["w.bin"]  # within the bound: the child's own answer
+    monkeypatch.setattr(runner, "MAX_OUTCOME_BYTES", 16)
+    with pytest.raises(PassError, match="more than 16 bytes arrived") as info:
+        runner.run_task(task, tmp_path / "box2", [tmp_path], Limits(2**31, 60.0))
+    assert info.value.reason.value == "UnsafeModel"
