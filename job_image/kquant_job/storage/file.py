@@ -107,8 +107,7 @@ class FileStorage(Storage):
             if not path.is_file():
                 return None
             st = path.stat()
-            info = ObjectInfo(path.name, st.st_size, etag_of(st), linked=st.st_nlink > 1)
-            return info
+            return ObjectInfo(path.name, st.st_size, etag_of(st), linked=st.st_nlink > 1)
         except OSError as exc:
             raise os_error(exc, uri, "stat") from None
 
