@@ -113,3 +113,64 @@ def test_a_validator_finds_the_same_inputs_and_feedback_on_the_recorder(
     assert recorded.chosen == plain.chosen and recorded.cfg == plain.cfg
     assert recorded.cfg.feedback  # the state loop was found through the recorder
     assert recorded.reference.ranges and plain.reference.ranges is None
+
+
+class _Tracked:
+    """A session standing in for its wrapped one, seen through a weak reference."""
+
+    def __init__(self, session: object) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._session, name)
+
+
+@pytest.mark.parametrize("how", ["validate", "probe"])
+def test_the_candidate_is_released_before_the_original_is_timed_and_a_slowdown_timed_again(
+    silero_onnx: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Validation and the INT8 probe time through one path (Reference.latency_of): the
+    candidate's session is gone before the original's is made (two large models' weights
+    are never held side by side), and a slowdown is timed again, both models, each keeping
+    its faster median."""
+    import weakref
+
+    feeds = _feeds(3)
+    ref = Reference(silero_onnx, feeds, _cfg(), TOL, CPU)
+    ref.latency = None  # the original is timed by latency_of, not the reference pass
+    candidates: list[weakref.ref[_Tracked]] = []
+    alive_when_original_made: list[int] = []
+    real = compare.make_session
+
+    def tracked(path: Path, providers: list[str]) -> object:
+        if path == silero_onnx:
+            alive_when_original_made.append(sum(c() is not None for c in candidates))
+            return real(path, providers)
+        session = _Tracked(real(path, providers))
+        candidates.append(weakref.ref(session))
+        return session
+
+    # The candidate (a copy, so the two are told apart) measures 3 ms, then 2 ms; the
+    # original 1 ms then 1.5 ms, each over 12 runs: slower by the gain rule.
+    medians = iter([3.0, 1.0, 2.0, 1.5])
+    monkeypatch.setattr(compare, "make_session", tracked)
+    monkeypatch.setattr(compare, "block_latency_ms", lambda *_a: (next(medians), 12))
+    candidate = Path(str(silero_onnx) + ".copy.onnx")
+    candidate.write_bytes(silero_onnx.read_bytes())
+    try:
+        if how == "validate":
+            outcome = validate_onnx(
+                silero_onnx, candidate, [], _cfg(), TOL, reference=ref, confirm_slowdown=True
+            )
+            latency = outcome.latency_ms
+        else:
+            result = ref.probe(candidate, timed=True)
+            assert result.slower is True
+            latency = result.latency
+    finally:
+        candidate.unlink()
+    assert latency == {"original": 1.0, "quantized": 2.0, "runs": 12, "timing": "sequential"}
+    assert len(candidates) == 2  # the candidate's session made again for the second round
+    assert alive_when_original_made == [0, 0]  # both rounds: no candidate session alive
+    assert ref.latency == (1.0, 12)  # the first round's original kept for the next variants
+    assert next(medians, None) is None

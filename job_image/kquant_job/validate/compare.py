@@ -233,43 +233,69 @@ class Reference:
         )
         if timed and result.ok:
             del outputs
+            held = [session]
+            del session
             try:
-                lat = self.latency_of(session)
-                if slower(lat["original"], lat["quantized"], int(lat["runs"])):
-                    # confirmed as validation confirms: both timed again, each its faster
-                    again = self.latency_of(session, again=True)
-                    lat = {k: min(lat[k], again[k]) for k in lat}
+                lat = self.latency_of(candidate, held, confirm=True)
             except Exception:  # it ran on every sample above: validation says what fails
                 return result
             result.latency = lat
             result.slower = slower(lat["original"], lat["quantized"], int(lat["runs"]))
         return result
 
-    def latency_of(self, session: Any, again: bool = False) -> dict[str, float]:
-        """``{"original": ms, "quantized": ms, "runs": n}``: medians of ``session`` (a
-        candidate's) and of the original on the first feed, on validation's settings
-        (``cfg.latencyRuns`` after ``cfg.warmupRuns`` within ``cfg.latencyBudgetMs``). On the
-        CPU the two are timed one after the other (half the budget each) and the original's
-        block is the reference pass's (``latency``: timed once, kept for validation);
-        elsewhere in alternation (:func:`paired_latency_ms`). ``runs``: the fewer of the
-        two. ``again``: the original's block is timed anew, not taken from ``latency``.
-        Raises what ``session.run`` raises."""
+    def latency_of(self, candidate: Path, held: list[Any], *, confirm: bool) -> dict[str, Any]:
+        """``{"original": ms, "quantized": ms, "runs": n, "timing": ...}``: medians of the
+        candidate and of the original on the first feed, on validation's settings
+        (``cfg.latencyRuns`` after ``cfg.warmupRuns`` within ``cfg.latencyBudgetMs``).
+        ``held``: a one-item list holding the candidate's open session (``candidate``'s), emptied
+        here so that the session is released before the original's runs: on the CPU it can
+        hold FP32 copies of its weights, and the two side by side would hold a large model's
+        weights twice over.
+
+        On the CPU (:attr:`sequential`) the two are timed one after the other, half the
+        budget each (``timing: sequential``); the original's block is the reference pass's
+        (``latency``: timed once, kept for every variant). With ``confirm``, a result that
+        counts as slower by the gain rule (:func:`kquant_job.gain.slower`) is timed again,
+        both models (the candidate's session made anew), and each keeps its faster median:
+        on a busy machine one round of a sub-millisecond model moved between 0.5x and 1.5x
+        of the original, and a verdict must not rest on that. Elsewhere the two are timed in
+        alternation (:func:`paired_latency_ms`). ``runs``: the fewer of the two. Raises what
+        ``session.run`` or loading ``candidate`` raises."""
         cfg, feed = self.cfg, self.feeds[0]
         runs, warmup, budget = cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs
         if not self.sequential:
             return paired_latency_ms(
-                session_call(self.session, feed), session_call(session, feed), runs, warmup,
+                session_call(self.session, feed), session_call(held.pop(), feed), runs, warmup,
                 budget,
             )  # fmt: skip
-        quantized, q_runs = block_latency_ms(session_call(session, feed), runs, warmup, budget / 2)
-        if self.latency is None or again:
-            timed = block_latency_ms(session_call(self.session, feed), runs, warmup, budget / 2)
-            self.release()
-            self.latency = self.latency or timed
-            original, o_runs = timed
-        else:
-            original, o_runs = self.latency
-        return {"original": original, "quantized": quantized, "runs": min(q_runs, o_runs)}
+        quantized, q_runs = block_latency_ms(
+            session_call(held.pop(), feed), runs, warmup, budget / 2
+        )
+        release_memory()
+        if self.latency is None:
+            self.latency = self._time_original()
+        original, o_runs = self.latency
+        if confirm and slower(original, quantized, min(q_runs, o_runs)):
+            again = make_session(candidate, self.providers)
+            q2, q2_runs = block_latency_ms(session_call(again, feed), runs, warmup, budget / 2)
+            del again
+            release_memory()
+            o2, o2_runs = self._time_original()
+            quantized, q_runs = min(quantized, q2), min(q_runs, q2_runs)
+            original, o_runs = min(original, o2), min(o_runs, o2_runs)
+        return {"original": original, "quantized": quantized, "runs": min(q_runs, o_runs),
+                "timing": "sequential"}  # fmt: skip
+
+    def _time_original(self) -> tuple[float, int]:
+        """(median ms, runs) of the original on the first feed, half the latency budget; its
+        session is released after."""
+        cfg = self.cfg
+        timed = block_latency_ms(
+            session_call(self.session, self.feeds[0]), cfg.latencyRuns, cfg.warmupRuns,
+            cfg.latencyBudgetMs / 2,
+        )  # fmt: skip
+        self.release()
+        return timed
 
 
 # How much of a model's outputs the report lists (a TorchScript module's dict output names
@@ -392,16 +418,9 @@ def validate_onnx(
 
     ``reference`` (optional) reuses a :class:`Reference` already built for ``original``, so
     the original is not run twice; its feeds and providers are then used and ``feeds`` and
-    ``providers`` are ignored. Latency: medians of both models timed in
-    alternation on the first feed (:func:`paired_latency_ms`: ``cfg.latencyRuns`` pairs
-    after ``cfg.warmupRuns``, within ``cfg.latencyBudgetMs``); on the CPU
-    (:attr:`Reference.sequential`) the converted model's runs, then its session released,
-    and the original's block timed by the reference pass (``Reference.latency``), else now
-    (:func:`block_latency_ms`, half the budget each; ``timing: sequential``). With
-    ``confirm_slowdown`` (a conversion whose gain is judged on latency, kquant_job.gain), a
-    sequential result that counts as slower is timed again, both models, and each keeps its
-    faster median: on a busy machine one round of a sub-millisecond model moved between 0.5x
-    and 1.5x of the original, and a verdict must not rest on that.
+    ``providers`` are ignored. Latency: :meth:`Reference.latency_of` after the converted
+    model's outputs are compared (``confirm_slowdown``: a conversion whose gain is judged on
+    latency, kquant_job.gain, has a slowdown timed again).
 
     Raises what :class:`Reference` raises for the original. Problems of the converted model
     (load or run failure, tolerance) never raise: they give ``passed=False``.
@@ -432,40 +451,11 @@ def validate_onnx(
         )
     metrics = compare_outputs(ref.outputs, outputs, tolerance.decisions)
     violations = check_tolerance(metrics, tolerance)
-    provider, feed = session.get_providers()[0], ref.feeds[0]
-    runs, warmup, budget = cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs
-    if ref.sequential:
-        # The converted session is released before the original's runs: on the CPU it can
-        # hold FP32 copies of its weights, and the two side by side would hold a large
-        # model's weights twice over.
-        quantized, q_runs = block_latency_ms(session_call(session, feed), runs, warmup, budget / 2)
-        del session, outputs
-        release_memory()
-        if ref.latency is not None:  # timed in the reference pass, on the same settings
-            original_ms, o_runs = ref.latency
-        else:
-            original_ms, o_runs = block_latency_ms(
-                session_call(ref.session, feed), runs, warmup, budget / 2
-            )
-            ref.release()
-            ref.latency = (original_ms, o_runs)  # for the next variants too (OnnxValidator)
-        if confirm_slowdown and slower(original_ms, quantized, min(q_runs, o_runs)):
-            again = make_session(Path(converted), ref.providers)
-            q2, q2_runs = block_latency_ms(session_call(again, feed), runs, warmup, budget / 2)
-            del again
-            release_memory()
-            o2, o2_runs = block_latency_ms(
-                session_call(ref.session, feed), runs, warmup, budget / 2
-            )
-            ref.release()
-            quantized, q_runs = min(quantized, q2), min(q_runs, q2_runs)
-            original_ms, o_runs = min(original_ms, o2), min(o_runs, o2_runs)
-        latency: dict[str, Any] = {"original": original_ms, "quantized": quantized,
-                                   "runs": min(q_runs, o_runs), "timing": "sequential"}  # fmt: skip
-    else:
-        latency = paired_latency_ms(
-            session_call(ref.session, feed), session_call(session, feed), runs, warmup, budget
-        )
+    provider = session.get_providers()[0]
+    del outputs
+    held = [session]
+    del session
+    latency = ref.latency_of(Path(converted), held, confirm=confirm_slowdown)
     return ValidationOutcome(
         passed=not violations,
         provider=provider,
