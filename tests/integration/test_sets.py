@@ -614,3 +614,25 @@ def test_removed_set_folders_leave_no_empty_folders(store, tmp_path):
         root = Path(store.uri("out/.kquant/sets/")[len("file://") :])
         assert len([d for d in root.iterdir() if d.is_dir()]) == 3  # KQUANT_KEEP_SETS
     assert len({k.split("/")[2] for k in prefix_of(store).all_keys() if "/sets/" in k}) == 3
+
+
+def test_a_sync_reads_each_fixed_names_bytes_once(store, tmp_path, monkeypatch):
+    """A local file is hashed in full to judge it (its etag names the file, not its bytes):
+    a sync asks whether a fixed name is in sync, then whether it is kquant's, on one read."""
+    publish(store, tmp_path, JOB)
+    store.storage.write_bytes(store.uri("out/model_fp16.onnx"), b"theirs")  # foreign now
+    store.storage.delete(store.uri("out/tokenizer/vocab.txt"))  # to be copied again
+    hashed: list[tuple[str, str | None]] = []
+    real = type(store.storage).content_sha256
+
+    def counting(self, uri: str, info):
+        hashed.append((uri, info.etag))
+        return real(self, uri, info)
+
+    monkeypatch.setattr(type(store.storage), "content_sha256", counting)
+    outcome = sync_mirrors(store.storage, store.uri("out/"))
+    assert outcome.foreign == ["model_fp16.onnx"] and outcome.copied == ["tokenizer/vocab.txt"]
+    assert len(hashed) == len(set(hashed))
+    if store.kind == "file":  # judged by its content: hashed, once
+        assert [uri for uri, _ in hashed].count(store.uri("out/model_fp16.onnx")) == 1
+    assert prefix_of(store).get("model_fp16.onnx") == b"theirs"

@@ -55,7 +55,7 @@ def in_sync(state: PrefixState, name: str, info: ObjectInfo, set_id: str, sha256
     source = state.sets.get(set_id, {}).get(name)
     if state.storage.content_etags:
         return source is not None and source.etag is not None and info.etag == source.etag
-    return state.storage.content_sha256(state.uri(name), info) == sha256
+    return state.content_sha256(name, info) == sha256
 
 
 def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:

@@ -57,6 +57,7 @@ class PrefixState:
     etag: str | None
     sets: dict[str, dict[str, ObjectInfo]] = field(default_factory=dict)
     home: str = ""
+    _digests: dict[tuple[str, str], str | None] = field(default_factory=dict, repr=False)
 
     def uri(self, key: str) -> str:
         """The URI of ``key`` (relative to the prefix)."""
@@ -65,6 +66,17 @@ class PrefixState:
     def set_uri(self, set_id: str, rel: str = "") -> str:
         """The URI of ``rel`` in a set folder (the folder itself for '')."""
         return self.uri(set_dir(set_id, self.home) + rel)
+
+    def content_sha256(self, key: str, info: ObjectInfo) -> str | None:
+        """Hex SHA-256 of the object ``info`` (from ``stat``) at ``key``
+        (:meth:`Storage.content_sha256`), read once per version: a local file is hashed in
+        full, and a mirror sync asks first whether it is in sync, then whether it is owned.
+        None: unreadable."""
+        if info.etag is None:
+            return self.storage.content_sha256(self.uri(key), info)
+        if (key, info.etag) not in self._digests:
+            self._digests[key, info.etag] = self.storage.content_sha256(self.uri(key), info)
+        return self._digests[key, info.etag]
 
 
 def read_state(storage: Storage, prefix: str, home: str = "") -> PrefixState:
@@ -108,7 +120,7 @@ def owned(state: PrefixState, name: str, info: ObjectInfo) -> bool:
         same = source is not None and info.etag and source.etag == info.etag
         if same and state.storage.content_etags:
             return True
-    digest = state.storage.content_sha256(state.uri(name), info)
+    digest = state.content_sha256(name, info)
     return digest is not None and any(entry.files[name] == digest for entry in entries)
 
 
