@@ -749,7 +749,11 @@ class ValidationConfig(_Model):
         "it (e.g. minCosineSimilarity: -1 checks no cosine).",
     )
     latencyRuns: int = Field(
-        20, ge=1, le=10_000, description="Timed runs per model (median reported, in ms)."
+        20,
+        ge=1,
+        le=10_000,
+        description="Timed runs per model at most (median reported, in ms); fewer when "
+        "latencyPrecision or latencyBudgetMs is reached first.",
     )
     warmupRuns: int = Field(3, ge=0, le=1000, description="Untimed runs before timing.")
     latencyBudgetMs: float = Field(
@@ -760,6 +764,15 @@ class ValidationConfig(_Model):
         "take together, per model file, ms: until latencyRuns runs each or until this is "
         "spent (at least one each); on a GPU the two run in alternation, on the CPU one after "
         "the other with half each; the result says how many it took.",
+    )
+    latencyPrecision: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Timing of a model stops early, after at least 10 runs, once its median "
+        "is known to within this fraction (the half-width of the median's 95 % confidence "
+        "interval, from the run times' order statistics); 0 always times latencyRuns runs "
+        "(within latencyBudgetMs).",
     )
 
     @model_validator(mode="after")

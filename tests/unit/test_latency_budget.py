@@ -175,3 +175,54 @@ def test_a_slowdown_is_timed_again_before_it_counts(
     ref = compare.Reference(silero_onnx, feeds, cfg, tol)
     outcome = validate_onnx(silero_onnx, copy, [], cfg, tol, reference=ref)
     assert (outcome.latency_ms["quantized"], outcome.latency_ms["original"]) == (1.0, 0.5)
+
+
+def _scripted_clock(monkeypatch: pytest.MonkeyPatch, durations_ms: list[float]):
+    """A call taking the next of ``durations_ms`` on a clock of its own (runtime's
+    ``time.perf_counter``), cycling; returns the call and the list of calls made."""
+    import kquant_job.validate.runtime as runtime
+
+    now = [0.0]
+    made: list[float] = []
+
+    def call() -> None:
+        made.append(durations_ms[len(made) % len(durations_ms)])
+        now[0] += made[-1] / 1000.0
+
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(runtime, "settle", lambda: None)
+    return call, made
+
+
+def test_a_median_known_to_the_precision_stops_timing_after_ten_runs(monkeypatch) -> None:
+    from kquant_job.validate.runtime import median_known
+
+    assert not median_known([5.0] * 9, 0.02)  # too few for the gain rule's margins
+    assert median_known([5.0] * 10, 0.02)
+    assert not median_known([5.0] * 10, 0.0)  # precision 0: never early
+    # 10 runs: the interval runs from the 2nd to the 9th smallest (Campbell & Gardner)
+    spread = [4.9, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.3, 9.0]  # half-width 0.15: 3 %
+    assert median_known(spread, 0.04) and not median_known(spread, 0.02)
+    assert not median_known([*spread[:8], 5.6, 9.0], 0.04)  # the 9th counts, 6 %
+    steady, made = _scripted_clock(monkeypatch, [5.0, 5.05, 4.95])
+    assert block_latency_ms(steady, 20, 2, 1e9, 0.02) == (pytest.approx(5.0), 10)
+    assert len(made) == 12  # two warm-ups, ten timed
+    assert block_latency_ms(steady, 20, 0, 1e9, 0.0)[1] == 20  # precision 0: every run
+    noisy, _ = _scripted_clock(monkeypatch, [5.0, 8.0])  # the median never settles to 2 %
+    assert block_latency_ms(noisy, 20, 0, 1e9, 0.02)[1] == 20
+
+
+def test_paired_timing_stops_once_both_medians_are_known(monkeypatch) -> None:
+    steady, _ = _scripted_clock(monkeypatch, [5.0])
+    out = paired_latency_ms(steady, steady, 50, 1, 1e9, 0.02)
+    assert out["runs"] == 10 and out["original"] == pytest.approx(5.0)
+    # one side noisy (every other of its runs 60 % longer): every pair asked is timed
+    calls = iter([5.0, 5.0, 5.0, 8.0] * 100)
+    now = [0.0]
+    import kquant_job.validate.runtime as runtime
+
+    def step() -> None:
+        now[0] += next(calls) / 1000.0
+
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: now[0])
+    assert paired_latency_ms(step, step, 30, 0, 1e9, 0.02)["runs"] == 30

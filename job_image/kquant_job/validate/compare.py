@@ -137,8 +137,8 @@ class Reference:
         self.latency: tuple[float, int] | None = None
         if recorder is None and self.sequential:
             self.latency = block_latency_ms(
-                session_call(session, self.feeds[0]),
-                cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs / 2,
+                session_call(session, self.feeds[0]), cfg.latencyRuns, cfg.warmupRuns,
+                cfg.latencyBudgetMs / 2, cfg.latencyPrecision,
             )  # fmt: skip
         # The session for the latency runs: a recorder's graph is unoptimized (not what a
         # user runs) and a large model's weights would sit beside the conversion.
@@ -246,7 +246,8 @@ class Reference:
     def latency_of(self, candidate: Path, held: list[Any], *, confirm: bool) -> dict[str, Any]:
         """``{"original": ms, "quantized": ms, "runs": n, "timing": ...}``: medians of the
         candidate and of the original on the first feed, on validation's settings
-        (``cfg.latencyRuns`` after ``cfg.warmupRuns`` within ``cfg.latencyBudgetMs``).
+        (``cfg.latencyRuns`` after ``cfg.warmupRuns`` within ``cfg.latencyBudgetMs``, or
+        fewer once the median is known to ``cfg.latencyPrecision``).
         ``held``: a one-item list holding the candidate's open session (``candidate``'s), emptied
         here so that the session is released before the original's runs: on the CPU it can
         hold FP32 copies of its weights, and the two side by side would hold a large model's
@@ -262,22 +263,20 @@ class Reference:
         alternation (:func:`paired_latency_ms`). ``runs``: the fewer of the two. Raises what
         ``session.run`` or loading ``candidate`` raises."""
         cfg, feed = self.cfg, self.feeds[0]
-        runs, warmup, budget = cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs
+        timing = (cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs / 2, cfg.latencyPrecision)
         if not self.sequential:
             return paired_latency_ms(
-                session_call(self.session, feed), session_call(held.pop(), feed), runs, warmup,
-                budget,
+                session_call(self.session, feed), session_call(held.pop(), feed),
+                cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs, cfg.latencyPrecision,
             )  # fmt: skip
-        quantized, q_runs = block_latency_ms(
-            session_call(held.pop(), feed), runs, warmup, budget / 2
-        )
+        quantized, q_runs = block_latency_ms(session_call(held.pop(), feed), *timing)
         release_memory()
         if self.latency is None:
             self.latency = self._time_original()
         original, o_runs = self.latency
         if confirm and slower(original, quantized, min(q_runs, o_runs)):
             again = make_session(candidate, self.providers)
-            q2, q2_runs = block_latency_ms(session_call(again, feed), runs, warmup, budget / 2)
+            q2, q2_runs = block_latency_ms(session_call(again, feed), *timing)
             del again
             release_memory()
             o2, o2_runs = self._time_original()
@@ -292,7 +291,7 @@ class Reference:
         cfg = self.cfg
         timed = block_latency_ms(
             session_call(self.session, self.feeds[0]), cfg.latencyRuns, cfg.warmupRuns,
-            cfg.latencyBudgetMs / 2,
+            cfg.latencyBudgetMs / 2, cfg.latencyPrecision,
         )  # fmt: skip
         self.release()
         return timed

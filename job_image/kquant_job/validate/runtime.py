@@ -146,17 +146,43 @@ def median_latency_ms(session: Any, feed: Feed, runs: int, warmup: int) -> float
     return block_latency_ms(session_call(session, feed), runs, warmup, math.inf)[0]
 
 
+# Timed runs before a measurement may stop on a known median: the gain rule's runs for
+# its normal margins (kquant_job.gain.MIN_LATENCY_RUNS).
+MIN_STOP_RUNS = 10
+
+
+def median_known(times: Sequence[float], precision: float) -> bool:
+    """Whether the median of ``times`` (ms) is known to within ``precision`` (a fraction of
+    it): at least MIN_STOP_RUNS values, and the half-width of the median's distribution-free
+    95 % confidence interval at most ``precision`` times the median. The interval runs from
+    the r-th to the s-th smallest value, r = n/2 - 1.96 sqrt(n)/2 and s = 1 + n/2 + 1.96
+    sqrt(n)/2 rounded to the nearest rank (Campbell & Gardner, "Calculating confidence
+    intervals for some non-parametric analyses", BMJ 296:1454, 1988; 10 runs: the 2nd to the
+    9th). ``precision`` 0: never."""
+    n = len(times)
+    if precision <= 0 or n < MIN_STOP_RUNS:
+        return False
+    ordered = sorted(times)
+    half = 1.96 * math.sqrt(n) / 2
+    low = max(1, round(n / 2 - half))
+    high = min(n, round(1 + n / 2 + half))
+    median = statistics.median(ordered)
+    return median > 0 and (ordered[high - 1] - ordered[low - 1]) / 2 <= precision * median
+
+
 def paired_latency_ms(
     original: Callable[[], object],
     converted: Callable[[], object],
     runs: int,
     warmup: int,
     budget_ms: float,
+    precision: float = 0.0,
 ) -> dict[str, float]:
     """Median wall time (ms, ``time.perf_counter``) of two calls timed in alternation, so
     that drift (clock boost, a noisy neighbour) weighs on both alike: ``warmup`` untimed
-    calls of each, then pairs until ``runs`` pairs or until the timed pairs have spent
-    ``budget_ms`` (at least one pair). Returns ``{"original", "quantized"}`` medians and
+    calls of each, then pairs until ``runs`` pairs, until the timed pairs have spent
+    ``budget_ms`` (at least one pair), or until both medians are known to within
+    ``precision`` (:func:`median_known`). Returns ``{"original", "quantized"}`` medians and
     ``"runs"``, the pairs timed. The median resists outliers such as a first CUDA kernel
     compile or a scheduler hiccup."""
     settle()  # no import running beside the timed calls
@@ -171,6 +197,8 @@ def paired_latency_ms(
             call()
             out.append((time.perf_counter() - start) * 1000.0)
             spent += out[-1]
+        if median_known(times[0], precision) and median_known(times[1], precision):
+            break
     return {
         "original": float(statistics.median(times[0])),
         "quantized": float(statistics.median(times[1])),
@@ -179,12 +207,17 @@ def paired_latency_ms(
 
 
 def block_latency_ms(
-    call: Callable[[], object], runs: int, warmup: int, budget_ms: float
+    call: Callable[[], object],
+    runs: int,
+    warmup: int,
+    budget_ms: float,
+    precision: float = 0.0,
 ) -> tuple[float, int]:
     """Median wall time (ms, ``time.perf_counter``) of ``call`` over up to ``runs`` timed calls
     after ``warmup`` untimed ones, stopping once the timed calls have spent ``budget_ms`` (at
-    least one); and the number timed. One model's block of a sequential measurement (the
-    CPU's, where alternating sessions slow each other; :func:`paired_latency_ms` on a GPU)."""
+    least one) or once the median is known to within ``precision`` (:func:`median_known`);
+    and the number timed. One model's block of a sequential measurement (the CPU's, where
+    alternating sessions slow each other; :func:`paired_latency_ms` on a GPU)."""
     settle()  # no import running beside the timed calls
     for _ in range(warmup):
         call()
@@ -193,6 +226,8 @@ def block_latency_ms(
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1000.0)
+        if median_known(times, precision):
+            break
     return float(statistics.median(times)), len(times)
 
 

@@ -255,6 +255,7 @@ class TorchScriptValidator:
             cfg.latencyRuns,
             cfg.warmupRuns,
             cfg.latencyBudgetMs,
+            cfg.latencyPrecision,
         )
         return ValidationOutcome(
             passed=not violations,
