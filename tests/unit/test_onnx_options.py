@@ -54,7 +54,18 @@ def test_preprocessing_is_selectable(tmp_path: Path) -> None:
     never = run(bert, int8(preprocess="never"), tmp_path / "n.onnx", PassContext(tmp_path / "n"))
     assert never.details["preprocess"] == "skipped (never)"
     auto = run(bert, int8(), tmp_path / "a.onnx", PassContext(tmp_path / "a"))
+    # its position tables are Gathers at constant indices, which pre-processing folds
     assert auto.details["preprocess"] == "applied"
+    # auto: every weight an initializer, no Conv, nothing folded: pre-processing would change
+    # nothing dynamic INT8 produces, so it is skipped, saying why
+    lstm = build_corpus()["lstm_gru"].path
+    skipped = run(lstm, int8(), tmp_path / "l.onnx", PassContext(tmp_path / "l"))
+    assert skipped.details["preprocess"].startswith("skipped: no Conv, and every weight")
+    applied = run(lstm, int8(preprocess="always"), tmp_path / "m.onnx", PassContext(tmp_path / "m"))
+    assert applied.details["preprocess"] == "applied"
+    quantized = {k: v for k, v in skipped.details.items() if k.startswith("quantized")}
+    assert quantized == {k: applied.details[k] for k in quantized}
+    assert quantized["quantizedNodes"] > 0
     # Silero's If branches make onnxruntime's symbolic shape inference fail: auto goes on
     # without it, always refuses
     silero = silero_dir() / "silero_vad.onnx"

@@ -22,6 +22,7 @@ from kquant_api.spec import Preprocess
 from kquant_job.errors import PassError
 from kquant_job.passes.int8_common import WEIGHTED_OP_TYPES, describe_error
 from kquant_job.passes.int8_optimize import optimize_external
+from kquant_job.passes.int8_prep_need import dynamic_unaffected
 from kquant_job.passes.int8_shapes import verified_onnxruntime
 from kquant_job.passes.onnx_common import (
     PROTOBUF_LIMIT,
@@ -260,18 +261,25 @@ def subgraph_depth(graph: GraphProto) -> int:
     return deepest
 
 
-def prepare(model_in: Path, work_dir: Path, mode: Preprocess = Preprocess.auto) -> Prepared:
+def prepare(
+    model_in: Path, work_dir: Path, mode: Preprocess = Preprocess.auto, *, dynamic: bool = False
+) -> Prepared:
     """Read ``model_in`` (PassError CorruptModel when it is not an ONNX model) and
     pre-process it (``mode``: auto, as :func:`preprocess` does; never; always: a
     pre-processing that failed, wholly or in part, raises PassError(ConversionFailed) with
     onnxruntime's error). Skipped in auto mode, and refused (ConversionFailed) in always
-    mode, when subgraphs nest past MAX_PREPROCESS_DEPTH. External data is used for the
-    output when the input has external data or is at least 2 GiB (protobuf's limit)."""
+    mode, when subgraphs nest past MAX_PREPROCESS_DEPTH; skipped in auto mode for
+    ``dynamic`` INT8 when it would change nothing the quantizer produces
+    (:func:`~kquant_job.passes.int8_prep_need.dynamic_unaffected`). External data is used
+    for the output when the input has external data or is at least 2 GiB (protobuf's
+    limit)."""
     original = load_model(model_in, load_external_data=False)
     external = uses_external_data(original) or model_in.stat().st_size >= PROTOBUF_LIMIT
     work_dir.mkdir(parents=True, exist_ok=True)
     if mode is Preprocess.never:
         return Prepared(model_in, original, external, {"preprocess": "skipped (never)"})
+    if mode is Preprocess.auto and dynamic and (why_not := dynamic_unaffected(original)):
+        return Prepared(model_in, original, external, {"preprocess": f"skipped: {why_not}"})
     depth = subgraph_depth(original.graph)
     if depth > MAX_PREPROCESS_DEPTH:
         why = (f"subgraphs nested {depth} deep (more than {MAX_PREPROCESS_DEPTH}): "

@@ -9,6 +9,9 @@ Silero VAD keeps all of its weights.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -72,7 +75,8 @@ class OnnxInt8DynamicPass:
         # onnxruntime rewrites Gemm as MatMul before dynamic quantization.
         supported = frozenset(IntegerOpsRegistry) | {"Gemm"}
         options = extra_options(config)
-        prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
+        mode = config.preprocess or Preprocess.auto
+        prepared = prepare(model_in, ctx.work_dir, mode, dynamic=True)
         refuse(prepared.model, model_in.name, Precision.int8)
         details: dict[str, Any] = {"mode": "dynamic", **prepared.details}
         if options:
@@ -102,7 +106,7 @@ class OnnxInt8DynamicPass:
                 if kwargs[key]:  # a Gemm named X is matched as the MatMul X_MatMul
                     kwargs[key] += [f"{n}_MatMul" for n in kwargs[key] if n in gemms]
             # the same result without a reload of every weight, nor whole-tensor temporaries
-            with light_shape_reload(), sliced_weight_quantization():
+            with light_shape_reload(), sliced_weight_quantization(), _no_preprocess_advice():
                 quantize_dynamic(
                     prepared.path,
                     out,
@@ -121,3 +125,20 @@ class OnnxInt8DynamicPass:
         return run_attempts(
             self.name, model_in, steps, quantize, out_path, ctx, details, nodes, faster
         )
+
+
+@contextmanager
+def _no_preprocess_advice() -> Iterator[None]:
+    """Drop onnxruntime's "Please consider to run pre-processing" warning (logged on the
+    root logger by ``quantize_dynamic`` when the model lacks its pre-processing metadata):
+    kquant decided on pre-processing and the report's ``preprocess`` says why."""
+
+    def advice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
