@@ -8,10 +8,12 @@ these handlers only read and write the API:
   deterministic name; an existing Job of that name (409 AlreadyExists, e.g. after an operator
   restart) is adopted, never duplicated. A generation that already has a final verdict gets
   no Job (its Job may be gone after ``ttlSecondsAfterFinished``).
-- spec change (new generation): delete the previous generations' Jobs (propagation
-  Background), then create the new one.
+- spec change (new generation), and create/resume of a generation past the first: delete
+  the older generations' Jobs (propagation Background), then create the new one.
 - Job events: read the owner CR and the Job's pods, write ``derive_status`` to the CR's
-  status subresource (merge patch, guarded by ``resourceVersion``) and post its Events.
+  status subresource (merge patch, guarded by ``resourceVersion``) and post its Events;
+  only for the Job kquant names for the current generation and controls, and never over
+  that generation's verdict.
 - an invalid spec: status Failed/InvalidSpec, a Warning Event (Failed), ``kopf.PermanentError``;
   no Job.
 - every ``KQUANT_RESYNC_SECONDS``: the status of each generation without a verdict derived
@@ -185,7 +187,9 @@ async def _create_or_adopt(
     owners = existing.get("metadata", {}).get("ownerReferences") or []
     if any(ref.get("uid") == qjob["metadata"]["uid"] for ref in owners):
         return False, existing
-    if any(ref.get("kind") == KIND for ref in owners):
+    other = next((r for r in owners if r.get("kind") == KIND
+                  and r.get("apiVersion") == API_VERSION), None)  # fmt: skip
+    if other is not None and not await _alive(kube, meta["namespace"], other):
         # A same-named CR was deleted and re-created: wait for the collector to remove its Job.
         message = f"waiting for Job {jname} of a deleted QuantizationJob of this name to be removed"
         await _set_status(kube, qjob, pending_status(qjob, "WaitingForOldJob", message))
@@ -198,6 +202,22 @@ async def _create_or_adopt(
     await _set_status(kube, qjob, blocked_status(qjob, "JobNameTaken", message))
     raise kopf.TemporaryError(f"Job {jname} exists and is not owned by this object",
                               delay=BLOCKED_DELAY)  # fmt: skip
+
+
+async def _alive(kube: Kube, namespace: str, ref: dict[str, Any]) -> bool:
+    """Whether the QuantizationJob an ownerReference names still exists (same uid). Two CRs
+    whose Job names collide (a long or dotted name cut and hashed, ``jobs.job_name``) both
+    live: the second is blocked (JobNameTaken), not left waiting for a deletion that never
+    comes. Raises kopf's retry on other API errors."""
+    if not ref.get("name"):
+        return False
+    try:
+        current = await kube.get(_qjob_path(namespace, str(ref["name"])))
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        _raise_for(exc, "reading the QuantizationJob that owns the Job")
+    return (current.get("metadata") or {}).get("uid") == ref.get("uid")
 
 
 async def _set_status(kube: Kube, qjob: dict[str, Any], status: dict[str, Any]) -> None:
@@ -222,6 +242,8 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
         await _reject(kube, qjob, str(exc))
     manifest["metadata"]["namespace"] = meta["namespace"]
     jname = manifest["metadata"]["name"]
+    if int(meta.get("generation") or 1) > 1:  # a first generation has no older Job
+        await _delete_older(kube, qjob, logger)
     if job_existed(qjob, jname) and not await _exists(kube, meta["namespace"], jname):
         # It ran (the status saw it start) and is gone: deleted, or removed by its TTL while
         # the operator was down. A new Job would run the conversion again.
@@ -243,6 +265,12 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
         logger.info("created Job %s", jname)
     else:
         logger.info("adopted existing Job %s", jname)
+        owner = _owner(job)
+        if owner is not None and _may_have_pods(job):
+            # It ran while the operator was down: its status comes from its pods, as a Job
+            # event's would (without them a finished Job read as NoResult).
+            await _sync_status(kube, owner, job, False, logger)
+            return
     try:  # the Job's uid, at once: a Job removed before its start is never created again
         await _write_status(kube, qjob, derive_status(qjob, job, []))  # no pods yet
     except ApiError as exc:  # its first event writes it too
@@ -270,32 +298,58 @@ async def _reject(kube: Kube, qjob: dict[str, Any], message: str) -> NoReturn:
 
 
 async def replace_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """A new generation: delete the Jobs of older generations, then create its own."""
-    kube: Kube = memo.kube
-    meta = body["metadata"]
-    namespace, name, generation = meta["namespace"], meta["name"], str(meta["generation"])
-    try:
-        jobs = await kube.list(_jobs_path(namespace), f"{LABEL_NAME}={label_value(name)}")
-        for job in jobs:
-            jmeta = job["metadata"]
-            owned = any(r.get("uid") == meta["uid"] for r in jmeta.get("ownerReferences") or [])
-            if owned and (jmeta.get("labels") or {}).get(LABEL_GENERATION) != generation:
-                try:
-                    await kube.delete(_jobs_path(namespace, jmeta["name"]))
-                except ApiError as exc:
-                    if exc.status != 404:
-                        raise
-                logger.info("deleted Job %s of an older generation", jmeta["name"])
-    except ApiError as exc:
-        _raise_for(exc, "deleting the previous generation's Job")
+    """A new generation: delete the Jobs of older generations, then create its own
+    (:func:`ensure_job` does both)."""
     await ensure_job(body=body, memo=memo, logger=logger)
 
 
+async def _delete_older(kube: Kube, qjob: dict[str, Any], logger: kopf.Logger) -> None:
+    """Delete the Jobs kquant created for older generations of ``qjob`` (controlled by it,
+    under the name of the generation their label gives), before its current generation's
+    Job is created: on resume after a spec change made while the operator was down, or when
+    kopf saw the change as a create (a spec too large for its diff-base annotation), two
+    generations ran at once. A Job someone copied from ours is left alone."""
+    meta = qjob["metadata"]
+    namespace, generation = meta["namespace"], str(meta["generation"])
+    try:
+        jobs = await kube.list(_jobs_path(namespace), f"{LABEL_NAME}={label_value(meta['name'])}")
+        for job in jobs:
+            jmeta = job["metadata"]
+            labelled = (jmeta.get("labels") or {}).get(LABEL_GENERATION)
+            if labelled == generation or not _ours(job, qjob, labelled):
+                continue
+            try:
+                await kube.delete(_jobs_path(namespace, jmeta["name"]))
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            logger.info("deleted Job %s of an older generation", jmeta["name"])
+    except ApiError as exc:
+        _raise_for(exc, "deleting the previous generation's Job")
+
+
 def _owner(job: kopf.Body) -> dict[str, Any] | None:
+    """The QuantizationJob controlling ``job`` (its ownerReference with ``controller:
+    true``, the one kquant writes), or None."""
     for ref in job.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION and ref.get("uid"):
+        if (ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION
+                and ref.get("uid") and ref.get("controller") is True):  # fmt: skip
             return dict(ref)
     return None
+
+
+def _ours(job: dict[str, Any], qjob: dict[str, Any], generation: Any) -> bool:
+    """Whether ``job`` is the Job kquant creates for ``qjob``'s ``generation``: controlled
+    by it (uid) and under the name kquant gives that generation. A copy of it (a hand
+    re-run keeping its labels and ownerReference) is someone else's: it neither drives the
+    status nor is deleted."""
+    owner, meta = _owner(job), qjob.get("metadata") or {}
+    try:
+        expected = job_name(meta.get("name", ""), int(generation))
+    except (TypeError, ValueError):
+        return False
+    return (owner is not None and owner["uid"] == meta.get("uid")
+            and job.get("metadata", {}).get("name") == expected)  # fmt: skip
 
 
 def _may_have_pods(job: dict[str, Any]) -> bool:
@@ -378,7 +432,7 @@ async def _resync_one(kube: Kube, qjob: dict[str, Any], logger: kopf.Logger) -> 
             logger.warning("cannot read Job %s: %s", jname, exc)
         return
     owner = _owner(job)
-    if owner is not None and owner["uid"] == meta["uid"]:  # never someone else's Job
+    if owner is not None and _ours(job, qjob, meta["generation"]):  # never someone else's
         await _sync_status(kube, owner, job, False, logger)
 
 
@@ -387,9 +441,16 @@ async def _sync_status(
 ) -> None:
     """Write the status of ``owner`` (the Job's ownerReference) derived from ``job`` and
     its pods, retrying Conflicts and transient errors STATUS_ATTEMPTS times."""
-    namespace = job["metadata"]["namespace"]
+    namespace, jname = job["metadata"]["namespace"], job["metadata"]["name"]
     for attempt in range(STATUS_ATTEMPTS):
         try:
+            if attempt and not deleted:  # a retry after a pause: the Job as it is now
+                try:
+                    job = await kube.get(_jobs_path(namespace, jname))
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    deleted = True  # gone since: as its DELETED event says
             qjob = await kube.get(_qjob_path(namespace, owner["name"]))
             qmeta = qjob.get("metadata") or {}
             labels = job["metadata"].get("labels") or {}
@@ -397,8 +458,13 @@ async def _sync_status(
                 return  # the owner is gone (or was re-created): the collector takes the Job
             if labels.get(LABEL_GENERATION) != str(qmeta.get("generation")):
                 return  # an older generation's Job, being replaced
-            if deleted and is_finished(qjob):
-                return  # its verdict is written: the TTL (or a person) removed it after
+            if not _ours(job, qjob, qmeta.get("generation")):
+                return  # a copy of our Job under another name: not the generation's run
+            if is_finished(qjob):
+                # Its verdict is written and stays: a later event (its pod collected, the
+                # TTL, a re-list after a restart) would derive NoResult from a Job whose pods
+                # are gone, and a resync's read of a Job may predate a JobDeleted verdict.
+                return
             pods = []
             if _may_have_pods(job):
                 selector = ",".join(f"{k}={labels[k]}" for k in (LABEL_NAME, LABEL_GENERATION))

@@ -79,10 +79,12 @@ async def test_every_request_of_the_operator_is_granted(kmock, tmp_path):
     granted = cluster_role_grants()
     assert calls <= granted, sorted(calls - granted)
     # And nothing granted goes unused, but for the Job read of an adoption (after a 409 on
-    # create: an operator restart, covered by test_operator_loop), which this run never needs,
-    # and the finalizers update that admission checks for the Job's blockOwnerDeletion (no
-    # request of ours: OwnerReferencesPermissionEnforcement, on in OpenShift).
-    assert granted - calls == {
+    # create: an operator restart, covered by test_operator_loop) or of a status write's
+    # retry, which this run may not need, and the finalizers update that admission checks
+    # for the Job's blockOwnerDeletion (no request of ours: OwnerReferencesPermission-
+    # Enforcement, on in OpenShift).
+    assert granted - calls <= {
         ("batch", "jobs", "get"),
         ("kquant.io", "quantizationjobs/finalizers", "update"),
     }
+    assert ("kquant.io", "quantizationjobs/finalizers", "update") not in calls

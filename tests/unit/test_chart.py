@@ -371,8 +371,17 @@ def test_entrypoint_turns_the_chart_env_into_kopf_arguments(tmp_path, replicas):
     assert "--namespace=vision" in args and "--liveness=http://0.0.0.0:8080/healthz" in args
     if replicas > 1:
         assert "--peering=kquant" in args and "--standalone" not in args
+        # kopf pauses all operators sharing the highest priority: each replica draws its own
+        (priority,) = [a for a in args if a.startswith("--priority=")]
+        assert 1 <= int(priority.split("=")[1]) <= 2**24
+        again = subprocess.run(
+            ["sh", str(ROOT / "operator" / "entrypoint.sh")],
+            env={**env(docs), "PATH": f"{tmp_path}:/usr/bin:/bin"},
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout.split()  # fmt: skip
+        assert priority not in again  # another replica: another priority
     else:
-        assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
+        assert "--standalone" in args and not any(a.startswith("--p") for a in args)
 
 
 def test_a_null_value_drops_a_default_key():
