@@ -47,3 +47,40 @@ def test_one_crs_failure_skips_no_other_in_the_round() -> None:
     settings = OperatorSettings.from_env({"KQUANT_WORKER_IMAGE": "kquant/worker:test"})
     asyncio.run(handlers.resync(kube, settings, logging.getLogger("test")))
     assert kube.patched == ["good"]
+
+
+class RacedKube(FakeKube):
+    """One CR whose Job the resync reads running; by the time it reads the CR, that Job
+    was deleted and its DELETED event wrote the JobDeleted verdict (operator trial)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from kquant_operator.status import derive_status
+
+        cr = self.crs["good"]
+        self.job = job(cr, uid="job-good")
+        self.job["status"] = {"active": 1, "ready": 1, "startTime": "2026-12-07T00:00:00Z"}
+        cr["status"] = derive_status(cr, self.job, [])
+        self.crs = {"good": cr}
+
+    async def get(self, url_path: str) -> dict[str, Any]:
+        from kquant_operator.status import lost_status
+
+        if "/jobs/" in url_path:
+            answer = copy.deepcopy(self.job)
+            final = copy.deepcopy(self.crs["good"])  # ... meanwhile: deleted, verdict written
+            final["status"] = lost_status(final, self.job["metadata"]["name"])
+            self.crs["good"] = final
+            return answer
+        return await super().get(url_path)
+
+
+def test_a_resync_never_writes_a_stale_job_over_a_verdict() -> None:
+    """Before, the resync wrote Running from its earlier read of the Job over JobDeleted, and
+    with the Job gone nothing wrote the verdict again."""
+    kube = RacedKube()
+    assert kube.crs["good"]["status"]["phase"] == "Running"
+    settings = OperatorSettings.from_env({"KQUANT_WORKER_IMAGE": "kquant/worker:test"})
+    asyncio.run(handlers.resync(kube, settings, logging.getLogger("test")))
+    assert kube.patched == []
+    assert kube.crs["good"]["status"]["reason"] == "JobDeleted"
