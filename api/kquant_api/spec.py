@@ -839,9 +839,17 @@ class QuantizationJobSpec(_Model):
         None, description="Container resources (Kubernetes ResourceRequirements)."
     )
     queueName: str | None = Field(None, description="Kueue LocalQueue name.")
-    image: str | None = Field(None, description="Worker image; default from the operator.")
+    image: str | None = Field(
+        None,
+        description="Worker image; default from the operator. Another image runs only when "
+        "it matches the operator's allowed images (chart value worker.allowedImages), else "
+        "the job fails as InvalidSpec.",
+    )
     serviceAccountName: str | None = Field(
-        None, description="Service account of the worker pod (IRSA / workload identity)."
+        None,
+        description="Service account of the worker pod (IRSA / workload identity); it must "
+        "match the operator's allowed service accounts (chart value "
+        "worker.allowedServiceAccounts), else the job fails as InvalidSpec.",
     )
     nodeSelector: dict[str, str] | None = Field(None, description="Pod nodeSelector.")
     tolerations: list[dict[str, Any]] | None = Field(None, description="Pod tolerations.")

@@ -134,6 +134,33 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None or value == "" else value
 
 
+def _check_allowed(image: str, account: str | None, settings: OperatorSettings) -> None:
+    """Raise InvalidQuantizationJob for an image or a ServiceAccount the operator's
+    settings do not allow. Whoever may create a QuantizationJob gets a pod run for it, in
+    its namespace: any image, as any ServiceAccount there, would make that right the right
+    to run any code with any identity of the namespace. Allowed: the worker image, images
+    matching KQUANT_ALLOWED_IMAGES, ServiceAccounts matching
+    KQUANT_ALLOWED_SERVICE_ACCOUNTS (fnmatch patterns, case-sensitive)."""
+    import fnmatch
+
+    if image != settings.worker_image and not any(
+        fnmatch.fnmatchcase(image, p) for p in settings.allowed_images
+    ):
+        raise InvalidQuantizationJob(
+            f"spec.image: {image!r} is not an image this operator runs: the worker image "
+            f"{settings.worker_image!r}, or one matching KQUANT_ALLOWED_IMAGES (chart value "
+            f"worker.allowedImages: {list(settings.allowed_images)})"
+        )
+    if account and not any(
+        fnmatch.fnmatchcase(account, p) for p in settings.allowed_service_accounts
+    ):
+        raise InvalidQuantizationJob(
+            f"spec.serviceAccountName: {account!r} is not a ServiceAccount this operator runs "
+            "worker pods as: it must match KQUANT_ALLOWED_SERVICE_ACCOUNTS (chart value "
+            f"worker.allowedServiceAccounts: {list(settings.allowed_service_accounts)})"
+        )
+
+
 def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
     """The batch/v1 Job manifest (a plain dict) that runs one generation of ``qjob``.
 
@@ -197,9 +224,11 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
 
+    image = _or(spec.image, settings.worker_image)
+    _check_allowed(image, spec.serviceAccountName, settings)
     container = {
         "name": WORKER_CONTAINER,
-        "image": _or(spec.image, settings.worker_image),
+        "image": image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["kquant-job"],
         "args": ["run", "--spec-env", SPEC_ENV],

@@ -8,6 +8,10 @@ Variable                            Meaning (default)
 ==================================  =======================================================
 KQUANT_WORKER_IMAGE                 worker image (``ghcr.io/kquant/kquant-job:0.1.0``)
 KQUANT_IMAGE_PULL_POLICY            Always | IfNotPresent | Never (``IfNotPresent``)
+KQUANT_ALLOWED_IMAGES               comma list of patterns (fnmatch: ``*``, ``?``) of the images
+                                    a spec.image may name besides the worker image (none)
+KQUANT_ALLOWED_SERVICE_ACCOUNTS     comma list of patterns of the ServiceAccounts a
+                                    spec.serviceAccountName may name (none; ``*``: any)
 KQUANT_IMAGE_PULL_SECRETS           comma list of Secret names for the worker pods'
                                     imagePullSecrets, each in the QuantizationJob's namespace
 KQUANT_WATCH_NAMESPACES             comma list of namespaces; empty: cluster-wide
@@ -115,6 +119,9 @@ class OperatorSettings:
     worker_image: str = DEFAULT_WORKER_IMAGE
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
+    # Who may create a QuantizationJob may run a pod: these bound its image and identity.
+    allowed_images: tuple[str, ...] = ()
+    allowed_service_accounts: tuple[str, ...] = ()
     watch_namespaces: tuple[str, ...] = ()
     default_resources: dict[str, Any] = field(
         default_factory=lambda: {"limits": {"nvidia.com/gpu": "1"}}
@@ -168,6 +175,8 @@ class OperatorSettings:
             worker_image=text("KQUANT_WORKER_IMAGE", d.worker_image) or d.worker_image,
             image_pull_policy=pull or d.image_pull_policy,
             image_pull_secrets=secrets,
+            allowed_images=_patterns(env, "KQUANT_ALLOWED_IMAGES"),
+            allowed_service_accounts=_patterns(env, "KQUANT_ALLOWED_SERVICE_ACCOUNTS"),
             watch_namespaces=namespaces,
             default_resources=normalize_resources(resources, "KQUANT_DEFAULT_RESOURCES"),
             default_node_selector=node_selector,
@@ -186,6 +195,16 @@ class OperatorSettings:
             liveness_port=_int(env, "KQUANT_LIVENESS_PORT", 8080, 1, 65535),
             worker_s3_transfer=_s3_transfer(env),
         )
+
+
+def _patterns(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """The comma list in ``name`` (blanks around items and empty items dropped): fnmatch
+    patterns, matched case-sensitively; an item with blanks inside raises ValueError."""
+    items = tuple(n.strip() for n in env.get(name, "").split(",") if n.strip())
+    for item in items:
+        if any(c.isspace() for c in item):
+            raise ValueError(f"{name}: {item!r} holds a blank")
+    return items
 
 
 def _names(

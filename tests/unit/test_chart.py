@@ -144,6 +144,8 @@ def test_worker_defaults_reach_the_operator():
         "workVolumeSize": "200Gi",
         "tmpVolumeSize": "2Gi",
         "s3Transfer": {"multipartChunksizeMiB": 64, "maxConcurrency": 4, "readTimeout": 2.5},
+        "allowedImages": ["registry.local/kq/*", "ghcr.io/kquant/kquant-job:0.2.?"],
+        "allowedServiceAccounts": ["kquant-irsa"],
     }
     docs = render({"worker": worker})
     validate_all(docs)
@@ -160,6 +162,8 @@ def test_worker_defaults_reach_the_operator():
         0,
     )
     assert (s.work_volume_size, s.tmp_volume_size) == ("200Gi", "2Gi")
+    assert s.allowed_images == ("registry.local/kq/*", "ghcr.io/kquant/kquant-job:0.2.?")
+    assert s.allowed_service_accounts == ("kquant-irsa",)
     assert s.worker_s3_transfer == {
         "KQUANT_S3_MULTIPART_CHUNKSIZE_MIB": "64",
         "KQUANT_S3_MAX_CONCURRENCY": "4",

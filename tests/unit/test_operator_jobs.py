@@ -25,7 +25,7 @@ from kquant_operator.settings import S3_TRANSFER_VARIABLES, OperatorSettings, re
 
 K8S_VERSION = "1.31.0"  # first release with podFailurePolicy and DisruptionTarget GA
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-SETTINGS = OperatorSettings()
+SETTINGS = OperatorSettings(allowed_service_accounts=("kquant-*",))
 
 
 def _pod(job: dict) -> dict:
@@ -297,6 +297,7 @@ def test_placement_from_spec_or_settings_defaults():
         default_node_selector={"pool": "gpu"},
         default_tolerations=[{"key": "gpu", "operator": "Exists"}],
         default_priority_class_name="batch",
+        allowed_images=("my/worker:*",),
     )
     pod = _pod(build_job(qjob(), settings))
     assert pod["nodeSelector"] == {"pool": "gpu"}
@@ -439,3 +440,31 @@ def test_the_resync_interval_defaults_to_a_minute() -> None:
     assert resync_seconds({}) == 60.0
     assert resync_seconds({"KQUANT_RESYNC_SECONDS": ""}) == 60.0
     assert resync_seconds({"KQUANT_RESYNC_SECONDS": "2.5"}) == 2.5
+
+
+def test_only_the_worker_image_and_allowed_images_and_service_accounts_run():
+    """Whoever may create a QuantizationJob gets a pod: any image as any ServiceAccount of
+    the namespace would be any code with any identity there (operator trial)."""
+    plain = OperatorSettings()
+    with pytest.raises(
+        InvalidQuantizationJob, match=r"spec.image: 'evil/miner:1'.*KQUANT_ALLOWED_IMAGES"
+    ):
+        build_job(qjob(image="evil/miner:1"), plain)
+    with pytest.raises(InvalidQuantizationJob, match=r"spec.serviceAccountName: 'admin'"):
+        build_job(qjob(serviceAccountName="admin"), plain)
+    assert build_job(qjob(image=plain.worker_image), plain)  # the worker image itself
+    listed = OperatorSettings.from_env({
+        "KQUANT_ALLOWED_IMAGES": " registry.local/kquant/* , ghcr.io/kquant/kquant-job:0.2.?",
+        "KQUANT_ALLOWED_SERVICE_ACCOUNTS": "kquant-irsa,team-*",
+    })  # fmt: skip
+    for image in ("registry.local/kquant/job:dev", "ghcr.io/kquant/kquant-job:0.2.1"):
+        assert _pod(build_job(qjob(image=image), listed))["containers"][0]["image"] == image
+    with pytest.raises(InvalidQuantizationJob):
+        build_job(qjob(image="registry.local/other/job:dev"), listed)
+    with pytest.raises(InvalidQuantizationJob):
+        build_job(qjob(image="REGISTRY.local/kquant/job:dev"), listed)  # case-sensitive
+    assert _pod(build_job(qjob(serviceAccountName="team-a"), listed))["serviceAccountName"]
+    with pytest.raises(InvalidQuantizationJob):
+        build_job(qjob(serviceAccountName="default"), listed)
+    with pytest.raises(ValueError, match="KQUANT_ALLOWED_IMAGES"):
+        OperatorSettings.from_env({"KQUANT_ALLOWED_IMAGES": "a b"})
