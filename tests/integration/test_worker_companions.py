@@ -97,6 +97,26 @@ def test_a_local_model_reads_its_data_file_in_place(tmp_path):
     assert not list((tmp_path / "run").rglob("model.onnx.data"))  # not copied
 
 
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_dynamic_int8_of_a_local_model_read_in_place_writes_nothing_beside_it(tmp_path, layout):
+    """Dynamic INT8 without pre-processing (a graph it cannot change) handed onnxruntime
+    the source itself, whose loader writes ``<name>-inferred.onnx`` beside it: in the
+    sandbox, where a source read in place is read-only, every attempt failed."""
+    model = save_external(build_corpus()["lstm_gru"].path, tmp_path / "src", "model.onnx.data")
+    before = sorted(p.name for p in model.parent.iterdir())
+    uri = f"file://{model}" if layout == "file" else f"file://{model.parent}/"
+    job = manifest(uri, f"file://{tmp_path}/out/", {"precision": "int8", "requireGain": False},
+                   endpoint=None, validation={"samples": 2})  # fmt: skip
+    run = run_worker(job, tmp_path / "run", dict(os.environ))
+    assert run.code == 0, run.log
+    assert "reading the source in place" in run.log
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    [model_report] = report["models"]
+    assert model_report["details"]["preprocess"].startswith("skipped: no Conv")
+    assert model_report["details"]["quantizedNodes"] > 0
+    assert sorted(p.name for p in model.parent.iterdir()) == before
+
+
 def test_a_local_data_file_that_links_out_of_the_folder_is_refused(tmp_path):
     model = _external(tmp_path / "src", location="weights.bin")
     outside = tmp_path / "elsewhere" / "weights.bin"

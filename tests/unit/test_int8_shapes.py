@@ -3,6 +3,7 @@ writes the same bytes as with its own save-and-reload, without loading the weigh
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import onnx
@@ -14,9 +15,12 @@ from onnxruntime.quantization import quantize_dynamic
 from kquant_job.passes.int8_prepare import prepare, save_localized
 from kquant_job.passes.int8_shapes import (
     light_shape_reload,
+    load_with_inferred_shapes,
     value_infos_only,
     with_inferred_shapes,
 )
+
+quantize_module = importlib.import_module("onnxruntime.quantization.quantize")
 
 
 @pytest.mark.parametrize(
@@ -57,7 +61,41 @@ def test_an_unverified_onnxruntime_keeps_its_own_path(monkeypatch: pytest.Monkey
     monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")
     with light_shape_reload():
         assert onnx_quantizer.save_and_reload_model_with_shape_infer is with_inferred_shapes
+        assert quantize_module.load_model_with_shape_infer is load_with_inferred_shapes
     assert onnx_quantizer.save_and_reload_model_with_shape_infer is original
+    assert quantize_module.load_model_with_shape_infer is not load_with_inferred_shapes
+
+
+def test_a_model_with_external_data_quantizes_to_the_same_bytes_writing_nothing_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quantize_dynamic's own load writes ``<name>-inferred.onnx`` beside its input: for a
+    source read in place, the user's folder (the sandbox forbids it; dynamic INT8 skips
+    pre-processing, which had given it a copy in scratch, where nothing changes)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    model = onnx.load(str(build_corpus()["bert_tiny"].path))
+    onnx.save(model, str(source / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)  # fmt: skip
+    before = sorted(p.name for p in source.iterdir())
+    theirs, ours = tmp_path / "theirs" / "model.onnx", tmp_path / "ours" / "model.onnx"
+    theirs.parent.mkdir()
+    ours.parent.mkdir()
+    quantize_dynamic(source / "model.onnx", theirs, use_external_data_format=True)
+    written: list[str] = []
+    real = onnx.shape_inference.infer_shapes_path
+
+    def recorded(src: str, dst: str = "", *args: object, **kw: object) -> None:
+        written.append(dst)
+        real(src, dst, *args, **kw)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", recorded)
+    with light_shape_reload():
+        quantize_dynamic(source / "model.onnx", ours, use_external_data_format=True)
+    assert not [w for w in written if Path(w).parent == source]  # the library's -inferred
+    assert sorted(p.name for p in source.iterdir()) == before
+    for rel in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "ours" / rel).read_bytes() == (tmp_path / "theirs" / rel).read_bytes()
 
 
 @pytest.mark.parametrize(

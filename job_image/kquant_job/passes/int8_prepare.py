@@ -278,7 +278,10 @@ def prepare(
     work_dir.mkdir(parents=True, exist_ok=True)
     if mode is Preprocess.never:
         return Prepared(model_in, original, external, {"preprocess": "skipped (never)"})
-    if mode is Preprocess.auto and dynamic and (why_not := dynamic_unaffected(original)):
+    # only where quantize_dynamic's own load is shimmed (int8_shapes): the library's writes
+    # a copy beside its input, here the source itself
+    skip = mode is Preprocess.auto and dynamic and verified_onnxruntime()
+    if skip and (why_not := dynamic_unaffected(original)):
         return Prepared(model_in, original, external, {"preprocess": f"skipped: {why_not}"})
     depth = subgraph_depth(original.graph)
     if depth > MAX_PREPROCESS_DEPTH:

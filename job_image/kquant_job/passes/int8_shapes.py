@@ -21,13 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from onnx import ModelProto, TensorProto
 
 from kquant_job.passes.onnx_common import iter_graphs
 
-__all__ = ["light_shape_reload", "value_infos_only", "verified_onnxruntime", "with_inferred_shapes"]
+__all__ = [
+    "light_shape_reload",
+    "load_with_inferred_shapes",
+    "value_infos_only",
+    "verified_onnxruntime",
+    "with_inferred_shapes",
+]
 
 # onnx.save_model's default size_threshold compares sys.getsizeof(raw_data), 33 bytes more
 # than its length, with 1024: tensors of at least this many bytes go to the data file.
@@ -63,6 +70,34 @@ def value_infos_only(model: ModelProto) -> ModelProto:
     return onnx.shape_inference.infer_shapes(light)
 
 
+def _take_inferred(model: ModelProto) -> None:
+    """Give ``model`` the ``value_info``, ``input`` and ``output`` of every graph from
+    :func:`value_infos_only`, in place."""
+    inferred = value_infos_only(model).graph
+    for graph, done in zip(iter_graphs(model.graph), iter_graphs(inferred), strict=True):
+        for field in ("value_info", "input", "output"):
+            target = getattr(graph, field)
+            del target[:]
+            target.extend(getattr(done, field))
+
+
+def load_with_inferred_shapes(model_path: Path | str) -> ModelProto:
+    """What onnxruntime's ``load_model_with_shape_infer(model_path)`` returns (``quantize_
+    dynamic``'s first step: ``infer_shapes_path`` into ``<name>-inferred.onnx`` beside the
+    model, a load of that file with its weights, its removal, ``add_infer_metadata``),
+    without the file: the model is loaded once, its shapes inferred in memory. The library
+    writes the whole model beside its input, which for a source read in place is the
+    user's folder (and there the sandbox forbids it), and reads it back. Raises what
+    ``onnx.load`` and ``infer_shapes`` raise."""
+    import onnx
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    model = onnx.load(str(model_path))  # external data from the model's own folder
+    _take_inferred(model)
+    add_infer_metadata(model)
+    return model
+
+
 def with_inferred_shapes(model: ModelProto) -> ModelProto:
     """``model`` itself, its ``graph.value_info``, ``graph.input`` and ``graph.output``
     replaced by those of :func:`value_infos_only` and the metadata onnxruntime's loader adds
@@ -70,12 +105,8 @@ def with_inferred_shapes(model: ModelProto) -> ModelProto:
     returns, without the copy. Raises what ``infer_shapes`` raises."""
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 
-    inferred = value_infos_only(model).graph
-    for graph, done in zip(iter_graphs(model.graph), iter_graphs(inferred), strict=True):
-        for field in ("value_info", "input", "output"):
-            target = getattr(graph, field)
-            del target[:]
-            target.extend(getattr(done, field))
+    _take_inferred(model)
+    for graph in iter_graphs(model.graph):
         for tensor in graph.initializer:
             if _large(tensor):  # onnx's loader sets it on every tensor it read back
                 tensor.data_location = TensorProto.DEFAULT
@@ -100,20 +131,32 @@ def verified_onnxruntime() -> bool:
 @contextmanager
 def light_shape_reload() -> Iterator[None]:
     """For the duration of the block, onnxruntime's dynamic quantizer gets its shapes from
-    :func:`with_inferred_shapes` instead of a save and reload of the whole model; a no-op
-    on an onnxruntime release not in VERIFIED_ONNXRUNTIME or without the helper."""
+    :func:`with_inferred_shapes` instead of a save and reload of the whole model, and
+    ``quantize_dynamic`` loads its input with :func:`load_with_inferred_shapes` (no
+    ``-inferred`` copy written beside it); a no-op on an onnxruntime release not in
+    VERIFIED_ONNXRUNTIME or without the helpers."""
+    import importlib
+
     import onnxruntime.quantization.onnx_quantizer as onnx_quantizer
 
-    name = "save_and_reload_model_with_shape_infer"
-    original: Any = getattr(onnx_quantizer, name, None)
-    if original is None or not verified_onnxruntime():
+    # the module: the package exports a function of the same name, which ``import ... as``
+    # would bind
+    quantize = importlib.import_module("onnxruntime.quantization.quantize")
+    shims = [
+        (onnx_quantizer, "save_and_reload_model_with_shape_infer", with_inferred_shapes),
+        (quantize, "load_model_with_shape_infer", load_with_inferred_shapes),
+    ]
+    originals: list[Any] = [getattr(module, name, None) for module, name, _ in shims]
+    if any(o is None for o in originals) or not verified_onnxruntime():
         yield
         return
-    setattr(onnx_quantizer, name, with_inferred_shapes)
+    for module, name, shim in shims:
+        setattr(module, name, shim)
     try:
         yield
     finally:
-        setattr(onnx_quantizer, name, original)
+        for (module, name, _), original in zip(shims, originals, strict=True):
+            setattr(module, name, original)
 
 
 def _large(tensor: TensorProto) -> bool:
