@@ -27,6 +27,11 @@ from kquant_operator.settings import OperatorSettings, normalize_resources, quan
 
 WORKER_CONTAINER = "worker"
 SPEC_ENV = "KQUANT_JOB"
+# The largest spec a Job is made for (bytes of compact JSON): kopf stores the last handled
+# spec in an annotation, and the API server caps a resource's annotations at 256 KiB in all
+# (operator trial: a 326 KiB spec's annotation was refused, and its next change was taken
+# for a create, leaving the older generation's Job running).
+MAX_SPEC_BYTES = 128 * 1024
 WORK_DIR = "/work"
 TERMINATION_LOG = "/dev/termination-log"
 RUN_AS = 10001  # the uid/gid of the worker image's user
@@ -200,8 +205,16 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
         spec=spec,
     ).model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
     deadline = _or(spec.activeDeadlineSeconds, settings.active_deadline_seconds)
+    spec_json = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    if len(spec_json.encode()) > MAX_SPEC_BYTES:
+        raise InvalidQuantizationJob(
+            f"spec: {len(spec_json.encode()) // 1024} KiB, more than the "
+            f"{MAX_SPEC_BYTES // 1024} KiB a QuantizationJob may hold (kopf keeps the spec in "
+            "an annotation, which the API server limits to 256 KiB in all; without it a spec "
+            "change ran as a second create): name op types, or fewer nodes, in the lists"
+        )
     env: list[dict[str, Any]] = [
-        {"name": SPEC_ENV, "value": json.dumps(payload, sort_keys=True, separators=(",", ":"))},
+        {"name": SPEC_ENV, "value": spec_json},
         {"name": "KQUANT_WORK_DIR", "value": WORK_DIR},
         # the emptyDir's sizeLimit, which statvfs does not show: the worker bounds its
         # downloads by it (kquant_job.budget)

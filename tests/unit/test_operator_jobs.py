@@ -468,3 +468,14 @@ def test_only_the_worker_image_and_allowed_images_and_service_accounts_run():
         build_job(qjob(serviceAccountName="default"), listed)
     with pytest.raises(ValueError, match="KQUANT_ALLOWED_IMAGES"):
         OperatorSettings.from_env({"KQUANT_ALLOWED_IMAGES": "a b"})
+
+
+def test_a_spec_past_the_annotation_budget_is_refused_naming_its_size():
+    """kopf keeps the spec in an annotation (256 KiB in all on a real API server): past it,
+    a spec change ran as a create beside the older generation's Job (operator trial)."""
+    names = [f"/encoder/layer.{i}/attention/self/MatMul_{j}" for i in range(400) for j in range(20)]
+    big = qjob(quantization={"precision": "int8", "nodesToExclude": names})
+    with pytest.raises(InvalidQuantizationJob, match=r"spec: \d+ KiB, more than the 128 KiB"):
+        build_job(big, SETTINGS)
+    fits = qjob(quantization={"precision": "int8", "nodesToExclude": names[:1000]})
+    assert build_job(fits, SETTINGS)
