@@ -361,15 +361,16 @@ def promote(
     rels: list[str],
     report: dict[str, Any],
     fields: dict[str, Any],
-) -> str:
+) -> Any:
     """Publish ``rels`` of ``staged`` at the promotion prefix, once the output is
-    ``published`` (a :class:`~kquant_job.sets.publish.PublishedSet`); returns its prefix.
+    ``published`` (a :class:`~kquant_job.sets.publish.PublishedSet`); returns the promoted
+    PublishedSet.
     A failed promotion raises its StorageError (same reason) with the output's publication
     in the message and in ``artifacts``, ``manifest_uri`` and ``report_uri``: the output stays
     published, and the result says so (trial: a run that lost the promotion to another job
     said "nothing published" while its output's manifest named its new set)."""
     try:
-        promo.publish(staged, rels, report, fields)
+        promoted = promo.publish(staged, rels, report, fields)
     except StorageError as exc:
         raise StorageError(
             f"the output was published ({published.manifest_uri}); promoting it to "
@@ -379,7 +380,7 @@ def promote(
             manifest_uri=published.manifest_uri,
             artifacts=list(published.artifacts),
         ) from None
-    return promo.prefix
+    return promoted
 
 
 def _publish(
@@ -429,15 +430,29 @@ def _publish(
     fields = manifest_fields(job, validation=validation)
     with logs.stage("publish", run.timings, uri=out.prefix, files=len(rels)):
         published = out.publish(staged, rels, report, fields, stage.folders)
-    promoted = None
+    promoted, promoted_set = None, None
     if promo is not None:
         with logs.stage("promote", run.timings, uri=promo.prefix):
-            promoted = promote(promo, published, staged, rels, report, fields)
+            promoted_set = promote(promo, published, staged, rels, report, fields)
+        promoted = promo.prefix
     set_folder = published.report_uri.rsplit("/", 1)[0]
     converted_uris = {join(set_folder, f) for m in converted for f in m.out_files}
     artifacts = sorted(published.artifacts, key=lambda a: (a.uri not in converted_uris, a.uri))
     result = success_result(
         judged, message, artifacts, published.report_uri, published.manifest_uri, promoted
     )
+    note_unfinished_copies(result, (published, out.prefix), (promoted_set, promoted))
     result._rows = judged.rows
     return result
+
+
+def note_unfinished_copies(result: JobResult, *done: tuple[Any, str | None]) -> None:
+    """Add a note to ``result`` for each (PublishedSet or None, prefix) whose fixed names a
+    storage error left out of step after its commit: the set is published (a success), and
+    readers of the fixed names get it once the next run finishes the copies."""
+    for published, prefix in done:
+        if published is not None and published.copies_error:
+            result.notes.append(
+                f"{prefix}: manifest.json names the new set, but its fixed names are not all "
+                f"in step ({published.copies_error}); the next run finishes them"
+            )

@@ -27,7 +27,7 @@ from kquant_job import logs
 from kquant_job.budget import room
 from kquant_job.errors import PassError, ValidationFailed
 from kquant_job.judge import assess, providers_of, source_entry, success_result
-from kquant_job.pipeline import JobRun, fetch_npz, promote, staged_files
+from kquant_job.pipeline import JobRun, fetch_npz, note_unfinished_copies, promote, staged_files
 from kquant_job.report import build_report, manifest_fields
 from kquant_job.sandbox.runner import run_stage
 from kquant_job.sets import Target
@@ -273,7 +273,7 @@ def _publish_variants(
         LOG.warning(note)
     with logs.stage("publish", run.timings, uri=out.prefix, files=len(rels)):
         published = out.publish(combined, rels, report, fields)
-    promoted = None
+    promoted, promoted_set = None, None
     if promo is not None:
         # the promotion holds the chosen variant only, and its manifest and report's files
         # say so (the report still compares every variant: why this one was chosen)
@@ -281,9 +281,10 @@ def _publish_variants(
         own = {**fields, "variants": {name: placed[name]}}
         files = [f for f in report.get("files", []) if f.get("variant") == name]
         with logs.stage("promote", run.timings, uri=promo.prefix, variant=name):
-            promoted = promote(
+            promoted_set = promote(
                 promo, published, combined, sorted(placed[name]), {**report, "files": files}, own
             )
+        promoted = promo.prefix
     first = set(placed[chosen.entry.name])
     set_folder = published.report_uri.rsplit("/", 1)[0]
     artifacts = sorted(
@@ -294,5 +295,6 @@ def _publish_variants(
         judged, message, artifacts, published.report_uri, published.manifest_uri, promoted,
         chosen=chosen.entry.name, variants=entries,
     )  # fmt: skip
+    note_unfinished_copies(result, (published, out.prefix), (promoted_set, promoted))
     result._rows = rows
     return result

@@ -311,6 +311,40 @@ def test_a_storage_cut_mid_promotion_is_repromoted_by_the_rerun(
     assert_clean(client, bucket, prod)
 
 
+def test_a_storage_cut_after_the_promotion_commit_is_a_success_with_a_note(
+    client, bucket, source, s3_server, worker_env, tmp_path
+):
+    """Fault-injection trial: storage lost after the promotion's manifest switch (its fixed-
+    name copies failing past the retry window) made the job Failed, not promoted, while the
+    promotion's manifest named the new set: GitOps saw a failure for a live model."""
+    up = urlparse(s3_server.endpoint)
+    out, prod = f"s3://{bucket}/out/", f"s3://{bucket}/prod/"
+    commit = f"PUT /{bucket}/prod/manifest.json".encode()
+    copies = (f"PUT /{bucket}/prod/".encode(), f"POST /{bucket}/prod/".encode())
+    committed = threading.Event()
+
+    def after_the_commit(chunk: bytes) -> bool:
+        if chunk.startswith(commit):
+            committed.set()
+            return False
+        return committed.is_set() and chunk.startswith(copies)
+
+    with FaultProxy(up.hostname, up.port) as proxy:
+        job = job_for(source, out, proxy.url, promotion=prod)
+        proxy.cut_when(after_the_commit)
+        cut = run_worker(job, tmp_path / "cut", worker_env)
+        assert cut.code == 0, cut.log
+        assert (cut.result["phase"], cut.result["promotedUri"]) == ("Succeeded", prod)
+        [note] = [n for n in cut.result.get("notes", []) if "not all in step" in n]
+        assert note.startswith(prod)
+        manifest = json.loads(prefix(client, prod).get("manifest.json"))
+        assert manifest["set"]  # the promotion is committed
+        proxy.restore()
+        rerun = run_worker(job, tmp_path / "rerun", worker_env)
+    assert rerun.code == 0, rerun.log
+    assert_clean(client, bucket, prod)  # the rerun brought the fixed names in step
+
+
 def test_a_short_storage_restart_is_ridden_out(
     client, bucket, source, s3_server, worker_env, tmp_path
 ):

@@ -636,3 +636,30 @@ def test_a_sync_reads_each_fixed_names_bytes_once(store, tmp_path, monkeypatch):
     if store.kind == "file":  # judged by its content: hashed, once
         assert [uri for uri, _ in hashed].count(store.uri("out/model_fp16.onnx")) == 1
     assert prefix_of(store).get("model_fp16.onnx") == b"theirs"
+
+
+def test_a_storage_error_after_the_commit_is_a_publication_and_the_next_run_finishes_it(
+    store, tmp_path, monkeypatch
+):
+    """Fault-injection trial: a fixed-name copy failing after the manifest switch (storage
+    out past the retry window) raised, so the job said Failed and not promoted while the
+    prefix's manifest named its set: GitOps saw a failure for a live model."""
+    cls = type(store.storage)
+    real = cls.copy
+
+    def unreachable(self, src, dst, *args, **kwargs):
+        raise StorageError(f"cannot copy to {dst}: unreachable (injected)",
+                           reason=Reason.StorageUnavailable)  # fmt: skip
+
+    monkeypatch.setattr(cls, "copy", unreachable)
+    done = publish(store, tmp_path, JOB)
+    assert done.copies_error and "unreachable (injected)" in done.copies_error
+    out = prefix_of(store)
+    manifest = json.loads(out.get("manifest.json"))
+    assert manifest["set"] == done.set_id  # committed: readers of the manifest have it
+    assert out.get("model_fp16.onnx") is None  # the fixed names wait for the next run
+    monkeypatch.setattr(cls, "copy", real)
+    again = publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2))
+    assert again.copies_error is None
+    assert out.get("model_fp16.onnx") == FILES["model_fp16.onnx"]
+    assert out.fixed_names() == ["manifest.json", *set_files(read_set(out))]

@@ -72,13 +72,17 @@ MAX_COMMIT_TRIES = 4
 @dataclass(frozen=True)
 class PublishedSet:
     """A committed set: its id, artifacts (URIs inside the immutable set folder, sha256,
-    bytes), the report's URI there, the prefix's manifest URI and the fixed-name sync."""
+    bytes), the report's URI there, the prefix's manifest URI and the fixed-name sync (with
+    ``copies_error`` when it failed after the commit)."""
 
     set_id: str
     artifacts: list[Artifact]
     report_uri: str
     manifest_uri: str
     mirrors: MirrorOutcome = field(default_factory=MirrorOutcome)
+    # Why the fixed names are not yet in step with the committed manifest (a storage error
+    # after the commit; the next run finishes them), or None.
+    copies_error: str | None = None
 
 
 def as_prefix(uri: str) -> str:
@@ -278,8 +282,23 @@ class Target:
                 lease.release()
                 self._withdraw(set_id)
                 raise
-        mirrors = sync_mirrors(self.storage, self.prefix, self.home)
-        self._drop(dropped)
+        # Committed: the manifest names the set whatever happens now. A storage error from
+        # here on is no failure of the publication (it was reported as one, and GitOps saw
+        # Failed for a live model: trial); the copies are finished by the next run.
+        mirrors, copies_error = MirrorOutcome(set_id=set_id), None
+        try:
+            mirrors = sync_mirrors(self.storage, self.prefix, self.home)
+        except StorageError as exc:
+            copies_error = str(exc)
+            LOG.warning(
+                "set %s is committed under %s, but its fixed names are not all in step (the "
+                "next run finishes them): %s", set_id, self.prefix, exc,
+            )  # fmt: skip
+        if copies_error is None:  # names of a dropped set may still stand: keep its folder
+            try:
+                self._drop(dropped)
+            except StorageError as exc:  # a later run reclaims the folders
+                LOG.warning("could not remove the sets the commit dropped: %s", exc)
         if unfenced:  # a set left for want of a manifest to fence: there is one now
             try:
                 reclaim(self._state(), self.writer, self.retention)
@@ -303,7 +322,7 @@ class Target:
             extra={"fields": {"artifacts": len(artifacts), "copies": len(mirrors.copied)}},
         )
         manifest_uri = join(self.prefix, manifest_key(self.home))
-        return PublishedSet(set_id, artifacts, report_art.uri, manifest_uri, mirrors)
+        return PublishedSet(set_id, artifacts, report_art.uri, manifest_uri, mirrors, copies_error)
 
     def _finish_copies(self) -> None:
         """Bring the fixed names in step with the manifest as it is, before this run commits:
