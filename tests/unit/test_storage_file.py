@@ -463,3 +463,30 @@ def test_a_listing_skips_what_went_away_while_it_walked(tmp_path, monkeypatch):
     monkeypatch.setattr(file_module.os, "scandir", Listing)
     listed = FileStorage().list(f"file://{tmp_path}/")
     assert [o.key for o in listed] == ["sets/m.onnx"]
+
+
+def test_a_temporary_file_of_another_pid_namespace_is_never_judged_by_our_pids(tmp_path):
+    """Fault-injection trial: containers sharing a volume and a host name (host network)
+    but not a PID namespace; a reclaimer took another namespace's live writer for a dead
+    pid of its own and deleted its temporary file mid-copy."""
+    import shutil
+    import subprocess
+    import sys
+
+    from kquant_job.storage.paths import temp_writer_alive
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    # a writer in a PID namespace of its own names its file (pid 1 there: alive here too)
+    code = ("import pathlib, sys; from kquant_job.storage.paths import temp_path; "
+            "print(temp_path(pathlib.Path(sys.argv[1])).name)")  # fmt: skip
+    run = subprocess.run(
+        ["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c", code,
+         str(tmp_path / "model.onnx")],
+        capture_output=True, text=True, env={**os.environ},
+    )  # fmt: skip
+    if run.returncode != 0:
+        pytest.skip(f"no PID namespace here: {run.stderr.strip()[:200]}")
+    name = run.stdout.strip()
+    assert name.endswith(".kquant-part") and "-1." in name  # pid 1 in its namespace
+    assert temp_writer_alive(name) is None  # a pid of another process table: unknown

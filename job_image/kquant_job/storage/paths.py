@@ -105,7 +105,21 @@ TEMP_SUFFIX = ".kquant-part"
 
 
 def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    """8 hex digits naming where a pid means this process table: the host name, the boot
+    (``/proc/sys/kernel/random/boot_id``) and the PID namespace (the inode of
+    ``/proc/self/ns/pid``). Two containers sharing a volume and a host name (host network)
+    have PID namespaces of their own: with the host name alone, a reclaimer saw another
+    namespace's live writer as a dead pid of its own and deleted its temporary file (trial)."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        parts.append("")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
 
 
 def temp_path(target: Path) -> Path:
@@ -137,7 +151,8 @@ def temp_target(name: str) -> str | None:
 
 def temp_writer_alive(name: str) -> bool | None:
     """Whether the process that is writing the temporary file ``name`` still runs: None when
-    the name does not say or the writer ran on another host (a pid means nothing there)."""
+    the name does not say or the writer ran on another host, boot or PID namespace (a pid
+    means nothing there: :func:`_host_tag`)."""
     parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
     if len(parts) != 3 or "-" not in parts[1]:
         return None
