@@ -663,3 +663,24 @@ def test_a_storage_error_after_the_commit_is_a_publication_and_the_next_run_fini
     assert again.copies_error is None
     assert out.get("model_fp16.onnx") == FILES["model_fp16.onnx"]
     assert out.fixed_names() == ["manifest.json", *set_files(read_set(out))]
+
+
+def test_fixed_names_are_never_written_or_removed_through_a_linked_folder(store, tmp_path):
+    """Fault-injection trial: with ``out/tokenizer`` a symlink to a folder elsewhere, the
+    copy of ``tokenizer/vocab.txt`` landed there, and a later set without it deleted a
+    colleague's file of the same bytes there as kquant's own."""
+    if store.kind != "file":
+        pytest.skip("symlinks are local")
+    publish(store, tmp_path, JOB)  # the prefix exists, tokenizer/ a real folder
+    root = Path(store.uri("out/")[len("file://") :])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "tokenizer" / "vocab.txt").unlink()
+    (root / "tokenizer").rmdir()
+    (root / "tokenizer").symlink_to(outside)  # made between two runs
+    done = publish(store, tmp_path, Writer("vad", "speech", "uid-1", 2))
+    assert "tokenizer/vocab.txt" in done.mirrors.foreign  # left alone, and said so
+    assert list(outside.iterdir()) == []
+    (outside / "vocab.txt").write_bytes(FILES["tokenizer/vocab.txt"])  # a colleague's
+    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 3), {"model_fp16.onnx": b"v3"})
+    assert (outside / "vocab.txt").read_bytes() == FILES["tokenizer/vocab.txt"]

@@ -66,6 +66,10 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
         if name.startswith(KQUANT_DIR):
             continue  # a report kept in its set folder (shared prefixes): no fixed name
         uri = state.uri(name)
+        if not state.storage.within(state.prefix, name):  # through a linked folder: outside
+            if name not in outcome.foreign:
+                outcome.foreign.append(name)
+            continue
         info = state.storage.stat(uri)
         if info is not None and in_sync(state, name, info, set_id, sha256):
             continue
@@ -88,6 +92,8 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
         if name.startswith(KQUANT_DIR):
             continue  # inside a set folder: removed with its set, never as a fixed name
         uri = state.uri(name)
+        if not state.storage.within(state.prefix, name):
+            continue  # never removed through a linked folder
         info = state.storage.stat(uri)
         if info is None or not owned(state, name, info):
             continue

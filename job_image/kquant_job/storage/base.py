@@ -175,6 +175,11 @@ class Storage(ABC):
         None when unknown."""
         return info.metadata.get("sha256")
 
+    def within(self, prefix_uri: str, key: str) -> bool:
+        """Whether ``key`` (relative to ``prefix_uri``) names a place inside the prefix: no
+        folder on the way is a link leading elsewhere. A store without links (S3): always."""
+        return True
+
     def prune(self, prefix_uri: str) -> None:
         """Remove the empty folders at and below ``prefix_uri`` (a folder kquant emptied).
         A store without folders (S3) has nothing to do."""

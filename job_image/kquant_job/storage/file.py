@@ -319,6 +319,24 @@ class FileStorage(Storage):
         except OSError as exc:
             raise os_error(exc, dst_uri, f"copy {src_uri} to") from None
 
+    def within(self, prefix_uri: str, key: str) -> bool:
+        """Whether no folder between ``prefix_uri`` and ``key`` is a symlink (``lstat`` of
+        each; an absent one is fine: kquant creates it). A fixed name under a linked folder
+        was written and deleted through the link, outside the prefix (trial: a colleague's
+        file beside the link's target removed as kquant's)."""
+        folder = to_path(prefix_uri)
+        for part in key.split("/")[:-1]:
+            folder = folder / part
+            try:
+                mode = folder.lstat().st_mode
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return False
+            if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+                return False
+        return True
+
     def content_sha256(self, uri: str, info: ObjectInfo) -> str | None:
         """Hex SHA-256 of the file (read in full: a file has no metadata to hold it)."""
         try:
