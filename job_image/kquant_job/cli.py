@@ -21,6 +21,7 @@ from kquant_api import REASON_EXIT_CODE, JobResult, QuantizationJob, Reason
 from kquant_job import __version__, logs
 from kquant_job.cli_frames import add_frames_parser
 from kquant_job.cli_preview import add_inspect_parser, format_plan
+from kquant_job.cli_rollback import add_rollback_parser
 from kquant_job.errors import KquantError, ValidationFailed
 from kquant_job.manifest import load_jobs
 
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     add_frames_parser(sub)
     add_inspect_parser(sub)
+    add_rollback_parser(sub)
     return parser
 
 

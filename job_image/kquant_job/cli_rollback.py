@@ -1,0 +1,68 @@
+"""``kquant-job rollback``: make an earlier set of an output or promotion prefix current
+again, fixed names included (:mod:`kquant_job.sets.rollback`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from kquant_api import REASON_EXIT_CODE
+from kquant_api.spec import StorageConfig
+from kquant_job.errors import KquantError
+
+LOG = logging.getLogger("kquant")
+
+ROLLBACK_EXAMPLES = """examples:
+  kquant-job rollback s3://models/silero-vad/production/          the set before the current
+  kquant-job rollback file:///srv/models/prod/ --to 20261207T101500Z-1a2b3c4d
+"""
+
+
+def add_rollback_parser(sub: Any) -> None:
+    """Register the ``rollback`` sub-command."""
+    cmd = sub.add_parser(
+        "rollback",
+        help="make an earlier set of a prefix current again",
+        description="Point a prefix's manifest.json at a set it still keeps (the one before "
+        "the current one, or --to SET) and bring its fixed names in step. The write is "
+        "conditional: a job committing meanwhile wins, and the rollback fails saying so. A "
+        "later run of a newer generation publishes again: revert its spec in Git to keep "
+        "the rollback.",
+        epilog=ROLLBACK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("uri", help="the output or promotion prefix (file:// or s3://, ending in /)")
+    cmd.add_argument("--to", metavar="SET", help="the set id to restore (default: the previous)")
+    cmd.add_argument(
+        "--endpoint-url",
+        default=os.environ.get("AWS_ENDPOINT_URL"),
+        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL); credentials come from the "
+        "standard AWS chain",
+    )
+    cmd.set_defaults(func=cmd_rollback)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Roll back and say what changed; returns the exit code of the error class (0 on
+    success)."""
+    from kquant_job.sets.rollback import rollback
+    from kquant_job.storage import open_storage
+
+    prefix = args.uri.rstrip("/") + "/"
+    config = StorageConfig(endpoint=args.endpoint_url) if args.endpoint_url else None
+    try:
+        done = rollback(open_storage(prefix, config), prefix, args.to)
+    except KquantError as exc:
+        LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
+        return int(REASON_EXIT_CODE[exc.reason])
+    if done.previous == done.current:
+        print(f"{prefix}: set {done.current} is already current; fixed names in step")
+    else:
+        print(f"{prefix}: set {done.current} is current again (was {done.previous}); "
+              f"{len(done.mirrors.copied)} fixed name(s) copied, "
+              f"{len(done.mirrors.removed)} removed")  # fmt: skip
+    if done.mirrors.foreign:
+        print(f"left alone, not kquant's: {', '.join(done.mirrors.foreign[:5])}")
+    return 0
