@@ -361,8 +361,9 @@ class QuantizationConfig(_Model):
         None,
         description="int8: onnxruntime's quantization pre-processing (shape inference, graph "
         "optimization): auto (default: applied when it succeeds, the report says when it "
-        "was skipped; dynamic INT8 skips it where it cannot change the result: no Conv, every "
-        "weight already an initializer), always (a failure ends the job) or never.",
+        "was skipped; dynamic INT8 of a model of 64 MiB of weights or more skips it where it "
+        "cannot change the quantized nodes: no Conv, every weight already an initializer), "
+        "always (a failure ends the job) or never.",
     )
     calibration: Calibration | None = Field(
         None, description="int8 static: calibration data (required in static mode)."

@@ -11,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import save_external
 from corpus import build_corpus
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 from worker_helpers import failure_report, get_bytes, list_keys, manifest, run_worker
 
 FP16 = {"precision": "fp16"}
@@ -102,7 +103,18 @@ def test_dynamic_int8_of_a_local_model_read_in_place_writes_nothing_beside_it(tm
     """Dynamic INT8 without pre-processing (a graph it cannot change) handed onnxruntime
     the source itself, whose loader writes ``<name>-inferred.onnx`` beside it: in the
     sandbox, where a source read in place is read-only, every attempt failed."""
-    model = save_external(build_corpus()["lstm_gru"].path, tmp_path / "src", "model.onnx.data")
+    # one MatMul on 64 MiB of weights: large enough to skip pre-processing (SKIP_FROM_BYTES)
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal(
+        (4096, 4096), dtype=np.float32) * 0.01, "w")  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])], [weight],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (tmp_path / "src").mkdir()
+    model = tmp_path / "src" / "model.onnx"
+    onnx.save(proto, str(model), save_as_external_data=True, location="model.onnx.data")
     before = sorted(p.name for p in model.parent.iterdir())
     uri = f"file://{model}" if layout == "file" else f"file://{model.parent}/"
     job = manifest(uri, f"file://{tmp_path}/out/", {"precision": "int8", "requireGain": False},

@@ -48,7 +48,7 @@ def test_extra_options_reach_onnxruntime_and_unknown_ones_are_refused(tmp_path: 
     assert "CalibMovingAverage" not in extra_option_keys(Int8Mode.dynamic)
 
 
-def test_preprocessing_is_selectable(tmp_path: Path) -> None:
+def test_preprocessing_is_selectable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bert = build_corpus()["bert_tiny"].path
     run = OnnxInt8DynamicPass().run
     never = run(bert, int8(preprocess="never"), tmp_path / "n.onnx", PassContext(tmp_path / "n"))
@@ -59,6 +59,11 @@ def test_preprocessing_is_selectable(tmp_path: Path) -> None:
     # auto: every weight an initializer, no Conv, nothing folded: pre-processing would change
     # nothing dynamic INT8 produces, so it is skipped, saying why
     lstm = build_corpus()["lstm_gru"].path
+    kept = run(lstm, int8(), tmp_path / "k.onnx", PassContext(tmp_path / "k"))
+    assert kept.details["preprocess"] == "applied"  # small: it costs milliseconds here
+    import kquant_job.passes.int8_prep_need as need
+
+    monkeypatch.setattr(need, "SKIP_FROM_BYTES", 0)  # judged as a large model
     skipped = run(lstm, int8(), tmp_path / "l.onnx", PassContext(tmp_path / "l"))
     assert skipped.details["preprocess"].startswith("skipped: no Conv, and every weight")
     applied = run(lstm, int8(preprocess="always"), tmp_path / "m.onnx", PassContext(tmp_path / "m"))

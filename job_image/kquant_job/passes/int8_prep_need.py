@@ -16,7 +16,9 @@ the optimization (onnxruntime's graph optimization docs, "Basic Graph Optimizati
 A graph with neither (no Conv; every input of a node the quantizer handles an initializer,
 an activation or a graph input; no subgraphs) quantizes to the same nodes either way; on a
 BERT-base encoder with external data pre-processing took 1.4-1.8 s of a 6 s job and
-quantized the same 73 MatMuls (the rest onnxruntime folds when a session loads the model).
+quantized the same 73 MatMuls. What it still folds is shape arithmetic (an Expand of an
+input's shape): microseconds a run, which only a small model notices, and there the
+pre-processing costs milliseconds, so it is skipped from SKIP_FROM_BYTES of weights only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 from onnx import ModelProto
 
 from kquant_job.passes.int8_common import DENSE_OP_TYPES
-from kquant_job.passes.onnx_common import subgraphs
+from kquant_job.passes.onnx_common import iter_graphs, subgraphs
 
 __all__ = ["dynamic_unaffected"]
 
@@ -42,15 +44,46 @@ _NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                          "RandomUniformLike", "Multinomial", "Bernoulli"})  # fmt: skip
 
 
+# Weights (bytes) from which dynamic INT8 skips a pre-processing that changes nothing it
+# quantizes. Below, it runs: it costs milliseconds there, and its folding of shape arithmetic
+# (an Expand of an input's shape into a constant) still saves microseconds a run, a visible
+# share of a small model's latency (the corpus's LSTM/GRU: 1.1x against 1.7x its original's
+# latency, 0.05 ms); above, it costs seconds (writing and reading every weight) for the same
+# microseconds.
+SKIP_FROM_BYTES = 64 * 1024 * 1024
+
+
+def weight_bytes(model: ModelProto) -> int:
+    """Bytes of the initializers of every graph, from their dims and types (``model`` may be
+    loaded without its external data); string tensors count nothing."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    total = 0
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.initializer:
+            try:
+                itemsize = tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, TypeError, ValueError):
+                continue
+            count = 1
+            for d in tensor.dims:
+                count *= max(d, 0)
+            total += count * itemsize
+    return total
+
+
 def dynamic_unaffected(model: ModelProto) -> str | None:
     """Why pre-processing would leave ``model``'s dynamic INT8 result as it is, or None when
-    it may change it (see the module docstring). Unaffected: a MatMul/Gemm/LSTM/GRU/
+    it may change it or costs little (see the module docstring). Unaffected: weights of at
+    least SKIP_FROM_BYTES, a MatMul/Gemm/LSTM/GRU/
     Attention node, no subgraphs, no Conv, ConvTranspose or BatchNormalization, and no node
     dynamic INT8 quantizes (onnxruntime's ``IntegerOpsRegistry``: MatMul, Gather, Attention,
     LSTM...; Gemm, GRU) with every input computed from constants (folded away) or with a
     weight input computed from constants other than an initializer itself (an initializer
     only after folding)."""
     graph = model.graph
+    if weight_bytes(model) < SKIP_FROM_BYTES:
+        return None  # cheap here, and its folding still pays (SKIP_FROM_BYTES)
     if not any(node.op_type in DENSE_OP_TYPES for node in graph.node):
         return None  # nothing for it to quantize: the pass says so after pre-processing
     if any(True for node in graph.node for _ in subgraphs(node)):
