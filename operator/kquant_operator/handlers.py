@@ -442,9 +442,10 @@ async def _sync_status(
     """Write the status of ``owner`` (the Job's ownerReference) derived from ``job`` and
     its pods, retrying Conflicts and transient errors STATUS_ATTEMPTS times."""
     namespace, jname = job["metadata"]["namespace"], job["metadata"]["name"]
+    paused = False
     for attempt in range(STATUS_ATTEMPTS):
         try:
-            if attempt and not deleted:  # a retry after a pause: the Job as it is now
+            if paused and not deleted:  # after a back-off the Job read before is stale
                 try:
                     job = await kube.get(_jobs_path(namespace, jname))
                 except ApiError as exc:
@@ -482,6 +483,7 @@ async def _sync_status(
                 return
             if exc.status != 409:  # a conflict retries at once, with a fresh read
                 await asyncio.sleep(min(0.2 * 2**attempt, RETRY_DELAY))
+                paused = True
     logger.error("status of %s not written after %d attempts; tried again within %g s",
                  owner["name"], STATUS_ATTEMPTS, RESYNC_SECONDS)  # fmt: skip
 
