@@ -31,6 +31,16 @@ INSPECT_EXAMPLES = """examples:
 """
 
 
+def add_endpoint_argument(cmd: argparse.ArgumentParser) -> None:
+    """``--endpoint-url``, the S3 endpoint of a command that reads or writes s3:// URIs."""
+    cmd.add_argument(
+        "--endpoint-url",
+        default=os.environ.get("AWS_ENDPOINT_URL"),
+        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL); credentials come from the "
+        "standard AWS chain",
+    )
+
+
 def add_inspect_parser(sub: Any) -> None:
     """Register the ``inspect`` sub-command."""
     cmd = sub.add_parser(
@@ -49,12 +59,7 @@ def add_inspect_parser(sub: Any) -> None:
     cmd.add_argument("--op-type", metavar="OP", help="list the nodes of this op type (exact)")
     cmd.add_argument("--name", metavar="TEXT", help="list the nodes whose name contains TEXT")
     cmd.add_argument("--nodes", action="store_true", help="list every node (up to 20000)")
-    cmd.add_argument(
-        "--endpoint-url",
-        default=os.environ.get("AWS_ENDPOINT_URL"),
-        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL); credentials come from the "
-        "standard AWS chain",
-    )
+    add_endpoint_argument(cmd)
     cmd.add_argument(
         "--work-dir",
         metavar="DIR",

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Any
 
 from kquant_api import REASON_EXIT_CODE
 from kquant_api.spec import StorageConfig
+from kquant_job.cli_preview import add_endpoint_argument
 from kquant_job.errors import KquantError
 
 LOG = logging.getLogger("kquant")
@@ -35,12 +35,7 @@ def add_rollback_parser(sub: Any) -> None:
     )
     cmd.add_argument("uri", help="the output or promotion prefix (file:// or s3://, ending in /)")
     cmd.add_argument("--to", metavar="SET", help="the set id to restore (default: the previous)")
-    cmd.add_argument(
-        "--endpoint-url",
-        default=os.environ.get("AWS_ENDPOINT_URL"),
-        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL); credentials come from the "
-        "standard AWS chain",
-    )
+    add_endpoint_argument(cmd)
     cmd.set_defaults(func=cmd_rollback)
 
 
