@@ -416,6 +416,8 @@ def _convert_all(
                 outcome.sha256 = {
                     f: pinned_digest(staged / f) or file_sha256(staged / f) for f in out_files
                 }
+            if many and validator is not None and hasattr(validator, "reference"):
+                validator.reference.drop_kept()  # never held beside the next conversion
             results.append(_Converted(outcome, validator))
     results.sort(key=lambda c: [m.rel for m in plan.models].index(c.outcome.source))
     return results

@@ -174,3 +174,45 @@ def test_the_candidate_is_released_before_the_original_is_timed_and_a_slowdown_t
     assert alive_when_original_made == [0, 0]  # both rounds: no candidate session alive
     assert ref.latency == (1.0, 12)  # the first round's original kept for the next variants
     assert next(medians, None) is None
+
+
+def test_validation_reuses_the_session_of_the_probe_that_passed_the_same_file(
+    silero_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass probes its chosen candidate, then moves it into place: validation loads that
+    file once more for nothing (0.3-0.8 s for BERT-base). The probe's session is kept while
+    it is of the same file (a rename keeps it); any other file, or the same name rewritten,
+    gets a session of its own."""
+    import shutil
+
+    feeds = _feeds(3)
+    ref = Reference(silero_onnx, feeds, _cfg(), TOL, CPU)
+    made: list[str] = []
+    real = compare.make_session
+
+    def counted(path: Path, providers: list[str]) -> object:
+        made.append(Path(path).name)
+        return real(path, providers)
+
+    monkeypatch.setattr(compare, "make_session", counted)
+    candidate = tmp_path / "scratch" / "model.onnx"
+    candidate.parent.mkdir()
+    shutil.copyfile(silero_onnx, candidate)
+    assert ref.probe(candidate).ok and made == ["model.onnx"]
+    placed = tmp_path / "staged" / "model_fp16.onnx"
+    placed.parent.mkdir()
+    candidate.rename(placed)  # as a pass moves its chosen candidate
+    outcome = validate_onnx(silero_onnx, placed, [], _cfg(), TOL, reference=ref)
+    assert outcome.passed and made == ["model.onnx"]  # no second load of the candidate
+    # kept once: the next validation of it loads it again
+    validate_onnx(silero_onnx, placed, [], _cfg(), TOL, reference=ref)
+    assert made == ["model.onnx", "model_fp16.onnx"]
+    # the same name rewritten after the probe: another file, another session
+    assert ref.probe(placed).ok
+    placed.write_bytes(placed.read_bytes())
+    validate_onnx(silero_onnx, placed, [], _cfg(), TOL, reference=ref)
+    assert made[-2:] == ["model_fp16.onnx", "model_fp16.onnx"]
+    # a failed probe keeps nothing
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    assert not ref.probe(broken).ok and ref.take_session(broken) is None
