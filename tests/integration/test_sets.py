@@ -684,3 +684,23 @@ def test_fixed_names_are_never_written_or_removed_through_a_linked_folder(store,
     (outside / "vocab.txt").write_bytes(FILES["tokenizer/vocab.txt"])  # a colleague's
     publish(store, tmp_path, Writer("vad", "speech", "uid-1", 3), {"model_fp16.onnx": b"v3"})
     assert (outside / "vocab.txt").read_bytes() == FILES["tokenizer/vocab.txt"]
+
+
+def test_a_colleagues_symlink_at_a_fixed_name_is_left_alone(store, tmp_path):
+    """Fault-injection trial: a symlink at a fixed name whose target held the set's bytes
+    was taken for kquant's copy and replaced."""
+    if store.kind != "file":
+        pytest.skip("symlinks are local")
+    publish(store, tmp_path, JOB)
+    root = Path(store.uri("out/")[len("file://") :])
+    theirs = tmp_path / "theirs.onnx"
+    theirs.write_bytes(FILES["model_fp16.onnx"])  # the same bytes as the set's file
+    (root / "model_fp16.onnx").unlink()
+    (root / "model_fp16.onnx").symlink_to(theirs)
+    again = Writer("vad", "speech", "uid-1", 2)  # a set naming it: refused before writing
+    assert reason_of(lambda: publish(store, tmp_path, again)) is Reason.ForeignObject
+    assert (root / "model_fp16.onnx").is_symlink()
+    publish(store, tmp_path, Writer("vad", "speech", "uid-1", 3), {"other.onnx": b"v3"})
+    assert (root / "model_fp16.onnx").is_symlink() and theirs.read_bytes() == FILES[
+        "model_fp16.onnx"
+    ]

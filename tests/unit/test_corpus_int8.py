@@ -96,7 +96,7 @@ def test_int8_outcome(method: str, name: str, expected: str, tmp_path: Path) -> 
     model = build_corpus()[name]
     ref = reference(model, method)
     # the ladder's accuracy outcomes: a candidate's timing (test_int8_speed) is not asked for
-    probe = lambda candidate, timed=False: ref.probe(candidate)  # noqa: E731
+    probe = lambda candidate, timed=False, keep=False: ref.probe(candidate)  # noqa: E731
     if expected.startswith("ConversionFailed"):
         with pytest.raises(PassError) as info:
             run_pass(model, method, tmp_path, probe)

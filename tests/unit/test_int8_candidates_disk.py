@@ -23,7 +23,7 @@ def test_recovery_keeps_one_candidate_on_disk_at_a_time(tmp_path: Path) -> None:
     work = tmp_path / "work"
     on_disk: list[list[str]] = []
 
-    def probe(candidate: Path) -> ProbeResult:
+    def probe(candidate: Path, **_: object) -> ProbeResult:
         found = sorted(str(p.relative_to(work)) for p in work.rglob("*.onnx"))
         on_disk.append([f for f in found if f != "preprocessed.onnx"])  # the FP32 copy
         graph = onnx.load(str(candidate), load_external_data=False).graph

@@ -44,7 +44,7 @@ class ScriptedProbe:
         self.dense_fails = dense_fails
         self.calls: list[tuple[bool, bool]] = []  # (timed, holds ConvInteger)
 
-    def __call__(self, candidate: Path, *, timed: bool = False) -> ProbeResult:
+    def __call__(self, candidate: Path, *, timed: bool = False, keep: bool = False) -> ProbeResult:
         conv_integer = _int8_conv(candidate) > 0
         self.calls.append((timed, conv_integer))
         ok = conv_integer or not self.dense_fails

@@ -1,6 +1,7 @@
-"""The stage loads a converted model once: validation takes the session of the probe that
-passed it (validate/compare.py Reference.take_session), for a single model only: a stage
-converting several models keeps no session beside the next conversion."""
+"""The stage loads an INT8 model once: validation takes the session of the probe that passed
+it (validate/compare.py Reference.take_session), for a single model only: a stage
+converting several models keeps no session beside the next conversion, and FP16, which
+checks the file it wrote after its probe, keeps none."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def _taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return got
 
 
-@pytest.mark.parametrize("models", [1, 2])
-def test_validation_reuses_the_probe_session_of_a_single_model_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models: int
+@pytest.mark.parametrize(("models", "precision"), [(1, "int8"), (2, "int8"), (1, "fp16")])
+def test_validation_reuses_the_probe_session_of_a_single_int8_model_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models: int, precision: str
 ) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
@@ -39,14 +40,15 @@ def test_validation_reuses_the_probe_session_of_a_single_model_only(
         shutil.copyfile(silero_dir() / "silero_vad.onnx", folder / f"vad{i}.onnx")
     source = folder / "vad0.onnx" if models == 1 else folder
     job = minimal_job(source)
+    doc = job.model_dump(mode="json", exclude_none=True)
+    doc["spec"]["quantization"] = {"precision": precision, "requireGain": False}
     if models > 1:
-        doc = job.model_dump(mode="json", exclude_none=True)
         doc["spec"]["model"]["uri"] = f"file://{folder}/"
-        job = type(job).model_validate(doc)
+    job = type(job).model_validate(doc)
     got = _taken(monkeypatch)
     work = tmp_path / "w"
     io = StageInput(source, [], work / "data", [], work / "calib", work / "staged", work / "s")
     outcome = convert_and_validate(job, io)
     assert len(outcome.models) == models
     assert all(m.validation and m.validation["passed"] for m in outcome.models)
-    assert got == ([True] if models == 1 else [False, False])
+    assert got == [models == 1 and precision == "int8"] * models

@@ -490,3 +490,17 @@ def test_a_temporary_file_of_another_pid_namespace_is_never_judged_by_our_pids(t
     name = run.stdout.strip()
     assert name.endswith(".kquant-part") and "-1." in name  # pid 1 in its namespace
     assert temp_writer_alive(name) is None  # a pid of another process table: unknown
+
+
+def test_a_planted_temporary_name_with_an_impossible_pid_is_unknown(tmp_path):
+    """Hostile-input trial: a name in the writer-tag format with a 20-digit pid made
+    ``os.kill`` raise OverflowError, and every publish to the prefix crashed."""
+    from kquant_job.storage.paths import _host_tag, temp_writer_alive
+
+    tag = _host_tag()
+    for pid in ("99999999999999999999", "0", str(2**22 + 1)):
+        name = f".x.{tag}-{pid}.abcdef12.kquant-part"
+        assert temp_writer_alive(name) is None
+        (tmp_path / name).write_bytes(b"planted")
+    uploads = fs.list_uploads(f"file://{tmp_path}/")
+    assert len(uploads) == 3 and all(u.writer_alive is None for u in uploads)

@@ -39,9 +39,14 @@ class ProbeResult:
 
 class Probe(Protocol):
     """Checks a candidate file against the original on a few samples; ``timed``: a
-    candidate within tolerance is also timed against the original (``ProbeResult.latency``)."""
+    candidate within tolerance is also timed against the original (``ProbeResult.latency``);
+    ``keep``: a candidate within tolerance keeps its session for validation, which loads it
+    no second time while the file stays the same (for a pass whose chosen candidate is moved
+    into place with nothing heavy done after the probe: the session stays in memory)."""
 
-    def __call__(self, candidate: Path, *, timed: bool = False) -> ProbeResult: ...
+    def __call__(
+        self, candidate: Path, *, timed: bool = False, keep: bool = False
+    ) -> ProbeResult: ...
 
 
 @dataclass

@@ -214,7 +214,8 @@ def run_attempts(
         if ctx.probe is None:
             break
         timed = faster in labels[i:] and counts["quantizedConv"] > 0
-        result = ctx.probe(candidate, timed=True) if timed else ctx.probe(candidate)
+        # kept for validation: past the probe the pass only moves the chosen file
+        result = ctx.probe(candidate, timed=True) if timed else ctx.probe(candidate, keep=True)
         record["probe"] = {"ok": result.ok, "violations": result.violations}
         if result.error:
             record["probe"]["error"] = result.error

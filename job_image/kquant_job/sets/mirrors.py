@@ -48,7 +48,7 @@ def in_sync(state: PrefixState, name: str, info: ObjectInfo, set_id: str, sha256
     of the same bytes), or, locally, holds the bytes the manifest names (hashed: a local
     etag names the file, not its bytes) in a file of its own: a hard link an earlier kquant
     made is copied again, or a colleague's ``cp`` over it would still rewrite the set."""
-    if info.linked:  # a hard link an earlier kquant made: it shares the set's file
+    if info.linked or info.symlink:  # a hard link an earlier kquant made; a colleague's link
         return False
     if info.metadata.get(SET_KEY) == set_id:
         return True

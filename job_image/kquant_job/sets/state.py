@@ -111,7 +111,7 @@ def owned(state: PrefixState, name: str, info: ObjectInfo) -> bool:
     etag names the file: a hard link made by an earlier kquant shares it even after someone
     rewrote the file in place, so locally only the content counts."""
     entries = state.manifest.naming(name) if state.manifest else []
-    if not entries:
+    if not entries or info.symlink:  # kquant never makes a symlink: a colleague's (trial)
         return False
     for entry in entries:
         if entry.set_id and info.metadata.get(SET_KEY) == entry.set_id:

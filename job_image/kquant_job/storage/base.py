@@ -24,13 +24,15 @@ class ObjectInfo:
     version token ``etag`` (S3's ETag; for a local file device, inode, mtime and size, so a
     replaced file gets a new one and a hard link shares it) and user ``metadata`` (S3's
     ``x-amz-meta-*`` from :meth:`Storage.stat`; empty in listings and for local files).
-    ``linked``: a local file with other names (hard links) besides this one."""
+    ``linked``: a local file with other names (hard links) besides this one; ``symlink``:
+    a local name that is a symlink to the file (never one kquant makes)."""
 
     key: str
     size: int
     etag: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict, compare=False)
     linked: bool = field(default=False, compare=False)
+    symlink: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

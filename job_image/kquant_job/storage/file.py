@@ -107,7 +107,8 @@ class FileStorage(Storage):
             if not path.is_file():
                 return None
             st = path.stat()
-            return ObjectInfo(path.name, st.st_size, etag_of(st), linked=st.st_nlink > 1)
+            return ObjectInfo(path.name, st.st_size, etag_of(st), linked=st.st_nlink > 1,
+                              symlink=path.is_symlink())  # fmt: skip
         except OSError as exc:
             raise os_error(exc, uri, "stat") from None
 

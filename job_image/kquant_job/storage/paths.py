@@ -100,6 +100,8 @@ def local_target(dest_dir: Path, key: str, where: str) -> Path:
     return target
 
 
+# The largest pid Linux hands out (PID_MAX_LIMIT, 2**22 on 64-bit).
+PID_MAX = 2**22
 # Suffix of the temporary files atomic_target writes: such a file is never a finished object.
 TEMP_SUFFIX = ".kquant-part"
 
@@ -157,7 +159,9 @@ def temp_writer_alive(name: str) -> bool | None:
     if len(parts) != 3 or "-" not in parts[1]:
         return None
     host, _, pid = parts[1].partition("-")
-    if host != _host_tag() or not pid.isdigit():
+    # a pid past Linux's limit (2**22) is no process's: a planted name with 20 digits made
+    # os.kill raise OverflowError, and every publish to the prefix crashed (trial)
+    if host != _host_tag() or not pid.isdigit() or not 0 < int(pid) <= PID_MAX:
         return None
     try:
         os.kill(int(pid), 0)
@@ -165,6 +169,8 @@ def temp_writer_alive(name: str) -> bool | None:
         return False
     except PermissionError:
         return True  # another user's live process
+    except (OverflowError, ValueError, OSError):
+        return None
     return True
 
 

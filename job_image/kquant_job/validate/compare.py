@@ -209,14 +209,19 @@ class Reference:
         source = model or self.original
         return activation_ranges(source, self.feeds[:n], self.cfg.feedback, self.providers)
 
-    def probe(self, candidate: Path, max_samples: int = 8, *, timed: bool = False) -> ProbeResult:
+    def probe(
+        self, candidate: Path, max_samples: int = 8, *, timed: bool = False, keep: bool = False
+    ) -> ProbeResult:
         """Check ``candidate`` on the first ``max_samples`` samples (a stream prefix when
         feedback is set). Never raises: a load or run failure gives ``ok=False`` with the
         runtime's message in ``error``; a broken tolerance gives ``ok=False`` with
         ``violations``. With decision rules every sample is used: decisions (speech
         segments) may first change past a stream's first samples. ``timed``: a candidate
         within tolerance is timed against the original as validation times it
-        (:meth:`latency_of`), in ``latency`` and ``slower``."""
+        (:meth:`latency_of`), in ``latency`` and ``slower``. ``keep``: the session of an
+        untimed candidate within tolerance is kept for :meth:`take_session` (not by default:
+        a pass that does heavy work after its probe, FP16's check of the file it wrote, would
+        hold the session through it, 2.3x the model's bytes at the peak instead of 1.9x)."""
         n = len(self.feeds) if self.tolerance.decisions else min(max_samples, len(self.feeds))
         self.drop_kept()  # an earlier candidate's: this one replaces it
         try:
@@ -244,7 +249,7 @@ class Reference:
                 return result
             result.latency = lat
             result.slower = slower(lat["original"], lat["quantized"], int(lat["runs"]))
-        elif result.ok:
+        elif result.ok and keep:
             self._kept = (file_key(candidate), session)
         return result
 
