@@ -475,7 +475,7 @@ def test_a_spec_past_the_annotation_budget_is_refused_naming_its_size():
     a spec change ran as a create beside the older generation's Job (operator trial)."""
     names = [f"/encoder/layer.{i}/attention/self/MatMul_{j}" for i in range(400) for j in range(20)]
     big = qjob(quantization={"precision": "int8", "nodesToExclude": names})
-    with pytest.raises(InvalidQuantizationJob, match=r"spec: \d+ KiB, more than the 128 KiB"):
+    with pytest.raises(InvalidQuantizationJob, match=r"spec: \d+ KiB, more than the 96 KiB"):
         build_job(big, SETTINGS)
     fits = qjob(quantization={"precision": "int8", "nodesToExclude": names[:1000]})
     assert build_job(fits, SETTINGS)
