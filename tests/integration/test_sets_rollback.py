@@ -39,10 +39,17 @@ def test_a_rollback_restores_the_set_at_every_name_and_later_runs_publish(store,
     assert manifest["set"] == v2 and manifest["rolledBackFrom"] == v3
     assert out.get("model.onnx") == b"v2 graph" * 20
     assert out.get("only-v3.txt") is None and out.get("only-v2.txt") == b"x"
-    assert [h["set"] for h in manifest["history"]][:2] == [v2, v3]  # v3 still known
-    # further back, by id
-    assert rollback(store.storage, store.uri("out/"), v1).current == v1
+    assert [h["set"] for h in manifest["history"]] == [v2, v1, v3]  # v3 still known
+    assert manifest["newerSets"] == [v3]
+    # again: one set further back, never forward to the set just rolled back from (trial)
+    assert rollback(store.storage, store.uri("out/")).current == v1
     assert read_set(out)["set"] == v1 and out.get("model.onnx") == b"v1 graph" * 20
+    with pytest.raises(StorageError, match="no set before"):
+        rollback(store.storage, store.uri("out/"))
+    # forward again, by id
+    assert rollback(store.storage, store.uri("out/"), v3).current == v3
+    assert read_set(out)["set"] == v3 and out.get("model.onnx") == b"v3 graph" * 20
+    assert rollback(store.storage, store.uri("out/"), v1).current == v1
     # and the next run of the job publishes as usual over it
     v4 = publish(store, tmp_path, Writer("vad", "speech", "uid-1", 4), {"model.onnx": b"v4"})
     assert read_set(out)["set"] == v4.set_id and out.get("model.onnx") == b"v4"
@@ -102,3 +109,43 @@ def test_the_rollback_command(tmp_path, monkeypatch):
     assert json.loads((root / "manifest.json").read_text())["rolledBackFrom"]
     again = subprocess.run([*cmd, "--to", "nope"], capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "not one the prefix keeps" in again.stderr
+
+
+def test_a_rollback_stopped_before_its_copies_is_finished_by_the_same_command(
+    store, tmp_path, monkeypatch
+):
+    """Trial: a rollback killed after its manifest write, run again to finish, rolled back
+    one set further instead."""
+    import kquant_job.sets.rollback as module
+
+    v2 = _three(store, tmp_path)[1]
+    real = module.sync_mirrors
+    calls = {"n": 0}
+
+    def killed_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("killed after the manifest write")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "sync_mirrors", killed_once)
+    with pytest.raises(KeyboardInterrupt):
+        rollback(store.storage, store.uri("out/"))
+    out = prefix_of(store)
+    assert json.loads(out.get("manifest.json"))["set"] == v2
+    assert out.get("model.onnx") == b"v3 graph" * 20  # the names not yet in step
+    done = rollback(store.storage, store.uri("out/"))  # the same command again
+    assert (done.previous, done.current) == (v2, v2)
+    assert read_set(out)["set"] == v2 and out.get("model.onnx") == b"v2 graph" * 20
+
+
+def test_a_stale_generation_never_replaces_a_rolled_back_prefix(store, tmp_path):
+    """Trial: after a rollback to generation 2's set, a run of generation 2 (older than the
+    generation 3 kept behind) published over it: the fence was the current set's writer."""
+    _three(store, tmp_path)
+    rollback(store.storage, store.uri("out/"))
+    stale = Writer("vad", "speech", "uid-1", 2)
+    with pytest.raises(StorageError) as info:
+        publish(store, tmp_path, stale, {"model.onnx": b"stale"})
+    assert info.value.reason is Reason.Superseded
+    assert prefix_of(store).get("model.onnx") == b"v2 graph" * 20

@@ -258,6 +258,17 @@ class Manifest:
         """Every fixed name a retained set of kquant may have placed at the prefix."""
         return {name for entry in self.history for name in entry.files}
 
+    def fence(self, writer: Writer) -> Writer:
+        """The writer a run of ``writer``'s job must be newer than to replace this manifest:
+        of the current set and the retained ones of that job, the latest generation. After a
+        rollback the current set is an older generation's; a stale run of a generation
+        between it and the newest retained one replaced it (trial)."""
+        newest = self.writer
+        for entry in self.history:
+            if entry.writer.same_job(writer) and entry.writer.newer_than(newest):
+                newest = entry.writer
+        return newest
+
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """Parse ``manifest.json`` bytes found at ``where``.

@@ -142,11 +142,12 @@ class Target:
                 reason=Reason.ForeignObject,
             )
         current = state.manifest
-        if current is not None and current.writer.newer_than(self.writer):
+        if current is not None and current.fence(self.writer).newer_than(self.writer):
             raise StorageError(
                 f"{self.field_name} {self.prefix} holds the set of a newer generation, "
-                f"{current.writer.describe()}: this run of generation "
-                f"{self.writer.generation} does not replace it",
+                f"{current.fence(self.writer).describe()} (current, or kept behind a "
+                f"rollback): this run of generation {self.writer.generation} does not "
+                "replace it",
                 reason=Reason.Superseded,
             )
         if self.replace:
@@ -219,9 +220,9 @@ class Target:
             return True
         if state.etag == self.base_etag:
             return False
-        if current is not None and current.writer.newer_than(self.writer):
+        if current is not None and current.fence(self.writer).newer_than(self.writer):
             self._check(state)  # raises Superseded
-        older = current is None or self.writer.newer_than(current.writer)
+        older = current is None or self.writer.newer_than(current.fence(self.writer))
         if self.replace and older:
             self.base_etag = state.etag  # a newer generation takes over from an older one
             return False

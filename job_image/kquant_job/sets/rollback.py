@@ -32,6 +32,20 @@ from kquant_job.storage import Storage, join
 __all__ = ["RollbackOutcome", "rollback"]
 
 
+# A rolled-back manifest's sets committed after its own, newest first: a history alone
+# cannot say (set ids hold their start time to the second, and a rollback puts the
+# restored set first), and the next default rollback must go further back, not forward.
+NEWER_KEY = "newerSets"
+
+
+def commit_order(doc: dict, history: list[str]) -> list[str]:
+    """The set ids of a manifest (``doc``, its ``history`` ids in order) newest first by
+    commit: its history as written, or after a rollback the sets committed after the
+    current one (``newerSets``), the current one, then the older ones."""
+    newer = [s for s in doc.get(NEWER_KEY) or [] if isinstance(s, str) and s in history]
+    return [*newer, *(s for s in history if s not in newer)]
+
+
 @dataclass
 class RollbackOutcome:
     """What a rollback did: the set current before (``previous``), the set now current
@@ -43,10 +57,11 @@ class RollbackOutcome:
 
 
 def rollback(storage: Storage, prefix: str, to: str | None = None) -> RollbackOutcome:
-    """Make set ``to`` (default: the one committed before the current one) the current set
-    of ``prefix`` (ending in '/') again. Raises StorageError: SourceNotFound when the prefix
-    has no kquant manifest, when ``to`` is not a set the prefix still holds, or when there
-    is no earlier set; ConcurrentWrite when the manifest changed since it was read;
+    """Make set ``to`` (default: the one committed last before the current one; after a
+    rollback whose fixed names were not all copied, none: that rollback is finished) the
+    current set of ``prefix`` (ending in '/') again. Raises StorageError: SourceNotFound
+    when the prefix has no kquant manifest, when ``to`` is not a set the prefix still holds,
+    or when there is no earlier set; ConcurrentWrite when the manifest changed since it was read;
     ForeignObject / UnsafePath for a manifest kquant did not write; the storage's errors."""
     state = read_state(storage, prefix)
     manifest = state.manifest
@@ -56,8 +71,16 @@ def rollback(storage: Storage, prefix: str, to: str | None = None) -> RollbackOu
             reason=Reason.SourceNotFound,
         )
     held = [h.set_id for h in manifest.history if h.set_id and h.set_id in state.sets]
+    order = commit_order(manifest.data, [h.set_id for h in manifest.history])
     if to is None:
-        earlier = [s for s in held if s != manifest.set_id]
+        if manifest.data.get(NEWER_KEY):
+            # a rollback stopped before its names were in step: finish it, go no further
+            # (run again, the same command had rolled back one set more each time)
+            synced = sync_mirrors(storage, prefix)
+            if synced.copied or synced.removed:
+                return RollbackOutcome(manifest.set_id, manifest.set_id, synced)
+        here = order.index(manifest.set_id)
+        earlier = [s for s in order[here + 1 :] if s in held]
         if not earlier:
             raise StorageError(f"{prefix} holds no set before {manifest.set_id}",
                                reason=Reason.SourceNotFound)  # fmt: skip
@@ -87,11 +110,13 @@ def rollback(storage: Storage, prefix: str, to: str | None = None) -> RollbackOu
         raise StorageError(f"set {to} under {prefix} lost {missing[:3]}: not restored",
                            reason=Reason.SourceNotFound)  # fmt: skip
     # the current history behind the restored set: every set that may have placed a fixed
-    # name stays known as kquant's, so the names are replaced, not taken for a colleague's
-    entry = next(h for h in manifest.history if h.set_id == to)
-    history = [entry, *(h for h in manifest.history if h.set_id != to)]
-    doc = {**own.data, "history": [h.to_json() for h in history],
-           "rolledBackFrom": manifest.set_id}  # fmt: skip
+    # name stays known as kquant's, so the names are replaced, not taken for a colleague's;
+    # the older sets first (retention drops from the end), then those committed after it
+    at = order.index(to)
+    entries = {h.set_id: h for h in manifest.history}
+    ids = [to, *order[at + 1 :], *order[:at]]
+    doc = {**own.data, "history": [entries[i].to_json() for i in ids if i in entries],
+           "rolledBackFrom": manifest.set_id, NEWER_KEY: order[:at]}  # fmt: skip
     assert state.etag is not None
     storage.write_bytes(join(prefix, manifest_key()), dumps(doc), if_match=state.etag)
     return RollbackOutcome(manifest.set_id, to, sync_mirrors(storage, prefix))
