@@ -448,11 +448,22 @@ def _publish(
 
 def note_unfinished_copies(result: JobResult, *done: tuple[Any, str | None]) -> None:
     """Add a note to ``result`` for each (PublishedSet or None, prefix) whose fixed names a
-    storage error left out of step after its commit: the set is published (a success), and
-    readers of the fixed names get it once the next run finishes the copies."""
+    storage error left out of step after its commit (the set is published, a success, and
+    readers of the fixed names get it once the next run or a rollback to it finishes the
+    copies), or whose fixed names hold files kquant did not write."""
     for published, prefix in done:
-        if published is not None and published.copies_error:
+        if published is None:
+            continue
+        if published.copies_error:
             result.notes.append(
                 f"{prefix}: manifest.json names the new set, but its fixed names are not all "
-                f"in step ({published.copies_error}); the next run finishes them"
+                f"in step ({published.copies_error}); the next run finishes them, or "
+                f"`kquant-job rollback {prefix} --to {published.set_id}` does"
+            )
+        foreign = published.mirrors.foreign
+        if foreign:
+            result.notes.append(
+                f"{prefix}: {len(foreign)} fixed name(s) of the set hold files kquant did not "
+                f"write and were left as they are ({', '.join(foreign[:3])}): readers of "
+                "those names do not get this set; manifest.json names it"
             )

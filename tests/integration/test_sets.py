@@ -704,3 +704,35 @@ def test_a_colleagues_symlink_at_a_fixed_name_is_left_alone(store, tmp_path):
     assert (root / "model_fp16.onnx").is_symlink() and theirs.read_bytes() == FILES[
         "model_fp16.onnx"
     ]
+
+
+def test_copies_failing_in_runs_in_a_row_never_strand_a_set_at_the_fixed_names(
+    store, tmp_path, monkeypatch
+):
+    """Fault-injection trial: with two sets kept and the fixed-name copies failing in two
+    runs in a row, the second commit dropped the set whose copies still stood: they counted
+    as someone else's, and every later run failed (ForeignObject). A commit made while the
+    names are behind now drops no set."""
+    cls = type(store.storage)
+    real = cls.copy
+
+    def unreachable(self, src, dst, *args, **kwargs):
+        raise StorageError(f"cannot copy to {dst}: unreachable (injected)",
+                           reason=Reason.StorageUnavailable)  # fmt: skip
+
+    two = Retention(keep_sets=2)
+    publish(store, tmp_path, JOB, {"model.onnx": b"v1"}, retention=two)
+    monkeypatch.setattr(cls, "copy", unreachable)
+    for gen in (2, 3):
+        done = publish(store, tmp_path, Writer("vad", "speech", "uid-1", gen),
+                       {"model.onnx": f"v{gen}".encode()}, retention=two)  # fmt: skip
+        assert done.copies_error
+    out = prefix_of(store)
+    assert out.get("model.onnx") == b"v1"  # still the first set's copy
+    assert len(json.loads(out.get("manifest.json"))["history"]) == 3  # none dropped
+    monkeypatch.setattr(cls, "copy", real)
+    done = publish(store, tmp_path, Writer("vad", "speech", "uid-1", 4), {"model.onnx": b"v4"},
+                   retention=two)  # fmt: skip
+    assert done.copies_error is None and not done.mirrors.foreign
+    assert out.get("model.onnx") == b"v4"
+    assert len(read_set(out)["history"]) == 2  # back to the retention once in step

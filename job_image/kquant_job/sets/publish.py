@@ -120,6 +120,7 @@ class Target:
         self.replace, self.field_name, self.home = replace, field_name, home
         self.retention = retention or Retention.from_env()
         self.base_etag: str | None = None
+        self._keep_history = False  # set by publish: names behind, no set dropped
 
     def _state(self) -> PrefixState:
         return read_state(self.storage, self.prefix, self.home)
@@ -250,7 +251,9 @@ class Target:
         file missing), ForeignObject, OutputExists, Superseded, ConcurrentWrite, and the
         storage's errors."""
         names = _check_files(rels, staged, self.prefix)
-        self._finish_copies()
+        # names still holding an older set's copies keep every set in the history: dropped,
+        # its copies would count as someone else's, and every later run failed (trial)
+        self._keep_history = not self._finish_copies()
         state = self._state()
         self._resolve(state, "")  # another writer committed since preflight: who?
         self._check(state)
@@ -325,16 +328,19 @@ class Target:
         manifest_uri = join(self.prefix, manifest_key(self.home))
         return PublishedSet(set_id, artifacts, report_art.uri, manifest_uri, mirrors, copies_error)
 
-    def _finish_copies(self) -> None:
+    def _finish_copies(self) -> bool:
         """Bring the fixed names in step with the manifest as it is, before this run commits:
         a writer killed between its commit and its copies left names of the set before, and
         once this commit drops that set from the history they were no longer recognised as
         kquant's (every later run then ended in ForeignObject: fault-injection trial). A
-        failure is logged: this run's own sync after its commit tries again."""
+        failure is logged: this run's own sync after its commit tries again, and its commit
+        then drops no set from the history. Returns whether the names are in step."""
         try:
             sync_mirrors(self.storage, self.prefix, self.home)
         except StorageError as exc:
             LOG.warning("could not finish an earlier run's copies under %s: %s", self.prefix, exc)
+            return False
+        return True
 
     def _commit(
         self,
@@ -354,7 +360,8 @@ class Target:
         for _ in range(MAX_COMMIT_TRIES):
             if self._resolve(state, set_id):
                 return dropped
-            history = _history(state.manifest, set_id, self.writer, files, self.retention)
+            history = _history(state.manifest, set_id, self.writer, files, self.retention,
+                               keep_all=self._keep_history)  # fmt: skip
             before = [h.set_id for h in state.manifest.history] if state.manifest else []
             dropped = [s for s in before if s and s not in {h.set_id for h in history}]
             doc = build_manifest(fields, set_id, self.writer, artifacts, report, history)
@@ -465,10 +472,13 @@ def _history(
     writer: Writer,
     files: dict[str, str],
     retention: Retention,
+    keep_all: bool = False,
 ) -> list[HistoryEntry]:
-    """The new manifest's history: this set, then the retained ones it replaces."""
+    """The new manifest's history: this set, then the retained ones it replaces (all of them
+    with ``keep_all``: fixed names may still hold any of their files)."""
     older = [h for h in (current.history if current else ()) if h.set_id != set_id]
-    return [HistoryEntry(set_id, writer, files), *older[: retention.keep_sets - 1]]
+    kept = older if keep_all else older[: retention.keep_sets - 1]
+    return [HistoryEntry(set_id, writer, files), *kept]
 
 
 def _sha256(data: bytes) -> str:
