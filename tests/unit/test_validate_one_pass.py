@@ -185,16 +185,11 @@ def test_validation_reuses_the_session_of_the_probe_that_passed_the_same_file(
     gets a session of its own."""
     import shutil
 
+    from test_reference_cache import _count_sessions
+
     feeds = _feeds(3)
     ref = Reference(silero_onnx, feeds, _cfg(), TOL, CPU)
-    made: list[str] = []
-    real = compare.make_session
-
-    def counted(path: Path, providers: list[str]) -> object:
-        made.append(Path(path).name)
-        return real(path, providers)
-
-    monkeypatch.setattr(compare, "make_session", counted)
+    made = _count_sessions(monkeypatch)
     candidate = tmp_path / "scratch" / "model.onnx"
     candidate.parent.mkdir()
     shutil.copyfile(silero_onnx, candidate)
