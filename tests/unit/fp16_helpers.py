@@ -69,7 +69,7 @@ def make_probe(original: Path, feeds: dict[str, np.ndarray], tol: float = 1e-2, 
     """
     reference = run(original, feeds)
 
-    def probe(candidate: Path) -> ProbeResult:
+    def probe(candidate: Path, **_: object) -> ProbeResult:
         try:
             if fp16:
                 evaluator = ReferenceEvaluator(str(candidate))

@@ -149,7 +149,7 @@ def test_unrepairable_model_ends_in_conversion_failed(tmp_path: Path) -> None:
 
 def test_attempts_are_bounded(tmp_path: Path) -> None:
     model = overflow_model(tmp_path / "overflow.onnx")
-    never = lambda _: ProbeResult(ok=False, violations=["y: always"])  # noqa: E731
+    never = lambda _, **__: ProbeResult(ok=False, violations=["y: always"])  # noqa: E731
     with pytest.raises(PassError) as err:
         convert(model, tmp_path, probe=never, max_attempts=2)
     assert len(err.value.detail["attempts"]) == 2

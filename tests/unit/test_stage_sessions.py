@@ -1,7 +1,7 @@
 """The stage loads an INT8 model once: validation takes the session of the probe that passed
 it (validate/compare.py Reference.take_session), for a single model only: a stage
-converting several models keeps no session beside the next conversion, and FP16, which
-checks the file it wrote after its probe, keeps none."""
+converting several models keeps no session beside the next conversion, and FP16, whose
+session held from its probe raised the job's peak memory, keeps none."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 
 @pytest.mark.parametrize(("models", "precision"), [(1, "int8"), (2, "int8"), (1, "fp16")])
-def test_validation_reuses_the_probe_session_of_a_single_int8_model_only(
+def test_validation_reuses_the_probe_session_of_a_single_model_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models: int, precision: str
 ) -> None:
     folder = tmp_path / "m"

@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import onnx
-from onnx import ModelProto, TensorProto
+from onnx import ModelProto
 from onnxruntime.transformers import float16 as ort_float16
 
 from kquant_api import ModelFormat, Precision, QuantizationConfig, Reason
 from kquant_job.errors import PassError
 from kquant_job.passes.base import PassContext, PassResult
 from kquant_job.passes.onnx_common import (
-    iter_graphs,
     iter_nodes,
     iter_tensors,
     load_model,
@@ -141,7 +140,7 @@ class OnnxFp16Pass:
                 reason=Reason.ConversionFailed,
                 attempts=ladder.attempts,
             ) from None
-        if not _computes_in_fp16(found.files[0]):
+        if not found.fp16:
             shutil.rmtree(scratch, ignore_errors=True)
             # The FP32 model under an FP16 name would be a lie (as for INT8): fail, say why.
             raise PassError(
@@ -233,25 +232,6 @@ def _external(model: ModelProto) -> Iterator[bool]:
     from onnx.external_data_helper import uses_external_data
 
     return (uses_external_data(t) for t in iter_tensors(model))
-
-
-def _computes_in_fp16(model_file: Path) -> bool:
-    """True when the converted model holds an FP16 tensor or casts a value to FP16 (in any
-    graph), i.e. when some op now computes in FP16."""
-    model = load_model(model_file, load_external_data=False)
-    for graph in iter_graphs(model.graph):
-        if any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer):
-            return True
-    for _, node in iter_nodes(model.graph):
-        if node.op_type == "Cast" and any(
-            a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute
-        ):
-            return True
-        if node.op_type == "Constant" and any(
-            a.HasField("t") and a.t.data_type == TensorProto.FLOAT16 for a in node.attribute
-        ):
-            return True
-    return False
 
 
 def _op_types(model: ModelProto) -> list[str]:

@@ -220,8 +220,9 @@ class Reference:
         within tolerance is timed against the original as validation times it
         (:meth:`latency_of`), in ``latency`` and ``slower``. ``keep``: the session of an
         untimed candidate within tolerance is kept for :meth:`take_session` (not by default:
-        a pass that does heavy work after its probe, FP16's check of the file it wrote, would
-        hold the session through it, 2.3x the model's bytes at the peak instead of 1.9x)."""
+        a kept session stays in memory until validation: INT8 keeps its candidate's, FP16
+        does not, as its session held from the probe took the job's peak from 1.9x the
+        model's bytes to 2.2x)."""
         n = len(self.feeds) if self.tolerance.decisions else min(max_samples, len(self.feeds))
         self.drop_kept()  # an earlier candidate's: this one replaces it
         try:
