@@ -26,7 +26,7 @@ from __future__ import annotations
 from onnx import ModelProto
 
 from kquant_job.passes.int8_common import DENSE_OP_TYPES
-from kquant_job.passes.onnx_common import iter_graphs, subgraphs
+from kquant_job.passes.onnx_common import iter_graphs, subgraphs, tensor_bytes
 
 __all__ = ["dynamic_unaffected"]
 
@@ -54,22 +54,12 @@ SKIP_FROM_BYTES = 64 * 1024 * 1024
 
 
 def weight_bytes(model: ModelProto) -> int:
-    """Bytes of the initializers of every graph, from their dims and types (``model`` may be
-    loaded without its external data); string tensors count nothing."""
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    total = 0
-    for graph in iter_graphs(model.graph):
-        for tensor in graph.initializer:
-            try:
-                itemsize = tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-            except (KeyError, TypeError, ValueError):
-                continue
-            count = 1
-            for d in tensor.dims:
-                count *= max(d, 0)
-            total += count * itemsize
-    return total
+    """Bytes of the initializers of every graph, from their dims and types
+    (:func:`~kquant_job.passes.onnx_common.tensor_bytes`; ``model`` may be loaded without
+    its external data); string tensors count nothing."""
+    return sum(
+        tensor_bytes(t) or 0 for graph in iter_graphs(model.graph) for t in graph.initializer
+    )
 
 
 def dynamic_unaffected(model: ModelProto) -> str | None:

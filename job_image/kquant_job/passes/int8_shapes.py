@@ -26,7 +26,7 @@ from typing import Any
 
 from onnx import ModelProto, TensorProto
 
-from kquant_job.passes.onnx_common import iter_graphs
+from kquant_job.passes.onnx_common import iter_graphs, tensor_bytes
 
 __all__ = [
     "light_shape_reload",
@@ -162,19 +162,8 @@ def light_shape_reload() -> Iterator[None]:
 def _large(tensor: TensorProto) -> bool:
     if not tensor.HasField("raw_data") or tensor.data_location == TensorProto.EXTERNAL:
         return False
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    try:
-        itemsize = tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return False  # strings and unknown types: keep the tensor as it is
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    # raw_data's length, without copying it out: 4-bit types pack two values a byte
-    packed = {TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)}
-    size = (count + 1) // 2 if tensor.data_type in packed else count * itemsize
-    return size >= _EXTERNAL_FROM
+    size = tensor_bytes(tensor)  # raw_data's length, without copying it out
+    return size is not None and size >= _EXTERNAL_FROM  # strings, unknown types: kept
 
 
 def _without_bytes(tensor: TensorProto) -> TensorProto:

@@ -152,6 +152,26 @@ def save_model(
     return [path, data_path] if external and data_path.exists() else [path]
 
 
+def tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of ``tensor``'s values from its dims and type (4-bit types pack two values a
+    byte), without reading them (it may be external or bare); None for strings and unknown
+    types."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= max(d, 0)
+    packed = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+              getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}  # fmt: skip
+    return (count + 1) // 2 if tensor.data_type in packed else count * itemsize
+
+
 def _byte_size(model: ModelProto) -> int:
     try:
         return model.ByteSize()

@@ -136,10 +136,7 @@ class Reference:
         # needs no second FP32 session (0.5 s for BERT-base), nor does each variant.
         self.latency: tuple[float, int] | None = None
         if recorder is None and self.sequential:
-            self.latency = block_latency_ms(
-                session_call(session, self.feeds[0]), cfg.latencyRuns, cfg.warmupRuns,
-                cfg.latencyBudgetMs / 2, cfg.latencyPrecision,
-            )  # fmt: skip
+            self.latency = self._block(session)
         # The session for the latency runs: a recorder's graph is unoptimized (not what a
         # user runs) and a large model's weights would sit beside the conversion.
         keep = recorder is None and model_bytes(self.original) <= KEEP_SESSION_BYTES
@@ -291,20 +288,19 @@ class Reference:
         alternation (:func:`paired_latency_ms`). ``runs``: the fewer of the two. Raises what
         ``session.run`` or loading ``candidate`` raises."""
         cfg, feed = self.cfg, self.feeds[0]
-        timing = (cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs / 2, cfg.latencyPrecision)
         if not self.sequential:
             return paired_latency_ms(
                 session_call(self.session, feed), session_call(held.pop(), feed),
                 cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs, cfg.latencyPrecision,
             )  # fmt: skip
-        quantized, q_runs = block_latency_ms(session_call(held.pop(), feed), *timing)
+        quantized, q_runs = self._block(held.pop())
         release_memory()
         if self.latency is None:
             self.latency = self._time_original()
         original, o_runs = self.latency
         if confirm and slower(original, quantized, min(q_runs, o_runs)):
             again = make_session(candidate, self.providers)
-            q2, q2_runs = block_latency_ms(session_call(again, feed), *timing)
+            q2, q2_runs = self._block(again)
             del again
             release_memory()
             o2, o2_runs = self._time_original()
@@ -313,14 +309,18 @@ class Reference:
         return {"original": original, "quantized": quantized, "runs": min(q_runs, o_runs),
                 "timing": "sequential"}  # fmt: skip
 
-    def _time_original(self) -> tuple[float, int]:
-        """(median ms, runs) of the original on the first feed, half the latency budget; its
-        session is released after."""
+    def _block(self, session: Any) -> tuple[float, int]:
+        """(median ms, runs) of ``session`` on the first feed: one model's block of a
+        sequential timing, on validation's settings with half the latency budget."""
         cfg = self.cfg
-        timed = block_latency_ms(
-            session_call(self.session, self.feeds[0]), cfg.latencyRuns, cfg.warmupRuns,
+        return block_latency_ms(
+            session_call(session, self.feeds[0]), cfg.latencyRuns, cfg.warmupRuns,
             cfg.latencyBudgetMs / 2, cfg.latencyPrecision,
         )  # fmt: skip
+
+    def _time_original(self) -> tuple[float, int]:
+        """:meth:`_block` of the original; its session is released after."""
+        timed = self._block(self.session)
         self.release()
         return timed
 
