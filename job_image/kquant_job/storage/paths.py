@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -106,6 +107,7 @@ PID_MAX = 2**22
 TEMP_SUFFIX = ".kquant-part"
 
 
+@functools.cache  # one process, one table: read once, not for every temporary file
 def _host_tag() -> str:
     """8 hex digits naming where a pid means this process table: the host name, the boot
     (``/proc/sys/kernel/random/boot_id``) and the PID namespace (the inode of
