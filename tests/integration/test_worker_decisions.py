@@ -40,7 +40,8 @@ def run(tmp_path: Path, speech: Path, quantization: dict, tolerance: dict):
 
 
 def test_a_loose_numeric_bound_passes_what_the_decisions_refuse(tmp_path, speech):
-    strict = {"precision": "int8", "strict": True}  # every op INT8: Silero's convs break
+    # every op INT8: Silero's convs break; no gain verdict (its latency varies by CPU)
+    strict = {"precision": "int8", "strict": True, "requireGain": False}
     numeric = run(tmp_path / "a", speech, strict, LOOSE)
     assert numeric.code == 0, numeric.log
     decided = run(tmp_path / "b", speech, strict, {**LOOSE, "decisions": VAD})
@@ -53,7 +54,8 @@ def test_a_loose_numeric_bound_passes_what_the_decisions_refuse(tmp_path, speech
 
 
 def test_the_fallback_ladder_is_probed_with_the_decisions(tmp_path, speech):
-    done = run(tmp_path, speech, {"precision": "int8"}, {**LOOSE, "decisions": VAD})
+    int8 = {"precision": "int8", "requireGain": False}  # the ladder, not the gain, is tested
+    done = run(tmp_path, speech, int8, {**LOOSE, "decisions": VAD})
     assert done.code == 0, done.log
     report = json.loads(Path(tmp_path / "out" / "report.json").read_text())
     details = report["models"][0]["details"]

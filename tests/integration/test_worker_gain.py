@@ -5,14 +5,18 @@ both leave their report.json and nothing else."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
+import onnx
 from conftest import silero_dir
 from corpus import build_corpus
+from onnx import TensorProto, helper, numpy_helper
 from worker_helpers import manifest, run_worker
 
 # values of the size the corpus feeds it (normal(0, 0.5)): its Loop's tanh stays in range
@@ -60,10 +64,35 @@ def test_require_gain_false_publishes_it_with_a_note(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "control_flow_int8.onnx").is_file()
 
 
-def test_an_int8_result_that_pays_off_is_published(tmp_path: Path) -> None:
-    model = tmp_path / "m" / "silero_vad.onnx"
+def _mlp(tmp_path: Path) -> Path:
+    """Three MatMuls of 512x1024, 1024x1024 and 1024x256 FP32 weights on a [32, 512] input
+    (7.3 MB): INT8 dynamic makes it 0.25x the size and 3.1x faster on an AVX2 CPU, a gain on
+    any CPU. (Silero's INT8 is 1.2-1.7x slower than FP32, by CPU: its verdict is the CPU's.)"""
+    rng = np.random.default_rng(0)
+    dims = [512, 1024, 1024, 256]
+    nodes, weights, prev = [], [], "x"
+    for i, (rows, cols) in enumerate(itertools.pairwise(dims)):
+        w = (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+        weights.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"mm{i}"], name=f"mm{i}"))
+        prev = f"mm{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"relu{i}"], name=f"relu{i}"))
+            prev = f"relu{i}"
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, dims[0]])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [32, dims[-1]])], weights,
+    )  # fmt: skip
+    model = tmp_path / "m" / "mlp.onnx"
     model.parent.mkdir(parents=True)
-    shutil.copyfile(silero_dir() / "silero_vad.onnx", model)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8  # what onnxruntime loads, whatever onnx's newest is
+    onnx.save(proto, model)
+    return model
+
+
+def test_an_int8_result_that_pays_off_is_published(tmp_path: Path) -> None:
+    model = _mlp(tmp_path)
     job = manifest(f"file://{model}", f"file://{tmp_path}/out/", {"precision": "int8"},
                    endpoint=None, validation={"latencyRuns": 20})  # fmt: skip
     run = run_worker(job, tmp_path / "run", dict(os.environ))

@@ -32,7 +32,9 @@ VALIDATION_FRAMES = 48
 CALIBRATION_FRAMES = 24
 METHODS = {
     "fp16": {"precision": "fp16"},
-    "int8-dynamic": {"precision": "int8", "mode": "dynamic"},
+    # No gain verdict: Silero's dynamic INT8 runs 1.2-1.7x FP32's latency, by CPU (the
+    # verdict itself: test_worker_gain); the files and their validation are tested here.
+    "int8-dynamic": {"precision": "int8", "mode": "dynamic", "requireGain": False},
     "int8-static": {"precision": "int8", "mode": "static", "quantFormat": "QDQ"},
 }
 SUFFIX = {"fp16": "_fp16", "int8-dynamic": "_int8", "int8-static": "_int8"}

@@ -20,8 +20,9 @@ def silero(tmp_path: Path) -> Path:
 
 
 def test_an_int8_fallback_shows_in_the_result_the_log_and_the_table(tmp_path):
+    # requireGain off: the fallback's latency (1.2-1.7x FP32, by CPU) decides NoGain by machine
     job = manifest(f"file://{silero(tmp_path)}", f"file://{tmp_path}/out/",
-                   {"precision": "int8"}, endpoint=None)  # fmt: skip
+                   {"precision": "int8", "requireGain": False}, endpoint=None)  # fmt: skip
     run = run_worker(job, tmp_path / "run", dict(os.environ))
     assert run.code == 0, run.log
     [note] = [n for n in run.result["notes"] if "fell back" in n]

@@ -41,7 +41,8 @@ def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def variants(calib_uri: str) -> list[dict]:
     return [
         {"precision": "fp16"},
-        {"precision": "int8"},
+        # no gain verdict: Silero's INT8 runs 1.2-1.7x FP32's latency, by CPU
+        {"precision": "int8", "requireGain": False},
         {"precision": "int8", "mode": "static", "calibration": {"uri": calib_uri}},
     ]
 
@@ -161,7 +162,11 @@ def test_a_folder_gets_one_subfolder_per_variant(tmp_path: Path) -> None:
     (folder / "config.json").write_text('{"sample_rate": 16000}')
     job = manifest(f"file://{folder}/", f"file://{tmp_path}/out/", {}, endpoint=None)
     del job["spec"]["quantization"]
-    job["spec"]["variants"] = [{"precision": "fp16"}, {"precision": "int8", "name": "q8"}]
+    # no gain verdict: Silero's INT8 runs 1.2-1.7x FP32's latency, by CPU
+    job["spec"]["variants"] = [
+        {"precision": "fp16"},
+        {"precision": "int8", "name": "q8", "requireGain": False},
+    ]
     run = run_worker(job, tmp_path / "run", dict(os.environ))
     assert run.code == 0, run.log
     out = Prefix.of(f"file://{tmp_path}/out/")
@@ -182,6 +187,11 @@ def test_the_variants_example_promotes_the_best_silero_variant(s3_server, worker
     spec["storage"]["endpoint"] = s3_server.endpoint  # the example's MinIO -> moto
     client = s3_server.client()
     upload_example_model(client, spec)
+    # The example as shipped, but for INT8's gain verdict (Silero's INT8 runs 1.2-1.7x
+    # FP32's latency, by CPU): the publishing of both variants is tested here.
+    for variant in spec["variants"]:
+        if variant["precision"] == "int8":
+            variant["requireGain"] = False
     frames = write_feeds(speech_feeds(SILERO, spec["validation"]["samples"]), tmp_path / "eval")
     upload(client, "datasets", "vad-eval/", frames[0].parent)
     run = run_worker(job, tmp_path, worker_env)
