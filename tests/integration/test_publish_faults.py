@@ -291,6 +291,50 @@ def test_a_storage_cut_mid_upload_leaves_nothing_a_rerun_does_not_finish(
     assert sets == {h["set"] for h in read_set(prefix(client, f"s3://{bucket}/out/"))["history"]}
 
 
+def test_a_kill_mid_multipart_copy_to_a_fixed_name_is_finished_by_the_rerun(
+    client, bucket, s3_server, worker_env, tmp_path
+):
+    """SIGKILL while the committed set's model is copied to its fixed name in parts
+    (CreateMultipartUpload done, no part copied): readers follow the manifest to a whole set
+    and the fixed name is absent, never partial; the rerun puts it in step. The killed copy's
+    upload is invisible at the name; S3 cannot tell kquant whether its writer lives, so a run
+    aborts it once it is an hour old (TEMP_GRACE_SECONDS). moto lists every upload as
+    initiated on 2010-11-10, so here the rerun already does."""
+    client.upload_file(str(big_model(tmp_path / "chain.onnx")), bucket, "m/chain.onnx")
+    up = urlparse(s3_server.endpoint)
+    parts = {"KQUANT_S3_MULTIPART_THRESHOLD_MIB": "5", "KQUANT_S3_MULTIPART_CHUNKSIZE_MIB": "5"}
+    env = {**worker_env, **parts}
+    validation = {"inputs": {"x": {"shape": [1, 1200]}}, "samples": 2}
+    fixed = f"PUT /{bucket}/out/chain_fp16.onnx?".encode()
+    with FaultProxy(up.hostname, up.port) as proxy:
+        job = job_for(
+            f"s3://{bucket}/m/chain.onnx", f"s3://{bucket}/out/", proxy.url, validation=validation
+        )
+        proc = start(job, tmp_path / "killed", env)
+
+        def first_part_copy(chunk: bytes) -> bool:
+            if chunk.startswith(fixed) and b"x-amz-copy-source" in chunk.lower():
+                os.kill(proc.pid, signal.SIGKILL)
+                return True
+            return False
+
+        proxy.cut_when(first_part_copy)
+        log = proc.stderr.read() if proc.stderr else ""
+        assert proxy.wait_cut(1) and proc.wait(timeout=300) == -signal.SIGKILL, log
+        out = prefix(client, f"s3://{bucket}/out/")
+        committed = read_set(out, mirrors=False)  # committed before its copies: whole
+        assert "chain_fp16.onnx" not in out.all_keys()  # absent, not partial
+        [left] = client.list_multipart_uploads(Bucket=bucket, Prefix="out/")["Uploads"]
+        assert left["Key"] == "out/chain_fp16.onnx"
+        proxy.restore()
+        rerun = run_worker(job, tmp_path / "rerun", env)
+    assert rerun.code == 0, rerun.log
+    manifest_doc = read_set(out)  # every fixed name a whole copy of the current set's file
+    assert committed["set"] in {h["set"] for h in manifest_doc["history"]}
+    assert "reclaimed unfinished upload chain_fp16.onnx" in rerun.log
+    assert not client.list_multipart_uploads(Bucket=bucket, Prefix="out/").get("Uploads")
+
+
 def test_a_storage_cut_mid_promotion_is_repromoted_by_the_rerun(
     client, bucket, source, s3_server, worker_env, tmp_path
 ):
