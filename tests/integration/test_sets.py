@@ -530,12 +530,12 @@ def test_a_run_whose_uploads_outlast_the_lease_renews_it_and_commits(store, tmp_
     now renewed while the run writes: a rerun's clean-up leaves the set, and it commits."""
     from kquant_job.sets.state import read_state, reclaim
 
-    retention = Retention(live_seconds=1.5)
+    retention = Retention(live_seconds=3.0)  # renewed every 1 s: a loaded machine keeps up
     real_upload = store.storage.upload
     seen: list[list[str]] = []
 
     def slow_upload(src, uri, metadata=None):
-        time.sleep(3.5)  # past 2x the lease since the marker's start: reclaimable unrenewed
+        time.sleep(7.0)  # past 2x the lease since the marker's start: reclaimable unrenewed
         state = read_state(store.storage, store.uri("out/"))
         seen.append(reclaim(state, Writer("vad", "speech", "uid-1", 1), retention))
         return real_upload(src, uri, metadata)

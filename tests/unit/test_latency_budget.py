@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pytest import approx
 
 from kquant_api import QuantizationConfig, ValidationConfig, ValidationSummary
 from kquant_job.gain import gain_shortfalls
@@ -25,15 +26,37 @@ def _sleeper(ms: float, log: list[str], tag: str):
     return call
 
 
-def test_the_budget_stops_timing_and_says_how_many_runs() -> None:
+def _clocked(monkeypatch: pytest.MonkeyPatch):
+    """Calls that take a fixed time on a clock of their own (runtime's ``perf_counter``): a
+    loaded machine's oversleeping moves no count or median. Returns ``make(ms, log, tag)``."""
+    import kquant_job.validate.runtime as runtime
+
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(runtime, "settle", lambda: None)
+
+    def make(ms: float, log: list[str], tag: str):
+        def call() -> None:
+            log.append(tag)
+            now[0] += ms / 1000.0
+
+        return call
+
+    return make
+
+
+def test_the_budget_stops_timing_and_says_how_many_runs(monkeypatch) -> None:
     log: list[str] = []
-    out = paired_latency_ms(_sleeper(10, log, "a"), _sleeper(30, log, "b"), 1000, 2, 200)
-    # pairs of ~40 ms within a 200 ms budget: about 5, far from the 1000 asked
-    assert 3 <= out["runs"] <= 6
-    assert out["original"] == pytest.approx(10, abs=5)
-    assert out["quantized"] == pytest.approx(30, abs=10)
+    make = _clocked(monkeypatch)
+    out = paired_latency_ms(make(10, log, "a"), make(30, log, "b"), 1000, 2, 200)
+    # pairs of 40 ms within a 200 ms budget: 5, far from the 1000 asked
+    assert (out["runs"], out["original"], out["quantized"]) == (5, approx(10), approx(30))
     assert log[:4] == ["a", "b", "a", "b"]  # warm-up pairs, then timed pairs, alternating
     assert len(log) == 2 * (2 + out["runs"])
+    monkeypatch.undo()
+    real: list[str] = []  # and on the real clock, sleeping
+    out = paired_latency_ms(_sleeper(10, real, "a"), _sleeper(30, real, "b"), 1000, 2, 200)
+    assert 1 <= out["runs"] <= 6 and out["quantized"] > out["original"] >= 10
 
 
 def test_runs_cap_the_timing_and_one_pair_is_always_timed() -> None:
@@ -42,11 +65,12 @@ def test_runs_cap_the_timing_and_one_pair_is_always_timed() -> None:
     assert paired_latency_ms(_sleeper(5, log, "a"), _sleeper(5, log, "b"), 50, 0, 1e-6)["runs"] == 1
 
 
-def test_a_block_stops_at_its_budget_or_its_runs() -> None:
+def test_a_block_stops_at_its_budget_or_its_runs(monkeypatch) -> None:
     log: list[str] = []
-    median, runs = block_latency_ms(_sleeper(20, log, "a"), 1000, 2, 100)
-    assert 4 <= runs <= 7 and median == pytest.approx(20, abs=8)  # ~20 ms runs in 100 ms
+    median, runs = block_latency_ms(_clocked(monkeypatch)(20, log, "a"), 1000, 2, 100)
+    assert (median, runs) == (approx(20), 5)  # 20 ms runs in 100 ms
     assert len(log) == 2 + runs
+    monkeypatch.undo()
     assert block_latency_ms(_sleeper(0, log, "a"), 7, 0, 1e9)[1] == 7
     assert block_latency_ms(_sleeper(5, log, "a"), 50, 0, 1e-6)[1] == 1
 
