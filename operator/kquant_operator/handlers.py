@@ -9,7 +9,8 @@ these handlers only read and write the API:
   restart) is adopted, never duplicated. A generation that already has a final verdict gets
   no Job (its Job may be gone after ``ttlSecondsAfterFinished``).
 - spec change (new generation), and create/resume of a generation past the first: delete
-  the older generations' Jobs (propagation Background), then create the new one.
+  the older generations' Jobs (propagation Background), valid new spec or not, then create
+  the new one.
 - Job events: read the owner CR and the Job's pods, write ``derive_status`` to the CR's
   status subresource (merge patch, guarded by ``resourceVersion``) and post its Events;
   only for the Job kquant names for the current generation and controls, and never over
@@ -236,14 +237,16 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
     if is_finished(qjob):
         logger.info("generation %s already finished: no Job", meta.get("generation"))
         return
+    if int(meta.get("generation") or 1) > 1:  # a first generation has no older Job
+        # First, whatever the new spec is: an invalid spec change left the previous
+        # generation's Job running untracked, publishing and promoting (operator trial).
+        await _delete_older(kube, qjob, logger)
     try:
         manifest = build_job(qjob, memo.settings)
     except InvalidQuantizationJob as exc:
         await _reject(kube, qjob, str(exc))
     manifest["metadata"]["namespace"] = meta["namespace"]
     jname = manifest["metadata"]["name"]
-    if int(meta.get("generation") or 1) > 1:  # a first generation has no older Job
-        await _delete_older(kube, qjob, logger)
     if job_existed(qjob, jname) and not await _exists(kube, meta["namespace"], jname):
         # It ran (the status saw it start) and is gone: deleted, or removed by its TTL while
         # the operator was down. A new Job would run the conversion again.

@@ -18,12 +18,18 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
 from kquant_api import API_VERSION, KIND, NON_RETRIABLE_EXIT_CODES, QuantizationJob
 from kquant_api.spec import ObjectMeta, format_validation_error
-from kquant_operator.settings import OperatorSettings, normalize_resources, quantity
+from kquant_operator.images import image_matches, parse_image, parse_pattern, same_image
+from kquant_operator.settings import (
+    DNS_SUBDOMAIN,
+    OperatorSettings,
+    normalize_resources,
+    quantity,
+    quantity_bytes,
+)
 
 WORKER_CONTAINER = "worker"
 SPEC_ENV = "KQUANT_JOB"
@@ -146,17 +152,28 @@ def _check_allowed(image: str, account: str | None, settings: OperatorSettings) 
     settings do not allow. Whoever may create a QuantizationJob gets a pod run for it, in
     its namespace: any image, as any ServiceAccount there, would make that right the right
     to run any code with any identity of the namespace. Allowed: the worker image, images
-    matching KQUANT_ALLOWED_IMAGES, ServiceAccounts matching
-    KQUANT_ALLOWED_SERVICE_ACCOUNTS (fnmatch patterns, case-sensitive)."""
+    matching KQUANT_ALLOWED_IMAGES part by part (:mod:`kquant_operator.images`: a ``*``
+    never crosses a ``/``), ServiceAccounts matching KQUANT_ALLOWED_SERVICE_ACCOUNTS
+    (fnmatch patterns, case-sensitive)."""
     import fnmatch
 
-    if image != settings.worker_image and not any(
-        fnmatch.fnmatchcase(image, p) for p in settings.allowed_images
+    try:
+        ref = parse_image(image)
+    except ValueError as exc:
+        message = f"spec.image: {image!r} is not an image reference: {exc}"
+        raise InvalidQuantizationJob(message) from None
+    if not same_image(ref, parse_image(settings.worker_image)) and not any(
+        image_matches(ref, parse_pattern(p)) for p in settings.allowed_images
     ):
         raise InvalidQuantizationJob(
             f"spec.image: {image!r} is not an image this operator runs: the worker image "
             f"{settings.worker_image!r}, or one matching KQUANT_ALLOWED_IMAGES (chart value "
             f"worker.allowedImages: {list(settings.allowed_images)})"
+        )
+    if account and not DNS_SUBDOMAIN.match(account):
+        raise InvalidQuantizationJob(
+            f"spec.serviceAccountName: {account!r} is not a ServiceAccount name (lower-case "
+            "RFC 1123 subdomain)"
         )
     if account and not any(
         fnmatch.fnmatchcase(account, p) for p in settings.allowed_service_accounts
@@ -165,6 +182,26 @@ def _check_allowed(image: str, account: str | None, settings: OperatorSettings) 
             f"spec.serviceAccountName: {account!r} is not a ServiceAccount this operator runs "
             "worker pods as: it must match KQUANT_ALLOWED_SERVICE_ACCOUNTS (chart value "
             f"worker.allowedServiceAccounts: {list(settings.allowed_service_accounts)})"
+        )
+
+
+def _check_priority(name: str | None, settings: OperatorSettings) -> None:
+    """Raise InvalidQuantizationJob for a priorityClassName the settings do not allow: the
+    default one (KQUANT_DEFAULT_PRIORITY_CLASS_NAME) or one matching
+    KQUANT_ALLOWED_PRIORITY_CLASSES. A high class lets the worker pod preempt other
+    tenants' pods, which whoever may create only QuantizationJobs could not do (operator
+    trial)."""
+    import fnmatch
+
+    if not name or name == settings.default_priority_class_name:
+        return
+    if not any(fnmatch.fnmatchcase(name, p) for p in settings.allowed_priority_classes):
+        raise InvalidQuantizationJob(
+            f"spec.priorityClassName: {name!r} is not a PriorityClass this operator runs "
+            "worker pods with: the default "
+            f"{settings.default_priority_class_name or '(none)'!r}, or one matching "
+            "KQUANT_ALLOWED_PRIORITY_CLASSES (chart value worker.allowedPriorityClasses: "
+            f"{list(settings.allowed_priority_classes)})"
         )
 
 
@@ -193,6 +230,7 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
             resources.get("limits", {}).get("ephemeral-storage", settings.work_volume_size),
             "spec.resources.limits.ephemeral-storage",
         )
+        work_bytes = quantity_bytes(work_size, "spec.resources.limits.ephemeral-storage")
     except ValueError as exc:
         raise InvalidQuantizationJob(str(exc)) from None
     queue = _or(spec.queueName, settings.default_queue_name)
@@ -210,10 +248,10 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
     spec_json = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     if len(spec_json.encode()) > MAX_SPEC_BYTES:
         raise InvalidQuantizationJob(
-            f"spec: {len(spec_json.encode()) // 1024} KiB, more than the "
-            f"{MAX_SPEC_BYTES // 1024} KiB a QuantizationJob may hold (kopf keeps the spec in "
-            "an annotation, and kubectl apply another, which the API server limits to 256 KiB "
-            "in all; without it a spec "
+            f"spec: {len(spec_json.encode())} bytes, more than the "
+            f"{MAX_SPEC_BYTES} bytes ({MAX_SPEC_BYTES // 1024} KiB) a QuantizationJob may "
+            "hold (kopf keeps the spec in an annotation, and kubectl apply another, which the "
+            "API server limits to 256 KiB in all; without it a spec "
             "change ran as a second create): name op types, or fewer nodes, in the lists"
         )
     env: list[dict[str, Any]] = [
@@ -221,7 +259,7 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
         {"name": "KQUANT_WORK_DIR", "value": WORK_DIR},
         # the emptyDir's sizeLimit, which statvfs does not show: the worker bounds its
         # downloads by it (kquant_job.budget)
-        {"name": "KQUANT_WORK_BYTES", "value": str(int(parse_quantity(work_size)))},
+        {"name": "KQUANT_WORK_BYTES", "value": str(work_bytes)},
         # the model stage stops itself before the Job's deadline kills the pod, so the
         # failure still gets its reason and report (TimeLimitExceeded)
         {"name": "KQUANT_SANDBOX_TIMEOUT_SECONDS", "value": str(sandbox_timeout(deadline))},
@@ -242,6 +280,7 @@ def build_job(qjob: Mapping[str, Any], settings: OperatorSettings) -> dict[str, 
 
     image = _or(spec.image, settings.worker_image)
     _check_allowed(image, spec.serviceAccountName, settings)
+    _check_priority(spec.priorityClassName, settings)
     container = {
         "name": WORKER_CONTAINER,
         "image": image,

@@ -8,10 +8,15 @@ Variable                            Meaning (default)
 ==================================  =======================================================
 KQUANT_WORKER_IMAGE                 worker image (``ghcr.io/kquant/kquant-job:0.1.0``)
 KQUANT_IMAGE_PULL_POLICY            Always | IfNotPresent | Never (``IfNotPresent``)
-KQUANT_ALLOWED_IMAGES               comma list of patterns (fnmatch: ``*``, ``?``) of the images
-                                    a spec.image may name besides the worker image (none)
+KQUANT_ALLOWED_IMAGES               comma list of image patterns a spec.image may match besides
+                                    the worker image (none): ``host/path[:tag|@digest]``, each
+                                    part an fnmatch glob (``*``, ``?``) that never crosses a
+                                    ``/``; no tag: any tag (:mod:`kquant_operator.images`)
 KQUANT_ALLOWED_SERVICE_ACCOUNTS     comma list of patterns of the ServiceAccounts a
                                     spec.serviceAccountName may name (none; ``*``: any)
+KQUANT_ALLOWED_PRIORITY_CLASSES     comma list of patterns of the PriorityClasses a
+                                    spec.priorityClassName may name besides the default
+                                    below (none)
 KQUANT_IMAGE_PULL_SECRETS           comma list of Secret names for the worker pods'
                                     imagePullSecrets, each in the QuantizationJob's namespace
 KQUANT_WATCH_NAMESPACES             comma list of namespaces; empty: cluster-wide
@@ -41,7 +46,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
+
+from kquant_operator.images import parse_image, parse_pattern
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/kquant/kquant-job:0.1.0"
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -53,10 +63,13 @@ _QUANTITY = re.compile(
 )
 # RFC 1123 label (namespaces are labels), at most 63 characters.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(
+DNS_SUBDOMAIN = re.compile(
     r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 )
 _RESOURCE_KEYS = ("limits", "requests", "claims")
+MAX_QUANTITY_CHARS = 64  # "9223372036854775807" is 19: what is longer is no real request
+MAX_EXPONENT = 30  # 1e30 is past 2^63-1 already; a larger exponent is refused unread
+MAX_QUANTITY = Decimal(2**63 - 1)
 # The worker's transfer knobs (kquant_job.storage.s3_transfer), each a positive number. The
 # operator checks them at start-up so a typo fails the Deployment, not every Job.
 S3_TRANSFER_VARIABLES = (
@@ -75,7 +88,8 @@ def normalize_resources(value: Any, where: str) -> dict[str, Any]:
     string (how the API server returns them), e.g. ``{"limits": {"nvidia.com/gpu": "1"}}``.
 
     ``where`` names the source in errors (a field path or an environment variable).
-    Raises ValueError on unknown keys, non-mapping sections or malformed quantities.
+    Raises ValueError on unknown keys, non-mapping sections, malformed or negative
+    quantities, or a request above its limit.
     """
     if not isinstance(value, Mapping):
         raise ValueError(f"{where}: expected an object with limits/requests")
@@ -92,20 +106,48 @@ def normalize_resources(value: Any, where: str) -> dict[str, Any]:
         if not isinstance(section, Mapping):
             raise ValueError(f"{where}.{key}: expected an object of quantities")
         out[key] = {name: quantity(section[name], f"{where}.{key}.{name}") for name in section}
+    limits, requests = out.get("limits", {}), out.get("requests", {})
+    for name in sorted(set(limits) & set(requests)):
+        if parse_quantity(requests[name]) > parse_quantity(limits[name]):
+            raise ValueError(
+                f"{where}.requests.{name}: {requests[name]} is more than its limit "
+                f"{limits[name]} (the API server refuses such a pod)"
+            )
     return out
 
 
 def quantity(value: Any, where: str) -> str:
     """A Kubernetes quantity as a string ("16Gi", "1", "500m"); ints and floats accepted.
 
-    Raises ValueError naming ``where`` when the value is not a quantity (e.g. "16GB").
+    Raises ValueError naming ``where`` when the value is not a quantity (e.g. "16GB"), is
+    negative, or lies beyond what Kubernetes represents (2^63-1, resource.Quantity's
+    bound): ``1e5000`` made the operator's integer conversion fail, and ``1e9999999`` would
+    have held its event loop for hours (operator trial).
     """
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{where}: expected a quantity such as 16Gi or 1, got {value!r}")
     text = str(value)
-    if not _QUANTITY.match(text):
+    if len(text) > MAX_QUANTITY_CHARS or not _QUANTITY.match(text):
         raise ValueError(f"{where}: {text!r} is not a Kubernetes quantity (e.g. 16Gi, 500m, 1)")
+    exponent = re.search(r"[eE]([+-]?[0-9.]+)$", text)
+    if exponent and abs(Decimal(exponent.group(1))) > MAX_EXPONENT:
+        raise ValueError(f"{where}: {text!r} is beyond a Kubernetes quantity (at most 2^63-1)")
+    amount = parse_quantity(text)
+    if amount < 0:
+        raise ValueError(f"{where}: {text!r} is negative")
+    if amount > MAX_QUANTITY:
+        raise ValueError(f"{where}: {text!r} is beyond a Kubernetes quantity (at most 2^63-1)")
     return text
+
+
+def quantity_bytes(text: str, where: str) -> int:
+    """A quantity of bytes (``50Gi``) as an int, checked by :func:`quantity`. Raises
+    ValueError for a fraction of a byte (``500m``: the worker's download budget came out 0)
+    or 0."""
+    amount = parse_quantity(quantity(text, where))
+    if amount != amount.to_integral_value() or amount < 1:
+        raise ValueError(f"{where}: {text!r} is not a whole number of bytes")
+    return int(amount)
 
 
 @dataclass(frozen=True)
@@ -122,6 +164,7 @@ class OperatorSettings:
     # Who may create a QuantizationJob may run a pod: these bound its image and identity.
     allowed_images: tuple[str, ...] = ()
     allowed_service_accounts: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
     watch_namespaces: tuple[str, ...] = ()
     default_resources: dict[str, Any] = field(
         default_factory=lambda: {"limits": {"nvidia.com/gpu": "1"}}
@@ -161,7 +204,7 @@ class OperatorSettings:
                 f"KQUANT_IMAGE_PULL_POLICY: {pull!r} is not one of {', '.join(PULL_POLICIES)}"
             )
         namespaces = _names(env, "KQUANT_WATCH_NAMESPACES", _DNS_LABEL, "namespace")
-        secrets = _names(env, "KQUANT_IMAGE_PULL_SECRETS", _DNS_SUBDOMAIN, "Secret")
+        secrets = _names(env, "KQUANT_IMAGE_PULL_SECRETS", DNS_SUBDOMAIN, "Secret")
         resources = _json(env, "KQUANT_DEFAULT_RESOURCES", d.default_resources)
         node_selector = _json(env, "KQUANT_DEFAULT_NODE_SELECTOR", {})
         if not isinstance(node_selector, dict) or not all(
@@ -172,11 +215,12 @@ class OperatorSettings:
         if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
             raise ValueError("KQUANT_DEFAULT_TOLERATIONS: expected a JSON list of objects")
         return cls(
-            worker_image=text("KQUANT_WORKER_IMAGE", d.worker_image) or d.worker_image,
+            worker_image=_image(text("KQUANT_WORKER_IMAGE", d.worker_image) or d.worker_image),
             image_pull_policy=pull or d.image_pull_policy,
             image_pull_secrets=secrets,
-            allowed_images=_patterns(env, "KQUANT_ALLOWED_IMAGES"),
+            allowed_images=_image_patterns(env, "KQUANT_ALLOWED_IMAGES"),
             allowed_service_accounts=_patterns(env, "KQUANT_ALLOWED_SERVICE_ACCOUNTS"),
+            allowed_priority_classes=_patterns(env, "KQUANT_ALLOWED_PRIORITY_CLASSES"),
             watch_namespaces=namespaces,
             default_resources=normalize_resources(resources, "KQUANT_DEFAULT_RESOURCES"),
             default_node_selector=node_selector,
@@ -205,6 +249,27 @@ def _patterns(env: Mapping[str, str], name: str) -> tuple[str, ...]:
         if any(c.isspace() for c in item):
             raise ValueError(f"{name}: {item!r} holds a blank")
     return items
+
+
+def _image_patterns(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """:func:`_patterns`, each an image reference pattern
+    (:func:`kquant_operator.images.parse_pattern`), else ValueError."""
+    items = _patterns(env, name)
+    for item in items:
+        try:
+            parse_pattern(item)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return items
+
+
+def _image(text: str) -> str:
+    """KQUANT_WORKER_IMAGE, checked to be an image reference (ValueError otherwise)."""
+    try:
+        parse_image(text)
+    except ValueError as exc:
+        raise ValueError(f"KQUANT_WORKER_IMAGE: {text!r}: {exc}") from None
+    return text
 
 
 def _names(

@@ -146,3 +146,28 @@ async def test_a_spec_change_while_the_operator_is_down_never_runs_two_generatio
     assert status["jobName"] == "qj-1-2" and status["reason"] == "Validated"
     assert both and not any(both)
     assert [j["metadata"]["name"] for j in stored(kmock, JOBS, NS)] == ["qj-1-2"]
+
+
+async def test_an_invalid_spec_change_stops_the_previous_generations_job(kmock, tmp_path):
+    """A spec change the operator refuses (here an image not allowed) ended the new
+    generation in InvalidSpec and left the previous generation's Job running, untracked,
+    free to publish and promote (operator trial). It is deleted as on any spec change."""
+    hold = asyncio.Event()
+
+    async def held(job: dict) -> JobResult:
+        await hold.wait()
+        return canned(job)
+
+    api = Api(kmock)
+    async with JobStandIn(kmock, tmp_path / "kubelet", held), operator_running(kmock, tmp_path):
+        await api.create(QJOBS, NS, example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
+        await wait_for(lambda: status_of(kmock, "qj-1").get("phase") == "Running", what="run")
+        await api.patch(QJOBS, NS, "qj-1", {"spec": {"image": "evil.example/miner:1"}})
+        status = await wait_for(
+            lambda: (s := final_status(kmock, NS, "qj-1")) and s["observedGeneration"] == 2
+            and s, 20, "generation 2's verdict",
+        )  # fmt: skip
+        await wait_for(lambda: not stored(kmock, JOBS, NS), 20, "generation 1's Job deleted")
+        hold.set()
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.image: 'evil.example/miner:1'" in status["message"]

@@ -146,6 +146,7 @@ def test_worker_defaults_reach_the_operator():
         "s3Transfer": {"multipartChunksizeMiB": 64, "maxConcurrency": 4, "readTimeout": 2.5},
         "allowedImages": ["registry.local/kq/*", "ghcr.io/kquant/kquant-job:0.2.?"],
         "allowedServiceAccounts": ["kquant-irsa"],
+        "allowedPriorityClasses": ["batch-*"],
     }
     docs = render({"worker": worker})
     validate_all(docs)
@@ -164,6 +165,7 @@ def test_worker_defaults_reach_the_operator():
     assert (s.work_volume_size, s.tmp_volume_size) == ("200Gi", "2Gi")
     assert s.allowed_images == ("registry.local/kq/*", "ghcr.io/kquant/kquant-job:0.2.?")
     assert s.allowed_service_accounts == ("kquant-irsa",)
+    assert s.allowed_priority_classes == ("batch-*",)
     assert s.worker_s3_transfer == {
         "KQUANT_S3_MULTIPART_CHUNKSIZE_MIB": "64",
         "KQUANT_S3_MAX_CONCURRENCY": "4",

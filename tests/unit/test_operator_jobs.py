@@ -25,7 +25,9 @@ from kquant_operator.settings import S3_TRANSFER_VARIABLES, OperatorSettings, re
 
 K8S_VERSION = "1.31.0"  # first release with podFailurePolicy and DisruptionTarget GA
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-SETTINGS = OperatorSettings(allowed_service_accounts=("kquant-*",))
+SETTINGS = OperatorSettings(
+    allowed_service_accounts=("kquant-*",), allowed_priority_classes=("batch-*",)
+)
 
 
 def _pod(job: dict) -> dict:
@@ -298,6 +300,7 @@ def test_placement_from_spec_or_settings_defaults():
         default_tolerations=[{"key": "gpu", "operator": "Exists"}],
         default_priority_class_name="batch",
         allowed_images=("my/worker:*",),
+        allowed_priority_classes=("hi",),
     )
     pod = _pod(build_job(qjob(), settings))
     assert pod["nodeSelector"] == {"pool": "gpu"}
@@ -461,8 +464,9 @@ def test_only_the_worker_image_and_allowed_images_and_service_accounts_run():
         assert _pod(build_job(qjob(image=image), listed))["containers"][0]["image"] == image
     with pytest.raises(InvalidQuantizationJob):
         build_job(qjob(image="registry.local/other/job:dev"), listed)
-    with pytest.raises(InvalidQuantizationJob):
-        build_job(qjob(image="REGISTRY.local/kquant/job:dev"), listed)  # case-sensitive
+    assert build_job(qjob(image="REGISTRY.local/kquant/job:dev"), listed)  # a host: any case
+    with pytest.raises(InvalidQuantizationJob, match="not an image reference"):
+        build_job(qjob(image="registry.local/Kquant/job:dev"), listed)  # paths: lower case
     assert _pod(build_job(qjob(serviceAccountName="team-a"), listed))["serviceAccountName"]
     with pytest.raises(InvalidQuantizationJob):
         build_job(qjob(serviceAccountName="default"), listed)
@@ -475,7 +479,9 @@ def test_a_spec_past_the_annotation_budget_is_refused_naming_its_size():
     a spec change ran as a create beside the older generation's Job (operator trial)."""
     names = [f"/encoder/layer.{i}/attention/self/MatMul_{j}" for i in range(400) for j in range(20)]
     big = qjob(quantization={"precision": "int8", "nodesToExclude": names})
-    with pytest.raises(InvalidQuantizationJob, match=r"spec: \d+ KiB, more than the 96 KiB"):
+    with pytest.raises(
+        InvalidQuantizationJob, match=r"spec: \d+ bytes, more than the 98304 bytes \(96 KiB\)"
+    ):
         build_job(big, SETTINGS)
     fits = qjob(quantization={"precision": "int8", "nodesToExclude": names[:1000]})
     assert build_job(fits, SETTINGS)
