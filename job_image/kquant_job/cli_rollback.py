@@ -17,6 +17,7 @@ LOG = logging.getLogger("kquant")
 ROLLBACK_EXAMPLES = """examples:
   kquant-job rollback s3://models/silero-vad/production/          the set before the current
   kquant-job rollback file:///srv/models/prod/ --to 20261207T101500Z-1a2b3c4d
+  kquant-job rollback file:///srv/models/.kquant/beside-fp16/     an output beside originals
 """
 
 
@@ -33,10 +34,28 @@ def add_rollback_parser(sub: Any) -> None:
         epilog=ROLLBACK_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cmd.add_argument("uri", help="the output or promotion prefix (file:// or s3://, ending in /)")
+    cmd.add_argument(
+        "uri",
+        help="the output or promotion prefix (file:// or s3://, ending in "
+        "/), or the .kquant/beside-<precision>/ folder of an output beside "
+        "the originals",
+    )
     cmd.add_argument("--to", metavar="SET", help="the set id to restore (default: the previous)")
     add_endpoint_argument(cmd)
     cmd.set_defaults(func=cmd_rollback)
+
+
+def split_home(uri: str) -> tuple[str, str]:
+    """(prefix, home) of the URI a user names: an output or promotion prefix (home ''), its
+    ``manifest.json``, or the folder of an output beside the originals
+    (``models/.kquant/beside-fp16/``: prefix ``models/``, home ``.kquant/beside-fp16/``,
+    whose fixed names sit in ``models/``)."""
+    uri = uri.removesuffix("manifest.json").rstrip("/") + "/"
+    head, marker, rest = uri.rpartition("/.kquant/")
+    folder = rest.rstrip("/")
+    if marker and folder and "/" not in folder and folder != "sets":
+        return head + "/", f".kquant/{folder}/"
+    return uri, ""
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -45,10 +64,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from kquant_job.sets.rollback import rollback
     from kquant_job.storage import open_storage
 
-    prefix = args.uri.rstrip("/") + "/"
+    prefix, home = split_home(args.uri)
     config = StorageConfig(endpoint=args.endpoint_url) if args.endpoint_url else None
     try:
-        done = rollback(open_storage(prefix, config), prefix, args.to)
+        done = rollback(open_storage(prefix, config), prefix, args.to, home)
     except KquantError as exc:
         LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
         return int(REASON_EXIT_CODE[exc.reason])

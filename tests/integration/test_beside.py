@@ -204,3 +204,26 @@ def test_a_user_file_named_like_an_unfinished_write_is_never_removed(tmp_path):
     )
     assert notes.read_text() == "the users' own notes"
     assert "reclaimed" not in run.log
+
+
+def test_an_output_beside_the_originals_is_rolled_back_by_its_folder(tmp_path):
+    """Trial: ``rollback models/`` said it held no manifest, and ``rollback
+    models/.kquant/beside-fp16/`` that it held no earlier set, with two kept."""
+    import subprocess
+    import sys
+
+    local = models_folder(tmp_path / "models")
+    shutil.rmtree(local / "SenseVoiceSmall")
+    uri = f"file://{local}/"
+    assert run_worker(beside_job(uri, None), tmp_path / "a").code == 0
+    first = read_set(Prefix(root=local), home=HOME)["set"]
+    assert run_worker(beside_job(uri, None), tmp_path / "b").code == 0
+    before = snapshot(Prefix(root=local))
+    cmd = [sys.executable, "-m", "kquant_job.cli", "rollback", uri + HOME]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"set {first} is current again" in run.stdout
+    assert read_set(Prefix(root=local), home=HOME)["set"] == first
+    assert snapshot(Prefix(root=local)) == before  # originals and (equal) copies untouched
+    plain = subprocess.run([*cmd[:-1], uri], capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0 and ".kquant/beside-<name>/" in plain.stderr

@@ -355,11 +355,15 @@ def build_manifest(
     artifacts: list[dict[str, Any]],
     report: dict[str, Any],
     history: list[HistoryEntry],
+    lineage: list[str] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a set: ``fields`` (precision, source, validation...) plus the layout,
     the set id, the writer, the artifacts and the report (``{name, path, sha256, bytes}``,
-    ``path`` inside the set folder, ``name`` the fixed name) and the history."""
+    ``path`` inside the set folder, ``name`` the fixed name), the history and the
+    ``lineage`` (:func:`lineage`)."""
+    extra = {LINEAGE_KEY: list(lineage)} if lineage is not None else {}
     return {
+        **extra,
         **fields,
         "apiVersion": API_VERSION,
         "kind": MANIFEST_KIND,
@@ -370,6 +374,36 @@ def build_manifest(
         "report": report,
         "history": [h.to_json() for h in history],
     }
+
+
+# The sets that were current in turn, the current first: a commit puts its set on top, a
+# rollback takes the top off. A rollback without --to restores the second.
+LINEAGE_KEY = "lineage"
+# Before the lineage: a rolled-back manifest's sets committed after its own, newest first.
+NEWER_KEY = "newerSets"
+
+
+def lineage(manifest: Manifest) -> list[str]:
+    """The retained sets that were current in turn, the current set first (``lineage`` of
+    the manifest, kept sets only, once each). A set a rollback went back from is not in it,
+    though its history entry stays (its copies may still sit at fixed names): rolled back
+    from v3 to v2 to v1, then v4 published, the lineage is v4, v1 and a rollback restores v1,
+    then finds nothing before it (a lineage read as commit order went forward to the v3
+    rolled back from: trial). A manifest written before the lineage: its history in commit
+    order (``newerSets`` first) from the current set down. Empty when the current set is
+    not where the lineage or history puts it (a garbled manifest)."""
+    ids = [h.set_id for h in manifest.history if h.set_id]
+    raw = manifest.data.get(LINEAGE_KEY)
+    if isinstance(raw, list):
+        out: list[str] = []
+        for set_id in raw:
+            if isinstance(set_id, str) and set_id in ids and set_id not in out:
+                out.append(set_id)
+    else:
+        newer = [s for s in manifest.data.get(NEWER_KEY) or [] if isinstance(s, str)]
+        order = [s for s in newer if s in ids] + [s for s in ids if s not in newer]
+        out = order[order.index(manifest.set_id) :] if manifest.set_id in order else []
+    return out if out and out[0] == manifest.set_id else []
 
 
 def build_marker(set_id: str, writer: Writer, state: str, started: str) -> dict[str, Any]:

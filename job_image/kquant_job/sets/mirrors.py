@@ -58,7 +58,11 @@ def in_sync(state: PrefixState, name: str, info: ObjectInfo, set_id: str, sha256
     return state.content_sha256(name, info) == sha256
 
 
-def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
+def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> list[str]:
+    """One round over the manifest's names; returns those written by someone else between
+    their stat and kquant's copy (the next round looks at them again)."""
+    contested: list[str] = []
+    outcome.foreign = []  # this round's judgement, on this round's manifest, stands
     manifest = state.manifest
     assert manifest is not None and manifest.set_id is not None
     set_id = manifest.set_id
@@ -86,7 +90,8 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
         except StorageError as exc:
             if exc.reason is not Reason.ConcurrentWrite:
                 raise
-            continue  # written at the name since the stat: the next round looks again
+            contested.append(name)  # written at the name since the stat: look again
+            continue
         outcome.copied.append(name)
     for name in sorted(manifest.owned_names() - set(manifest.files)):
         if name.startswith(KQUANT_DIR):
@@ -103,6 +108,7 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> None:
         except StorageError as exc:
             if exc.reason is not Reason.ConcurrentWrite:
                 raise  # replaced since the stat: no longer ours to remove
+    return contested
 
 
 def sync_mirrors(storage: Storage, prefix: str, home: str = "") -> MirrorOutcome:
@@ -110,6 +116,7 @@ def sync_mirrors(storage: Storage, prefix: str, home: str = "") -> MirrorOutcome
     docstring); at most MAX_ROUNDS rounds while other writers keep switching it. Raises
     the storage's errors; a rerun resumes where an interrupted sync stopped."""
     outcome = MirrorOutcome()
+    contested: list[str] = []
     for _ in range(MAX_ROUNDS):
         state = read_state(storage, prefix, home)
         if state.manifest is None or state.manifest.set_id is None:
@@ -120,10 +127,13 @@ def sync_mirrors(storage: Storage, prefix: str, home: str = "") -> MirrorOutcome
                 f"{prefix}{manifest_key(home)} names set {outcome.set_id}, whose folder is gone",
                 reason=Reason.StorageUnavailable,
             )
-        _sync_once(state, outcome)
+        contested = _sync_once(state, outcome)
         again = storage.stat(state.uri(manifest_key(home)))
-        if again is None or again.etag == state.etag:
+        if (again is None or again.etag == state.etag) and not contested:
             break
+    # still written by someone else at each look (a name a colleague keeps rewriting, a
+    # folder there): not in step, and said so, not passed over in silence (trial)
+    outcome.foreign += [n for n in contested if n not in outcome.foreign]
     if outcome.foreign:
         LOG.warning(
             "left %d foreign object(s) at fixed names of the set",

@@ -48,6 +48,7 @@ from kquant_job.sets.layout import (
     build_manifest,
     build_marker,
     dumps,
+    lineage,
     manifest_key,
     new_set_id,
     set_dir,
@@ -228,9 +229,12 @@ class Target:
             self.base_etag = state.etag  # a newer generation takes over from an older one
             return False
         winner = current.writer.describe() if current else "a writer that removed it"
+        done = "published there first"
+        if current is not None and current.data.get("rolledBackFrom"):
+            winner, done = "a rollback (kquant-job rollback)", f"made set {current.set_id} current"
         raise StorageError(
             f"{self.field_name} {self.prefix} changed while this job ran: {winner} "
-            "published there first; this run's set was withdrawn",
+            f"{done}; this run's set was withdrawn",
             reason=Reason.ConcurrentWrite,
         )
 
@@ -360,11 +364,11 @@ class Target:
         for _ in range(MAX_COMMIT_TRIES):
             if self._resolve(state, set_id):
                 return dropped
-            history = _history(state.manifest, set_id, self.writer, files, self.retention,
-                               keep_all=self._keep_history)  # fmt: skip
+            history, line = _history(state.manifest, set_id, self.writer, files,
+                                     self.retention, keep_all=self._keep_history)  # fmt: skip
             before = [h.set_id for h in state.manifest.history] if state.manifest else []
             dropped = [s for s in before if s and s not in {h.set_id for h in history}]
-            doc = build_manifest(fields, set_id, self.writer, artifacts, report, history)
+            doc = build_manifest(fields, set_id, self.writer, artifacts, report, history, line)
             data = dumps(doc)
             self.storage.write_bytes(join(self.prefix, set_dir(set_id, self.home) + MANIFEST), data)
             folder = set_dir(set_id, self.home)
@@ -473,12 +477,17 @@ def _history(
     files: dict[str, str],
     retention: Retention,
     keep_all: bool = False,
-) -> list[HistoryEntry]:
-    """The new manifest's history: this set, then the retained ones it replaces (all of them
-    with ``keep_all``: fixed names may still hold any of their files)."""
-    older = [h for h in (current.history if current else ()) if h.set_id != set_id]
-    kept = older if keep_all else older[: retention.keep_sets - 1]
-    return [HistoryEntry(set_id, writer, files), *kept]
+) -> tuple[list[HistoryEntry], list[str]]:
+    """The new manifest's history and lineage (:func:`~kquant_job.sets.layout.lineage`):
+    this set, then the retained ones it replaces (all of them with ``keep_all``: fixed names
+    may still hold any of their files), those of the current lineage first (the sets a
+    rollback restores in turn; a set rolled back from goes first when the limit bites)."""
+    before = lineage(current) if current else []
+    entries = {h.set_id: h for h in (current.history if current else ()) if h.set_id != set_id}
+    order = [*(s for s in before if s in entries), *(s for s in entries if s not in before)]
+    kept = order if keep_all else order[: retention.keep_sets - 1]
+    history = [HistoryEntry(set_id, writer, files), *(entries[s] for s in kept)]
+    return history, [set_id, *(s for s in before if s in kept)]
 
 
 def _sha256(data: bytes) -> str:

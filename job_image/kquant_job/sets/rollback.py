@@ -9,41 +9,44 @@ later run ended in ForeignObject (fault-injection trial). Here the rolled-back m
 the set's own, with the current history kept behind it, written conditionally on the
 manifest read (a run committing meanwhile wins, and the rollback says so), and the fixed
 names are brought in step at once (:func:`~kquant_job.sets.mirrors.sync_mirrors`).
+
+Which set a rollback without ``--to`` restores follows the manifest's ``lineage``
+(:func:`~kquant_job.sets.layout.lineage`): the set that was current before the current one,
+so rollbacks in a row go further back, never forward to a set rolled back from. The
+rolled-back manifest is written with ``rollbackPending`` until its fixed names are in step:
+the same command run again after a kill finishes that rollback instead of going one set
+further (trial).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from kquant_api import Reason
 from kquant_job.errors import StorageError
 from kquant_job.sets.layout import (
+    LINEAGE_KEY,
     MANIFEST,
     MAX_MANIFEST_BYTES,
+    NEWER_KEY,
+    Retention,
     dumps,
+    lineage,
     manifest_key,
     parse_manifest,
     set_dir,
 )
 from kquant_job.sets.mirrors import MirrorOutcome, sync_mirrors
-from kquant_job.sets.state import read_state
+from kquant_job.sets.state import PrefixState, abort_orphan_uploads, read_state
 from kquant_job.storage import Storage, join
 
-__all__ = ["RollbackOutcome", "rollback"]
+__all__ = ["PENDING_KEY", "RollbackOutcome", "rollback"]
 
-
-# A rolled-back manifest's sets committed after its own, newest first: a history alone
-# cannot say (set ids hold their start time to the second, and a rollback puts the
-# restored set first), and the next default rollback must go further back, not forward.
-NEWER_KEY = "newerSets"
-
-
-def commit_order(doc: dict, history: list[str]) -> list[str]:
-    """The set ids of a manifest (``doc``, its ``history`` ids in order) newest first by
-    commit: its history as written, or after a rollback the sets committed after the
-    current one (``newerSets``), the current one, then the older ones."""
-    newer = [s for s in doc.get(NEWER_KEY) or [] if isinstance(s, str) and s in history]
-    return [*newer, *(s for s in history if s not in newer)]
+LOG = logging.getLogger("kquant.publish")
+PENDING_KEY = "rollbackPending"  # set while the rolled-back manifest's fixed names are synced
 
 
 @dataclass
@@ -56,44 +59,86 @@ class RollbackOutcome:
     mirrors: MirrorOutcome
 
 
-def rollback(storage: Storage, prefix: str, to: str | None = None) -> RollbackOutcome:
-    """Make set ``to`` (default: the one committed last before the current one; after a
-    rollback whose fixed names were not all copied, none: that rollback is finished) the
-    current set of ``prefix`` (ending in '/') again. Raises StorageError: SourceNotFound
-    when the prefix has no kquant manifest, when ``to`` is not a set the prefix still holds,
-    or when there is no earlier set; ConcurrentWrite when the manifest changed since it was read;
-    ForeignObject / UnsafePath for a manifest kquant did not write; the storage's errors."""
-    state = read_state(storage, prefix)
+def rollback(
+    storage: Storage, prefix: str, to: str | None = None, home: str = ""
+) -> RollbackOutcome:
+    """Make set ``to`` (default: the set current before the current one, by the manifest's
+    lineage; after a rollback interrupted before its fixed names were in step, none: that
+    rollback is finished) the current set of ``prefix`` (ending in '/'; ``home``: the folder
+    of an output beside the originals, ``.kquant/beside-fp16/``) again. Raises StorageError:
+    SourceNotFound when the prefix has no kquant manifest, when ``to`` is not a set the
+    prefix still holds, or when there is no earlier set; ConcurrentWrite when the manifest
+    changed since it was read, or a job committed while the names were synced;
+    ForeignObject / UnsafePath for a manifest kquant did not write or a garbled one; the
+    storage's errors."""
+    state = read_state(storage, prefix, home)
     manifest = state.manifest
+    where = join(prefix, manifest_key(home))
     if manifest is None or manifest.set_id is None:
         raise StorageError(
-            f"{prefix} holds no manifest of kquant's with sets: nothing to roll back",
+            f"{where}: no manifest of kquant's with sets: nothing to roll back (an output "
+            "beside the originals keeps its own under .kquant/beside-<name>/: name that)",
             reason=Reason.SourceNotFound,
         )
-    held = [h.set_id for h in manifest.history if h.set_id and h.set_id in state.sets]
-    order = commit_order(manifest.data, [h.set_id for h in manifest.history])
+    line = lineage(manifest)
+    if not line:
+        raise StorageError(
+            f"{where} names set {manifest.set_id}, which its history and lineage do not hold "
+            "as current: not a manifest kquant wrote; nothing rolled back",
+            reason=Reason.ForeignObject,
+        )
+    held = [s for s in dict.fromkeys(h.set_id for h in manifest.history) if s in state.sets]
+    if to is None and manifest.data.get(PENDING_KEY):
+        # a rollback stopped before its names were in step: finish it, go no further (run
+        # again, the same command had rolled back one set more each time)
+        previous = str(manifest.data.get("rolledBackFrom") or manifest.set_id)
+        return _finish(state, manifest.set_id, previous, manifest.data, state.etag)
     if to is None:
-        if manifest.data.get(NEWER_KEY):
-            # a rollback stopped before its names were in step: finish it, go no further
-            # (run again, the same command had rolled back one set more each time)
-            synced = sync_mirrors(storage, prefix)
-            if synced.copied or synced.removed:
-                return RollbackOutcome(manifest.set_id, manifest.set_id, synced)
-        here = order.index(manifest.set_id)
-        earlier = [s for s in order[here + 1 :] if s in held]
+        earlier = [s for s in line[1:] if s in held]
         if not earlier:
             raise StorageError(f"{prefix} holds no set before {manifest.set_id}",
                                reason=Reason.SourceNotFound)  # fmt: skip
         to = earlier[0]
     if to == manifest.set_id:
-        return RollbackOutcome(to, to, sync_mirrors(storage, prefix))
+        return _finish(state, to, to, manifest.data, state.etag)
     if to not in held:
         raise StorageError(
             f"{prefix}: set {to!r} is not one the prefix keeps (its sets: {', '.join(held)})",
             reason=Reason.SourceNotFound,
         )
-    own_uri = join(prefix, set_dir(to) + MANIFEST)
-    got = storage.read_bytes(own_uri, MAX_MANIFEST_BYTES)
+    doc = _restored(state, to)
+    # back down the lineage to ``to`` (the sets above it taken off), or ``to`` put on top
+    # (--to a set rolled back from earlier)
+    new_line = line[line.index(to) :] if to in line else [to, *line]
+    # the whole current history kept behind the restored set: every set that may have placed
+    # a fixed name stays known as kquant's, so the names are replaced, not taken for a
+    # colleague's; the lineage first (retention drops from the end)
+    entries = {}
+    for entry in manifest.history:
+        entries.setdefault(entry.set_id, entry)
+    ids = [*new_line, *(s for s in entries if s not in new_line)]
+    doc = {**doc, "history": [entries[i].to_json() for i in ids if i in entries],
+           LINEAGE_KEY: new_line, "rolledBackFrom": manifest.set_id, PENDING_KEY: True}  # fmt: skip
+    doc.pop(NEWER_KEY, None)
+    try:
+        etag = storage.write_bytes(where, dumps(doc), if_match=state.etag)
+    except StorageError as exc:
+        if exc.reason is Reason.ConcurrentWrite:
+            raise StorageError(
+                f"{where} changed since the rollback read it (a job committed, or another "
+                "rollback): nothing rolled back; read it again and rerun the rollback",
+                reason=Reason.ConcurrentWrite,
+            ) from None
+        raise
+    return _finish(state, to, manifest.set_id, doc, etag)
+
+
+def _restored(state: PrefixState, to: str) -> dict[str, Any]:
+    """The own manifest of set ``to`` (``<set folder>/manifest.json``), checked: it names
+    that set, and every file it lists is inside the folder and present. Raises
+    StorageError (SourceNotFound, ForeignObject, UnsafePath)."""
+    own_uri = state.set_uri(to, MANIFEST)
+    got = state.storage.read_bytes(own_uri, MAX_MANIFEST_BYTES)
     if got is None:
         raise StorageError(f"{own_uri} is gone: set {to} cannot be restored",
                            reason=Reason.SourceNotFound)  # fmt: skip
@@ -101,22 +146,47 @@ def rollback(storage: Storage, prefix: str, to: str | None = None) -> RollbackOu
     if own.set_id != to:
         raise StorageError(f"{own_uri} names set {own.set_id}, not {to}",
                            reason=Reason.ForeignObject)  # fmt: skip
-    missing = sorted(
-        e["path"] for e in [*own.data["artifacts"], own.data.get("report") or {}]
-        if isinstance(e, dict) and isinstance(e.get("path"), str)
-        and e["path"].removeprefix(set_dir(to)) not in state.sets[to]
-    )  # fmt: skip
+    folder = set_dir(to, state.home)
+    listed = [e for e in [*own.data["artifacts"], own.data.get("report") or {}]
+              if isinstance(e, dict) and isinstance(e.get("path"), str)]  # fmt: skip
+    outside = sorted(e["path"] for e in listed if not e["path"].startswith(folder))
+    if outside:
+        raise StorageError(f"{own_uri} lists {outside[:3]}, outside its set folder {folder}",
+                           reason=Reason.UnsafePath)  # fmt: skip
+    missing = sorted(e["path"] for e in listed if e["path"][len(folder) :] not in state.sets[to])
     if missing:
-        raise StorageError(f"set {to} under {prefix} lost {missing[:3]}: not restored",
+        raise StorageError(f"set {to} under {state.prefix} lost {missing[:3]}: not restored",
                            reason=Reason.SourceNotFound)  # fmt: skip
-    # the current history behind the restored set: every set that may have placed a fixed
-    # name stays known as kquant's, so the names are replaced, not taken for a colleague's;
-    # the older sets first (retention drops from the end), then those committed after it
-    at = order.index(to)
-    entries = {h.set_id: h for h in manifest.history}
-    ids = [to, *order[at + 1 :], *order[:at]]
-    doc = {**own.data, "history": [entries[i].to_json() for i in ids if i in entries],
-           "rolledBackFrom": manifest.set_id, NEWER_KEY: order[:at]}  # fmt: skip
-    assert state.etag is not None
-    storage.write_bytes(join(prefix, manifest_key()), dumps(doc), if_match=state.etag)
-    return RollbackOutcome(manifest.set_id, to, sync_mirrors(storage, prefix))
+    return dict(own.data)
+
+
+def _finish(
+    state: PrefixState, to: str, previous: str, doc: dict[str, Any], etag: str | None
+) -> RollbackOutcome:
+    """Bring the fixed names in step with set ``to`` (the manifest ``doc``, read or written
+    with ``etag``), then take ``rollbackPending`` off the manifest and abort what a killed
+    earlier rollback left unfinished. Raises StorageError(ConcurrentWrite) when a job
+    committed meanwhile: its set is current, not ``to``."""
+    storage, prefix, home = state.storage, state.prefix, state.home
+    synced = sync_mirrors(storage, prefix, home)
+    superseded = (
+        f"{prefix}: set {synced.set_id} was committed while the rollback to {to} brought the "
+        f"fixed names in step; {synced.set_id} is current (rerun the rollback to go back "
+        "from it)"
+    )
+    if synced.set_id != to:
+        raise StorageError(superseded, reason=Reason.ConcurrentWrite)
+    if doc.get(PENDING_KEY):
+        assert etag is not None  # read with the manifest, or returned by its write
+        done = {k: v for k, v in doc.items() if k != PENDING_KEY}
+        try:
+            storage.write_bytes(join(prefix, manifest_key(home)), dumps(done), if_match=etag)
+        except StorageError as exc:
+            if exc.reason is Reason.ConcurrentWrite:
+                raise StorageError(superseded, reason=Reason.ConcurrentWrite) from None
+            raise
+    try:  # a killed earlier rollback's temporary files and copies (a job would, later)
+        abort_orphan_uploads(read_state(storage, prefix, home), Retention.from_env(), time.time())
+    except StorageError as exc:
+        LOG.warning("unfinished uploads under %s not cleaned: %s", prefix, exc)
+    return RollbackOutcome(previous, to, synced)

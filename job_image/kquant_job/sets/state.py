@@ -301,6 +301,17 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
         count = delete_set(state, set_id)
         if count is not None:
             removed.append(f"{set_id}: {why} ({count} objects)")
+    removed += abort_orphan_uploads(state, retention, now)
+    for line in removed:
+        LOG.info("reclaimed %s", line, extra={"fields": {"prefix": state.prefix}})
+    return removed
+
+
+def abort_orphan_uploads(state: PrefixState, retention: Retention, now: float) -> list[str]:
+    """Abort the unfinished writes under the prefix that are kquant's and whose writer is
+    gone (:func:`reclaim`'s rules; also after a killed ``kquant-job rollback``, whose
+    manifest and copies left them). Returns one line per aborted upload."""
+    removed = []
     for upload in state.storage.list_uploads(state.prefix):
         set_id = set_id_of(upload.key, state.home)
         if set_id is not None:
@@ -319,6 +330,4 @@ def reclaim(state: PrefixState, writer: Writer, retention: Retention) -> list[st
         if orphan:
             state.storage.abort_upload(state.prefix, upload)
             removed.append(f"unfinished upload {upload.key}")
-    for line in removed:
-        LOG.info("reclaimed %s", line, extra={"fields": {"prefix": state.prefix}})
     return removed
