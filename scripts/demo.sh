@@ -11,7 +11,9 @@ model_src=$(.venv/bin/python -c "import silero_vad, pathlib; print(pathlib.Path(
 mkdir -p "$demo/models/silero-vad"
 cp "$model_src" "$demo/models/silero-vad/silero_vad.onnx"
 .venv/bin/kquant-job run examples/local/silero-vad-fp16.yaml --work-dir "$demo/work"
-# speech frames for examples/local/silero-vad-fp16-frames.yaml (the clip kquant ships)
+# speech frames for examples/local/silero-vad-fp16-frames.yaml (the clip kquant ships), the
+# clip once: `frames` numbers on after files already there, and a second demo run doubled it
+rm -rf "$demo/data/speech-frames"
 .venv/bin/kquant-job frames job_image/kquant_job/data/speech_16k.wav "$demo/data/speech-frames" \
   --frame-size 512 --context 64 --scalar sr=16000 --zeros state=2,1,128 >/dev/null 2>&1
 echo

@@ -109,11 +109,19 @@ def _g(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _worst_first(output: dict[str, Any]) -> tuple[float, float]:
+    """Sort key of an output's row: the lowest cosine first, as the "worst output" row
+    judges (the rows were in max abs error, and the worst one was not the first: trial),
+    then the largest max abs error; an output without a cosine last."""
+    cosine = output.get("cosineSimilarity")
+    return (2.0 if cosine is None else float(cosine), -float(output.get("maxAbsError") or 0))
+
+
 def _output_rows(model: ModelOutcome, indent: str) -> list[tuple[str, str]]:
     report = (model.validation or {}).get("report", {})
     if "outputs" in report:
         outputs = report["outputs"]
-        ranked = sorted(outputs, key=lambda n: -(outputs[n].get("maxAbsError") or 0))
+        ranked = sorted(outputs, key=lambda n: _worst_first(outputs[n]))
         rows = [
             (
                 f"{indent}output {name}",

@@ -19,6 +19,14 @@ def silero(tmp_path: Path) -> Path:
     return model
 
 
+def assert_worst_first(table: str) -> None:
+    """The output rows begin with the one the "worst output" row names (new-user trial: the
+    rows were in max abs error, and FP16 Silero's worst output came second)."""
+    rows = [line.split()[1] for line in table.splitlines() if line.strip().startswith("output ")]
+    worst = next(line for line in table.splitlines() if "worst output" in line).split()[2]
+    assert rows[0] == worst, table
+
+
 def test_an_int8_fallback_shows_in_the_result_the_log_and_the_table(tmp_path):
     # requireGain off: the fallback's latency (1.2-1.7x FP32, by CPU) decides NoGain by machine
     job = manifest(f"file://{silero(tmp_path)}", f"file://{tmp_path}/out/",
@@ -32,6 +40,7 @@ def test_an_int8_fallback_shows_in_the_result_the_log_and_the_table(tmp_path):
     assert "NOTE" in table and "fell back to denseOpsOnly" in table
     for row in ("output output", "output stateN", "worst output", "tolerance"):
         assert row in table, row
+    assert_worst_first(table)
     assert "maxMeanAbsError <= 0.05, minCosineSimilarity >= 0.98 (default)" in table
     assert "x the original" in table  # size as a ratio
 
@@ -53,6 +62,7 @@ def test_fp16_on_cpu_says_it_is_slower(tmp_path):
                    validation={"latencyRuns": 30, "warmupRuns": 5})  # fmt: skip
     run = run_worker(job, tmp_path / "run", dict(os.environ))
     assert run.code == 0, run.log
+    assert_worst_first(run.log.split("  job ", 1)[1])
     latency = run.result["validation"]["latencyMs"]
     slower = latency["quantized"] > 1.05 * latency["original"]
     said = [

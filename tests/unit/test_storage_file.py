@@ -504,3 +504,15 @@ def test_a_planted_temporary_name_with_an_impossible_pid_is_unknown(tmp_path):
         (tmp_path / name).write_bytes(b"planted")
     uploads = fs.list_uploads(f"file://{tmp_path}/")
     assert len(uploads) == 3 and all(u.writer_alive is None for u in uploads)
+
+
+@pytest.mark.parametrize("uri", ["http://x/y.onnx", "gs://bucket/m/", "hf://org/model"])
+def test_a_uri_of_another_scheme_is_invalid_spec_not_a_missing_path(uri: str) -> None:
+    """New-user trial: ``kquant-job inspect http://x/y.onnx`` read ``http:/x/y.onnx`` as a
+    relative path and said it was missing (exit 20)."""
+    from kquant_job.errors import InvalidSpec
+    from kquant_job.storage import open_storage
+
+    with pytest.raises(InvalidSpec, match="file:// and s3://"):
+        open_storage(uri)
+    assert open_storage("relative/path.onnx") and open_storage("file:///m/")
