@@ -201,6 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         jobs = load_jobs(args.source, spec_env=args.spec_env)
     except KquantError as exc:
         LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
+        if args.dry_run:  # a dry run writes no result file, whatever it finds (new-user trial)
+            return failure_result(None, exc).exit_code
         results, names = [failure_result(None, exc)], ["manifest"]
     else:
         work_root = Path(args.work_dir) if args.work_dir else None

@@ -53,6 +53,16 @@ def test_a_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not list((tmp_path / "work").iterdir())  # its work directory is removed
 
 
+def test_a_dry_run_of_an_invalid_spec_says_why_and_writes_no_result(tmp_path, silero_onnx):
+    """New-user trial: a spec with an unknown field, run with --dry-run, wrote the result
+    file a dry run never writes."""
+    doc = job(f"file://{silero_onnx}", tmp_path / "out")
+    doc["spec"]["quantization"]["keepIOType"] = True  # a typo of keepIOTypes
+    run = run_worker(doc, tmp_path, extra_args=("--dry-run",))
+    assert run.code == 10 and "InvalidSpec" in run.log and "keepIOType" in run.log, run.log
+    assert not (tmp_path / "result.json").exists()
+
+
 def test_a_single_file_plan_names_its_output(tmp_path, silero_onnx):
     out = tmp_path / "out"
     run = run_worker(job(f"file://{silero_onnx}", out), tmp_path, extra_args=("--dry-run",))
