@@ -77,6 +77,11 @@ def cmd_frames(args: argparse.Namespace) -> int:
             rng = np.random.default_rng(args.seed)
             keep = sorted(rng.choice(len(feeds), size=args.count, replace=False))
             feeds = [feeds[i] for i in keep]
+        elif args.count and args.count > len(feeds):  # said, not passed over (new-user trial)
+            LOG.warning(
+                "--count %d: the input gives only %d feed(s) (fbank without --chunk-seconds "
+                "makes one per WAV); all written", args.count, len(feeds),
+            )  # fmt: skip
         feeds = feeds[: args.max_frames] if args.max_frames else feeds
         if args.model:
             feeds = thread_state(Path(args.model), feeds, dict(args.feedback))

@@ -105,6 +105,15 @@ def test_frames_command_writes_fbank_features(tmp_path):
     assert cam.shape[0] == 1 and cam.shape[2] == 80 and cam.shape[1] > 500
 
 
+def test_frames_asked_for_more_feeds_than_the_input_gives_says_so(tmp_path, capfd):
+    """New-user trial: ``--count 3`` of fbank without --chunk-seconds wrote 1 feed, silently."""
+    out = tmp_path / "fb"
+    args = ["frames", str(SPEECH_WAV), str(out), "--features", "fbank", "--count", "3"]
+    assert cli.main(args) == 0
+    assert len(list(out.glob("*.npz"))) == 1
+    assert "--count 3: the input gives only 1 feed(s)" in capfd.readouterr().err
+
+
 def test_frames_with_a_model_missing_inputs_says_which_and_how(tmp_path, silero_onnx, capfd):
     """A new user's `frames --model` without --zeros/--scalar ended in a traceback."""
     folder = tmp_path / "wavs"
