@@ -10,7 +10,8 @@ in it, so a service that prefers the ``_fp16`` file picks it up:
 - a folder that holds a model file together with anything else (configs, tokenizers,
   sub-folders: SenseVoice's ``model.pt`` with ``config.yaml`` and ``tokens.json``) is one
   model, loaded by its folder: it becomes ``<folder>_fp16/``, its models converted and its
-  other files copied;
+  other files copied (a folder none of whose models is converted, all excluded or kept, is
+  left alone: its ``_fp16`` name would promise a conversion it does not hold);
 - any other model file (at the top, or in a folder holding only model files) gets a sibling
   ``<stem>_fp16<suffix>``: ``silero_vad.onnx`` -> ``silero_vad_fp16.onnx``;
 - every other file is left alone: not copied, not touched.
@@ -105,7 +106,13 @@ def _plan_names(plan: Plan, precision: str, single_file: bool, beside: bool) -> 
     # a model's external data files belong to it: they make no folder a model folder
     model_files = {m.rel for m in plan.models} | set(plan.kept) | set(plan.external_data)
     every = sorted(model_files | set(plan.copies))
-    units = _model_folders(every, model_files)
+    converted_models = {m.rel for m in plan.models}
+    # a folder none of whose models is converted (all excluded or kept) is no output: a
+    # SenseVoiceSmall_int8/ holding the FP32 model.pt would be loaded for INT8 (trial)
+    units = [
+        u for u in _model_folders(every, model_files)
+        if any(rel.startswith(u + "/") for rel in converted_models)
+    ]  # fmt: skip
     suffix = suffix_for(precision)
     names.folders = sorted(f"{u}{suffix}/" for u in units)
     for rel in sorted({m.rel for m in plan.models} | set(plan.copies)):

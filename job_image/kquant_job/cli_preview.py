@@ -149,7 +149,10 @@ def _precision_line(p: dict[str, Any]) -> str:
         ops = f" (ops: {', '.join(p['quantizedOps'])})" if p["quantizedOps"] else ""
         return f"already quantized{ops}: converting it again is not useful"
     if p["alreadyReduced"]:
-        return f"weights already {p['weights']}: FP16 gains nothing; INT8 still can"
+        return (
+            f"weights already {p['weights']}: FP16 gains nothing, and INT8 needs the FP32 "
+            "original (onnxruntime's quantizers; a job ends in AlreadyQuantized)"
+        )
     return f"weights {p['weights'] or 'none'}: not quantized"
 
 

@@ -228,3 +228,17 @@ def test_a_local_model_is_read_where_it_lies(tmp_path, silero_onnx):
     report = inspect_uri(silero_onnx.as_uri(), work)
     assert [m["file"] for m in report["models"]] == ["silero_vad.onnx"]
     assert not (work / "source").exists() and not list(work.rglob("*.onnx"))
+
+
+def test_an_fp16_model_is_not_advised_for_int8(tmp_path):
+    """New-user trial: inspect said "INT8 still can" of an FP16 model, which an INT8 job
+    refuses (AlreadyQuantized: onnxruntime's quantizers need the FP32 weights)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = tmp_path / "vad_fp16.onnx"
+    src = onnx.load(str(silero_dir() / "silero_vad_16k_op15.onnx"))
+    onnx.save(convert_float_to_float16(src, keep_io_types=True), str(model))
+    out = inspect(str(model))
+    assert out.returncode == 0, out.stderr
+    assert "INT8 still can" not in out.stdout
+    assert "INT8 needs the FP32 original" in out.stdout and "AlreadyQuantized" in out.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from conftest import free_port, silero_dir
@@ -278,6 +279,12 @@ def test_a_model_already_in_fp16_is_refused_with_its_reason(tmp_path, quantizati
     assert "already a float16 model" in run.result["message"]
     assert "convert its FP32 original" in run.result["message"]
     assert not list((tmp_path / "out").rglob("*.onnx"))  # nothing published
+    # the source's own weights, the same for both (new-user trial: INT8's count, taken after
+    # the pre-processing's constant folding, named more bytes than the file held)
+    held, total = re.search(
+        r"(\d+) of its (\d+) float weight bytes", run.result["message"]
+    ).groups()
+    assert int(held) <= int(total) <= model.stat().st_size
 
 
 def test_a_foreign_object_at_an_output_name_is_found_before_converting(tmp_path):

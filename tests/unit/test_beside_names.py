@@ -126,3 +126,18 @@ def test_plan_names_on_a_real_plan(tmp_path):
     }
     assert names.copies == {"SenseVoiceSmall/tokens.json": "SenseVoiceSmall_fp16/tokens.json"}
     assert names.left == ["README.md"]
+
+
+def test_a_folder_whose_every_model_is_kept_gets_no_converted_name():
+    """New-user trial: ``exclude: ["*.pt"]`` published ``SenseVoiceSmall_int8/`` holding the
+    FP32 ``model.pt`` unchanged: a service preferring ``_int8`` loaded FP32 unawares."""
+    p = plan(
+        ["silero_vad.onnx"],
+        ["SenseVoiceSmall/model.pt", "SenseVoiceSmall/config.json", "silero_vad.pt"],
+        kept={"SenseVoiceSmall/model.pt": "excluded", "silero_vad.pt": "excluded"},
+    )
+    names = plan_names(p, "int8", single_file=False, beside=True)
+    assert names.models == {"silero_vad.onnx": "silero_vad_int8.onnx"}
+    assert names.folders == [] and names.copies == {}
+    assert names.left == ["SenseVoiceSmall/config.json", "SenseVoiceSmall/model.pt",
+                          "silero_vad.pt"]  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,18 +262,29 @@ def subgraph_depth(graph: GraphProto) -> int:
 
 
 def prepare(
-    model_in: Path, work_dir: Path, mode: Preprocess = Preprocess.auto, *, dynamic: bool = False
+    model_in: Path,
+    work_dir: Path,
+    mode: Preprocess = Preprocess.auto,
+    *,
+    dynamic: bool = False,
+    check: Callable[[ModelProto], None] | None = None,
 ) -> Prepared:
-    """Read ``model_in`` (PassError CorruptModel when it is not an ONNX model) and
-    pre-process it (``mode``: auto, as :func:`preprocess` does; never; always: a
-    pre-processing that failed, wholly or in part, raises PassError(ConversionFailed) with
-    onnxruntime's error). Skipped in auto mode, and refused (ConversionFailed) in always
-    mode, when subgraphs nest past MAX_PREPROCESS_DEPTH; skipped in auto mode for
-    ``dynamic`` INT8 when it would change nothing the quantizer produces
+    """Read ``model_in`` (PassError CorruptModel when it is not an ONNX model), run
+    ``check`` on it as read, and pre-process it (``mode``: auto, as :func:`preprocess`
+    does; never; always: a pre-processing that failed, wholly or in part, raises
+    PassError(ConversionFailed) with onnxruntime's error). ``check`` (a refusal) runs before
+    the pre-processing's cost and on the source's own initializers: on the pre-processed
+    graph, whose constant folding turned Constant nodes into initializers, a refusal named
+    more float16 weight bytes than the file held (new-user trial). Skipped in auto mode, and
+    refused (ConversionFailed) in always mode, when subgraphs nest past
+    MAX_PREPROCESS_DEPTH; skipped in auto mode for ``dynamic`` INT8 when it would change
+    nothing the quantizer produces
     (:func:`~kquant_job.passes.int8_prep_need.dynamic_unaffected`). External data is used
     for the output when the input has external data or is at least 2 GiB (protobuf's
     limit)."""
     original = load_model(model_in, load_external_data=False)
+    if check is not None:
+        check(original)
     external = uses_external_data(original) or model_in.stat().st_size >= PROTOBUF_LIMIT
     work_dir.mkdir(parents=True, exist_ok=True)
     if mode is Preprocess.never:

@@ -76,8 +76,10 @@ class OnnxInt8DynamicPass:
         supported = frozenset(IntegerOpsRegistry) | {"Gemm"}
         options = extra_options(config)
         mode = config.preprocess or Preprocess.auto
-        prepared = prepare(model_in, ctx.work_dir, mode, dynamic=True)
-        refuse(prepared.model, model_in.name, Precision.int8)
+        prepared = prepare(
+            model_in, ctx.work_dir, mode, dynamic=True,
+            check=lambda m: refuse(m, model_in.name, Precision.int8),
+        )  # fmt: skip
         details: dict[str, Any] = {"mode": "dynamic", **prepared.details}
         if options:
             details["extraOptions"] = dict(options)

@@ -149,8 +149,10 @@ class OnnxInt8StaticPass:
         supported = frozenset(QDQRegistry if fmt is QuantFormat.QDQ else QLinearOpsRegistry)
 
         options = extra_options(config)
-        prepared = prepare(model_in, ctx.work_dir, config.preprocess or Preprocess.auto)
-        refuse(prepared.model, model_in.name, Precision.int8)
+        prepared = prepare(
+            model_in, ctx.work_dir, config.preprocess or Preprocess.auto,
+            check=lambda m: refuse(m, model_in.name, Precision.int8),
+        )  # fmt: skip
         signature = model_signature(prepared.model)
         load_calibration_feed(files[0], signature)  # a wrong dataset fails before any work
         details: dict[str, Any] = {

@@ -30,15 +30,39 @@ def weighted_matmuls(model: ModelProto) -> list[str]:
     ]
 
 
+# Ops that only reshape, cut or join what they are given: a weight passes through them
+# (Silero's LSTM weights: Constant -> Slice -> Unsqueeze -> LSTM).
+_PASS_THROUGH = frozenset({"Cast", "Concat", "Identity", "Reshape", "Slice", "Split",
+                           "Squeeze", "Transpose", "Unsqueeze"})  # fmt: skip
+
+
 def _weight_owners(model: ModelProto) -> str:
-    """What the model's weights feed instead, e.g. ``"12 Conv, 4 LSTM"``."""
-    inits = {t.name for g in iter_graphs(model.graph) for t in g.initializer}
+    """What the model's weights feed instead, e.g. ``"its weights feed 12 Conv, 4 LSTM"``.
+    Weights are initializers and the tensors of Constant nodes of rank 2 or more, followed
+    through ops that only reshape or cut them (_PASS_THROUGH) to the ops that use them
+    (Silero VAD keeps its weights in Constant nodes: the refusal said "its weights feed no
+    weights", new-user trial)."""
+    weights = {t.name for g in iter_graphs(model.graph) for t in g.initializer if t.dims}
+    nodes = [n for _, n in iter_nodes(model.graph)]
+    for node in nodes:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and len(value.dims) >= 2:
+                weights.update(node.output)
+    for _ in range(8):  # subgraphs may come before the outer nodes that feed them
+        grown = {o for n in nodes if n.op_type in _PASS_THROUGH and n.input
+                 and n.input[0] in weights for o in n.output} - weights  # fmt: skip
+        if not grown:
+            break
+        weights |= grown
     owners = Counter(
         n.op_type
-        for _, n in iter_nodes(model.graph)
-        if any(i in inits for i in n.input) and n.op_type not in ("Reshape", "Constant")
+        for n in nodes
+        if any(i in weights for i in n.input) and n.op_type not in _PASS_THROUGH | {"Constant"}
     )
-    return ", ".join(f"{c} {op}" for op, c in owners.most_common(4)) or "no weights"
+    if not owners:
+        return "it holds no weight tensors"
+    return "its weights feed " + ", ".join(f"{c} {op}" for op, c in owners.most_common(4))
 
 
 def refuse(model: ModelProto, name: str, precision: Precision) -> None:
@@ -59,7 +83,7 @@ def refuse(model: ModelProto, name: str, precision: Precision) -> None:
         if not weighted_matmuls(model):
             raise PassError(
                 f"int4 weight-only quantization replaces MatMul nodes on constant 2-D weights "
-                f"(transformer projections) with MatMulNBits; {name} has none (its weights "
-                f"feed {_weight_owners(model)}): use int8 or fp16 for it",
+                f"(transformer projections) with MatMulNBits; {name} has none "
+                f"({_weight_owners(model)}): use int8 or fp16 for it",
                 reason=Reason.ConversionFailed,
             )
