@@ -28,8 +28,9 @@ def _settings(attempt: dict[str, Any]) -> str:
 
 
 def model_notes(model: ModelOutcome) -> list[str]:
-    """Where this model's conversion departs from the requested configuration."""
-    notes = []
+    """Where this model's conversion departs from the requested configuration, and where
+    a decisions rule tested nothing."""
+    notes = _untested_decisions(model)
     details = model.details
     attempts = details.get("attempts") or []
     chosen = details.get("chosenAttempt")  # the last attempt, unless a slow one was kept
@@ -69,6 +70,23 @@ def model_notes(model: ModelOutcome) -> list[str]:
             f"first conversion failed ({len(attempts)} attempts)"
         )
     return notes
+
+
+def _untested_decisions(model: ModelOutcome) -> list[str]:
+    """A threshold rule under which neither model decides positive on any sample passes
+    without comparing a segment: with the default 16 samples, Silero's first frames of the
+    shipped clip hold no speech, and "segments 0 -> 0" passed any conversion (new-user
+    trial). Said, so that the samples are made to hold some."""
+    outputs = ((model.validation or {}).get("report") or {}).get("outputs") or {}
+    samples = ((model.validation or {}).get("summary") or {}).get("samples")
+    over = f" over its {samples} samples" if samples else ""
+    return [
+        f"{model.source}: output {name}: no decision above the threshold in either model"
+        f"{over}: the decisions rule compared no segment; validate on samples that hold "
+        "some (validation.samples, default 16; validation.dataUri)"
+        for name, m in outputs.items()
+        if m.get("segmentsOriginal") == 0 and m.get("segmentsConverted") == 0
+    ]
 
 
 def result_notes(

@@ -28,11 +28,11 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run(tmp_path: Path, speech: Path, quantization: dict, tolerance: dict):
+def run(tmp_path: Path, speech: Path, quantization: dict, tolerance: dict, samples: int = 96):
     model = tmp_path / "m" / "silero_vad.onnx"
     model.parent.mkdir(parents=True)
     shutil.copyfile(silero_dir() / "silero_vad.onnx", model)
-    validation = {"dataUri": f"file://{speech}/", "samples": 96,
+    validation = {"dataUri": f"file://{speech}/", "samples": samples,
                   "feedback": {"stateN": "state"}, "tolerance": tolerance}  # fmt: skip
     job = manifest(f"file://{model}", f"file://{tmp_path}/out/", quantization, endpoint=None,
                    validation=validation)  # fmt: skip
@@ -84,3 +84,17 @@ def test_a_tolerance_naming_no_output_is_an_invalid_spec_before_converting(tmp_p
     message = result.result["message"]
     assert f"spec.validation.tolerance.{where}.speech" in message and "output" in message
     assert "convert silero_vad.onnx" not in result.log  # refused before any conversion
+
+
+def test_a_rule_that_compared_no_segment_says_so(tmp_path, speech):
+    """New-user trial: on the default 16 samples (the clip's first frames, no speech) the
+    rule read "segments 0 -> 0" and passed without comparing anything."""
+    fp16 = {"precision": "fp16"}
+    rule = {**LOOSE, "decisions": VAD}
+    few = run(tmp_path / "few", speech, fp16, rule, samples=16)
+    assert few.code == 0, few.log
+    [note] = [n for n in few.result.get("notes", []) if "compared no segment" in n]
+    assert note.startswith("silero_vad.onnx: output output: no decision above the threshold")
+    enough = run(tmp_path / "all", speech, fp16, rule)
+    assert enough.code == 0 and not [n for n in enough.result.get("notes", [])
+                                     if "compared no segment" in n]  # fmt: skip
