@@ -734,6 +734,19 @@ class ValidationConfig(_Model):
             update={"inputs": inputs, "dimensions": dimensions, "feedback": feedback}
         )
 
+    def feedback_field(self, rel: str) -> str:
+        """The field that gives model file ``rel`` its feedback, for errors:
+        ``spec.validation.models.<key>.feedback`` (the last matching entry that sets one, as
+        :meth:`for_model` merges), else ``spec.validation.feedback``."""
+        import fnmatch
+
+        name = rel.rsplit("/", 1)[-1]
+        field = "spec.validation.feedback"
+        for key, own in self.models.items():
+            if own.feedback is not None and any(fnmatch.fnmatchcase(x, key) for x in (rel, name)):
+                field = f"spec.validation.models.{key}.feedback"
+        return field
+
     seed: int = Field(0, description="Seed for generated inputs, so two runs agree.")
     models: dict[str, ModelValidation] = Field(
         default_factory=dict,

@@ -264,7 +264,14 @@ def _validator(
     shared = None
     if io.shared_reference is not None:  # one folder per model file of the set
         shared = io.shared_reference / hashlib.sha256(model.rel.encode()).hexdigest()[:16]
-    validator = make_validator(fmt or model.format, src, own, samples, shared)
+    try:
+        validator = make_validator(fmt or model.format, src, own, samples, shared)
+    except InvalidSpec as exc:  # name the field the user wrote (new-user trial)
+        field = spec.validation.feedback_field(model.rel)
+        text = str(exc)
+        if field != "spec.validation.feedback" and text.startswith("spec.validation.feedback"):
+            raise InvalidSpec(field + text.removeprefix("spec.validation.feedback")) from None
+        raise
     if validator.chosen:
         logs.info(
             f"validation inputs for {model.rel} (found in {validator.chosen['tries']} tries)",

@@ -117,6 +117,15 @@ def test_several_models_take_their_own_data_shared_data_and_their_own_settings(t
     assert (wrong.code, wrong.result["reason"]) == (10, "InvalidSpec"), wrong.log
     assert "spec.validation.models.c/*.onnx: matches no model file" in wrong.result["message"]
 
+    # a feedback error names the field it came from (new-user trial: it named the top one)
+    job["spec"]["validation"]["models"] = {"seq.onnx": {"feedback": {"hn": "h", "cx": "c"}}}
+    job["spec"]["output"]["uri"] = f"file://{tmp_path}/out3/"
+    bad = run_worker(job, tmp_path / "bad", dict(os.environ))
+    assert (bad.code, bad.result["reason"]) == (10, "InvalidSpec"), bad.log
+    assert bad.result["message"].startswith(
+        "spec.validation.models.seq.onnx.feedback: the model has no output 'cx'"
+    ), bad.result["message"]
+
 
 def test_an_earlier_output_inside_the_model_folder_is_skipped(tmp_path):
     """A job on models/silero.onnx published to models/out/; a later job on the folder
