@@ -69,7 +69,8 @@ def retrying(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: S3Storage, *args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + self.settings.retry_seconds
+        start = time.monotonic()
+        deadline = start + self.settings.retry_seconds
         delay = FIRST_DELAY
         while True:
             try:
@@ -78,8 +79,11 @@ def retrying(method: F) -> F:
                 if exc.reason is not Reason.StorageUnavailable:
                     raise
                 if time.monotonic() + delay > deadline:
+                    # what was spent, and the window: the next wait would have passed it
+                    spent = time.monotonic() - start
                     raise StorageError(
-                        f"{exc} (gave up after {self.settings.retry_seconds:g} s of retries: "
+                        f"{exc} (gave up after {spent:.1f} s of retries: the next one would "
+                        f"pass the {self.settings.retry_seconds:g} s of "
                         "KQUANT_S3_RETRY_SECONDS)",
                         reason=Reason.StorageUnavailable,
                     ) from None
