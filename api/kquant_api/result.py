@@ -210,34 +210,105 @@ class JobResult(_Compact):
         return int(REASON_EXIT_CODE[self.reason])
 
     def to_json(self) -> str:
-        """Compact JSON, at most MAX_RESULT_BYTES bytes (artifacts, then message, trimmed)."""
+        """Compact JSON, at most MAX_RESULT_BYTES bytes: the kubelet cuts a termination
+        message there, and a cut one parsed as no result (NoResult for a promoted model:
+        variants trial). Trimmed in this order until it fits (report.json has it all):
+        variants' messages, notes, artifacts, variants' figures, the validation's figures,
+        variants other than the chosen one, the message, then the URIs (report, manifest,
+        promotion); what remains is phase, reason and a message of its start."""
         data: dict[str, Any] = self.model_dump(mode="json", exclude_none=True)
         for key in ("notes", "variants"):
             if not data.get(key):
                 data.pop(key, None)
         text = _dumps(data)
-        for variant in data.get("variants", []):  # the report has every message in full
+        for trim in _TRIMS:
             if len(text) <= MAX_RESULT_BYTES:
                 break
-            variant.pop("message", None)
-            text = _dumps(data)
-        while len(text) > MAX_RESULT_BYTES and data.get("notes"):
-            data["notes"].pop()
-            text = _dumps(data)
-        artifacts = data.get("artifacts") or []
-        if len(artifacts) > MAX_ARTIFACTS_TRIED:  # each pop below serializes the whole result
-            data["artifactsTruncated"] = len(artifacts) - MAX_ARTIFACTS_TRIED
-            del artifacts[MAX_ARTIFACTS_TRIED:]
-            text = _dumps(data)
-        while len(text) > MAX_RESULT_BYTES and data.get("artifacts"):
-            data["artifacts"].pop()
-            data["artifactsTruncated"] = data.get("artifactsTruncated", 0) + 1
-            text = _dumps(data)
-        if len(text) > MAX_RESULT_BYTES:
-            excess = len(text) - MAX_RESULT_BYTES
-            data["message"] = data["message"][: max(0, len(data["message"]) - excess - 3)] + "..."
+            text = trim(data)
+        if len(text) > MAX_RESULT_BYTES:  # absurd URIs or names: the verdict still fits
+            data = {k: data[k] for k in ("phase", "reason", "message")}
+            data["message"] = data["message"][: MAX_RESULT_BYTES // 2]
             text = _dumps(data)
         return text
+
+
+def _drop_variant_messages(data: dict[str, Any]) -> str:
+    text = _dumps(data)
+    for variant in data.get("variants", []):
+        if len(text) <= MAX_RESULT_BYTES:
+            break
+        variant.pop("message", None)
+        text = _dumps(data)
+    return text
+
+
+def _drop_notes(data: dict[str, Any]) -> str:
+    text = _dumps(data)
+    while len(text) > MAX_RESULT_BYTES and data.get("notes"):
+        data["notes"].pop()
+        text = _dumps(data)
+    return text
+
+
+def _drop_artifacts(data: dict[str, Any]) -> str:
+    artifacts = data.get("artifacts") or []
+    if len(artifacts) > MAX_ARTIFACTS_TRIED:  # each pop below serializes the whole result
+        data["artifactsTruncated"] = len(artifacts) - MAX_ARTIFACTS_TRIED
+        del artifacts[MAX_ARTIFACTS_TRIED:]
+    text = _dumps(data)
+    while len(text) > MAX_RESULT_BYTES and data.get("artifacts"):
+        data["artifacts"].pop()
+        data["artifactsTruncated"] = data.get("artifactsTruncated", 0) + 1
+        text = _dumps(data)
+    return text
+
+
+def _drop_variant_figures(data: dict[str, Any]) -> str:
+    for variant in data.get("variants", []):
+        for key in ("latencyMs", "meanAbsError", "cosineSimilarity", "quantizedBytes"):
+            variant.pop(key, None)
+    return _dumps(data)
+
+
+def _drop_validation_figures(data: dict[str, Any]) -> str:
+    validation = data.get("validation")
+    if validation:
+        required = ("passed", "samples", "device", "kind")
+        data["validation"] = {k: v for k, v in validation.items() if k in required}
+    return _dumps(data)
+
+
+def _drop_other_variants(data: dict[str, Any]) -> str:
+    text = _dumps(data)
+    variants = data.get("variants", [])
+    while len(text) > MAX_RESULT_BYTES and len(variants) > 1:
+        others = [i for i, v in enumerate(variants) if v.get("name") != data.get("chosen")]
+        if not others:
+            break
+        del variants[others[-1]]
+        text = _dumps(data)
+    return text
+
+
+def _cut_message(data: dict[str, Any]) -> str:
+    excess = len(_dumps(data)) - MAX_RESULT_BYTES
+    if excess > 0:
+        data["message"] = data["message"][: max(0, len(data["message"]) - excess - 3)] + "..."
+    return _dumps(data)
+
+
+def _drop_uris(data: dict[str, Any]) -> str:
+    text = _dumps(data)
+    for key in ("reportUri", "manifestUri", "promotedUri"):
+        if len(text) <= MAX_RESULT_BYTES:
+            break
+        data.pop(key, None)
+        text = _dumps(data)
+    return text
+
+
+_TRIMS = (_drop_variant_messages, _drop_notes, _drop_artifacts, _drop_variant_figures,
+          _drop_validation_figures, _drop_other_variants, _cut_message, _drop_uris)  # fmt: skip
 
 
 # No artifact's JSON is shorter than 16 bytes: more never fit in MAX_RESULT_BYTES. Dropping

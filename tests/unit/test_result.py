@@ -90,3 +90,44 @@ def test_thousands_of_artifacts_are_cut_without_serializing_each(monkeypatch):
                                 artifacts=artifacts).to_json())  # fmt: skip
     assert data["artifactsTruncated"] == 30_000 - len(data["artifacts"]) > 0
     assert len(calls) <= result_module.MAX_ARTIFACTS_TRIED + 3
+
+
+def _variants_result(prefix: str, names: int = 8) -> JobResult:
+    from kquant_api.result import LatencyMs, ValidationSummary, VariantResult
+
+    variants = [
+        VariantResult(name=f"variant-{i:02d}-" + "x" * 20, precision="fp16", passed=True,
+                      reason="Validated", quantizedBytes=1_000_000 + i, cosineSimilarity=0.9999,
+                      meanAbsError=1e-3, latencyMs=LatencyMs(original=1.5, quantized=1.4))
+        for i in range(names)
+    ]  # fmt: skip
+    return JobResult(
+        phase="Succeeded", reason=Reason.Validated, message="variant chosen " * 20,
+        validation=ValidationSummary(passed=True, samples=16, device="cpu", maxAbsError=0.01,
+                                     cosineSimilarity=0.9999, inputs="x [1, 576] " * 30),
+        reportUri=prefix + "report.json", manifestUri=prefix + "manifest.json",
+        promotedUri=prefix.replace("out", "prod"), chosen=variants[3].name, variants=variants,
+    )  # fmt: skip
+
+
+def test_a_variants_result_with_long_prefixes_stays_whole_json_under_the_limit():
+    """Variants trial: 8 variants with long names and ~670-character prefixes made a
+    5,220-byte result; the kubelet cut it, and the operator read NoResult for a model it had
+    promoted. The figures go first, then other variants; the verdict and URIs stay."""
+    prefix = "s3://bucket/" + "/".join(["segment-" + "s" * 40] * 14) + "/out/"
+    result = _variants_result(prefix)
+    text = result.to_json()
+    assert len(text.encode()) <= MAX_RESULT_BYTES
+    back = JobResult.model_validate_json(text)  # the operator's parse
+    assert (back.phase, back.reason, back.chosen) == ("Succeeded", Reason.Validated,
+                                                      result.chosen)  # fmt: skip
+    assert back.promotedUri == result.promotedUri and back.manifestUri == result.manifestUri
+    assert result.chosen in [v.name for v in back.variants]
+
+
+def test_a_result_that_cannot_fit_keeps_its_verdict():
+    prefix = "s3://bucket/" + "p" * 3000 + "/out/"
+    text = _variants_result(prefix, names=20).to_json()
+    assert len(text.encode()) <= MAX_RESULT_BYTES
+    back = JobResult.model_validate_json(text)
+    assert (back.phase, back.reason) == ("Succeeded", Reason.Validated)
