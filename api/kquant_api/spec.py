@@ -885,6 +885,14 @@ class QuantizationJobSpec(_Model):
             )
         if self.selection is not None and self.variants is None:
             raise ValueError("spec.selection: only with spec.variants")
+        objective = self.selection.objective if self.selection else Objective.smallest
+        if objective is not Objective.smallest and not self.validation.enabled:
+            # it chose the smallest, saying "smallest passing" (variants trial)
+            raise ValueError(
+                f"spec.selection.objective: {objective.value} is measured by validation "
+                "(latency, outputs compared), and spec.validation.enabled is false: choose "
+                "smallest, or enable validation"
+            )
         if self.variants is None:
             q = self.quantization
             if self.output.besideOriginals and q and q.name and q.name != q.precision.value:

@@ -53,7 +53,9 @@ def choose(outcomes: list[VariantOutcome], objective: Objective) -> VariantOutco
     """The passing variant that best meets ``objective`` (None when none passed):
     ``smallest`` the fewest bytes, ``fastest`` the lowest median latency on the job's
     execution provider, ``mostAccurate`` the highest worst-output cosine similarity, then the
-    lowest mean abs error. Ties go to the earlier variant in the spec."""
+    lowest mean abs error. Ties go to the earlier variant in the spec: equal sizes are not
+    told apart by latency, whose noise made reruns of an unchanged job promote another
+    variant each time, renaming what production reads (variants trial)."""
     passing = [o for o in outcomes if o.entry.passed]
     if not passing:
         return None
@@ -67,9 +69,9 @@ def choose(outcomes: list[VariantOutcome], objective: Objective) -> VariantOutco
             cosine = e.cosineSimilarity if e.cosineSimilarity is not None else -1.0
             mae = e.meanAbsError if e.meanAbsError is not None else float("inf")
             return (-cosine, mae, size)
-        return (size, _latency(e))
+        return (size,)
 
-    return min(passing, key=key)
+    return min(passing, key=key)  # the first of equal keys: spec order
 
 
 def why_chosen(chosen: VariantOutcome, objective: Objective, original_bytes: int) -> str:

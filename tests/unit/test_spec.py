@@ -227,6 +227,9 @@ def test_variants_get_default_names_and_their_own_tolerances():
          "exactly one of them"),
         (with_variants([{"precision": "fp16"}], selection={"objective": "cheapest"}),
          "selection.objective"),
+        (with_variants([{"precision": "fp16"}], selection={"objective": "fastest"},
+                       validation={"enabled": False}),
+         "spec.selection.objective: fastest is measured by validation"),
         (with_variants([{"precision": "int8", "mode": "static"}]),
          "spec.variants[0].calibration: required with mode static"),
         (with_variants([{"precision": "fp16", "weightType": "QInt8"}]),
@@ -282,3 +285,22 @@ def test_int4_names_follow_transformers_js_and_refuse_foreign_knobs():
         with pytest.raises(InvalidSpec) as info:
             parse_job(job(**knobs))
         assert needle in str(info.value), knobs
+
+
+def test_equal_sizes_go_to_the_earlier_variant_whatever_their_latency():
+    """Variants trial: two FP16 variants of one size were told apart by measured latency,
+    so reruns of an unchanged job promoted a, b, b, b: what production read was renamed."""
+    from kquant_api import Objective
+    from kquant_api.result import LatencyMs, VariantResult
+    from kquant_job.variants import VariantOutcome, choose
+
+    def outcome(name: str, latency: float, size: int = 1000) -> VariantOutcome:
+        return VariantOutcome(VariantResult(
+            name=name, precision="fp16", passed=True, reason="Validated", quantizedBytes=size,
+            latencyMs=LatencyMs(original=1.0, quantized=latency)))  # fmt: skip
+
+    a, b = outcome("a", 1.3), outcome("b", 1.1)
+    assert choose([a, b], Objective.smallest) is a
+    assert choose([b, a], Objective.smallest) is b
+    assert choose([a, b, outcome("c", 2.0, size=999)], Objective.smallest).entry.name == "c"
+    assert choose([a, b], Objective.fastest) is b
