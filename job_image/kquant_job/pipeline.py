@@ -215,7 +215,7 @@ def run_job(job: QuantizationJob, work: Path) -> JobResult:
     ValidationFailed) with their reasons; the CLI turns them into a failed JobResult. A
     failure after the output's preflight carries ``detail["report_uri"]``: its report.json.
     """
-    run, started = JobRun(job, work, Limits.from_env()), now()
+    run, started = JobRun(job, work, Limits.from_env().started()), now()
     out, promo = open_targets(run)
     try:
         return _run(run, out, promo, started)

@@ -460,3 +460,33 @@ def test_an_outcome_channel_past_its_bound_is_an_unsafe_model(tmp_path, monkeypa
     with pytest.raises(PassError, match="more than 16 bytes arrived") as info:
         runner.run_task(task, tmp_path / "box2", [tmp_path], Limits(2**31, 60.0))
     assert info.value.reason.value == "UnsafeModel"
+
+
+def test_the_stages_of_one_job_share_its_time_limit(tmp_path):
+    """Variants trial: each variant's stage got the whole limit, so a job of 8 variants ran
+    8 times KQUANT_SANDBOX_TIMEOUT_SECONDS, past the Job's deadline (killed, no result). A
+    started job's stages end by one deadline: a second stage gets what the first left."""
+    import time
+
+    from kquant_job.errors import PassError
+    from kquant_job.sandbox.limits import Limits
+    from kquant_job.sandbox.runner import _Relay, _watch
+
+    box = tmp_path / "box"
+    box.mkdir()
+    limits = Limits(2**30, 3.0).started()
+
+    def stage(seconds: float) -> int:
+        code = f"import time; time.sleep({seconds})"
+        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, text=True)
+        return _watch(proc, box, limits, _Relay(b"k" * 32), "conversion")
+
+    assert stage(1.5) == 0  # within the job's 3 s
+    start = time.monotonic()
+    with pytest.raises(PassError) as info:
+        stage(2.5)  # alone it fits 3 s; after the first, 1.5 s are left
+    assert info.value.reason.value == "TimeLimitExceeded"
+    assert time.monotonic() - start < 2.4
+    assert "for the job's model stages" in str(info.value)
+    fresh = Limits(2**30, 3.0)  # not started: each stage its own limit, as before
+    assert fresh.stage_deadline() - time.monotonic() > 2.9

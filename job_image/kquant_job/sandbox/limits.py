@@ -5,8 +5,9 @@ variable                               meaning (default)
 =====================================  ==========================================================
 KQUANT_SANDBOX_MEMORY_BYTES            data memory of the sandboxed process, bytes (90 % of the
                                        container's cgroup memory limit, else of the RAM)
-KQUANT_SANDBOX_TIMEOUT_SECONDS         wall-clock time of the stage, seconds (10800; the operator
-                                       sets 90 % of the Job's activeDeadlineSeconds)
+KQUANT_SANDBOX_TIMEOUT_SECONDS         wall-clock time of the job's model stages together,
+                                       seconds, from the job's start (10800; the operator sets
+                                       90 % of the Job's activeDeadlineSeconds)
 KQUANT_SANDBOX_REQUIRE_LANDLOCK        ``true``: refuse to run model code when the kernel has no
                                        Landlock (default: run, and report what was enforced)
 =====================================  ==========================================================
@@ -15,7 +16,9 @@ KQUANT_SANDBOX_REQUIRE_LANDLOCK        ``true``: refuse to run model code when t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +52,27 @@ def machine_memory(limits: tuple[Path, ...] = _CGROUP_LIMITS) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds of one sandboxed stage: memory (bytes, RLIMIT_DATA), wall time (seconds) and
-    whether running without Landlock is refused."""
+    """Bounds of the sandboxed stages: memory (bytes, RLIMIT_DATA), wall time (seconds),
+    whether running without Landlock is refused, and ``deadline`` (``time.monotonic()``):
+    set by :meth:`started`, the end of the time every stage of one job shares; unset, each
+    stage gets ``timeout_seconds`` of its own."""
 
     memory_bytes: int
     timeout_seconds: float
     require_landlock: bool = False
+    deadline: float | None = None
+
+    def started(self) -> Limits:
+        """These bounds with the time limit counted from now for every stage to come: a job
+        of N variants ran N stages of the whole limit each, past the Job's deadline, and
+        the pod was killed with no result (variants trial)."""
+        return dataclasses.replace(self, deadline=time.monotonic() + self.timeout_seconds)
+
+    def stage_deadline(self) -> float:
+        """When the stage starting now must end (``time.monotonic()``)."""
+        if self.deadline is not None:
+            return self.deadline
+        return time.monotonic() + self.timeout_seconds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:

@@ -326,7 +326,7 @@ def _watch(proc: subprocess.Popen[str], box: Path, limits: Limits, relay: _Relay
     volume has left for it (:func:`~kquant_job.sandbox.limits.disk_allowance`; PassError
     DiskLimitExceeded): model code may write what it likes in its folder, and a full work
     volume gets the pod evicted with no result at all."""
-    deadline = time.monotonic() + limits.timeout_seconds
+    deadline = limits.stage_deadline()
     allowance = disk_allowance(box)
     while True:
         left = deadline - time.monotonic()
@@ -338,8 +338,9 @@ def _watch(proc: subprocess.Popen[str], box: Path, limits: Limits, relay: _Relay
             return code  # (measured once more: a child quicker than a poll is measured too)
         if code is None and time.monotonic() >= deadline:
             error = PassError(
-                f"the {what} ran past the sandbox's time limit ({limits.timeout_seconds:g} s, "
-                f"KQUANT_SANDBOX_TIMEOUT_SECONDS) {relay.where()} and was killed",
+                f"the {what} ran past the sandbox's time limit ({limits.timeout_seconds:g} s "
+                f"for the job's model stages, KQUANT_SANDBOX_TIMEOUT_SECONDS) {relay.where()} "
+                "and was killed",
                 reason=Reason.TimeLimitExceeded,
             )
         elif (used := allocated_bytes(box) + held_bytes(proc.pid, box)) > allowance:
