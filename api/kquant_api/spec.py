@@ -1010,7 +1010,9 @@ def format_validation_error(exc: ValidationError) -> str:
     """
     lines = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
+        # list items as [i], as the messages of our own validators write them
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        path = path.removeprefix(".")
         msg = err["msg"].removeprefix("Value error, ")
         loc = list(err["loc"])
         at = loc.index("variants") + 1 if "variants" in loc else len(loc)

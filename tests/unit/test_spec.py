@@ -304,3 +304,9 @@ def test_equal_sizes_go_to_the_earlier_variant_whatever_their_latency():
     assert choose([b, a], Objective.smallest) is b
     assert choose([a, b, outcome("c", 2.0, size=999)], Objective.smallest).entry.name == "c"
     assert choose([a, b], Objective.fastest) is b
+
+
+def test_a_variants_field_is_named_as_the_other_messages_name_it():
+    """Variants trial: ``spec.variants.0.name`` beside ``spec.variants[0].calibration``."""
+    with pytest.raises(InvalidSpec, match=r"spec\.variants\[0\]\.name: String should match"):
+        parse_job(with_variants([{"precision": "fp16", "name": "FP16!"}]))
