@@ -56,8 +56,9 @@ URI_FIELDS = (
 _QUANTITY = {
     "anyOf": [{"type": "integer"}, {"type": "string"}],
     "x-kubernetes-int-or-string": True,
+    # quantity.go's grammar, with the exponent an integer as its parser reads it (ParseInt)
     "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+    r"([eE](\+|-)?[0-9]+))?$",
 }
 # Kubernetes-native pass-through fields, in the shapes of core/v1 (ResourceRequirements,
 # Toleration); affinity is too large to inline and is kept as given.

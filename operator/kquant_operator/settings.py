@@ -57,9 +57,10 @@ DEFAULT_WORKER_IMAGE = "ghcr.io/kquant/kquant-job:0.1.0"
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 # Kubernetes resource.Quantity, from k8s.io/apimachinery/pkg/api/resource/quantity.go.
+# Matched whole (fullmatch: ``$`` let "1\n" through); the exponent is an integer, as
+# quantity.go reads it (ParseInt; "1e1.5" is no quantity).
 _QUANTITY = re.compile(
-    r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-    r"(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?$"
+    r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?"
 )
 # RFC 1123 label (namespaces are labels), at most 63 characters.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -99,8 +100,10 @@ def normalize_resources(value: Any, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}.{key}: unknown field (expected limits, requests, claims)")
         section = value[key]
         if key == "claims":
-            if not isinstance(section, list):
-                raise ValueError(f"{where}.claims: expected a list")
+            if not isinstance(section, list) or not all(
+                isinstance(c, Mapping) and isinstance(c.get("name"), str) for c in section
+            ):
+                raise ValueError(f"{where}.claims: expected a list of {{name: ...}}")
             out[key] = [dict(c) for c in section]
             continue
         if not isinstance(section, Mapping):
@@ -127,10 +130,10 @@ def quantity(value: Any, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{where}: expected a quantity such as 16Gi or 1, got {value!r}")
     text = str(value)
-    if len(text) > MAX_QUANTITY_CHARS or not _QUANTITY.match(text):
+    if len(text) > MAX_QUANTITY_CHARS or not _QUANTITY.fullmatch(text):
         raise ValueError(f"{where}: {text!r} is not a Kubernetes quantity (e.g. 16Gi, 500m, 1)")
-    exponent = re.search(r"[eE]([+-]?[0-9.]+)$", text)
-    if exponent and abs(Decimal(exponent.group(1))) > MAX_EXPONENT:
+    exponent = re.search(r"[eE]([+-]?[0-9]+)\Z", text)
+    if exponent and abs(int(exponent.group(1))) > MAX_EXPONENT:
         raise ValueError(f"{where}: {text!r} is beyond a Kubernetes quantity (at most 2^63-1)")
     amount = parse_quantity(text)
     if amount < 0:

@@ -31,6 +31,8 @@ def allowed(image: str, pattern: str) -> bool:
         ("registry.example.com/kquant/job:v1", "registry.example.com/kquant/job"),  # latest
         ("registry.example.com/kquant/job@" + DIGEST, "registry.example.com/kquant/job:v1"),
         ("kquant/job:*", "ghcr.io/kquant/job:1"),  # no host: docker.io's
+        ("kquant-*/worker", "kquant-x.evil.com/worker"),  # a glob makes no host (review)
+        ("ghcr.io/kquant/kquant-job:0.2.?", f"ghcr.io/kquant/kquant-job:0.2.1@{DIGEST}"),
     ],
 )
 def test_a_glob_stays_within_its_part_of_the_reference(pattern: str, image: str) -> None:
@@ -44,7 +46,10 @@ def test_a_glob_stays_within_its_part_of_the_reference(pattern: str, image: str)
     [
         ("*.dkr.ecr.*.amazonaws.com/kquant/*", "1234.dkr.ecr.eu-west-1.amazonaws.com/kquant/j:1"),
         ("registry.example.com/kquant/*", "registry.example.com/kquant/job:dev"),
-        ("registry.example.com/kquant/*", "REGISTRY.example.com/kquant/job"),  # hosts: any case
+        ("kquant-*/worker", "kquant-team/worker"),  # Docker Hub accounts
+        ("python:3.11", "docker.io/python:3.11"),  # library/ after an explicit docker.io
+        ("docker.io/python:3.11", "python:3.11"),
+        ("[::1]:5000/team/*", "[::1]:5000/team/x:1"),
         ("registry.local:5000/kquant/job", "registry.local:5000/kquant/job@" + DIGEST),
         ("registry.example.com/kquant/job@" + DIGEST, "registry.example.com/kquant/job@" + DIGEST),
         ("docker.io/library/python:3.*", "python:3.11"),
@@ -65,6 +70,12 @@ def test_images_a_pattern_admits(pattern: str, image: str) -> None:
         ("ghcr.io/kquant/kquant-job:0.1.0 ", "tag"),
         ("ghcr.io/kquant/Job:1", "path component"),
         ("ghcr.io/kquant/job@sha256:xyz", "digest"),
+        ("ghcr.io/kquant/job@sha256:" + "ab" * 16, "digest"),  # 32 hex: no sha256
+        ("ghcr.io/kquant/job@md5:" + "ab" * 32, "digest"),
+        ("ghcr.io/kquant/job\n", "path component"),  # $ once let a newline through
+        ("ghcr.io/kquant/job:\u0661\u0662", "tag"),  # other digits: not containerd's
+        ("REGISTRY.example.com/kquant/job", "lower-case host"),
+        ("a" * 250, "longer than 255"),
         ("ghcr.io/kquant/job:", "tag"),
         (" ", "path component"),
     ],
@@ -146,3 +157,19 @@ def test_a_priority_class_is_the_default_or_an_allowed_one() -> None:
     listed = OperatorSettings(allowed_priority_classes=("batch-*",))
     job = build_job(qjob(priorityClassName="batch-high"), listed)
     assert job["spec"]["template"]["spec"]["priorityClassName"] == "batch-high"
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [("1\n", "not a Kubernetes quantity"), ("1e1.5", "not a Kubernetes quantity")],
+)
+def test_what_the_api_server_reads_as_no_quantity_is_refused(value: str, said: str) -> None:
+    """Review: ``$`` let a trailing newline through, and quantity.go reads the exponent as
+    an integer (the operator then failed in parse_quantity, naming no field)."""
+    with pytest.raises(ValueError, match=said):
+        quantity(value, "spec.resources.limits.cpu")
+
+
+def test_a_malformed_claim_is_a_value_error_naming_the_variable() -> None:
+    with pytest.raises(ValueError, match=r"KQUANT_DEFAULT_RESOURCES\.claims"):
+        OperatorSettings.from_env({"KQUANT_DEFAULT_RESOURCES": '{"claims": [1]}'})

@@ -464,7 +464,8 @@ def test_only_the_worker_image_and_allowed_images_and_service_accounts_run():
         assert _pod(build_job(qjob(image=image), listed))["containers"][0]["image"] == image
     with pytest.raises(InvalidQuantizationJob):
         build_job(qjob(image="registry.local/other/job:dev"), listed)
-    assert build_job(qjob(image="REGISTRY.local/kquant/job:dev"), listed)  # a host: any case
+    with pytest.raises(InvalidQuantizationJob, match="lower-case host"):
+        build_job(qjob(image="REGISTRY.local/kquant/job:dev"), listed)  # mirrors: as written
     with pytest.raises(InvalidQuantizationJob, match="not an image reference"):
         build_job(qjob(image="registry.local/Kquant/job:dev"), listed)  # paths: lower case
     assert _pod(build_job(qjob(serviceAccountName="team-a"), listed))["serviceAccountName"]
