@@ -516,3 +516,27 @@ def test_a_uri_of_another_scheme_is_invalid_spec_not_a_missing_path(uri: str) ->
     with pytest.raises(InvalidSpec, match="file:// and s3://"):
         open_storage(uri)
     assert open_storage("relative/path.onnx") and open_storage("file:///m/")
+
+
+def test_a_temporary_file_renamed_while_uploads_are_listed_is_not_an_error(tmp_path, monkeypatch):
+    """Full-suite run: a concurrent writer renamed its marker's temporary file into place
+    between the listing's walk and its stat, and the other run failed as SourceNotFound."""
+    from kquant_job.storage import file as module
+    from kquant_job.storage.paths import temp_path
+
+    fs = FileStorage()
+    kept = temp_path(tmp_path / "sets" / "a" / "set.json")
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"half")
+    renamed = temp_path(tmp_path / "sets" / "a" / "model.onnx")  # listed, then gone
+    real_walk = module.os.walk
+
+    def walk_then_rename(top, *args, **kwargs):
+        for folder, dirs, names in real_walk(top, *args, **kwargs):
+            if folder == str(kept.parent):
+                names = [*names, renamed.name]
+            yield folder, dirs, names
+
+    monkeypatch.setattr(module.os, "walk", walk_then_rename)
+    uploads = fs.list_uploads(f"file://{tmp_path}/")
+    assert [u.key for u in uploads] == [f"sets/a/{kept.name}"]

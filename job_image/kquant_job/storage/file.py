@@ -346,21 +346,29 @@ class FileStorage(Storage):
             return None
 
     def list_uploads(self, prefix_uri: str) -> list[Upload]:
-        """Temporary ``*.kquant-part`` files below ``prefix_uri``, with their mtimes and
-        whether their writer still runs."""
+        """Temporary ``*.kquant-part`` files below ``prefix_uri`` (links not followed), with
+        their mtimes and whether their writer still runs. One renamed into place or removed
+        while the tree is walked, or in a folder removed meanwhile, is not listed: another
+        writer's marker, renamed between the walk and its stat, failed a concurrent run as
+        SourceNotFound (full-suite run)."""
         root = to_path(prefix_uri)
         found: list[Upload] = []
         if not root.is_dir():
             return found
-        try:
-            for path in root.rglob(f"*{TEMP_SUFFIX}"):
-                ours = temp_target(path.name) is not None  # not a user's "x.kquant-part"
-                if ours and path.is_file() and not path.is_symlink():
+        for folder, _, names in os.walk(root):  # a folder gone meanwhile is skipped
+            for name in names:
+                if not name.endswith(TEMP_SUFFIX) or temp_target(name) is None:
+                    continue  # not kquant's format: a user's "x.kquant-part"
+                path = Path(folder) / name
+                try:
+                    st = path.lstat()
+                except FileNotFoundError:
+                    continue  # renamed into place or removed since the walk
+                except OSError as exc:
+                    raise os_error(exc, prefix_uri, "list") from None
+                if stat.S_ISREG(st.st_mode):
                     key = path.relative_to(root).as_posix()
-                    alive = temp_writer_alive(path.name)
-                    found.append(Upload(key, key, path.stat().st_mtime, alive))
-        except OSError as exc:
-            raise os_error(exc, prefix_uri, "list") from None
+                    found.append(Upload(key, key, st.st_mtime, temp_writer_alive(name)))
         return sorted(found, key=lambda u: u.key)
 
     def prune(self, prefix_uri: str) -> None:
