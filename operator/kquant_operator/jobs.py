@@ -170,7 +170,7 @@ def _check_allowed(image: str, account: str | None, settings: OperatorSettings) 
             f"{settings.worker_image!r}, or one matching KQUANT_ALLOWED_IMAGES (chart value "
             f"worker.allowedImages: {list(settings.allowed_images)})"
         )
-    if account and not DNS_SUBDOMAIN.match(account):
+    if account and not DNS_SUBDOMAIN.fullmatch(account):
         raise InvalidQuantizationJob(
             f"spec.serviceAccountName: {account!r} is not a ServiceAccount name (lower-case "
             "RFC 1123 subdomain)"

@@ -282,7 +282,7 @@ def _names(
     matching ``pattern`` (Kubernetes' name rules for a ``kind``), else ValueError."""
     items = tuple(n.strip() for n in env.get(name, "").split(",") if n.strip())
     for item in items:
-        if not pattern.match(item):
+        if not pattern.fullmatch(item):
             raise ValueError(f"{name}: {item!r} is not a {kind} name")
     return items
 

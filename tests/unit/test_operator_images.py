@@ -106,6 +106,8 @@ def test_a_service_account_that_is_no_name_is_refused_before_the_api_server() ->
     settings = OperatorSettings(allowed_service_accounts=("kquant-*",))
     with pytest.raises(InvalidQuantizationJob, match="is not a ServiceAccount name"):
         build_job(qjob(serviceAccountName="kquant-../default"), settings)
+    with pytest.raises(InvalidQuantizationJob, match="is not a ServiceAccount name"):
+        build_job(qjob(serviceAccountName="kquant-worker\n"), settings)  # matched whole
 
 
 @pytest.mark.parametrize("size", ["1e5000", "1e9999999", "9" * 80, "1e31", "10000000000Ei"])
