@@ -176,6 +176,17 @@ def test_a_folder_gets_one_subfolder_per_variant(tmp_path: Path) -> None:
                                         "report.json", "manifest.json"])  # fmt: skip
     assert (tmp_path / "out" / "q8" / "config.json").read_text() == '{"sample_rate": 16000}'
 
+    # a next generation without q8: its names go, and its folder with them (variants trial:
+    # an empty q8/ stayed behind)
+    job["metadata"]["generation"] = 2
+    job["spec"]["output"]["overwrite"] = True
+    job["spec"]["variants"] = job["spec"]["variants"][:1]
+    again = run_worker(job, tmp_path / "again", dict(os.environ))
+    assert again.code == 0, again.log
+    assert out.fixed_names() == sorted(["fp16/silero_vad.onnx", "fp16/config.json",
+                                        "report.json", "manifest.json"])  # fmt: skip
+    assert not (tmp_path / "out" / "q8").exists()
+
 
 def test_the_variants_example_promotes_the_best_silero_variant(s3_server, worker_env, tmp_path):
     import yaml

@@ -108,6 +108,9 @@ def _sync_once(state: PrefixState, outcome: MirrorOutcome) -> list[str]:
         except StorageError as exc:
             if exc.reason is not Reason.ConcurrentWrite:
                 raise  # replaced since the stat: no longer ours to remove
+            continue
+        if "/" in name:  # a variant's or a model folder's: left empty locally (trial)
+            state.storage.prune(state.uri(name.rsplit("/", 1)[0] + "/"))
     return contested
 
 
