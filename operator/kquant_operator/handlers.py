@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 import kopf
@@ -151,9 +152,14 @@ def in_scope(namespace: str | None, memo: kopf.Memo, **_: Any) -> bool:
     return ours is None or ours.cluster_wide or namespace in ours.watch_namespaces
 
 
-async def _write_status(kube: Kube, qjob: dict[str, Any], new: dict[str, Any]) -> bool:
+async def _write_status(
+    kube: Kube, qjob: dict[str, Any], new: dict[str, Any], direct_events: bool = False
+) -> bool:
     """Merge-patch ``new`` into the CR's status unless it is already there; guarded by the
-    CR's resourceVersion (409 Conflict when someone wrote in between). True if written."""
+    CR's resourceVersion (409 Conflict when someone wrote in between). True if written.
+    Its Events go through kopf's poster inside a handler, through our client
+    (``direct_events``) from the resync loop, where kopf has no poster: there a verdict's
+    Event was lost and the resync logged a failure after the status was written (trial)."""
     old = qjob.get("status") or {}
     patch = status_patch(old, new)
     if all(old.get(k) == v for k, v in patch.items()):
@@ -162,8 +168,45 @@ async def _write_status(kube: Kube, qjob: dict[str, Any], new: dict[str, Any]) -
     body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
     await kube.merge_patch(_qjob_path(meta["namespace"], meta["name"], "status"), body)
     for etype, reason, message in events_for(old, new):
-        kopf.event(qjob, type=etype, reason=reason, message=message)
+        if direct_events:
+            await _post_event(kube, qjob, etype, reason, message)
+        else:
+            kopf.event(qjob, type=etype, reason=reason, message=message)
     return True
+
+
+async def _post_event(
+    kube: Kube, qjob: dict[str, Any], etype: str, reason: str, message: str
+) -> None:
+    """POST a core/v1 Event about ``qjob``, as kopf posts its own (the operator's RBAC:
+    events create). A refused one is logged: the status it reports is written already."""
+    meta = qjob["metadata"]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "reason": reason,
+        "message": message[:1024],  # the API server's limit on an Event's message
+        "type": etype,
+        "source": {"component": "kquant-operator"},
+        "reportingComponent": "kquant-operator",
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        await kube.create(path("", "v1", "events", meta["namespace"]), body)
+    except ApiError as exc:
+        logging.getLogger("kquant").warning("Event %s on %s not posted: %s",
+                                            reason, meta["name"], exc)  # fmt: skip
 
 
 async def _create_or_adopt(
@@ -436,14 +479,20 @@ async def _resync_one(kube: Kube, qjob: dict[str, Any], logger: kopf.Logger) -> 
         return
     owner = _owner(job)
     if owner is not None and _ours(job, qjob, meta["generation"]):  # never someone else's
-        await _sync_status(kube, owner, job, False, logger)
+        await _sync_status(kube, owner, job, False, logger, direct_events=True)
 
 
 async def _sync_status(
-    kube: Kube, owner: dict[str, Any], job: dict[str, Any], deleted: bool, logger: kopf.Logger
+    kube: Kube,
+    owner: dict[str, Any],
+    job: dict[str, Any],
+    deleted: bool,
+    logger: kopf.Logger,
+    direct_events: bool = False,
 ) -> None:
     """Write the status of ``owner`` (the Job's ownerReference) derived from ``job`` and
-    its pods, retrying Conflicts and transient errors STATUS_ATTEMPTS times."""
+    its pods, retrying Conflicts and transient errors STATUS_ATTEMPTS times
+    (``direct_events``: see :func:`_write_status`)."""
     namespace, jname = job["metadata"]["namespace"], job["metadata"]["name"]
     paused = False
     for attempt in range(STATUS_ATTEMPTS):
@@ -476,7 +525,7 @@ async def _sync_status(
             status = derive_status(qjob, job, pods)
             if deleted and status.get("phase") not in TERMINAL:
                 status = lost_status(qjob, job["metadata"]["name"])
-            await _write_status(kube, qjob, status)
+            await _write_status(kube, qjob, status, direct_events)
             return
         except ApiError as exc:
             if exc.status == 404:
