@@ -474,19 +474,19 @@ def test_the_stages_of_one_job_share_its_time_limit(tmp_path):
 
     box = tmp_path / "box"
     box.mkdir()
-    limits = Limits(2**30, 3.0).started()
+    limits = Limits(2**30, 4.0).started()
 
     def stage(seconds: float) -> int:
         code = f"import time; time.sleep({seconds})"
         proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, text=True)
         return _watch(proc, box, limits, _Relay(b"k" * 32), "conversion")
 
-    assert stage(1.5) == 0  # within the job's 3 s
+    assert stage(2.0) == 0  # within the job's 4 s (margins for a loaded CI machine)
     start = time.monotonic()
     with pytest.raises(PassError) as info:
-        stage(2.5)  # alone it fits 3 s; after the first, 1.5 s are left
+        stage(3.5)  # alone it fits 4 s; after the first, about 2 s are left
     assert info.value.reason.value == "TimeLimitExceeded"
-    assert time.monotonic() - start < 2.4
+    assert time.monotonic() - start < 3.0
     assert "for the job's model stages" in str(info.value)
-    fresh = Limits(2**30, 3.0)  # not started: each stage its own limit, as before
-    assert fresh.stage_deadline() - time.monotonic() > 2.9
+    fresh = Limits(2**30, 4.0)  # not started: each stage its own limit, as before
+    assert fresh.stage_deadline() - time.monotonic() > 3.9
