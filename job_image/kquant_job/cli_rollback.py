@@ -50,11 +50,13 @@ def split_home(uri: str) -> tuple[str, str]:
     ``manifest.json``, or the folder of an output beside the originals
     (``models/.kquant/beside-fp16/``: prefix ``models/``, home ``.kquant/beside-fp16/``,
     whose fixed names sit in ``models/``)."""
-    uri = uri.removesuffix("manifest.json").rstrip("/") + "/"
-    head, marker, rest = uri.rpartition("/.kquant/")
-    folder = rest.rstrip("/")
-    if marker and folder and "/" not in folder and folder != "sets":
-        return head + "/", f".kquant/{folder}/"
+    from kquant_job.sets.layout import KQUANT_DIR, MANIFEST, SETS
+
+    uri = uri.removesuffix(MANIFEST).rstrip("/") + "/"
+    head, marker, rest = uri.rpartition(f"/{KQUANT_DIR}")
+    home = f"{KQUANT_DIR}{rest}"
+    if marker and rest.count("/") == 1 and rest != "/" and home != SETS:
+        return head + "/", home
     return uri, ""
 
 

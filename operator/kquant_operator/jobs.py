@@ -12,6 +12,7 @@ is (``kopf.adopt`` would also copy the CR's labels, e.g. an Argo CD tracking lab
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import re
@@ -155,8 +156,6 @@ def _check_allowed(image: str, account: str | None, settings: OperatorSettings) 
     matching KQUANT_ALLOWED_IMAGES part by part (:mod:`kquant_operator.images`: a ``*``
     never crosses a ``/``), ServiceAccounts matching KQUANT_ALLOWED_SERVICE_ACCOUNTS
     (fnmatch patterns, case-sensitive)."""
-    import fnmatch
-
     try:
         ref = parse_image(image)
     except ValueError as exc:
@@ -175,14 +174,17 @@ def _check_allowed(image: str, account: str | None, settings: OperatorSettings) 
             f"spec.serviceAccountName: {account!r} is not a ServiceAccount name (lower-case "
             "RFC 1123 subdomain)"
         )
-    if account and not any(
-        fnmatch.fnmatchcase(account, p) for p in settings.allowed_service_accounts
-    ):
+    if account and not _matches_any(account, settings.allowed_service_accounts):
         raise InvalidQuantizationJob(
             f"spec.serviceAccountName: {account!r} is not a ServiceAccount this operator runs "
             "worker pods as: it must match KQUANT_ALLOWED_SERVICE_ACCOUNTS (chart value "
             f"worker.allowedServiceAccounts: {list(settings.allowed_service_accounts)})"
         )
+
+
+def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``name`` matches one of the fnmatch ``patterns`` (case-sensitive)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _check_priority(name: str | None, settings: OperatorSettings) -> None:
@@ -191,11 +193,9 @@ def _check_priority(name: str | None, settings: OperatorSettings) -> None:
     KQUANT_ALLOWED_PRIORITY_CLASSES. A high class lets the worker pod preempt other
     tenants' pods, which whoever may create only QuantizationJobs could not do (operator
     trial)."""
-    import fnmatch
-
     if not name or name == settings.default_priority_class_name:
         return
-    if not any(fnmatch.fnmatchcase(name, p) for p in settings.allowed_priority_classes):
+    if not _matches_any(name, settings.allowed_priority_classes):
         raise InvalidQuantizationJob(
             f"spec.priorityClassName: {name!r} is not a PriorityClass this operator runs "
             "worker pods with: the default "
