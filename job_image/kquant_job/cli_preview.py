@@ -219,11 +219,13 @@ def _plan_lines(plan: dict[str, Any], at: str) -> list[str]:
     for rel, out in plan["copies"].items():
         lines.append(f"{at}copy {rel}" + (f" -> {out}" if out != rel else ""))
     for rel, kept in plan["kept"].items():
-        where = f" (copied to {kept['output']})" if kept["output"] not in (None, rel) else ""
-        published = "" if kept["output"] else " (not published)"
-        lines.append(f"{at}keep {rel} as it is{where}{published}: {kept['why']}")
-    if plan["left"]:
-        lines.append(f"{at}leave alone: {', '.join(plan['left'])}")
+        where = f" (copied to {kept['output']})" if kept["output"] != rel else ""
+        lines.append(f"{at}keep {rel} as it is{where}: {kept['why']}")
+    why = plan.get("leftWhy") or {}  # model files kept by a pattern: each with its reason
+    plain = [rel for rel in plan["left"] if rel not in why]
+    if plain:
+        lines.append(f"{at}leave alone: {', '.join(plain)}")
+    lines += [f"{at}leave alone {rel}: {why[rel]}" for rel in plan["left"] if rel in why]
     for warning in plan["warnings"]:
         lines.append(f"{at}WARNING {warning}")
     return lines

@@ -283,8 +283,9 @@ def _validator(
 def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
     """The dry run: what :func:`convert_and_validate` would do, converting nothing. Returns
     ``{"models": [{source, format, pass, output, bytes, external, validation, refused}], "copies"
-    (source -> output path), "kept" (source -> {why, output: its copy's path or None}),
-    "left" (source files not published), "folders" (the set's output folders),
+    (source -> output path), "kept" (model files copied unconverted: source -> {why, output:
+    its copy's path}), "left" (source files not published), "leftWhy" (source -> why, for
+    the model files among them a pattern kept), "folders" (the set's output folders),
     "warnings"}``; ``validation`` is None when off, else ``{kind, inputs}`` with the inputs
     chosen (found by kquant, or the number of sample files); ``refused`` None, or the
     ``{reason, message}`` an ONNX pass would refuse the model with before converting (then
@@ -333,9 +334,13 @@ def plan_stage(job: QuantizationJob, io: StageInput) -> dict[str, Any]:
             }
         )
     copies = {c: out for c, out in names.copies.items() if c not in plan.kept}
-    kept = {c: {"why": why, "output": names.copies.get(c)} for c, why in plan.kept.items()}
+    # each file in one category: a kept model file beside the originals that no folder
+    # takes is left alone, not kept (new-user trial: an excluded hift.pt was listed as both)
+    kept = {c: {"why": why, "output": names.copies[c]} for c, why in plan.kept.items()
+            if c in names.copies}  # fmt: skip
+    left_why = {c: plan.kept[c] for c in names.left if c in plan.kept}
     return {"models": models, "copies": copies, "kept": kept, "left": names.left,
-            "folders": names.folders, "warnings": plan.warnings}  # fmt: skip
+            "leftWhy": left_why, "folders": names.folders, "warnings": plan.warnings}  # fmt: skip
 
 
 def _refusal(src: Path, rel: str, precision: Precision) -> dict[str, str] | None:

@@ -215,3 +215,25 @@ def test_a_foreign_file_at_a_promotion_name_is_refused_before_converting(tmp_pat
     assert run.result["reason"] == "ForeignObject" and "spec.promotion.uri" in run.result["message"]
     assert "convert " not in run.log and not (tmp_path / "out" / "manifest.json").exists()
     assert (prod / "silero_vad_fp16.onnx").read_text() == "theirs"
+
+
+def test_an_excluded_file_beside_the_originals_is_listed_once_as_left_alone(tmp_path):
+    """New-user trial: beside the originals, the excluded hift.pt was listed both as "keep
+    hift.pt as it is (not published)" and under "leave alone". A file is in one category:
+    left alone, with the pattern that kept it."""
+    folder = models_dir(tmp_path)
+    before = tree(folder)
+    doc = job(f"file://{folder}/", folder)
+    doc["spec"]["output"]["besideOriginals"] = True
+    run = run_worker(doc, tmp_path, extra_args=("--dry-run",))
+    assert run.code == 0, run.log
+    plan = run.log.split("(dry run: nothing converted, nothing written)", 1)[1]
+    lines = [line.strip() for line in plan.splitlines() if line.startswith("  ")]
+    assert not [line for line in lines if line.startswith("keep ")], plan
+    assert [line for line in lines if "hift.pt" in line] == [
+        "leave alone hift.pt: excluded by default (CosyVoice's HiFi-GAN vocoder stays FP32, "
+        "as its users keep it; exclude: [] converts it too)"
+    ], plan
+    assert "leave alone: cosyvoice.yaml" in lines, plan
+    assert "-> llm_fp16.pt with" in plan and "-> vad_fp16.jit with" in plan
+    assert tree(folder) == before
