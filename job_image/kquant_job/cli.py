@@ -203,7 +203,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
         if args.dry_run:  # a dry run writes no result file, whatever it finds (new-user trial)
             return failure_result(None, exc).exit_code
-        results, names = [failure_result(None, exc)], ["manifest"]
+        # no job: the table says what was read and what was wrong with it (it said "job
+        # manifest", whatever was read: new-user trial)
+        failed = failure_result(None, exc)
+        failed._rows.append(("spec", exc.detail.get("read") or "the manifest was not loaded"))
+        results, names = [failed], ["none"]
     else:
         work_root = Path(args.work_dir) if args.work_dir else None
         if args.dry_run:

@@ -129,3 +129,61 @@ def test_an_unwritable_result_file_stops_the_run_before_any_work(tmp_path, capsy
     good = tmp_path / "result.json"
     assert cli.main(["run", str(manifest), "--result-file", str(good)]) == 20
     assert json.loads(good.read_text())["reason"] == "SourceNotFound"
+
+
+def _table_rows(out: str) -> dict[str, str]:
+    rows = (line.strip().split(None, 1) for line in out.splitlines() if line.startswith("  "))
+    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
+
+
+def test_a_manifest_that_does_not_parse_is_named_in_the_table_with_where_it_broke(tmp_path, capsys):
+    """New-user trial: the table said "job  manifest" for a file that was not even YAML,
+    as if a job had been read from it. It names the file read and where parsing stopped."""
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text("apiVersion: kquant.io/v1alpha1\nmetadata: {name: x\nspec: [\n")
+    result = tmp_path / "result.json"
+    assert cli.main(["run", str(manifest), "--result-file", str(result)]) == 10
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows["job"] == "none"
+    assert rows["spec"] == (
+        f"{manifest}: not valid YAML/JSON (line 3, column 5: expected ',' or '}}', but got ':')"
+    )
+    assert json.loads(result.read_text())["reason"] == "InvalidSpec"
+
+
+def test_the_table_names_stdin_or_the_variable_read_and_a_spec_that_is_no_job(
+    tmp_path, capsys, monkeypatch
+):
+    import io
+
+    result = tmp_path / "result.json"
+    monkeypatch.setattr("sys.stdin", io.StringIO("{bad"))
+    assert cli.main(["run", "-", "--result-file", str(result)]) == 10
+    assert _table_rows(capsys.readouterr().out)["spec"].startswith(
+        "<stdin>: not valid YAML/JSON (line 1, column 5: "
+    )
+    doc = absent_model_job(tmp_path, "x")
+    del doc["spec"]["output"]
+    monkeypatch.setenv("KQUANT_JOB", json.dumps(doc))
+    assert cli.main(["run", "--spec-env", "KQUANT_JOB", "--result-file", str(result)]) == 10
+    assert _table_rows(capsys.readouterr().out)["spec"] == (
+        "$KQUANT_JOB document 1: not a valid QuantizationJob"
+    )
+    monkeypatch.delenv("KQUANT_JOB")
+    assert cli.main(["run", "--spec-env", "KQUANT_JOB", "--result-file", str(result)]) == 10
+    assert _table_rows(capsys.readouterr().out)["spec"] == (
+        "nothing read: environment variable KQUANT_JOB is empty or unset"
+    )
+
+
+def test_a_manifest_that_is_not_utf8_fails_as_invalid_spec_with_a_result(tmp_path, capsys):
+    """A binary file given as the manifest raised UnicodeDecodeError: a traceback, exit 1
+    and no result file."""
+    manifest = tmp_path / "job.yaml"
+    manifest.write_bytes(b"\xff\xfe\x00kind")
+    result = tmp_path / "result.json"
+    assert cli.main(["run", str(manifest), "--result-file", str(result)]) == 10
+    assert _table_rows(capsys.readouterr().out)["spec"] == (
+        f"{manifest}: not UTF-8 text (byte 0xff at offset 0)"
+    )
+    assert json.loads(result.read_text())["reason"] == "InvalidSpec"
