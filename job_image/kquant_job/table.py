@@ -76,17 +76,33 @@ def _untested_decisions(model: ModelOutcome) -> list[str]:
     """A threshold rule under which neither model decides positive on any sample passes
     without comparing a segment: with the default 16 samples, Silero's first frames of the
     shipped clip hold no speech, and "segments 0 -> 0" passed any conversion (new-user
-    trial). Said, so that the samples are made to hold some."""
+    trial). Said, so that the samples are made to hold some. Likewise a rule under which
+    both models decide positive on every sample (speech everywhere): one segment spanning
+    the stream, "segments 1 -> 1, boundaries within 0", and no boundary compared (trial)."""
     outputs = ((model.validation or {}).get("report") or {}).get("outputs") or {}
     samples = ((model.validation or {}).get("summary") or {}).get("samples")
     over = f" over its {samples} samples" if samples else ""
-    return [
-        f"{model.source}: output {name}: no decision above the threshold in either model"
-        f"{over}: the decisions rule compared no segment; validate on samples that hold "
-        "some (validation.samples, default 16; validation.dataUri)"
-        for name, m in outputs.items()
-        if m.get("segmentsOriginal") == 0 and m.get("segmentsConverted") == 0
-    ]
+    notes = []
+    for name, m in outputs.items():
+        if m.get("segmentsOriginal") == 0 and m.get("segmentsConverted") == 0:
+            notes.append(
+                f"{model.source}: output {name}: no decision above the threshold in either "
+                f"model{over}: the decisions rule compared no segment; validate on samples "
+                "that hold some (validation.samples, default 16; validation.dataUri)"
+            )
+        elif (
+            m.get("decisions")
+            and m.get("positiveOriginal") == m["decisions"]
+            and m.get("decisionAgreement") == 1.0
+        ):
+            notes.append(
+                f"{model.source}: output {name}: all {m['decisions']} decisions above the "
+                f"threshold in both models{over}: one segment spanning the stream, no start "
+                "or end to compare, so the decisions rule measured only that both stay "
+                "positive; validate on samples that also hold some below it "
+                "(validation.samples, default 16; validation.dataUri)"
+            )
+    return notes
 
 
 def result_notes(

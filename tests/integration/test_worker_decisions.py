@@ -98,3 +98,25 @@ def test_a_rule_that_compared_no_segment_says_so(tmp_path, speech):
     enough = run(tmp_path / "all", speech, fp16, rule)
     assert enough.code == 0 and not [n for n in enough.result.get("notes", [])
                                      if "compared no segment" in n]  # fmt: skip
+
+
+def test_a_rule_on_speech_everywhere_says_it_compared_no_boundary(tmp_path):
+    """Trial: samples that are speech throughout (frames 45-92 of the clip: Silero says
+    speech on each, from a zero state) read "segments 1 -> 1, boundaries within 0" and
+    passed with no note, though no start or end of speech was compared."""
+    speech_only = tmp_path / "speech"
+    write_feeds(speech_feeds(SILERO, 93)[45:], speech_only)
+    done = run(tmp_path, speech_only, {"precision": "fp16"}, {**LOOSE, "decisions": VAD}, 48)
+    assert done.code == 0, done.log
+    assert "decisions agree 1.0000 (segments 1 -> 1, boundaries within 0)" in done.log
+    [note] = [n for n in done.result.get("notes", []) if "decisions above" in n]
+    assert note == (
+        "silero_vad.onnx: output output: all 48 decisions above the threshold in both "
+        "models over its 48 samples: one segment spanning the stream, no start or end to "
+        "compare, so the decisions rule measured only that both stay positive; validate on "
+        "samples that also hold some below it (validation.samples, default 16; "
+        "validation.dataUri)"
+    )
+    report = json.loads(Path(tmp_path / "out" / "report.json").read_text())
+    output = report["models"][0]["validation"]["outputs"]["output"]
+    assert (output["decisions"], output["positiveOriginal"]) == (48, 48)

@@ -70,3 +70,13 @@ def test_a_rule_for_an_output_the_model_lacks_is_a_violation():
     metrics = compare_outputs([{"p": np.ones(2)}], [{"p": np.ones(2)}], {"q": VAD})
     [violation] = check_tolerance(metrics, Tolerance(decisions={"q": VAD}))
     assert "decision rule for output 'q': the model has no such output (outputs: p)" in violation
+
+
+def test_the_positive_decisions_of_the_original_are_counted_and_reported():
+    original = stream([0.9, 0.9, 0.2, 0.9])
+    m = compare_decisions(VAD, original, stream([0.9, 0.9, 0.9, 0.9]))
+    assert (m.decisions, m.positiveOriginal) == (4, 3)
+    [out] = compare_outputs([{"p": a} for a in original], [{"p": a} for a in original],
+                            {"p": VAD})  # fmt: skip
+    flat = out.to_dict()
+    assert (flat["decisions"], flat["positiveOriginal"], flat["segmentsOriginal"]) == (4, 3, 2)

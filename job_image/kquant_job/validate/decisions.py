@@ -28,8 +28,10 @@ import numpy as np
 @dataclass
 class DecisionMetrics:
     """How one output's decisions compare (see the module docstring): ``agreement`` (0...1)
-    over ``decisions`` decisions; for thresholds the segment counts of both models and the
-    largest boundary shift in decisions (None when the counts differ)."""
+    over ``decisions`` decisions; for thresholds the segment counts of both models, the
+    largest boundary shift in decisions (None when the counts differ) and how many of the
+    original's decisions are positive (all of them: one segment spanning the stream, no
+    boundary to compare)."""
 
     kind: str
     decisions: int
@@ -37,6 +39,7 @@ class DecisionMetrics:
     segmentsOriginal: int | None = None
     segmentsConverted: int | None = None
     maxBoundaryShift: int | None = None
+    positiveOriginal: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """camelCase fields for report.json; None fields omitted."""
@@ -68,7 +71,7 @@ def compare_decisions(
     if len(sa) == len(sb):
         shift = max((max(abs(x[0] - y[0]), abs(x[1] - y[1])) for x, y in zip(sa, sb, strict=True)),
                     default=0)  # fmt: skip
-    return DecisionMetrics("threshold", int(a.size), agree, len(sa), len(sb), shift)
+    return DecisionMetrics("threshold", int(a.size), agree, len(sa), len(sb), shift, int(a.sum()))
 
 
 def decision_violations(tag: str, rule: Any, m: DecisionMetrics) -> list[str]:

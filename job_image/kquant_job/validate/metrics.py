@@ -56,8 +56,9 @@ class OutputMetrics:
 
     def to_dict(self) -> dict[str, float]:
         """camelCase numbers for report.json and ProbeResult.metrics; None fields omitted.
-        Decision metrics are flattened: ``decisionAgreement``, ``segmentsOriginal``,
-        ``segmentsConverted``, ``maxBoundaryShift``."""
+        Decision metrics are flattened: ``decisionAgreement``, ``decisions`` (their count),
+        ``segmentsOriginal``, ``segmentsConverted``, ``maxBoundaryShift``,
+        ``positiveOriginal``."""
         out: dict[str, float] = {}
         for key, value in self.__dict__.items():
             if key in ("name", "decision") or value is None:
@@ -65,7 +66,9 @@ class OutputMetrics:
             out[key] = float(value) if isinstance(value, float) else int(value)
         if self.decision is not None:
             out["decisionAgreement"] = self.decision.agreement
-            for key in ("segmentsOriginal", "segmentsConverted", "maxBoundaryShift"):
+            keys = ("decisions", "segmentsOriginal", "segmentsConverted", "maxBoundaryShift",
+                    "positiveOriginal")  # fmt: skip
+            for key in keys:
                 value = getattr(self.decision, key)
                 if value is not None:
                     out[key] = int(value)
