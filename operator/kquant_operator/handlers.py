@@ -51,6 +51,7 @@ from kquant_operator.jobs import (
     to_plain,
 )
 from kquant_operator.kube import ApiError, Kube, path
+from kquant_operator.peers import standing_by
 from kquant_operator.settings import OperatorSettings, resync_seconds
 from kquant_operator.status import (
     TERMINAL,
@@ -130,6 +131,7 @@ async def configure(
         # CRDs (kopf would retry the 403s for ~1 minute before serving the given namespaces).
         settings.scanning.disabled = True
     memo.settings = ours
+    memo.peering = settings.peering  # filled from ``kopf run``'s flags before start-up
     memo.kube = Kube.from_environment()
     memo.resync = asyncio.create_task(_resync_loop(memo, logger))
 
@@ -430,15 +432,34 @@ async def _resync_loop(memo: kopf.Memo, logger: kopf.Logger) -> None:
     """Every RESYNC_SECONDS, :func:`resync` each QuantizationJob in scope. Not a kopf timer:
     kopf puts a finalizer on every object a timer serves, and with it a CR could not be
     deleted while the operator is down or uninstalled (``kubectl delete`` and a namespace's
-    deletion hung), and each CR cost two more PATCHes and a round trip before its Job."""
+    deletion hung), and each CR cost two more PATCHes and a round trip before its Job.
+    A round is skipped while kopf peering makes this replica stand by (:func:`_standing_by`)."""
     while True:
         await asyncio.sleep(RESYNC_SECONDS)  # read each time: tests shorten it
         try:
-            await resync(memo.kube, memo.settings, logger)
+            if not await _standing_by(memo, logger):
+                await resync(memo.kube, memo.settings, logger)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the next round tries again
             logger.warning("resync failed: %s", exc)
+
+
+async def _standing_by(memo: kopf.Memo, logger: kopf.Logger) -> bool:
+    """Whether kopf peering pauses this replica (:mod:`kquant_operator.peers`), or its
+    peering object cannot be read (then it cannot tell, and a standby must not write)."""
+    peering = memo.peering
+    if peering.standalone:
+        return False
+    namespaces = () if peering.clusterwide else memo.settings.watch_namespaces
+    try:
+        blocking = await standing_by(memo.kube, peering.name, peering.priority, namespaces)
+    except ApiError as exc:
+        logger.warning("resync skipped: cannot read peering %r: %s", peering.name, exc)
+        return True
+    if blocking:
+        logger.debug("resync skipped: standing by for %s", ", ".join(blocking))
+    return bool(blocking)
 
 
 async def resync(kube: Kube, settings: OperatorSettings, logger: kopf.Logger) -> None:

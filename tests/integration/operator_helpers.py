@@ -108,10 +108,14 @@ def final_status(emulator: KubeEmulator, namespace: str, name: str) -> dict | No
 
 @contextlib.asynccontextmanager
 async def operator_running(
-    emulator: KubeEmulator, tmp_path: Path, namespaces: tuple[str, ...] = ()
+    emulator: KubeEmulator,
+    tmp_path: Path,
+    namespaces: tuple[str, ...] = (),
+    peering: tuple[str, ...] = ("--standalone",),
 ) -> AsyncIterator[Any]:
     """The real handlers in ``kopf run`` (KopfRunner: its own thread and loop) against the
-    emulator; returns once the operator watches QuantizationJobs and Jobs."""
+    emulator; returns once the operator watches QuantizationJobs and Jobs. ``peering``: kopf's
+    peering flags (``--peering=NAME --priority=N`` for a replica of several)."""
     import kopf
     from kopf.testing import KopfRunner
 
@@ -130,7 +134,7 @@ async def operator_running(
     before = {r: emulator.watches_started[r] for r in (QJOBS, JOBS)}
     saved = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(kubeconfig)  # read by the handlers' API client at start-up
-    runner = KopfRunner(["run", "--standalone", *scope], registry=registry, timeout=30)
+    runner = KopfRunner(["run", *peering, *scope], registry=registry, timeout=30)
     await asyncio.to_thread(runner.__enter__)
     try:
         await wait_for(

@@ -288,6 +288,8 @@ def _resource_of(call: ast.expr) -> tuple[str, str]:
         return "kquant.io", "quantizationjobs"
     if call.func.id == "_jobs_path":
         return "batch", "jobs"
+    if call.func.id == "_peering_path":  # the ClusterKopfPeering when cluster-wide
+        return "kopf.dev", "kopfpeerings"
     if call.func.id == "path":
         group, _, plural = (ast.literal_eval(a) for a in call.args[:3])
         return group, plural
@@ -347,11 +349,23 @@ def test_the_code_makes_the_calls_this_test_knows():
     assert ("kquant.io", "quantizationjobs", "list") in calls  # the resync loop
 
 
+def peering_calls(namespaces: list[str]) -> set[tuple[str, str, str]]:
+    """kopf's calls on its peering object (replicas > 1) and the resync loop's GET of it."""
+    plural = "kopfpeerings" if namespaces else "clusterkopfpeerings"
+    return {("kopf.dev", plural, verb) for verb in ("get", "list", "watch", "patch")}
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("namespaces", [[], ["speech", "vision"]])
-def test_rbac_grants_exactly_the_calls_of_the_operator(namespaces):
-    docs = render({"watchNamespaces": namespaces})
+def test_rbac_grants_exactly_the_calls_of_the_operator(namespaces, replicas):
+    docs = render({"watchNamespaces": namespaces, "replicas": replicas})
     roles = kinds(docs, "Role" if namespaces else "ClusterRole")
-    expected = code_calls() | KOPF_CALLS | (set() if namespaces else KOPF_CLUSTER_CALLS)
+    calls = code_calls()
+    peering = {call for call in calls if call[0] == "kopf.dev"}
+    assert peering == {("kopf.dev", "kopfpeerings", "get")}  # the resync's standby check
+    expected = calls - peering | KOPF_CALLS | (set() if namespaces else KOPF_CLUSTER_CALLS)
+    if replicas > 1:  # a standalone operator (replicas 1) reads no peering
+        expected |= peering_calls(namespaces)
     for role in roles:
         assert granted(role) == expected
         assert not any("secrets" in rule["resources"] for rule in role["rules"])
