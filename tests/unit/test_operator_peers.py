@@ -109,15 +109,16 @@ def memo_for(kube: Any, standalone: bool, clusterwide: bool = True) -> SimpleNam
 
 
 @pytest.mark.parametrize(
-    ("objects", "error", "expected"),
+    ("priorities", "error", "expected"),
     [
-        ({"active": live(9)}, None, True),
-        ({"me": live(5)}, None, False),
+        ({"active": 9}, None, True),
+        ({"me": 5}, None, False),
         ({}, ApiError(403, "Forbidden", "no rights"), True),  # cannot tell: write nothing
     ],
 )
-def test_the_resync_loop_stands_by_as_the_peering_says(objects, error, expected):
+def test_the_resync_loop_stands_by_as_the_peering_says(priorities, error, expected):
     path = "/apis/kopf.dev/v1/clusterkopfpeerings/kquant"
+    objects = {peer: live(priority) for peer, priority in priorities.items()}  # stamped now
     kube = PeeringKube({path: {"status": objects}}, error)
     memo = memo_for(kube, standalone=False)
     assert asyncio.run(handlers._standing_by(memo, logging.getLogger("t"))) is expected
