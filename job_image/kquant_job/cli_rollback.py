@@ -16,8 +16,16 @@ LOG = logging.getLogger("kquant")
 
 ROLLBACK_EXAMPLES = """examples:
   kquant-job rollback s3://models/silero-vad/production/          the set before the current
+  kquant-job rollback s3://models/silero-vad/production/ --again  one set further back
   kquant-job rollback file:///srv/models/prod/ --to 20261207T101500Z-1a2b3c4d
+  kquant-job rollback file:///srv/models/prod/ --from 20261207T101500Z-1a2b3c4d
   kquant-job rollback file:///srv/models/.kquant/beside-fp16/     an output beside originals
+
+reruns: run again after a kill, or after it finished, the same command finishes the
+rollback it made (fixed names, clean-up) and goes no further until a job publishes again:
+"rollback already done: ...". --again goes one set further back; a rerun of it after a kill
+may go one set more, so a script names the set: --to SET (the set to restore) or --from SET
+(the set to leave: one set back from it, and nothing more once it was left).
 """
 
 
@@ -40,7 +48,21 @@ def add_rollback_parser(sub: Any) -> None:
         "/), or the .kquant/beside-<precision>/ folder of an output beside "
         "the originals",
     )
-    cmd.add_argument("--to", metavar="SET", help="the set id to restore (default: the previous)")
+    which = cmd.add_mutually_exclusive_group()
+    which.add_argument("--to", metavar="SET", help="the set id to restore (default: the previous)")
+    which.add_argument(
+        "--again",
+        action="store_true",
+        help="go one set further back although the last operation here was a rollback (by "
+        "default a rerun finishes that rollback and goes no further)",
+    )
+    which.add_argument(
+        "--from",
+        dest="from_set",
+        metavar="SET",
+        help="roll back from SET, the current set: one set back; a rerun after SET was left "
+        "does nothing more (retry-safe --again)",
+    )
     add_endpoint_argument(cmd)
     cmd.set_defaults(func=cmd_rollback)
 
@@ -69,11 +91,22 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     prefix, home = split_home(args.uri)
     config = StorageConfig(endpoint=args.endpoint_url) if args.endpoint_url else None
     try:
-        done = rollback(open_storage(prefix, config), prefix, args.to, home)
+        done = rollback(open_storage(prefix, config), prefix, args.to, home,
+                        again=args.again, from_set=args.from_set)  # fmt: skip
     except KquantError as exc:
         LOG.error("%s: %s", exc.reason.value, exc, extra={"fields": {"reason": exc.reason.value}})
         return int(REASON_EXIT_CODE[exc.reason])
-    if done.previous == done.current:
+    when = f" at {done.at}" if done.at else ""
+    if done.earlier and done.pending:
+        print(f"{prefix}: finished an interrupted rollback: set {done.current} is current "
+              f"again (rolled back from {done.previous}{when}); "
+              f"{len(done.mirrors.copied)} fixed name(s) copied, "
+              f"{len(done.mirrors.removed)} removed")  # fmt: skip
+    elif done.earlier:
+        print(f"{prefix}: rollback already done: current set is {done.current} (rolled back "
+              f"from {done.previous}{when}); fixed names in step; pass --again to go one set "
+              f"further (or --from {done.current}, which a rerun does not repeat)")  # fmt: skip
+    elif done.previous == done.current:
         print(f"{prefix}: set {done.current} is already current; fixed names in step")
     else:
         print(f"{prefix}: set {done.current} is current again (was {done.previous}); "

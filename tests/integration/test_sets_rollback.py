@@ -41,11 +41,15 @@ def test_a_rollback_restores_the_set_at_every_name_and_later_runs_publish(store,
     assert out.get("only-v3.txt") is None and out.get("only-v2.txt") == b"x"
     assert [h["set"] for h in manifest["history"]] == [v2, v1, v3]  # v3 still known
     assert manifest["lineage"] == [v2, v1] and "rollbackPending" not in manifest
-    # again: one set further back, never forward to the set just rolled back from (trial)
-    assert rollback(store.storage, store.uri("out/")).current == v1
+    # the same call again: that rollback is done, nothing more (a retry after a kill)
+    rerun = rollback(store.storage, store.uri("out/"))
+    assert (rerun.previous, rerun.current, rerun.earlier) == (v3, v2, True)
+    assert read_set(out)["set"] == v2 and rerun.at == manifest["rolledBackAt"]
+    # --again: one set further back, never forward to the set just rolled back from (trial)
+    assert rollback(store.storage, store.uri("out/"), again=True).current == v1
     assert read_set(out)["set"] == v1 and out.get("model.onnx") == b"v1 graph" * 20
     with pytest.raises(StorageError, match="no set before"):
-        rollback(store.storage, store.uri("out/"))
+        rollback(store.storage, store.uri("out/"), again=True)
     # forward again, by id
     assert rollback(store.storage, store.uri("out/"), v3).current == v3
     assert read_set(out)["set"] == v3 and out.get("model.onnx") == b"v3 graph" * 20
@@ -156,14 +160,14 @@ def test_after_a_new_run_a_rollback_goes_back_to_what_was_current_never_forward(
     more went forward to v3, the set first rolled back from (history read as commit order)."""
     v1, _, _ = _three(store, tmp_path)
     rollback(store.storage, store.uri("out/"))
-    assert rollback(store.storage, store.uri("out/")).current == v1
+    assert rollback(store.storage, store.uri("out/"), again=True).current == v1
     v4 = publish(store, tmp_path, Writer("vad", "speech", "uid-1", 4), {"model.onnx": b"v4"})
     manifest = read_set(prefix_of(store))
     assert manifest["lineage"] == [v4.set_id, v1]
     assert manifest["history"][1]["set"] == v1  # kept first: the set a rollback restores
     assert rollback(store.storage, store.uri("out/")).current == v1
     with pytest.raises(StorageError, match=f"no set before {v1}"):
-        rollback(store.storage, store.uri("out/"))
+        rollback(store.storage, store.uri("out/"), again=True)
     assert read_set(prefix_of(store))["set"] == v1
 
 

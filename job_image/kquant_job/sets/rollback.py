@@ -13,9 +13,13 @@ names are brought in step at once (:func:`~kquant_job.sets.mirrors.sync_mirrors`
 Which set a rollback without ``--to`` restores follows the manifest's ``lineage``
 (:func:`~kquant_job.sets.layout.lineage`): the set that was current before the current one,
 so rollbacks in a row go further back, never forward to a set rolled back from. The
-rolled-back manifest is written with ``rollbackPending`` until its fixed names are in step:
-the same command run again after a kill finishes that rollback instead of going one set
-further (trial).
+rolled-back manifest is written with ``rollbackPending`` until its fixed names are in step,
+and keeps a record of the rollback (``rolledBackFrom``, ``rolledBackAt``; the restored set
+is ``set``) that no publish carries over. So the same command run again, after a kill at
+any point or after it finished, finishes that rollback (names, clean-up) and goes no
+further: a killed rollback cleared ``rollbackPending`` and was then cleaning up, and the
+rerun rolled back one set more (trial). A further step is asked for: ``again``, or
+``from_set`` naming the set to leave, which a rerun does not repeat either.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from typing import Any
 
 from kquant_api import Reason
 from kquant_job.errors import StorageError
+from kquant_job.report import now as report_now
 from kquant_job.sets.layout import (
     LINEAGE_KEY,
     MANIFEST,
     MAX_MANIFEST_BYTES,
     NEWER_KEY,
+    Manifest,
     Retention,
     dumps,
     lineage,
@@ -43,32 +49,57 @@ from kquant_job.sets.mirrors import MirrorOutcome, sync_mirrors
 from kquant_job.sets.state import PrefixState, abort_orphan_uploads, read_state
 from kquant_job.storage import Storage, join
 
-__all__ = ["PENDING_KEY", "RollbackOutcome", "rollback"]
+__all__ = ["AT_KEY", "FROM_KEY", "PENDING_KEY", "RollbackOutcome", "rollback"]
 
 LOG = logging.getLogger("kquant.publish")
 PENDING_KEY = "rollbackPending"  # set while the rolled-back manifest's fixed names are synced
+# The record of the last rollback: the set it left and when (the set it restored is the
+# manifest's ``set``). A publish writes a manifest without them, so their presence says no
+# run committed since: a rerun of the command finishes that rollback, it does not repeat it.
+FROM_KEY = "rolledBackFrom"
+AT_KEY = "rolledBackAt"
 
 
 @dataclass
 class RollbackOutcome:
     """What a rollback did: the set current before (``previous``), the set now current
-    (``current``; the same when there was nothing to do) and the fixed-name sync."""
+    (``current``; the same when there was nothing to do) and the fixed-name sync.
+    ``earlier``: the rollback from ``previous`` to ``current`` was made by an earlier run
+    (at ``at``, RFC 3339; None for a manifest of a kquant that did not record it), this one
+    only finished it: its fixed names when it was killed before they were in step
+    (``pending``), else its clean-up."""
 
     previous: str
     current: str
     mirrors: MirrorOutcome
+    earlier: bool = False
+    pending: bool = False
+    at: str | None = None
 
 
 def rollback(
-    storage: Storage, prefix: str, to: str | None = None, home: str = ""
+    storage: Storage,
+    prefix: str,
+    to: str | None = None,
+    home: str = "",
+    *,
+    again: bool = False,
+    from_set: str | None = None,
 ) -> RollbackOutcome:
     """Make set ``to`` (default: the set current before the current one, by the manifest's
-    lineage; after a rollback interrupted before its fixed names were in step, none: that
-    rollback is finished) the current set of ``prefix`` (ending in '/'; ``home``: the folder
-    of an output beside the originals, ``.kquant/beside-fp16/``) again. Raises StorageError:
-    SourceNotFound when the prefix has no kquant manifest, when ``to`` is not a set the
-    prefix still holds, or when there is no earlier set; ConcurrentWrite when the manifest
-    changed since it was read, or a job committed while the names were synced;
+    lineage) the current set of ``prefix`` (ending in '/'; ``home``: the folder of an output
+    beside the originals, ``.kquant/beside-fp16/``) again.
+
+    Retry-safe: when the last operation at the prefix was a rollback (no run committed
+    since), the default, ``to`` naming the set it restored, or ``from_set`` naming the set
+    it left, finish that rollback (fixed names, clean-up) and go no further (``earlier`` in
+    the outcome). ``again`` goes one set further back from the current set all the same;
+    ``from_set`` does too when it names the current set (a rerun then finds it left).
+
+    Raises StorageError: SourceNotFound when the prefix has no kquant manifest, when ``to``
+    is not a set the prefix still holds, or when there is no earlier set; ConcurrentWrite
+    when the manifest changed since it was read, a job committed while the names were
+    synced, or ``from_set`` is neither current nor the set the last rollback left;
     ForeignObject / UnsafePath for a manifest kquant did not write or a garbled one; the
     storage's errors."""
     state = read_state(storage, prefix, home)
@@ -87,20 +118,24 @@ def rollback(
             "as current: not a manifest kquant wrote; nothing rolled back",
             reason=Reason.ForeignObject,
         )
+    current = manifest.set_id
+    if _repeats(manifest, to, again, from_set):
+        return _finish_earlier(state, manifest)
+    if from_set is not None and from_set != current:
+        raise StorageError(
+            f"{prefix}: set {from_set} is not current, {current} is{_last(manifest)}: "
+            "nothing rolled back (name the set now current to go back from it)",
+            reason=Reason.ConcurrentWrite,
+        )
     held = [s for s in dict.fromkeys(h.set_id for h in manifest.history) if s in state.sets]
-    if to is None and manifest.data.get(PENDING_KEY):
-        # a rollback stopped before its names were in step: finish it, go no further (run
-        # again, the same command had rolled back one set more each time)
-        previous = str(manifest.data.get("rolledBackFrom") or manifest.set_id)
-        return _finish(state, manifest.set_id, previous, manifest.data, state.etag)
     if to is None:
         earlier = [s for s in line[1:] if s in held]
         if not earlier:
-            raise StorageError(f"{prefix} holds no set before {manifest.set_id}",
+            raise StorageError(f"{prefix} holds no set before {current}",
                                reason=Reason.SourceNotFound)  # fmt: skip
         to = earlier[0]
-    if to == manifest.set_id:
-        return _finish(state, to, to, manifest.data, state.etag)
+    if to == current:
+        return RollbackOutcome(to, to, _finish(state, to, manifest.data, state.etag))
     if to not in held:
         raise StorageError(
             f"{prefix}: set {to!r} is not one the prefix keeps (its sets: {', '.join(held)})",
@@ -117,8 +152,9 @@ def rollback(
     for entry in manifest.history:
         entries.setdefault(entry.set_id, entry)
     ids = [*new_line, *(s for s in entries if s not in new_line)]
+    at = report_now()
     doc = {**doc, "history": [entries[i].to_json() for i in ids if i in entries],
-           LINEAGE_KEY: new_line, "rolledBackFrom": manifest.set_id, PENDING_KEY: True}  # fmt: skip
+           LINEAGE_KEY: new_line, FROM_KEY: current, AT_KEY: at, PENDING_KEY: True}  # fmt: skip
     doc.pop(NEWER_KEY, None)
     try:
         etag = storage.write_bytes(where, dumps(doc), if_match=state.etag)
@@ -130,7 +166,54 @@ def rollback(
                 reason=Reason.ConcurrentWrite,
             ) from None
         raise
-    return _finish(state, to, manifest.set_id, doc, etag)
+    return RollbackOutcome(current, to, _finish(state, to, doc, etag), at=at)
+
+
+def _recorded(manifest: Manifest) -> str | None:
+    """The set the last rollback left (``rolledBackFrom``), or None when a run committed
+    since (or none was rolled back)."""
+    left = manifest.data.get(FROM_KEY)
+    return left if isinstance(left, str) and left else None
+
+
+def _repeats(manifest: Manifest, to: str | None, again: bool, from_set: str | None) -> bool:
+    """Whether this call asks for the rollback the manifest records as the last operation
+    (a rerun: finish it, go no further)."""
+    left = _recorded(manifest)
+    if left is None and not manifest.data.get(PENDING_KEY):
+        return False
+    if to is not None and to != manifest.set_id:
+        return False
+    if from_set is not None:
+        return from_set == left and from_set != manifest.set_id
+    return not again or to is not None
+
+
+def _last(manifest: Manifest) -> str:
+    """`` (rolled back from X at T)`` for messages, or '' when no rollback is recorded."""
+    left = _recorded(manifest)
+    if left is None:
+        return ""
+    at = manifest.data.get(AT_KEY)
+    return f" (rolled back from {left}" + (f" at {at})" if isinstance(at, str) else ")")
+
+
+def _finish_earlier(state: PrefixState, manifest: Manifest) -> RollbackOutcome:
+    """Finish the rollback the manifest records: its fixed names (``rollbackPending``) or
+    only its clean-up. Raises StorageError(ConcurrentWrite) when a job committed
+    meanwhile."""
+    assert manifest.set_id is not None  # checked by the caller
+    pending = bool(manifest.data.get(PENDING_KEY))
+    at = manifest.data.get(AT_KEY)
+    synced = _finish(state, manifest.set_id, manifest.data, state.etag)
+    return RollbackOutcome(
+        _recorded(manifest) or manifest.set_id,
+        manifest.set_id,
+        synced,
+        earlier=True,
+        pending=pending,
+        at=at if isinstance(at, str) else None,
+    )
 
 
 def _restored(state: PrefixState, to: str) -> dict[str, Any]:
@@ -160,13 +243,12 @@ def _restored(state: PrefixState, to: str) -> dict[str, Any]:
     return dict(own.data)
 
 
-def _finish(
-    state: PrefixState, to: str, previous: str, doc: dict[str, Any], etag: str | None
-) -> RollbackOutcome:
+def _finish(state: PrefixState, to: str, doc: dict[str, Any], etag: str | None) -> MirrorOutcome:
     """Bring the fixed names in step with set ``to`` (the manifest ``doc``, read or written
     with ``etag``), then take ``rollbackPending`` off the manifest and abort what a killed
-    earlier rollback left unfinished. Raises StorageError(ConcurrentWrite) when a job
-    committed meanwhile: its set is current, not ``to``."""
+    earlier rollback left unfinished; returns the sync's outcome. Raises
+    StorageError(ConcurrentWrite) when a job committed meanwhile: its set is current, not
+    ``to``."""
     storage, prefix, home = state.storage, state.prefix, state.home
     synced = sync_mirrors(storage, prefix, home)
     superseded = (
@@ -189,4 +271,4 @@ def _finish(
         abort_orphan_uploads(read_state(storage, prefix, home), Retention.from_env(), time.time())
     except StorageError as exc:
         LOG.warning("unfinished uploads under %s not cleaned: %s", prefix, exc)
-    return RollbackOutcome(previous, to, synced)
+    return synced
