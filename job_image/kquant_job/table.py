@@ -24,6 +24,11 @@ def _settings(attempt: dict[str, Any]) -> str:
         parts.append("only " + "/".join(attempt["opTypesToQuantize"]))
     if attempt.get("nodesToExclude"):
         parts.append(f"{len(attempt['nodesToExclude'])} node(s) left float")
+    if attempt.get("weightOnlyOpTypes"):
+        types = "/".join(attempt["weightOnlyOpTypes"])
+        parts.append(f"{types} weights stored INT8, computed in float")
+    if attempt.get("integerOps") is False:
+        parts.append("no integer op")
     return ", ".join(parts) or "defaults"
 
 

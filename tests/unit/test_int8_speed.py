@@ -82,15 +82,19 @@ def test_a_slow_conv_integer_candidate_gives_way_to_conv_left_float(tmp_path: Pa
     first, last = details["attempts"][0], details["attempts"][-1]
     assert first["attempt"] == "requested" and first["slower"] is True
     assert first["latencyMs"] == {"original": 10.0, "quantized": 30.0, "runs": 20}
-    # perChannel (no change to the op types) is skipped: the next try leaves Conv float
-    assert [a["attempt"] for a in details["attempts"]] == ["requested", "denseOpsOnly"]
+    # perChannel (no change to the op types) is skipped: the next try leaves Conv float,
+    # and, as that passes too, once more with the Conv weights stored INT8
+    labels = ["requested", "denseOpsOnly", "convWeightsInt8"]
+    assert [a["attempt"] for a in details["attempts"]] == labels
     assert last["probe"]["ok"] is True and "slower" not in last
-    assert probe.calls == [(True, True), (False, False)]
+    assert probe.calls == [(True, True), (False, False), (False, False)]
     assert "ConvInteger" not in details["ops"] and "MatMulInteger" in details["ops"]
-    assert details["probePassed"] is True and details["chosenAttempt"] == "denseOpsOnly"
+    assert {"Cast", "Conv"} <= details["ops"] and details["weightOnlyLayers"] > 0
+    assert details["probePassed"] is True and details["chosenAttempt"] == "convWeightsInt8"
     assert [n for n in details["left"] if n != "preprocessed.onnx"] == []
     [note] = _note(details)
-    assert note.startswith("m.onnx: INT8 fell back to denseOpsOnly")
+    assert note.startswith("m.onnx: INT8 fell back to convWeightsInt8")
+    assert "Conv weights stored INT8, computed in float" in note
     assert "within tolerance, but 3.00x the original's latency (30 vs 10 ms)" in note
     assert "with its Conv layers in INT8" in note
 

@@ -79,7 +79,9 @@ class Int8Settings:
 
     ``op_types`` empty means every op type onnxruntime can quantize in that mode;
     ``nodes_to_quantize`` empty means every node not excluded (set only while ranking nodes,
-    see :mod:`kquant_job.passes.int8_recovery`).
+    see :mod:`kquant_job.passes.int8_recovery`). ``weight_only``: op types left float whose
+    weights are then stored INT8 (:mod:`kquant_job.passes.int8_weight_only`, dynamic only);
+    ``integer_ops`` False: no onnxruntime quantization at all, only that.
     """
 
     weight_type: QuantType = QuantType.QInt8
@@ -88,6 +90,8 @@ class Int8Settings:
     op_types: tuple[str, ...] = ()
     nodes_to_exclude: tuple[str, ...] = ()
     nodes_to_quantize: tuple[str, ...] = ()
+    weight_only: tuple[str, ...] = ()
+    integer_ops: bool = True
 
     @classmethod
     def from_config(cls, config: QuantizationConfig) -> Int8Settings:
@@ -121,6 +125,8 @@ class Int8Settings:
             "opTypesToQuantize": list(self.op_types),
             "nodesToExclude": list(self.nodes_to_exclude),
             **({"nodesToQuantize": list(self.nodes_to_quantize)} if self.nodes_to_quantize else {}),
+            **({"weightOnlyOpTypes": list(self.weight_only)} if self.weight_only else {}),
+            **({} if self.integer_ops else {"integerOps": False}),
         }
 
 
@@ -130,6 +136,7 @@ def fallback_ladder(
     present: set[str],
     output_layers: tuple[str, ...] = (),
     per_channel: bool = True,
+    weight_only: tuple[str, ...] = (),
 ) -> list[tuple[str, Int8Settings]]:
     """The settings to try in order when a probe is given: as requested; then per-channel
     weight scales (if not asked already); then only the dense op types (MatMul, Gemm, LSTM,
@@ -142,14 +149,22 @@ def fallback_ladder(
     0.076 with every MatMul INT8, 0.02 with the logits MatMul float). ``supported``: op
     types the quantizer handles; ``present``: op types in the model. Each step keeps the
     previous step's changes. ``per_channel`` False: the model cannot take per-channel
-    scales in this format (no perChannel step)."""
+    scales in this format (no perChannel step). ``weight_only``: op types (Conv) whose
+    weights may be stored INT8 while they compute in float: in a model with no dense op, a
+    ``convWeightsOnly`` step does only that (INT8 dynamic: see
+    :mod:`kquant_job.passes.int8_weight_only`; elsewhere
+    :func:`~kquant_job.passes.int8_attempts.run_attempts` tries it on the passing step)."""
     steps = [("requested", base)]
     if not base.per_channel and per_channel:
         steps.append(("perChannel", replace(steps[-1][1], per_channel=True)))
     effective = (set(base.op_types) or set(supported)) & present
     dense = tuple(t for t in DENSE_OP_TYPES if t in effective)
+    stored = tuple(t for t in weight_only if t in effective)
     if dense and set(dense) != effective:
         steps.append(("denseOpsOnly", replace(steps[-1][1], op_types=dense)))
+    elif not dense and stored:
+        only = replace(steps[-1][1], weight_only=stored, integer_ops=False)
+        steps.append(("convWeightsOnly", only))
     excluded = steps[-1][1].nodes_to_exclude
     extra = tuple(n for n in output_layers if n not in excluded)
     if extra:

@@ -10,6 +10,7 @@ Silero VAD keeps all of its weights.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,8 @@ from kquant_job.passes.int8_prepare import (
 )
 from kquant_job.passes.int8_shapes import light_shape_reload
 from kquant_job.passes.int8_slices import sliced_weight_quantization
-from kquant_job.passes.onnx_common import iter_nodes
+from kquant_job.passes.int8_weight_only import WEIGHT_ONLY_OP_TYPES, store_weights_int8
+from kquant_job.passes.onnx_common import iter_nodes, load_model, save_model
 from kquant_job.passes.onnx_options import extra_options
 from kquant_job.passes.onnx_refusals import refuse
 
@@ -50,7 +52,10 @@ class OnnxInt8DynamicPass:
     :func:`~kquant_job.passes.int8_common.fallback_ladder`). A candidate within tolerance
     whose ConvInteger makes it slower than the original goes on to the MatMul/Gemm/LSTM/GRU/
     Attention step too, unless ``requireGain`` is false
-    (:func:`~kquant_job.passes.int8_attempts.run_attempts`).
+    (:func:`~kquant_job.passes.int8_attempts.run_attempts`). Conv layers left float by that
+    step keep INT8 weights restored in float when the probe still passes (in a model with
+    no such dense op, a ``convWeightsOnly`` step does only that:
+    :mod:`kquant_job.passes.int8_weight_only`).
     """
 
     name: ClassVar[str] = "onnx-int8-dynamic"
@@ -93,13 +98,26 @@ class OnnxInt8DynamicPass:
         details["warnings"] = unknown_names(prepared.model, settings, supported)
         present = op_types_in(prepared.model)
         last = output_layers(prepared.model, set(WEIGHTED_OP_TYPES))
-        steps = fallback_ladder(settings, supported, present, last)
+        # Conv left float keeps INT8 weights (not with external data: held by no one inline)
+        stored = () if prepared.external else WEIGHT_ONLY_OP_TYPES
+        steps = fallback_ladder(settings, supported, present, last, weight_only=stored)
         if config.strict:  # the requested configuration only
             steps = steps[:1]
 
         gemms = {n.name for _, n in iter_nodes(prepared.model.graph) if n.op_type == "Gemm"}
 
         def quantize(s: Int8Settings, out: Path) -> None:
+            if s.integer_ops:
+                integer(s, out)
+            else:
+                shutil.copyfile(prepared.path, out)
+            if s.weight_only:
+                model = load_model(out)
+                layers = store_weights_int8(model, s.weight_only, s.nodes_to_exclude)
+                if layers:
+                    save_model(model, out)
+
+        def integer(s: Int8Settings, out: Path) -> None:
             kwargs = s.ort_kwargs()
             types = kwargs["op_types_to_quantize"]
             if types and "Gemm" in types and "MatMul" not in types:
@@ -123,10 +141,14 @@ class OnnxInt8DynamicPass:
             else quantizable_nodes(prepared.model, settings, supported, present)
         )
         # a slow ConvInteger is not worth having: Conv is left float instead (gain rule)
-        faster = None if config.requireGain is False else "denseOpsOnly"
+        labels = [label for label, _ in steps]
+        faster = next((f for f in ("denseOpsOnly", "convWeightsOnly") if f in labels), None)
+        if config.requireGain is False:
+            faster = None
         return run_attempts(
-            self.name, model_in, steps, quantize, out_path, ctx, details, nodes, faster
-        )
+            self.name, model_in, steps, quantize, out_path, ctx, details, nodes, faster,
+            tuple(t for t in stored if t in present) if not config.strict else (),
+        )  # fmt: skip
 
 
 @contextmanager
