@@ -70,6 +70,9 @@ GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "quantizationjobs"
 RETRY_DELAY = 10.0  # seconds before kopf retries a handler after a transient API error
 BLOCKED_DELAY = 60.0  # seconds between tries while a Job cannot be created (name taken, 403)
+# A ResourceQuota's refusal (count/jobs.batch, quota.go: "exceeded quota: NAME, requested:
+# ..."): Pending and Reconciling, not Stalled, as GitOps health reads Stalled as Degraded.
+QUOTA_EXCEEDED = "exceeded quota"
 STATUS_ATTEMPTS = 8  # event handlers are not retried by kopf: retry status writes inline
 # How often a generation without a verdict has its status derived again from its Job
 # (KQUANT_RESYNC_SECONDS): a status write that failed through a burst of API errors is
@@ -303,9 +306,13 @@ async def ensure_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
     except ApiError as exc:
         if exc.status in (400, 422):  # the API server rejected what the spec produced
             await _reject(kube, qjob, f"the API server rejected Job {jname}: {exc.message}")
-        if exc.status == 403:  # a quota, an admission plugin or RBAC: someone must act
+        if exc.status == 403:
             message = f"the API server refused to create Job {jname}: {exc.message}"
-            await _set_status(kube, qjob, blocked_status(qjob, "JobForbidden", message))
+            if QUOTA_EXCEEDED in exc.message:  # frees up as other Jobs finish: waiting
+                status = pending_status(qjob, "QuotaExceeded", message)
+            else:  # an admission plugin or RBAC: someone must act
+                status = blocked_status(qjob, "JobForbidden", message)
+            await _set_status(kube, qjob, status)
             raise kopf.TemporaryError(message, delay=BLOCKED_DELAY) from None
         _raise_for(exc, f"creating Job {jname}")
     if created:

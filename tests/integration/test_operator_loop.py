@@ -411,22 +411,38 @@ async def test_a_foreign_job_holding_the_name_is_left_and_reported(kmock, tmp_pa
     assert not job["metadata"].get("ownerReferences")  # neither adopted nor replaced
 
 
-async def test_a_refused_job_create_is_reported_and_tried_again(kmock, tmp_path, monkeypatch):
-    """A 403 on the Job create (a ResourceQuota's "exceeded quota", an admission plugin):
-    the status says why, and the create is tried again once the refusal is gone."""
+@pytest.mark.parametrize(
+    ("message", "reason", "stalled"),
+    [
+        # a ResourceQuota on count/jobs.batch: frees up as other Jobs finish
+        ('jobs.batch "qj-1-1" is forbidden: exceeded quota: jobs, requested: count/jobs.batch=1,'
+         " used: count/jobs.batch=4, limited: count/jobs.batch=4", "QuotaExceeded", "False"),
+        # an admission plugin (or RBAC): someone must act
+        ('jobs.batch "qj-1-1" is forbidden: admission webhook "policy.example.com" denied the '
+         "request: GPU jobs need a cost-center label", "JobForbidden", "True"),
+    ],
+)  # fmt: skip
+async def test_a_refused_job_create_is_reported_and_tried_again(
+    kmock, tmp_path, monkeypatch, message, reason, stalled
+):
+    """A 403 on the Job create: the status says why, and the create is tried again once the
+    refusal is gone. A quota is waited for (Reconciling), not Stalled: Argo CD and Flux read
+    Stalled as Degraded and failed a promotion that only had to wait for a free slot."""
     import kquant_operator.handlers as handlers
 
     monkeypatch.setattr(handlers, "BLOCKED_DELAY", 1.0)
-    refusal = (403, "Forbidden", 'jobs "qj-1-1" is forbidden: exceeded quota: gpu-quota')
-    kmock.refusals[(JOBS, kmock_action_create())] = refusal
+    kmock.refusals[(JOBS, kmock_action_create())] = (403, "Forbidden", message)
     async with loop_for(kmock, tmp_path, canned) as loop:
         await loop.apply(example_in("bucket", "http://127.0.0.1:1", name="qj-1"))
         blocked = await wait_for(
-            lambda: (s := status_of(kmock, "qj-1")).get("reason") == "JobForbidden" and s,
+            lambda: (s := status_of(kmock, "qj-1")).get("reason") == reason and s,
             what="the refused create",
         )
-        assert "exceeded quota" in blocked["message"]
-        assert condition(blocked, "Stalled")["status"] == "True"
+        assert message in blocked["message"] and blocked["phase"] == "Pending"
+        assert condition(blocked, "Stalled")["status"] == stalled
+        assert condition(blocked, "Reconciling")["status"] == (
+            "False" if stalled == "True" else "True"
+        )
         kmock.refusals.clear()
         status = await loop.final("qj-1")
     assert status["reason"] == "Validated" and status["jobName"] == "qj-1-1"
