@@ -64,7 +64,11 @@ def store_weights_int8(
     taken when it is an inline float32 tensor of rank >= 3 and at least MIN_ELEMENTS
     elements, held in external data by no one, and consumed only as the weight input of such
     layers (a shared weight is stored once). Subgraphs are left as they are. Returns the
-    names of the layers whose weights are now INT8."""
+    names of the layers whose weights are now INT8 (none below opset 7, whose Mul does not
+    broadcast without an attribute)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 7:
+        return []
     tensors = _float_tensors(model)
     users: dict[str, list[NodeProto]] = defaultdict(list)
     for node in model.graph.node:
