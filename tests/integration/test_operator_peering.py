@@ -5,6 +5,7 @@ loop, which is ours, went on writing statuses and posting Events beside the acti
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import datetime, timezone
 
 import kmock
@@ -27,11 +28,12 @@ def complete(kmock: KubeEmulator) -> bool:
 
 
 async def test_a_standby_replica_writes_no_status_until_the_active_one_is_gone(
-    kmock, tmp_path, monkeypatch
+    kmock, tmp_path, monkeypatch, caplog
 ):
     import kquant_operator.handlers as handlers
 
     monkeypatch.setattr(handlers, "RESYNC_SECONDS", 0.5)
+    caplog.set_level(logging.INFO, logger="kopf")
     monkeypatch.setenv("KQUANT_WATCH_NAMESPACES", NS)
     kmock.resources[PEERINGS] = kmock.ResourceInfo(
         kind="KopfPeering", singular="kopfpeering", namespaced=True,
@@ -53,7 +55,10 @@ async def test_a_standby_replica_writes_no_status_until_the_active_one_is_gone(
         active = {"priority": 100, "lifetime": 60, "lastseen": datetime.now(timezone.utc)}
         active["lastseen"] = active["lastseen"].isoformat()
         await api.patch(PEERINGS, NS, "kquant", {"status": {"active-replica": active}})
-        await asyncio.sleep(1.5)  # kopf has seen it and paused its watchers
+        await wait_for(  # kopf has seen it and paused its watchers (else kopf would write)
+            lambda: any("Pausing operations" in r.getMessage() for r in caplog.records),
+            what="kopf's pause",
+        )
         release.set()
         await wait_for(lambda: complete(kmock), what="the Job's completion")
         await asyncio.sleep(3)  # six resync rounds
