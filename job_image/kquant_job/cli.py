@@ -205,8 +205,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return failure_result(None, exc).exit_code
         # no job: the table says what was read and what was wrong with it (it said "job
         # manifest", whatever was read: new-user trial)
-        failed = failure_result(None, exc)
-        failed._rows.append(("spec", exc.detail.get("read") or "the manifest was not loaded"))
+        failed = failure_result(None, exc)  # its rows: load_jobs's spec row
+        if not failed._rows:
+            failed._rows.append(("spec", "the manifest was not loaded"))
         results, names = [failed], ["none"]
     else:
         work_root = Path(args.work_dir) if args.work_dir else None

@@ -21,15 +21,16 @@ def load_jobs(source: str, *, spec_env: str | None = None) -> list[QuantizationJ
     ``spec_env`` the JSON is read from that environment variable instead.
 
     Documents of other kinds (e.g. a Secret beside the job in one file) are skipped.
-    Raises InvalidSpec naming the document and the field at fault; its ``read`` detail says
-    what was read and what was wrong with it, for the table's ``spec`` row (the table said
-    "job  manifest" whatever was read: new-user trial).
+    Raises InvalidSpec naming the document and the field at fault; its ``rows`` detail (the
+    table rows a failure carries, as the pipeline's) holds a ``spec`` row saying what was
+    read and what was wrong with it (the table said "job  manifest" whatever was read:
+    new-user trial).
     """
     if spec_env:
         text = os.environ.get(spec_env)
         if not text:
             what = f"environment variable {spec_env} is empty or unset"
-            raise InvalidSpec(what, read=f"nothing read: {what}")
+            raise InvalidSpec(what, rows=_spec_row(f"nothing read: {what}"))
         origin = f"${spec_env}"
     else:
         origin = "<stdin>" if source == "-" else source
@@ -38,25 +39,31 @@ def load_jobs(source: str, *, spec_env: str | None = None) -> list[QuantizationJ
         except OSError as exc:
             raise InvalidSpec(
                 f"cannot read manifest {source}: {exc.strerror}",
-                read=f"nothing read: cannot read {source} ({exc.strerror})",
+                rows=_spec_row(f"nothing read: cannot read {source} ({exc.strerror})"),
             ) from None
         except UnicodeDecodeError as exc:  # a traceback and no result file before
             what = f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
-            raise InvalidSpec(f"{origin}: {what}", read=f"{origin}: {what}") from None
+            raise InvalidSpec(f"{origin}: {what}", rows=_spec_row(f"{origin}: {what}")) from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise InvalidSpec(
             f"{origin}: not valid YAML/JSON: {exc}",
-            read=f"{origin}: not valid YAML/JSON{_where(exc)}",
+            rows=_spec_row(f"{origin}: not valid YAML/JSON{_where(exc)}"),
         ) from None
     jobs = [parse_job(d, f"{origin} document {i + 1}") for i, d in enumerate(docs) if _is_job(d)]
     if not jobs:
         raise InvalidSpec(
             f"{origin}: no {KIND} ({API_VERSION}) document found",
-            read=f"{origin}: no {KIND} document in it",
+            rows=_spec_row(f"{origin}: no {KIND} document in it"),
         )
     return jobs
+
+
+def _spec_row(what: str) -> list[tuple[str, str]]:
+    """The table's ``spec`` row for a manifest that yields no job: what was read, what was
+    wrong."""
+    return [("spec", what)]
 
 
 def _where(exc: yaml.YAMLError) -> str:
@@ -81,8 +88,10 @@ def parse_job(doc: Any, origin: str = "manifest") -> QuantizationJob:
     read = f"{origin}: not a valid {KIND}"
     if not isinstance(doc, dict):
         what = f"expected a mapping, got {type(doc).__name__}"
-        raise InvalidSpec(f"{origin}: {what}", read=f"{read} ({what})")
+        raise InvalidSpec(f"{origin}: {what}", rows=_spec_row(f"{read} ({what})"))
     try:
         return QuantizationJob.model_validate(doc)
     except ValidationError as exc:
-        raise InvalidSpec(f"{origin}: {format_validation_error(exc)}", read=read) from None
+        raise InvalidSpec(
+            f"{origin}: {format_validation_error(exc)}", rows=_spec_row(read)
+        ) from None

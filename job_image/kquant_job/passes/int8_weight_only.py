@@ -22,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from kquant_job.passes.onnx_common import iter_graphs, iter_nodes, subgraphs
+from kquant_job.passes.onnx_common import inner_nodes, iter_graphs
 
 WEIGHT_ONLY_OP_TYPES = ("Conv", "ConvTranspose")
 MIN_ELEMENTS = 1024  # below this the per-channel scales and two nodes outweigh the bytes saved
@@ -127,10 +127,9 @@ def store_weights_int8(
     for graph_output in model.graph.output:
         users[graph_output.name].append(NodeProto())  # an output is not only a weight
     for node in model.graph.node:  # read inside a subgraph: by whatever op, left as it is
-        for sub in subgraphs(node):
-            for _, inner in iter_nodes(sub):
-                for name in inner.input:
-                    users[name].append(NodeProto())
+        for inner in inner_nodes(node):
+            for name in inner.input:
+                users[name].append(NodeProto())
     chosen: dict[str, list[NodeProto]] = {}
     stored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for node in model.graph.node:
