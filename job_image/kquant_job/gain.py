@@ -18,8 +18,13 @@ MAX_SIZE_RATIO = 0.9
 # machine; 1.2x is a slowdown no measurement noise explains.
 MAX_LATENCY_RATIO = 1.2
 # ...and a slowdown under 0.1 ms per run is timer and scheduling noise on a sub-millisecond
-# model (measured: the same 0.1 ms model at 0.87x and 1.23x in two runs of 3 timings each).
+# model (measured: the same 0.1 ms model at 0.87x and 1.23x in two runs of 3 timings each)...
 MIN_SLOWDOWN_MS = 0.1
+# ...unless the result takes more than twice as long: a ratio no noise reached on a confirmed
+# timing (the faster of two rounds of each model; a tiny model's rounds moved by up to 1.5x),
+# where the floor alone published an INT8 static "hey jarvis" wake-word classifier at 3.42x
+# its 0.03 ms original (+0.081 ms) in one run of the wheel corpus and NoGain at 6.17x in another.
+TINY_SLOWDOWN_RATIO = 2.0
 # Medians of at least this many timed runs (validation.latencyRuns) decide at
 # MAX_LATENCY_RATIO...
 MIN_LATENCY_RUNS = 10
@@ -36,15 +41,16 @@ FEW_RUNS_MIN_SLOWDOWN_MS = 5.0
 def slower(original_ms: float, quantized_ms: float, runs: int = MIN_LATENCY_RUNS) -> bool:
     """Whether a converted model's median latency (ms, over ``runs`` timed runs each) counts
     as slower than the original's: above MAX_LATENCY_RATIO times it and by more than
-    MIN_SLOWDOWN_MS; when ``runs`` < MIN_LATENCY_RUNS, above FEW_RUNS_LATENCY_RATIO and by
-    more than FEW_RUNS_MIN_SLOWDOWN_MS. No timed run: never."""
+    MIN_SLOWDOWN_MS, or above TINY_SLOWDOWN_RATIO times it by any margin; when ``runs`` <
+    MIN_LATENCY_RUNS, above FEW_RUNS_LATENCY_RATIO and by more than
+    FEW_RUNS_MIN_SLOWDOWN_MS. No timed run: never."""
+    if runs <= 0 or original_ms <= 0:
+        return False
     ratio, margin_ms = _limits(runs)
-    return (
-        runs > 0
-        and original_ms > 0
-        and quantized_ms / original_ms > ratio
-        and quantized_ms - original_ms > margin_ms
-    )
+    over = quantized_ms / original_ms
+    if runs >= MIN_LATENCY_RUNS and over > TINY_SLOWDOWN_RATIO:
+        return True
+    return over > ratio and quantized_ms - original_ms > margin_ms
 
 
 def _limits(runs: int) -> tuple[float, float]:
