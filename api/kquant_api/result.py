@@ -138,6 +138,17 @@ class LatencyMs(_Compact):
         "model's runs, then the original's: CPU, where onnxruntime's spinning threads "
         "would slow the other session, and a large model is not held twice).",
     )
+    interleavedRatio: float | None = Field(
+        None,
+        description="The converted model's latency over the original's from blocks of "
+        "runs of each model in turn (each block's 10th percentile, median over the "
+        "blocks), measured on the CPU when the medians showed a slowdown of a model up to "
+        "64 MiB; it decides NoGain there, as drift between two sequential blocks moved a "
+        "tiny model's medians by up to 1.5x.",
+    )
+    interleavedRuns: int | None = Field(
+        None, description="Timed runs of each model in the interleaved blocks."
+    )
 
 
 class ValidationSummary(_Compact):

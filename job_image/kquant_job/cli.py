@@ -152,6 +152,10 @@ def _table(result: JobResult, name: str) -> str:
             ratio = f" ({q / o:.2f}x)" if o > 0 else ""
             runs = f", {v.latencyMs.runs} runs each" if v.latencyMs.runs else ""
             rows.append(("latency (median)", f"{o:.3f} ms -> {q:.3f} ms{ratio}{runs}"))
+            if v.latencyMs.interleavedRatio is not None:  # what the gain rule judged
+                rows.append(("latency (blocks)", f"{v.latencyMs.interleavedRatio:.2f}x in "
+                             f"blocks of each model in turn, {v.latencyMs.interleavedRuns} "
+                             "runs each"))  # fmt: skip
     rows += result._rows
     rows += [("NOTE", note) for note in result.notes]
     if result.manifestUri:

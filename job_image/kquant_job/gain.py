@@ -38,14 +38,24 @@ FEW_RUNS_LATENCY_RATIO = 2.0
 FEW_RUNS_MIN_SLOWDOWN_MS = 5.0
 
 
-def slower(original_ms: float, quantized_ms: float, runs: int = MIN_LATENCY_RUNS) -> bool:
+def slower(
+    original_ms: float,
+    quantized_ms: float,
+    runs: int = MIN_LATENCY_RUNS,
+    interleaved: float | None = None,
+) -> bool:
     """Whether a converted model's median latency (ms, over ``runs`` timed runs each) counts
     as slower than the original's: above MAX_LATENCY_RATIO times it and by more than
     MIN_SLOWDOWN_MS, or above TINY_SLOWDOWN_RATIO times it by any margin; when ``runs`` <
     MIN_LATENCY_RUNS, above FEW_RUNS_LATENCY_RATIO and by more than
-    FEW_RUNS_MIN_SLOWDOWN_MS. No timed run: never."""
+    FEW_RUNS_MIN_SLOWDOWN_MS. ``interleaved``: the ratio of a confirming timing in blocks of
+    each model in turn (:mod:`kquant_job.validate.interleaved`), which decides alone, above
+    MAX_LATENCY_RATIO by any margin: drift between the medians' blocks is what the floor
+    forgave. No timed run: never."""
     if runs <= 0 or original_ms <= 0:
         return False
+    if interleaved is not None:
+        return interleaved > MAX_LATENCY_RATIO
     ratio, margin_ms = _limits(runs)
     over = quantized_ms / original_ms
     if runs >= MIN_LATENCY_RUNS and over > TINY_SLOWDOWN_RATIO:
@@ -85,13 +95,24 @@ def gain_shortfalls(
     if config.precision not in (Precision.int8, Precision.int4):
         return found  # FP16/BF16: not timed (module docstring)
     latency = summary.latencyMs if summary else None
-    if summary and latency and slower(latency.original, latency.quantized, latency_runs):
-        limit = _limits(latency_runs)[0]
-        found.append(
-            f"{latency.quantized / latency.original:.2f}x the original's latency on "
-            f"{summary.device} ({latency.quantized:.3g} vs {latency.original:.3g} ms median "
-            f"of {latency_runs} runs; at most {limit}x)"
-        )
+    if (
+        summary
+        and latency
+        and slower(latency.original, latency.quantized, latency_runs, latency.interleavedRatio)
+    ):
+        if latency.interleavedRatio is not None:
+            found.append(
+                f"{latency.interleavedRatio:.2f}x the original's latency on {summary.device} "
+                f"(blocks of each model in turn, {latency.interleavedRuns} runs each; medians "
+                f"{latency.quantized:.3g} vs {latency.original:.3g} ms; at most "
+                f"{MAX_LATENCY_RATIO}x)"
+            )
+        else:
+            found.append(
+                f"{latency.quantized / latency.original:.2f}x the original's latency on "
+                f"{summary.device} ({latency.quantized:.3g} vs {latency.original:.3g} ms "
+                f"median of {latency_runs} runs; at most {_limits(latency_runs)[0]}x)"
+            )
         if conv_integer:
             found[-1] += (
                 "; the result holds ConvInteger, onnxruntime's dynamic INT8 Conv, which "
@@ -100,3 +121,11 @@ def gain_shortfalls(
                 "opTypesToQuantize: [MatMul, Gemm] leaves Conv float"
             )
     return found
+
+
+def latency_ratio(original_ms: float, quantized_ms: float, interleaved: float | None) -> float:
+    """The latency ratio the gain rule judges: ``interleaved`` when a confirming timing
+    measured it, else the medians' ``quantized_ms / original_ms`` (0 without an original)."""
+    if interleaved is not None:
+        return interleaved
+    return quantized_ms / original_ms if original_ms > 0 else 0.0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kquant_api import Artifact, JobResult, QuantizationJob, Reason, ValidationSummary
-from kquant_job.gain import gain_shortfalls
+from kquant_job.gain import gain_shortfalls, latency_ratio
 from kquant_job.stage import ModelOutcome, StageOutcome
 from kquant_job.table import result_notes, table_rows
 
@@ -44,6 +44,7 @@ def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
         runs = [s.latencyMs.runs for s in summaries if s.latencyMs and s.latencyMs.runs]
         if runs:
             latency["runs"] = min(runs)
+        latency.update(_interleaved([s.latencyMs for s in summaries]))  # type: ignore[misc]
     kinds = {s.kind for s in summaries}
     # Samples are model runs; a tensor comparison counts tensors: a mixed folder said
     # "outputs on 7 samples" (7 tensors) where its ONNX model ran 16.
@@ -60,6 +61,22 @@ def _summary(converted: list[ModelOutcome]) -> ValidationSummary | None:
         latencyMs=latency,
         inputs=inputs,
     )
+
+
+def _interleaved(parts: list[Any]) -> dict[str, Any]:
+    """The interleaved ratio of several models' latencies summed (``LatencyMs`` each), when
+    any was confirmed in blocks: each model's ratio (interleaved, else of its medians)
+    weighted by its original's median, as the sums' ratio weighs them. Empty otherwise."""
+    confirmed = [p for p in parts if p.interleavedRatio is not None]
+    total = sum(p.original for p in parts)
+    if not confirmed or total <= 0:
+        return {}
+    weighted = sum(p.original * latency_ratio(p.original, p.quantized, p.interleavedRatio)
+                   for p in parts)  # fmt: skip
+    return {
+        "interleavedRatio": weighted / total,
+        "interleavedRuns": min(p.interleavedRuns or 0 for p in confirmed),
+    }
 
 
 @dataclass

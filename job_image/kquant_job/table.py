@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kquant_api import Bounds, Tolerance, ValidationSummary, output_kind
+from kquant_job.gain import latency_ratio
 from kquant_job.stage import ModelOutcome
 
 MAX_OUTPUT_ROWS = 6  # per model; the rest are summed up in one row
@@ -47,8 +48,9 @@ def model_notes(model: ModelOutcome) -> list[str]:
         missed = (first.get("probe") or {}).get("violations") or [first.get("error", "")]
         if first.get("slower"):
             lat = first["latencyMs"]
+            ratio = latency_ratio(lat["original"], lat["quantized"], lat.get("interleavedRatio"))
             missed = [
-                f"within tolerance, but {lat['quantized'] / lat['original']:.2f}x the "
+                f"within tolerance, but {ratio:.2f}x the "
                 f"original's latency ({lat['quantized']:.3g} vs {lat['original']:.3g} ms) "
                 "with its Conv layers in INT8"
             ]
@@ -121,7 +123,8 @@ def result_notes(
     if original and quantized >= original:
         notes.append(f"not smaller than the original ({quantized / original:.2f}x its size)")
     if summary and summary.latencyMs and summary.latencyMs.original > 0:
-        ratio = summary.latencyMs.quantized / summary.latencyMs.original
+        lat = summary.latencyMs
+        ratio = latency_ratio(lat.original, lat.quantized, lat.interleavedRatio)
         if ratio > SLOWER:
             fp16_on_cpu = precision == "fp16" and summary.device == "cpu"
             where = "; FP16 pays off where FP16 kernels exist: GPUs" if fp16_on_cpu else ""

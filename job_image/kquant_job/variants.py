@@ -15,6 +15,7 @@ from typing import Any
 
 from kquant_api import Objective, QuantizationJob
 from kquant_api.result import VariantResult
+from kquant_job.gain import latency_ratio
 
 
 def variant_jobs(job: QuantizationJob) -> list[tuple[str, QuantizationJob]]:
@@ -99,7 +100,9 @@ def comparison_rows(
         if e.quantizedBytes is not None and original_bytes:
             parts.append(f"{e.quantizedBytes / original_bytes:.2f}x size")
         if e.latencyMs and e.latencyMs.original:
-            parts.append(f"{e.latencyMs.quantized / e.latencyMs.original:.2f}x latency")
+            lat = e.latencyMs
+            ratio = latency_ratio(lat.original, lat.quantized, lat.interleavedRatio)
+            parts.append(f"{ratio:.2f}x latency")
         if e.cosineSimilarity is not None:
             parts.append(f"cosine {e.cosineSimilarity:.6f}")
         if e.meanAbsError is not None:

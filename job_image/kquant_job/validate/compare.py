@@ -18,10 +18,11 @@ import numpy as np
 
 from kquant_api import LatencyMs, Tolerance, ValidationConfig, ValidationSummary
 from kquant_job.errors import InvalidSpec
-from kquant_job.gain import slower
+from kquant_job.gain import MAX_LATENCY_RATIO, slower
 from kquant_job.passes.base import ProbeResult
 from kquant_job.validate.decisions import compare_decisions
 from kquant_job.validate.inputs import Feed
+from kquant_job.validate.interleaved import block_runs, interleaved_ratio
 from kquant_job.validate.metrics import (
     OutputMetrics,
     check_output_names,
@@ -142,6 +143,7 @@ class Reference:
         keep = recorder is None and model_bytes(self.original) <= KEEP_SESSION_BYTES
         self._session: Any | None = session if keep and self.latency is None else None
         self._kept: tuple[tuple[int, ...], Any] | None = None
+        self._small_model: bool | None = None
 
     @classmethod
     def from_outputs(
@@ -166,6 +168,7 @@ class Reference:
         ref.latency = latency
         ref._session = None
         ref._kept = None
+        ref._small_model = None
         return ref
 
     @property
@@ -246,7 +249,8 @@ class Reference:
             except Exception:  # it ran on every sample above: validation says what fails
                 return result
             result.latency = lat
-            result.slower = slower(lat["original"], lat["quantized"], int(lat["runs"]))
+            result.slower = slower(lat["original"], lat["quantized"], int(lat["runs"]),
+                                   lat.get("interleavedRatio"))  # fmt: skip
         elif result.ok and keep:
             self._kept = (file_key(candidate), session)
         return result
@@ -280,12 +284,17 @@ class Reference:
 
         On the CPU (:attr:`sequential`) the two are timed one after the other, half the
         budget each (``timing: sequential``); the original's block is the reference pass's
-        (``latency``: timed once, kept for every variant). With ``confirm``, a result that
-        counts as slower by the gain rule (:func:`kquant_job.gain.slower`) is timed again,
-        both models (the candidate's session made anew), and each keeps its faster median:
-        on a busy machine one round of a sub-millisecond model moved between 0.5x and 1.5x
-        of the original, and a verdict must not rest on that. Elsewhere the two are timed in
-        alternation (:func:`paired_latency_ms`). ``runs``: the fewer of the two. Raises what
+        (``latency``: timed once, kept for every variant). With ``confirm``, a result past
+        MAX_LATENCY_RATIO times the original's median is timed again: a model of at most
+        KEEP_SESSION_BYTES in blocks of each model in turn (``interleavedRatio``,
+        ``interleavedRuns``: :mod:`kquant_job.validate.interleaved`, within the latency
+        budget; a ratio past MAX_LATENCY_RATIO measured twice, the lower kept), which the
+        gain rule then judges alone; a larger one, when it counts as
+        slower (:func:`kquant_job.gain.slower`), both models once more, each keeping its
+        faster median (two large sessions are not held at once). On a busy machine one
+        round of a sub-millisecond model moved between 0.5x and 1.5x of the original, and
+        a verdict must not rest on that. Elsewhere the two are timed in alternation
+        (:func:`paired_latency_ms`). ``runs``: the fewer of the two. Raises what
         ``session.run`` or loading ``candidate`` raises."""
         cfg, feed = self.cfg, self.feeds[0]
         if not self.sequential:
@@ -293,11 +302,29 @@ class Reference:
                 session_call(self.session, feed), session_call(held.pop(), feed),
                 cfg.latencyRuns, cfg.warmupRuns, cfg.latencyBudgetMs, cfg.latencyPrecision,
             )  # fmt: skip
-        quantized, q_runs = self._block(held.pop())
-        release_memory()
+        session: Any = held.pop()
+        quantized, q_runs = self._block(session)
+        small = confirm and self._small()  # kept for a confirming timing beside the original
+        if not small:
+            session = None
+            release_memory()
         if self.latency is None:
             self.latency = self._time_original()
         original, o_runs = self.latency
+        timed = {"original": original, "quantized": quantized, "runs": min(q_runs, o_runs),
+                 "timing": "sequential"}  # fmt: skip
+        suspect = original > 0 and quantized / original > MAX_LATENCY_RATIO
+        if small and suspect:
+            runs = block_runs(original, cfg.latencyBudgetMs / 2)
+            calls = session_call(self.session, feed), session_call(session, feed)
+            ratio, n = interleaved_ratio(*calls, runs)
+            if ratio > MAX_LATENCY_RATIO:  # a burst of load may span blocks: the lower counts
+                again, more = interleaved_ratio(*calls, runs)
+                ratio, n = min(ratio, again), n + more
+            del session, calls
+            self.release()
+            return {**timed, "interleavedRatio": ratio, "interleavedRuns": n}
+        del session
         if confirm and slower(original, quantized, min(q_runs, o_runs)):
             again = make_session(candidate, self.providers)
             q2, q2_runs = self._block(again)
@@ -306,8 +333,15 @@ class Reference:
             o2, o2_runs = self._time_original()
             quantized, q_runs = min(quantized, q2), min(q_runs, q2_runs)
             original, o_runs = min(original, o2), min(o_runs, o2_runs)
-        return {"original": original, "quantized": quantized, "runs": min(q_runs, o_runs),
-                "timing": "sequential"}  # fmt: skip
+        return {**timed, "original": original, "quantized": quantized,
+                "runs": min(q_runs, o_runs)}  # fmt: skip
+
+    def _small(self) -> bool:
+        """Whether the original's files hold at most KEEP_SESSION_BYTES: its session and a
+        converted one may then be held at once."""
+        if self._small_model is None:
+            self._small_model = model_bytes(self.original) <= KEEP_SESSION_BYTES
+        return self._small_model
 
     def _block(self, session: Any) -> tuple[float, int]:
         """(median ms, runs) of ``session`` on the first feed: one model's block of a
