@@ -142,9 +142,10 @@ class LatencyMs(_Compact):
         None,
         description="The converted model's latency over the original's from blocks of "
         "runs of each model in turn (each block's 10th percentile, median over the "
-        "blocks), measured on the CPU when the medians showed a slowdown of a model up to "
-        "64 MiB; it decides NoGain there, as drift between two sequential blocks moved a "
-        "tiny model's medians by up to 1.5x.",
+        "blocks), measured on the CPU when the medians (of 10 runs or more) showed a "
+        "slowdown of a model up to 64 MiB quick enough for the blocks to fit in a quarter of "
+        "validation.latencyBudgetMs; it decides NoGain there, as drift between two "
+        "sequential blocks moved a tiny model's medians by up to 1.5x.",
     )
     interleavedRuns: int | None = Field(
         None, description="Timed runs of each model in the interleaved blocks."

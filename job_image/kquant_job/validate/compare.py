@@ -18,7 +18,7 @@ import numpy as np
 
 from kquant_api import LatencyMs, Tolerance, ValidationConfig, ValidationSummary
 from kquant_job.errors import InvalidSpec
-from kquant_job.gain import MAX_LATENCY_RATIO, slower
+from kquant_job.gain import MAX_LATENCY_RATIO, MIN_LATENCY_RUNS, slower
 from kquant_job.passes.base import ProbeResult
 from kquant_job.validate.decisions import compare_decisions
 from kquant_job.validate.inputs import Feed
@@ -286,12 +286,13 @@ class Reference:
         budget each (``timing: sequential``); the original's block is the reference pass's
         (``latency``: timed once, kept for every variant). With ``confirm``, a result past
         MAX_LATENCY_RATIO times the original's median is timed again: a model of at most
-        KEEP_SESSION_BYTES in blocks of each model in turn (``interleavedRatio``,
-        ``interleavedRuns``: :mod:`kquant_job.validate.interleaved`, within the latency
-        budget; a ratio past MAX_LATENCY_RATIO measured twice, the lower kept), which the
-        gain rule then judges alone; a larger one, when it counts as
+        KEEP_SESSION_BYTES timed at least MIN_LATENCY_RUNS times, whose blocks fit in a
+        quarter of the latency budget, in blocks of each model in turn (``interleavedRatio``,
+        ``interleavedRuns``: :mod:`kquant_job.validate.interleaved`; a ratio past
+        MAX_LATENCY_RATIO measured twice, the lower kept), which the gain rule then judges
+        alone; another one, when it counts as
         slower (:func:`kquant_job.gain.slower`), both models once more, each keeping its
-        faster median (two large sessions are not held at once). On a busy machine one
+        faster median (a large model's two sessions are never held at once). On a busy machine one
         round of a sub-millisecond model moved between 0.5x and 1.5x of the original, and
         a verdict must not rest on that. Elsewhere the two are timed in alternation
         (:func:`paired_latency_ms`). ``runs``: the fewer of the two. Raises what
@@ -314,8 +315,10 @@ class Reference:
         timed = {"original": original, "quantized": quantized, "runs": min(q_runs, o_runs),
                  "timing": "sequential"}  # fmt: skip
         suspect = original > 0 and quantized / original > MAX_LATENCY_RATIO
-        if small and suspect:
-            runs = block_runs(original, cfg.latencyBudgetMs / 2)
+        # Two tries within half the budget (the other half timed the medians); not for a spec
+        # timing fewer than MIN_LATENCY_RUNS runs, whose few-runs rule stands.
+        runs = block_runs(original + quantized, cfg.latencyBudgetMs / 4)
+        if small and suspect and runs and min(q_runs, o_runs) >= MIN_LATENCY_RUNS:
             calls = session_call(self.session, feed), session_call(session, feed)
             ratio, n = interleaved_ratio(*calls, runs)
             if ratio > MAX_LATENCY_RATIO:  # a burst of load may span blocks: the lower counts

@@ -35,13 +35,15 @@ def low_quantile(times: list[float], q: float = QUANTILE) -> float:
     return ordered[int(q * (len(ordered) - 1))]
 
 
-def block_runs(estimate_ms: float, budget_ms: float, rounds: int = ROUNDS) -> int:
-    """Timed runs per block so that ``rounds`` blocks of both models (each run about
-    ``estimate_ms``) fit in ``budget_ms``: BLOCK_RUNS, down to MIN_BLOCK_RUNS."""
-    if estimate_ms <= 0:
+def block_runs(pair_ms: float, budget_ms: float, rounds: int = ROUNDS) -> int:
+    """Timed runs per block so that ``rounds`` blocks of both models (a run of each taking
+    about ``pair_ms`` together) fit in ``budget_ms``: at most BLOCK_RUNS; 0 when not even
+    MIN_BLOCK_RUNS fit (a model that slow is timed in blocks of its own: its runs are long
+    beside the drift and preemptions of a sub-millisecond one)."""
+    if pair_ms <= 0:
         return BLOCK_RUNS
-    fits = int(budget_ms / (2 * rounds * estimate_ms))
-    return max(MIN_BLOCK_RUNS, min(BLOCK_RUNS, fits))
+    fits = min(BLOCK_RUNS, int(budget_ms / (rounds * pair_ms)))
+    return fits if fits >= MIN_BLOCK_RUNS else 0
 
 
 def interleaved_ratio(
