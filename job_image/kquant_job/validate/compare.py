@@ -290,13 +290,12 @@ class Reference:
         quarter of the latency budget, in blocks of each model in turn (``interleavedRatio``,
         ``interleavedRuns``: :mod:`kquant_job.validate.interleaved`; a ratio past
         MAX_LATENCY_RATIO measured twice, the lower kept), which the gain rule then judges
-        alone; another one, when it counts as
-        slower (:func:`kquant_job.gain.slower`), both models once more, each keeping its
-        faster median (a large model's two sessions are never held at once). On a busy machine one
-        round of a sub-millisecond model moved between 0.5x and 1.5x of the original, and
-        a verdict must not rest on that. Elsewhere the two are timed in alternation
-        (:func:`paired_latency_ms`). ``runs``: the fewer of the two. Raises what
-        ``session.run`` or loading ``candidate`` raises."""
+        alone; another one, when it counts as slower (:func:`kquant_job.gain.slower`), both
+        models once more, each keeping its faster median (a large model's two sessions are
+        never held at once). On a busy machine one round of a sub-millisecond model moved
+        between 0.5x and 1.5x of the original, and a verdict must not rest on that.
+        Elsewhere the two are timed in alternation (:func:`paired_latency_ms`). ``runs``:
+        the fewer of the two. Raises what ``session.run`` or loading ``candidate`` raises."""
         cfg, feed = self.cfg, self.feeds[0]
         if not self.sequential:
             return paired_latency_ms(

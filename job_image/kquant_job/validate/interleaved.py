@@ -7,8 +7,8 @@ timed against itself read 0.63x-1.48x (median of 20 runs, a busy core beside it)
 slowdown of a tiny model could not be told from noise, and the gain rule forgave any under
 0.1 ms. Blocks in ABBA order put drift on both models alike, and the 10th percentile of a
 block is the run the scheduler left alone: the same model against itself then read
-0.99x-1.07x, loaded or not, and an INT8 result slower by 0.01 ms read 1.17x-1.24x in every
-try (measured with ``bench``-style trials, stop 25; docs/architecture.md).
+0.93x-1.08x, loaded or not, and whisper_tiny's INT8 result, 0.01 ms slower, read 1.17x-1.24x
+in every try (trials of 8-15 timings each, stop 25; README, "variant table").
 """
 
 from __future__ import annotations
